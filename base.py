@@ -1,0 +1,291 @@
+"""The one workflow of a training job, top to bottom, shared by every provider.
+
+    preflight -> load_model -> build_trainer -> train -> evaluate -> export -> finish
+
+`preflight()` is everything that can fail cheaply (dataset, columns, rows, token counts, steps);
+`python main.py --validate` stops after it. Providers (providers.py) fill in the hooks marked
+below and nothing else; heavy libraries are imported inside the steps that use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from data import DatasetError, Tokenized, check_rows, row_form, split_uris, tokenize
+from errors import PermanentError
+from evaluation import reader_metrics
+from job_manager import JobStatus, JobTracker
+from schema import Settings, TrainRequest
+from storage import BlobStore, ModelHub
+from tracking import RunLogger
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth")
+# Every linear layer of a Gemma decoder block; both providers accept an explicit list.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXPORT_FOLDERS = {"adapter": "trained_adapters", "merged": "merged_models"}
+
+
+@dataclass
+class Services:
+    blobs: BlobStore
+    hub: ModelHub
+    tracker: JobTracker
+    run_logger: RunLogger
+
+
+@dataclass
+class Prepared:
+    tokenizer: Any
+    train: Tokenized
+    eval: Tokenized | None
+    total_steps: int
+
+
+class BaseTrainingJob:
+    methods: tuple[str, ...] = ("LoRA", "QLoRA", "Full")
+    trainer_types: tuple[str, ...] = ("sft",)
+
+    def __init__(self, request: TrainRequest, settings: Settings, services: Services, workdir: Path):
+        self.request, self.cfg, self.settings = request, request.training_config, settings
+        self.services, self.tracker = services, services.tracker
+        self.workdir = Path(workdir)
+        self.hf_token = (request.hf_token or settings.hf_token)
+        self.timings: dict[str, float] = {}
+
+    # ---- provider hooks -------------------------------------------------------------------
+    def check_environment(self) -> None:
+        """Refuse, before anything is loaded, what this machine or provider cannot run."""
+
+    def load_model(self, tokenizer) -> Any:
+        """The model to train, with LoRA applied unless method is Full."""
+        raise NotImplementedError
+
+    def sft_overrides(self) -> dict[str, Any]:
+        """Only the SFTConfig values where this provider really differs."""
+        return {}
+
+    def save_merged(self, model, tokenizer, out_dir: Path) -> None:
+        """The trained weights merged into a 16-bit base, as safetensors, in out_dir."""
+        raise NotImplementedError
+
+    # ---- the workflow ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        prep = self.preflight()
+        url = self.services.run_logger.start(self.settings.job_id, self.request.model_dump(mode="json"))
+        ok = False
+        try:
+            self.tracker.phase("loading_model", JobStatus.PREPARING, **({"wandb_url": url} if url else {}))
+            model = self.timed("load_model", self.load_model, prep.tokenizer)
+            trainer = self.build_trainer(model, prep)
+            self.tracker.phase("training", JobStatus.TRAINING)
+            train_metrics = self.timed("train", self.train, trainer)
+            self.tracker.phase("evaluating")
+            metrics = self.timed("evaluate", self.evaluate, trainer, prep, train_metrics)
+            self.tracker.phase("exporting", metrics=metrics)
+            artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics)
+            ok = True
+        finally:
+            self.services.run_logger.finish(ok)
+        self.tracker.complete(metrics, artifacts)
+        logger.info("completed: %s; timings %s", artifacts.get("adapter_path"), self.timings)
+        return {"metrics": metrics, **artifacts}
+
+    def timed(self, name: str, fn, *args):
+        t = time.perf_counter()
+        result = fn(*args)
+        self.timings[name] = round(time.perf_counter() - t, 3)
+        logger.info("%s took %.1fs", name, self.timings[name])
+        return result
+
+    def preflight(self) -> Prepared:
+        self.tracker.phase("validating", JobStatus.PREPARING)
+        if self.cfg.method not in self.methods or self.cfg.trainer_type not in self.trainer_types:
+            raise PermanentError(
+                f"training_config: method '{self.cfg.method}' with trainer_type '{self.cfg.trainer_type}' is not "
+                f"supported by provider '{self.cfg.provider}' yet (methods {list(self.methods)}, trainer types "
+                f"{list(self.trainer_types)}); choose one of those.")
+        if self.cfg.export_config.wants_gguf:
+            raise PermanentError("export_config: GGUF export is not available in this build yet; "
+                                 "set include_gguf false and format 'adapter' or 'merged'.")
+        self.check_environment()
+        splits = self.timed("load_data", self.load_data)
+        tokenizer = self.timed("load_tokenizer", self.load_tokenizer)
+        hp = self.cfg.hyperparameters
+        train = tokenize(splits["train"], tokenizer, hp.max_length, hp.assistant_only_loss)
+        if not train.rows:
+            raise DatasetError(f"all {train.dropped} train rows have no trainable token within max_length "
+                               f"{hp.max_length}; raise hyperparameters.max_length or shorten the rows.")
+        evald = tokenize(splits["eval"], tokenizer, hp.max_length, hp.assistant_only_loss) if "eval" in splits else None
+        per_epoch = math.ceil(math.ceil(len(train.rows) / hp.batch_size) / hp.gradient_accumulation_steps)
+        total = hp.max_steps if hp.max_steps > 0 else math.ceil(per_epoch * hp.epochs)
+        stats = {"train_rows": len(train.rows), "eval_rows": len(evald.rows) if evald else 0,
+                 "train_tokens": train.tokens, "trained_tokens": train.trained_tokens,
+                 "truncated_rows": train.truncated + (evald.truncated if evald else 0),
+                 "dropped_rows": train.dropped + (evald.dropped if evald else 0), "total_steps": total}
+        if stats["truncated_rows"]:
+            logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
+        logger.info("preflight ok: %s", stats)
+        self.tracker.phase("validated", dataset=stats, total_steps=total)
+        return Prepared(tokenizer, train, evald if evald and evald.rows else None, total)
+
+    def load_data(self) -> dict[str, list]:
+        import pyarrow.parquet as pq
+
+        prefix = f"gs://{self.settings.data_bucket}/processed_datasets/{self.request.processed_dataset_id}/"
+        uris = split_uris(self.services.blobs.list(prefix), prefix)
+        out = {}
+        for split, uri in uris.items():
+            path = self.services.blobs.download(uri, self.workdir / "data" / uri.rsplit("/", 1)[-1])
+            table = pq.read_table(path)
+            form = row_form(table.column_names, self.cfg.trainer_type)
+            out[split] = check_rows(table.select(list(form)).to_pylist(), form, split)
+        return out
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.cfg.base_model_id, token=self.token(),
+                                            trust_remote_code=self.cfg.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def token(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        hp = self.cfg.hyperparameters
+        return {"r": hp.lora_rank, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
+                "target_modules": LORA_TARGETS, "bias": "none"}
+
+    def sft_kwargs(self, prep: Prepared) -> dict[str, Any]:
+        """The only mapping from the request to TRL's SFTConfig."""
+        import torch
+
+        hp, ev = self.cfg.hyperparameters, self.cfg.eval_config
+        gpu = torch.cuda.is_available()
+        bf16 = gpu and torch.cuda.is_bf16_supported()
+        evaluate_during = prep.eval is not None and ev.eval_strategy != "no"
+        return dict(
+            output_dir=str(self.workdir / "checkpoints"), run_name=self.settings.job_id, seed=hp.seed,
+            per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps, num_train_epochs=hp.epochs,
+            max_steps=hp.max_steps, learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler_type,
+            warmup_steps=hp.warmup_ratio, max_grad_norm=hp.max_grad_norm, adam_beta1=hp.adam_beta1,
+            adam_beta2=hp.adam_beta2, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
+            save_strategy=hp.save_strategy, save_total_limit=2,
+            eval_strategy=ev.eval_strategy if evaluate_during else "no", eval_steps=ev.eval_steps,
+            batch_eval_metrics=False, max_length=hp.max_length, packing=hp.packing, padding_free=hp.padding_free,
+            label_names=["labels"], report_to=self.services.run_logger.report_to,
+            # On a CPU, bf16 autocast and gradient checkpointing make training 10-30x slower: off there.
+            bf16=bf16, fp16=gpu and not bf16, use_cpu=not gpu, gradient_checkpointing=gpu,
+            dataloader_pin_memory=gpu, disable_tqdm=True, logging_first_step=True,
+        )
+
+    def build_trainer(self, model, prep: Prepared):
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        args = SFTConfig(**(self.sft_kwargs(prep) | self.sft_overrides()))
+        with_eval = prep.eval is not None and self.cfg.eval_config.compute_eval_metrics
+        return SFTTrainer(
+            model=model, args=args, processing_class=prep.tokenizer,
+            train_dataset=Dataset.from_list(prep.train.rows),
+            eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
+            callbacks=[progress_callback(self.tracker)])
+
+    def train(self, trainer) -> dict[str, Any]:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(trainer.args.output_dir)
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last:
+            logger.info("resuming from %s", last)
+        result = trainer.train(resume_from_checkpoint=last)
+        return dict(result.metrics)
+
+    def evaluate(self, trainer, prep: Prepared, train_metrics: dict[str, Any]) -> dict[str, Any]:
+        if trainer.eval_dataset is None:
+            logger.warning("no eval split (test/validation/eval) or compute_eval_metrics off: no eval metrics")
+            return reader_metrics({}, train_metrics)
+        return reader_metrics(trainer.evaluate(), train_metrics)
+
+    def export(self, trainer, tokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
+        fmt = self.cfg.export_format
+        out = self.workdir / "export" / fmt
+        shutil.rmtree(out, ignore_errors=True)
+        if fmt == "adapter":
+            trainer.model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
+        else:
+            self.save_merged(trainer.model, tokenizer, out)
+        self.write_manifest(out, fmt, metrics)
+        uri = self.publish(out, EXPORT_FOLDERS[fmt])
+        return {"adapter_path": uri, "gguf_path": None, "artifacts": {"raw": {fmt: uri}}}
+
+    def write_manifest(self, out: Path, fmt: str, metrics: dict[str, Any]) -> None:
+        ex = self.cfg.export_config
+        custom = {"job_id": self.settings.job_id, "base_model_id": self.cfg.base_model_id,
+                  "provider": self.cfg.provider, "export_format": fmt, "hf_repo_id": ex.hf_repo_id}
+        (out / "custom_config.json").write_text(json.dumps(custom, indent=2))
+        files = {p.relative_to(out).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(out.rglob("*")) if p.is_file()}
+        manifest = {**custom, "metrics": metrics, "request": self.request.model_dump(mode="json"),
+                    "files": files, "versions": library_versions(), "timings": self.timings}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+    def publish(self, folder: Path, kind: str) -> str:
+        """Upload one artifact folder, then delete the local copy (the container's disk is memory)."""
+        ex = self.cfg.export_config
+        if ex.destination == "hfhub":
+            self.services.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
+            uri = ex.hf_repo_id
+        else:
+            uri = f"gs://{self.settings.export_bucket}/{kind}/{self.settings.job_id}/"
+            self.services.blobs.upload_dir(folder, uri)
+        logger.info("uploaded %s to %s", kind, uri)
+        shutil.rmtree(folder, ignore_errors=True)
+        return uri
+
+
+def progress_callback(tracker: JobTracker):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            tracker.progress(state.global_step, state.max_steps, state.epoch, (logs or {}).get("loss"))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            tracker.progress(state.global_step, state.max_steps, state.epoch, None, force=True)
+
+    return Progress()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,154 @@
+"""The processed dataset: find its splits, check its rows, turn them into token ids and loss labels.
+
+Row forms (DESIGN.md): `messages` (string or typed-part content), `text`, or `prompt` + `completion`.
+Loss is on assistant tokens only unless `assistant_only_loss` is off; spans are found from the
+chat template's own rendering of each prefix, so it works for any template whose prefixes render
+as prefixes (Gemma's do) without `{% generation %}` markers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from errors import PermanentError
+
+logger = logging.getLogger(__name__)
+
+EVAL_SPLITS = ("test", "validation", "eval")
+COLUMNS = {"sft": [("messages",), ("text",), ("prompt", "completion")],
+           "dpo": [("prompt", "chosen", "rejected")], "orpo": [("prompt", "chosen", "rejected")],
+           "grpo": [("prompt",)]}
+ROLES = ("system", "user", "assistant")
+
+
+class DatasetError(PermanentError):
+    """The dataset is missing, empty or does not fit the trainer type."""
+
+
+def split_uris(listing: list[str], prefix_uri: str) -> dict[str, str]:
+    """`{"train": uri, "eval": uri?}` from a bucket listing of processed_datasets/{id}/."""
+    found = {uri.rsplit("/", 1)[-1].removesuffix(".parquet"): uri for uri in listing if uri.endswith(".parquet")}
+    if "train" not in found:
+        raise DatasetError(f"no train split: looked for {prefix_uri}train.parquet and found "
+                           f"{sorted(found) or 'nothing'}; check processed_dataset_id and that preprocessing finished.")
+    splits = {"train": found["train"]}
+    for name in EVAL_SPLITS:
+        if name in found:
+            splits["eval"] = found[name]
+            break
+    return splits
+
+
+def row_form(columns: list[str], trainer_type: str) -> tuple[str, ...]:
+    """The first accepted column set present, or a DatasetError naming what was found and needed."""
+    for needed in COLUMNS[trainer_type]:
+        if all(c in columns for c in needed):
+            return needed
+    wanted = " or ".join("+".join(n) for n in COLUMNS[trainer_type])
+    raise DatasetError(f"the dataset's columns {sorted(columns)} do not fit trainer_type '{trainer_type}': "
+                       f"it needs {wanted}.")
+
+
+def text_of(content: Any) -> str:
+    """Content as text: a string, or the text parts of a typed-part list (images are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
+                raise ValueError(f"content part {part!r} is not {{type: text, text}}")
+            if part["type"] == "image":
+                raise ValueError("an image part in a text job; use modality 'vision' once it is supported")
+            parts.append(part.get("text") or "")
+        return "".join(parts)
+    raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def as_messages(value: Any, default_role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    return [{"role": m["role"], "content": text_of(m.get("content"))} for m in value]
+
+
+def to_conversation(row: dict[str, Any], form: tuple[str, ...]) -> list[dict[str, str]] | str:
+    """A validated message list (or plain text for `text` rows); ValueError says what is wrong."""
+    if form == ("text",):
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise ValueError("empty text")
+        return row["text"]
+    if form == ("messages",):
+        messages = as_messages(row["messages"], "user")
+    else:
+        messages = as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        if m["role"] not in ROLES[1:]:
+            raise ValueError(f"role '{m['role']}' at turn {i} (allowed: user, assistant; system only first)")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ValueError(f"roles out of order: turn {i} is '{m['role']}', expected '{expected}'")
+        if not m["content"].strip():
+            raise ValueError(f"empty content at turn {i}")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ValueError("the conversation does not end with an assistant turn")
+    return messages
+
+
+@dataclass
+class Tokenized:
+    rows: list[dict[str, list[int]]] = field(default_factory=list)
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+
+def tokenize(conversations: list[list[dict[str, str]] | str], tokenizer, max_length: int,
+             assistant_only: bool) -> Tokenized:
+    """input_ids and labels (-100 where no loss), truncated to max_length; rows left with no
+    trained token are dropped and counted."""
+    out = Tokenized()
+    for conv in conversations:
+        if isinstance(conv, str):
+            text = (tokenizer.bos_token or "") + conv + (tokenizer.eos_token or "")
+            spans = [(0, len(text))]
+        else:
+            text = tokenizer.apply_chat_template(conv, tokenize=False)
+            spans = [(0, len(text))] if not assistant_only else []
+            for i, m in enumerate(conv):
+                if assistant_only and m["role"] == "assistant":
+                    start = len(tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True))
+                    spans.append((start, len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=False))))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
+        if len(ids) > max_length:
+            out.truncated += 1
+            ids, labels = ids[:max_length], labels[:max_length]
+        trained = sum(1 for x in labels if x != -100)
+        if trained == 0:
+            out.dropped += 1
+            continue
+        out.rows.append({"input_ids": ids, "labels": labels})
+        out.tokens += len(ids)
+        out.trained_tokens += trained
+    return out
+
+
+def check_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str) -> list:
+    """Every row as a conversation; the first bad rows are named in one DatasetError."""
+    good, bad = [], []
+    for i, row in enumerate(rows):
+        try:
+            good.append(to_conversation(row, form))
+        except (ValueError, KeyError, TypeError) as e:
+            bad.append(f"row {i}: {e}")
+    if bad:
+        raise DatasetError(f"{len(bad)} of {len(rows)} {split} rows are not valid conversations "
+                           f"({'; '.join(bad[:3])}); fix them in preprocessing.")
+    if not good:
+        raise DatasetError(f"the {split} split is empty; preprocess a dataset with at least one row.")
+    return good

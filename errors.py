@@ -1,0 +1,12 @@
+"""The job's failure kinds, which main.py maps to exit codes (DESIGN.md: 0 done, 1 retryable, 2 permanent).
+
+Any other exception is retryable (a crash, a preemption, a service outage): exit 1.
+"""
+
+
+class PermanentError(Exception):
+    """A retry cannot fix it (invalid request, missing dataset, access denied): exit 2."""
+
+
+class Cancelled(Exception):
+    """Someone set `cancel_requested: true` on the job document: the job ends `failed`, exit 0."""

@@ -1,0 +1,42 @@
+"""Evaluation metrics under the names readers use: eval loss, perplexity = exp(eval_loss), token accuracy.
+
+The trainer computes the eval loss and token accuracy (the prediction at t scored against the
+label at t+1) with TRL's chunked cross-entropy, so full-vocabulary logits are never materialised,
+not even for one batch. `token_accuracy` is the same definition on explicit arrays, for checks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+IGNORE = -100
+READER_NAMES = ("accuracy", "perplexity", "eval_loss", "eval_runtime")
+
+
+def token_accuracy(pred_ids: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    """(correct, counted): the prediction at position t is scored against the label at t+1."""
+    pred, gold = np.asarray(pred_ids)[:, :-1], np.asarray(labels)[:, 1:]
+    mask = gold != IGNORE
+    return int(((pred == gold) & mask).sum()), int(mask.sum())
+
+
+def perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def reader_metrics(raw: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The names readers use (unprefixed), beside every number the trainer reported."""
+    out: dict[str, Any] = dict(raw)
+    if "eval_mean_token_accuracy" in raw:
+        out["accuracy"] = raw["eval_mean_token_accuracy"]
+    if "eval_loss" in raw:
+        out["perplexity"] = perplexity(raw["eval_loss"])
+    for k, v in (train or {}).items():
+        out[k if k.startswith("train") else f"train_{k}"] = v
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

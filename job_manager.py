@@ -1,0 +1,208 @@
+"""Job state in the document `training_jobs/{job_id}` that the training service and the frontend read.
+
+`JobStore` is the small interface (Firestore in the cloud, JSON files locally); `JobTracker` owns
+what goes into the document: the status values and field types of DESIGN.md, throttled progress,
+and the failure record written before the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from errors import Cancelled, PermanentError
+
+logger = logging.getLogger(__name__)
+
+COLLECTION = "training_jobs"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    TRAINING = "training"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class JobStore(Protocol):
+    def get(self, job_id: str) -> dict[str, Any] | None: ...
+    def create(self, job_id: str, fields: dict[str, Any]) -> bool:
+        """Write the document only if it does not exist; True if written."""
+    def merge(self, job_id: str, fields: dict[str, Any]) -> None:
+        """set(fields, merge=True): nested maps merge, other fields are replaced."""
+
+
+def _deep_merge(into: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+class LocalJobStore:
+    """Documents as JSON files under `{root}/firestore/training_jobs/`; timestamps as ISO-8601 strings."""
+
+    def __init__(self, root: str | Path):
+        self.dir = Path(root) / "firestore" / COLLECTION
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        p = self.path(job_id)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def create(self, job_id: str, fields: dict[str, Any]) -> bool:
+        if self.path(job_id).exists():
+            return False
+        self._write(job_id, fields)
+        return True
+
+    def merge(self, job_id: str, fields: dict[str, Any]) -> None:
+        self._write(job_id, _deep_merge(self.get(job_id) or {}, fields))
+
+    def _write(self, job_id: str, doc: dict[str, Any]) -> None:
+        # Atomic replace: a reader never sees half a document, even if the job is killed mid-write.
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+        os.replace(tmp, self.path(job_id))
+
+
+class FirestoreJobStore:
+    """The real document, through google-cloud-firestore; datetimes become Firestore timestamps."""
+
+    def __init__(self, project: str | None, database: str):
+        from google.cloud import firestore
+
+        self.client = firestore.Client(project=project, database=database)
+
+    def _ref(self, job_id: str):
+        return self.client.collection(COLLECTION).document(job_id)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        snap = self._ref(job_id).get()
+        return snap.to_dict() if snap.exists else None
+
+    def create(self, job_id: str, fields: dict[str, Any]) -> bool:
+        from google.api_core.exceptions import AlreadyExists, Conflict
+
+        try:
+            self._ref(job_id).create(fields)
+            return True
+        except (AlreadyExists, Conflict):
+            return False
+
+    def merge(self, job_id: str, fields: dict[str, Any]) -> None:
+        self._ref(job_id).set(fields, merge=True)
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobTracker:
+    """Writes the job's state. Progress is throttled to one write per `min_interval` seconds.
+
+    Use as a context manager: an exception inside is recorded as `failed` (with `error`,
+    `error_type` permanent|retryable) and re-raised, so main() still maps it to an exit code.
+    """
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int = 0, min_interval: float = 5.0,
+                 clock=time.monotonic):
+        self.store, self.job_id, self.attempt = store, job_id, attempt
+        self.min_interval, self.clock = min_interval, clock
+        self.writes = 0
+        self._last_progress = -math.inf
+        self._started: float | None = None
+        self._start_step = 0
+        self.finished = False
+
+    def write(self, fields: dict[str, Any]) -> None:
+        stamp = now()
+        self.store.merge(self.job_id, {**fields, "updated_at": stamp, "heartbeat_at": stamp})
+        self.writes += 1
+
+    def open(self) -> dict[str, Any]:
+        """Create the document if a person started the job by hand; return what is there now."""
+        stamp = now()
+        if self.store.create(self.job_id, {
+                "job_id": self.job_id, "job_name": self.job_id, "processed_dataset_id": "", "base_model_id": "",
+                "status": JobStatus.QUEUED.value, "created_at": stamp, "updated_at": stamp}):
+            self.writes += 1
+            logger.info("created job document training_jobs/%s", self.job_id)
+        return self.store.get(self.job_id) or {}
+
+    def describe(self, processed_dataset_id: str, base_model_id: str, job_name: str | None,
+                 existing: dict[str, Any]) -> None:
+        fields: dict[str, Any] = {"processed_dataset_id": processed_dataset_id, "base_model_id": base_model_id,
+                                  "attempt": self.attempt}
+        if job_name and existing.get("job_name") in (None, "", self.job_id):
+            fields["job_name"] = job_name  # never overwrite a name the training service set
+        self.write(fields)
+
+    def phase(self, phase: str, status: JobStatus | None = None, **fields: Any) -> None:
+        logger.info("phase: %s", phase)
+        self.write({"phase": phase, **({"status": status.value} if status else {}), **fields})
+
+    def progress(self, step: int, total_steps: int, epoch: float | None, loss: float | None,
+                 force: bool = False) -> bool:
+        t = self.clock()
+        if self._started is None:
+            self._started, self._start_step = t, step
+        if not force and t - self._last_progress < self.min_interval:
+            return False
+        self._last_progress = t
+        done = step - self._start_step
+        eta = (t - self._started) / done * (total_steps - step) if done > 0 and total_steps else None
+        fields = {"step": step, "total_steps": total_steps, "progress": min(1.0, step / total_steps) if total_steps
+                  else 0.0, "epoch": epoch, "eta_seconds": round(eta, 1) if eta is not None else None}
+        if loss is not None:
+            fields["loss"] = loss
+        self.write(fields)
+        return True
+
+    def complete(self, metrics: dict[str, Any], artifacts: dict[str, Any]) -> None:
+        self.write({"status": JobStatus.COMPLETED.value, "phase": "completed", "progress": 1.0,
+                    "metrics": metrics, **artifacts, "error": None, "error_type": None, "completed_at": now()})
+        self.finished = True
+
+    def fail(self, exc: BaseException) -> None:
+        cancelled = isinstance(exc, Cancelled)
+        kind = "permanent" if isinstance(exc, PermanentError) else "cancelled" if cancelled else "retryable"
+        message = str(exc) or type(exc).__name__
+        if kind == "retryable":
+            message = f"{type(exc).__name__}: {message}"
+        fields: dict[str, Any] = {"status": JobStatus.FAILED.value, "error": message[:4000], "error_type": kind,
+                                  "failed_at": now()}
+        if cancelled:
+            fields["cancelled"] = True
+        self.write(fields)
+        self.finished = True
+        logger.error("job failed (%s): %s", kind, message)
+        if kind == "retryable":
+            logger.debug("".join(traceback.format_exception(exc)))
+
+    def __enter__(self) -> JobTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and not self.finished:
+            try:
+                self.fail(exc)
+            except Exception:  # the store itself is down: the exit code still says what happened
+                logger.exception("could not record the failure in the job document")
+        return False

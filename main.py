@@ -1,0 +1,123 @@
+"""Run one fine-tuning job. The only reader of the environment (see README and DESIGN.md).
+
+    python main.py                       # BACKEND=local: JOB_ID, or a new id on the embedded default request
+    python main.py --config req.json     # take the request from a file
+    python main.py --validate            # pre-flight checks only, no model loaded
+    python main.py --schema              # JSON Schema of the request
+Exit codes: 0 done (or already done, or cancelled), 1 retryable failure, 2 permanent failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from errors import Cancelled, PermanentError
+from schema import TrainRequest, Settings, check_job_id, parse_request
+
+logger = logging.getLogger("main")
+DEFAULT_REQUEST = Path(__file__).parent / "examples" / "local_default.json"
+
+
+def read_settings(env) -> Settings:
+    backend = env.get("BACKEND") or ("gcp" if env.get("CLOUD_RUN_JOB") else "local")
+    job_id = env.get("JOB_ID") or (f"local-{time.strftime('%Y%m%d-%H%M%S')}" if backend == "local" else "")
+    names = {"project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB", "config_bucket": "GCS_CONFIG_BUCKET_NAME",
+             "config_uri": "TRAINING_CONFIG_GCS_PATH", "data_bucket": "GCS_DATA_BUCKET_NAME",
+             "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
+             "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT"}
+    return Settings(job_id=check_job_id(job_id), backend=backend,
+                    **{k: env[v] for k, v in names.items() if env.get(v)})
+
+
+def make_services(settings: Settings, request: TrainRequest | None, tracker):
+    from base import Services
+    from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
+    from tracking import NullRunLogger, WandbRunLogger
+
+    local = settings.backend == "local"
+    blobs = LocalBlobStore(settings.local_dir) if local else GcsBlobStore(settings.project_id)
+    if request is None:
+        return Services(blobs, None, tracker, NullRunLogger())
+    token = request.hf_token or settings.hf_token
+    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(token.get_secret_value() if token else None)
+    wb = request.training_config.wandb_config
+    key = (wb.api_key or settings.wandb_api_key) if wb else None
+    runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
+                          Path(settings.local_dir) / "wandb") if wb else NullRunLogger()
+    return Services(blobs, hub, tracker, runs)
+
+
+def main(argv: list[str] | None = None, env=None) -> int:
+    parser = argparse.ArgumentParser(description="Fine-tune a Gemma model: one process, one job.")
+    parser.add_argument("--config", help="request JSON file (instead of the config bucket)")
+    parser.add_argument("--validate", action="store_true", help="pre-flight checks only; no model is loaded")
+    parser.add_argument("--schema", action="store_true", help="print the request's JSON Schema")
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(TrainRequest.model_json_schema(), indent=2))
+        return 0
+    env = os.environ if env is None else env
+    from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
+    from logs import setup_logging
+
+    try:
+        settings = read_settings(env)
+    except (PermanentError, ValueError) as e:
+        print(f"invalid environment: {e}", file=sys.stderr)
+        return 2
+    redact = setup_logging(settings.job_id, json_lines=bool(env.get("CLOUD_RUN_JOB")))
+    redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
+    store = (LocalJobStore(tempfile.mkdtemp()) if args.validate else LocalJobStore(settings.local_dir)
+             if settings.backend == "local" else FirestoreJobStore(settings.project_id, settings.firestore_db))
+    tracker = JobTracker(store, settings.job_id, settings.attempt)
+    try:
+        with tracker:
+            doc = tracker.open()
+            if doc.get("status") == "completed":
+                logger.info("job %s has completed already: nothing to do", settings.job_id)
+                return 0
+            if doc.get("error_type") == "permanent" and doc.get("status") == "failed" and settings.attempt > 0:
+                logger.error("retry of a permanently failed job: %s", doc.get("error"))
+                return 2
+            services = make_services(settings, None, tracker)
+            if args.config or (settings.backend == "local" and not env.get("JOB_ID")):
+                text = Path(args.config or DEFAULT_REQUEST).read_text()
+            else:
+                text = services.blobs.read_bytes(settings.request_uri)
+            request = parse_request(text)
+            redact.add(*request.secrets())
+            logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
+            tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
+                             request.job_name, doc)
+            from providers import PROVIDERS
+
+            workdir = Path(settings.local_dir) / "work" / settings.job_id
+            job = PROVIDERS[request.training_config.provider](
+                request, settings, make_services(settings, request, tracker), workdir)
+            if args.validate:
+                job.preflight()
+                print("request and dataset are valid")
+                return 0
+            result = job.run()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str))
+        return 0
+    except Cancelled:
+        return 0
+    except PermanentError:
+        return 2
+    except Exception:
+        logger.exception("job failed; a retry can resume it")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

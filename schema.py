@@ -1,0 +1,334 @@
+"""The training request: pydantic models, every default, every validation rule. No I/O.
+
+All three generations of the request (the flat README form, the grouped form the
+training service sends, and the newer form with RL fields) load into one
+`TrainRequest`. `parse_request(text)` is the only entry point the job uses; its
+errors name the field path, the value and what is allowed.
+
+    python main.py --schema     # prints the JSON Schema of TrainRequest
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from typing import Any, Literal, Union, get_args, get_origin
+
+from errors import PermanentError
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError,
+                      field_validator, model_validator)
+
+# A path component that cannot escape its prefix: no slash, no leading dot.
+SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+HF_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+
+
+class RequestError(PermanentError, ValueError):
+    """The request is invalid: permanent, exit code 2."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Hyperparameters(StrictModel):
+    learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
+    batch_size: int = Field(2, ge=1, le=1024, description="Per-device train and eval batch size.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
+    epochs: float = Field(3, gt=0, le=100, description="Training epochs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: off.")
+    packing: bool = Field(False, description="Pack several rows into one sequence (needs use_fa2).")
+    padding_free: bool = Field(False, description="Concatenate a batch without padding (needs use_fa2).")
+    use_fa2: bool = Field(False, description="Use FlashAttention 2 (GPU only).")
+    max_length: int = Field(1024, ge=16, le=131072, validation_alias=AliasChoices("max_length", "max_seq_length"),
+                            description="Maximum tokens per row; longer rows are truncated.")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt"] = "linear"
+    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    logging_steps: int = Field(10, ge=1)
+    lora_rank: int = Field(16, ge=1, le=1024)
+    lora_alpha: int = Field(16, ge=1, le=4096)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    max_prompt_length: int = Field(512, ge=1)
+    num_generations: int = Field(4, ge=2)
+    max_grad_norm: float = Field(0.1, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.99, ge=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    beta: float = Field(0.1, ge=0, description="KL / preference strength (GRPO, DPO, ORPO).")
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
+    seed: int = Field(42, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Hyperparameters:
+        if (self.packing or self.padding_free) and not self.use_fa2:
+            name = "packing" if self.packing else "padding_free"
+            raise ValueError(f"`{name}=true` needs `use_fa2=true` (rows would attend across each other "
+                             f"otherwise); set `use_fa2: true` on a GPU or `{name}: false`.")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}); lower it or raise max_length.")
+        return self
+
+
+class EvalConfig(StrictModel):
+    eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="When to evaluate during training; a final evaluation runs whenever an eval split exists.")
+    eval_steps: int | None = Field(50, ge=1, description="Steps between evaluations with eval_strategy=steps.")
+    compute_eval_metrics: bool = Field(True, description="Compute eval loss, perplexity and token accuracy.")
+    batch_eval_metrics: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy 'steps' needs eval_steps; set eval_steps to a positive number.")
+        return self
+
+
+GgufQuant = Literal["none", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q2_k"]
+
+
+class ExportConfig(StrictModel):
+    format: Literal["adapter", "merged", "gguf"] = Field(
+        "adapter", description="adapter: PEFT weights; merged (or full): merged 16-bit model; gguf: GGUF only.")
+    destination: Literal["gcs", "hfhub"] = "gcs"
+    hf_repo_id: str | None = Field(None, pattern=HF_REPO_ID, description="owner/name, needed for destination hfhub.")
+    hf_private: bool = True
+    include_gguf: bool = False
+    gguf_quantization: GgufQuant = "none"
+    merged_dtype: Literal["bf16", "fp16"] = Field("bf16", description="dtype of merged weights; Gemma overflows in fp16.")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _full_is_merged(cls, v: Any) -> Any:
+        return "merged" if v == "full" else v
+
+    @field_validator("destination", mode="before")
+    @classmethod
+    def _hub_aliases(cls, v: Any) -> Any:
+        return "hfhub" if v in ("hf_hub", "huggingface", "hub") else v
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
+        if self.destination == "hfhub" and not self.hf_repo_id:
+            raise ValueError("destination 'hfhub' needs hf_repo_id ('owner/name'); set it or use destination 'gcs'.")
+        if (self.include_gguf or self.format == "gguf") and self.gguf_quantization == "none":
+            raise ValueError("a GGUF export needs gguf_quantization (f16, bf16, q8_0, q4_k_m, q5_k_m or q2_k).")
+        return self
+
+    @property
+    def wants_gguf(self) -> bool:
+        return self.format == "gguf" or self.include_gguf
+
+
+class WandbConfig(StrictModel):
+    api_key: SecretStr | None = None
+    project: str = Field("gemma-fine-tuning", min_length=1, max_length=128)
+    log_model: Literal["false", "checkpoint", "end"] = "false"
+
+    @field_validator("log_model", mode="before")
+    @classmethod
+    def _bool_to_str(cls, v: Any) -> Any:
+        return str(v).lower() if isinstance(v, bool) else v
+
+
+class Grader(StrictModel):
+    name: str = Field(min_length=1)
+    type: Literal["string_check", "text_similarity", "built_in", "score_model", "label_model", "ruler", "python"]
+    weight: float = 1.0
+    reference_field: str | None = None
+    operation: Literal["eq", "ne", "like", "ilike"] | None = None
+    evaluation_metric: Literal["fuzzy_match", "bleu", "gleu", "meteor", "cosine", "rouge_1", "rouge_2", "rouge_3",
+                               "rouge_4", "rouge_5", "rouge_l"] | None = None
+    embedding_model: str | None = None
+    function_name: Literal["format_reward", "count_xml", "expression_accuracy", "numerical_accuracy"] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None
+    prompt: str | None = None
+    range: list[float] | None = None
+    labels: list[str] | None = None
+    passing_labels: list[str] | None = None
+    rules: list[str] | None = None
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Grader:
+        if self.type == "python":
+            raise ValueError(f"grader '{self.name}': type 'python' would run code from the request, which this job "
+                             "never does; use a string_check, text_similarity or built_in grader.")
+        needed = {"string_check": ("reference_field", "operation"), "text_similarity": ("reference_field",
+                  "evaluation_metric"), "built_in": ("function_name",)}.get(self.type, ())
+        missing = [f for f in needed if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"grader '{self.name}' of type {self.type} needs {', '.join(missing)}.")
+        return self
+
+
+class TrainingConfig(StrictModel):
+    base_model_id: str = Field(min_length=1, description="Hub id (google/gemma-3-1b-it) or a local directory.")
+    provider: Literal["huggingface", "unsloth"] = "huggingface"
+    method: Literal["QLoRA", "LoRA", "Full"] = "QLoRA"
+    trainer_type: Literal["sft", "dpo", "grpo", "orpo"] = "sft"
+    modality: Literal["text", "vision"] = "text"
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub; off unless asked.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    eval_config: EvalConfig = Field(default_factory=EvalConfig)
+    export_config: ExportConfig = Field(default_factory=ExportConfig)
+    wandb_config: WandbConfig | None = None
+    reward_config: list[Grader] = Field(default_factory=list)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_case(cls, v: Any) -> Any:
+        return {"qlora": "QLoRA", "lora": "LoRA", "full": "Full"}.get(v.lower(), v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.modality == "vision":
+            raise ValueError("modality 'vision' is not supported yet: image+text training is not built; "
+                             "send a text dataset with modality 'text'.")
+        if self.trainer_type == "grpo" and not self.reward_config:
+            raise ValueError("trainer_type 'grpo' needs reward_config (a list of graders) to score completions.")
+        return self
+
+    @property
+    def export_format(self) -> Literal["adapter", "merged", "gguf"]:
+        """Full fine-tuning has no adapter: its 'adapter' export is the full model."""
+        fmt = self.export_config.format
+        return "merged" if fmt == "adapter" and self.method == "Full" else fmt
+
+
+class TrainRequest(StrictModel):
+    processed_dataset_id: str = Field(pattern=SAFE_ID, description="Folder under processed_datasets/.")
+    job_name: str | None = Field(None, max_length=200)
+    hf_token: SecretStr | None = None
+    training_config: TrainingConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        return normalise(data) if isinstance(data, dict) else data
+
+    def secrets(self) -> list[str]:
+        """Secret values in the request, for log redaction."""
+        wb = self.training_config.wandb_config
+        found = [self.hf_token, wb.api_key if wb else None]
+        return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
+
+
+# Flat (README) form: fields of training_config that belong to a group in the grouped form.
+_FLAT_EVAL = {"eval_strategy", "eval_steps", "compute_eval_metrics", "batch_eval_metrics"}
+_FLAT_EXPORT_KEYS = {"quantization": "gguf_quantization"}
+
+
+def normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn the flat README form into the grouped form; grouped input passes through."""
+    data = dict(data)
+    tc = dict(data.get("training_config") or {})
+    hp_names = set(Hyperparameters.model_fields) | {"max_seq_length"}
+    hp = dict(tc.pop("hyperparameters", {}) or {})
+    ev = dict(tc.pop("eval_config", {}) or {})
+    for key in list(tc):
+        if key in hp_names:
+            hp[key] = tc.pop(key)
+        elif key in _FLAT_EVAL:
+            ev[key] = tc.pop(key)
+        elif key == "evaluation_metrics":
+            metrics = tc.pop(key)
+            ev["compute_eval_metrics"] = bool(metrics)
+    if "export_config" in data:  # flat form: export_config at top level
+        ex = {_FLAT_EXPORT_KEYS.get(k, k): v for k, v in dict(data.pop("export_config") or {}).items()}
+        if ex.get("format") == "gguf" and ex.get("gguf_quantization") in (None, "none"):
+            ex["gguf_quantization"] = "q8_0"
+        tc["export_config"] = {**ex, **dict(tc.get("export_config") or {})}
+    if hp:
+        tc["hyperparameters"] = hp
+    if ev:
+        tc["eval_config"] = ev
+    if tc:
+        data["training_config"] = tc
+    return data
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Names valid at the model that holds loc[-1] (walks TrainRequest's annotations)."""
+    model: Any = TrainRequest
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        while get_origin(model) in (Union, list) or str(get_origin(model)) == "types.UnionType":
+            model = next(a for a in get_args(model) if a is not type(None))
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    names = set(model.model_fields)
+    if model is Hyperparameters:
+        names.add("max_seq_length")
+    return sorted(names)
+
+
+def explain(err: ValidationError) -> str:
+    """One line per problem: path, the value given, what is allowed; unknown keys get a suggestion."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        path = ".".join(str(p) for p in loc) or "request"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(_fields_at(loc))}"
+            lines.append(f"{path}: unknown key '{loc[-1]}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required field is missing; add it to the request.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {json.dumps(value, default=str)[:80]})"
+            lines.append(f"{path}: {msg}{shown}")
+    return "invalid request: " + "; ".join(lines)
+
+
+def parse_request(text: str | bytes) -> TrainRequest:
+    """Validate the request JSON, raising RequestError with a message the user can act on."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"the request is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; "
+                           "fix the JSON syntax.") from None
+    if not isinstance(raw, dict):
+        raise RequestError(f"the request must be a JSON object, got {type(raw).__name__}.")
+    try:
+        return TrainRequest.model_validate(raw)
+    except ValidationError as e:
+        raise RequestError(explain(e)) from None
+
+
+class Settings(StrictModel):
+    """The job's environment, read by main.py alone and validated here."""
+    job_id: str = Field(pattern=SAFE_ID)
+    backend: Literal["gcp", "local"] = "local"
+    local_dir: str = "./.local"
+    project_id: str | None = None
+    firestore_db: str = "(default)"
+    config_bucket: str = "gemma-train-config"
+    config_uri: str | None = Field(None, pattern=r"^gs://[^/]+/.+$")
+    data_bucket: str = "gemma-dataset-bucket"
+    export_bucket: str = "gemma-export-bucket"
+    hf_token: SecretStr | None = None
+    wandb_api_key: SecretStr | None = None
+    attempt: int = Field(0, ge=0)
+
+    @property
+    def request_uri(self) -> str:
+        return self.config_uri or f"gs://{self.config_bucket}/{self.job_id}.json"
+
+
+def check_job_id(job_id: str) -> str:
+    if not re.fullmatch(SAFE_ID, job_id or ""):
+        raise RequestError(f"JOB_ID {job_id!r} is not valid: use letters, digits, '.', '_' or '-' "
+                           "(no slashes, not starting with '.'), at most 200 characters.")
+    return job_id

@@ -1,0 +1,118 @@
+"""Make the offline fixtures: a tiny Gemma-3-architecture model with a SentencePiece tokenizer,
+and a small processed dataset in the preprocessing service's layout.
+
+    python scripts/make_tiny.py --out .local            # model in .local/models/tiny-gemma3
+                                                         # data in .local/gemma-dataset-bucket/processed_datasets/tiny-animals
+
+Random weights, Gemma's special tokens and chat template, dimensions that are multiples of 256
+(k-quants in GGUF need rows of 256). Takes a few seconds; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+ANIMALS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
+           "horse": "neigh", "owl": "hoot", "lion": "roar", "snake": "hiss", "bee": "buzz", "frog": "croak",
+           "mouse": "squeak", "crow": "caw", "goat": "bleat", "wolf": "howl", "hen": "cluck", "dove": "coo"}
+QUESTIONS = ["What does the {a} say?", "What sound does a {a} make?", "Which noise comes from the {a}?",
+             "Tell me the sound of a {a}.", "How does the {a} speak?", "I hear a {a}. What sound is it?"]
+SYSTEM = "You answer with the animal's sound."
+
+# Gemma 3's chat template: system text folded into the first user turn, assistant shown as 'model'.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+def conversations(seed: int = 0) -> list[dict]:
+    rows = []
+    for animal, sound in ANIMALS.items():
+        for q in QUESTIONS:
+            rows.append({"messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": q.format(a=animal)},
+                {"role": "assistant", "content": f"The {animal} says {sound}."}]})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def make_tokenizer(out: Path, corpus: list[str]) -> None:
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    text = out / "corpus.txt"
+    text.write_text("\n".join(corpus))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(out / "tokenizer"), vocab_size=512, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        byte_fallback=True, character_coverage=1.0, split_digits=True, minloglevel=2,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False)
+    text.unlink()
+    (out / "tokenizer.vocab").unlink()
+    tok = GemmaTokenizer.from_pretrained(str(out), extra_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+
+
+def make_model(out: Path) -> None:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
+        pad_token_id=0, eos_token_id=[1, 6], bos_token_id=2, tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = [1, 6]
+    model.save_pretrained(str(out))
+
+
+def make_dataset(root: Path, dataset_id: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = conversations()
+    n_test = len(rows) // 6
+    folder = root / "gemma-dataset-bucket" / "processed_datasets" / dataset_id
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", rows[n_test:]), ("test", rows[:n_test])):
+        pq.write_table(pa.Table.from_pylist(part), folder / f"{split}.parquet")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".local", help="LOCAL_DIR root")
+    args = parser.parse_args()
+    root = Path(args.out)
+    model_dir = root / "models" / "tiny-gemma3"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    corpus = ["user", "model"] + [m["content"] for row in conversations() for m in row["messages"]] * 4
+    make_tokenizer(model_dir, corpus)
+    make_model(model_dir)
+    print(f"model:   {model_dir}")
+    print(f"dataset: {make_dataset(root, 'tiny-animals')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Buckets and the Hugging Face Hub behind small interfaces.
+
+URIs stay `gs://bucket/key` everywhere; `LocalBlobStore(root)` maps them to `root/bucket/key`,
+`GcsBlobStore` talks to Google Cloud Storage (or the emulator named by STORAGE_EMULATOR_HOST).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from errors import PermanentError
+
+logger = logging.getLogger(__name__)
+
+
+class MissingObject(PermanentError, FileNotFoundError):
+    """The object is not in the bucket."""
+
+
+def parse_gs_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("gs://"):
+        raise ValueError(f"not a gs:// URI: {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket or ".." in key.split("/"):
+        raise ValueError(f"invalid gs:// URI: {uri!r}")
+    return bucket, key
+
+
+class BlobStore(Protocol):
+    def read_bytes(self, uri: str) -> bytes: ...
+    def list(self, prefix_uri: str) -> list[str]: ...
+    def download(self, uri: str, path: Path) -> Path: ...
+    def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
+        """Upload every file under local_dir to prefix_uri/, then remove objects there that the
+        folder does not have (a stale earlier run's files never mix with the new ones)."""
+
+
+def _files(local_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+
+
+class LocalBlobStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, uri: str) -> Path:
+        bucket, key = parse_gs_uri(uri)
+        return self.root / bucket / key
+
+    def read_bytes(self, uri: str) -> bytes:
+        p = self.path(uri)
+        if not p.is_file():
+            raise MissingObject(f"{uri} not found (local backend: {p})")
+        return p.read_bytes()
+
+    def list(self, prefix_uri: str) -> list[str]:
+        base = self.path(prefix_uri)
+        bucket, _ = parse_gs_uri(prefix_uri)
+        if not base.is_dir():
+            return []
+        return [f"gs://{bucket}/{p.relative_to(self.root / bucket).as_posix()}" for p in _files(base)]
+
+    def download(self, uri: str, path: Path) -> Path:
+        src = self.path(uri)
+        if not src.is_file():
+            raise MissingObject(f"{uri} not found (local backend: {src})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path)
+        return path
+
+    def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
+        dest = self.path(prefix_uri.rstrip("/") + "/")
+        staging = dest.with_name(dest.name + ".uploading")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(local_dir, staging)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)  # the folder appears whole or not at all
+        return [f"{prefix_uri.rstrip('/')}/{p.relative_to(local_dir).as_posix()}" for p in _files(local_dir)]
+
+
+class GcsBlobStore:
+    """Google Cloud Storage with the official client; uploads run concurrently and are checksummed."""
+
+    def __init__(self, project: str | None = None, workers: int = 8):
+        from google.cloud import storage
+
+        self.client = storage.Client(project=project)
+        self.workers = workers
+
+    def _blob(self, uri: str):
+        bucket, key = parse_gs_uri(uri)
+        return self.client.bucket(bucket).blob(key)
+
+    def read_bytes(self, uri: str) -> bytes:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self._blob(uri).download_as_bytes()
+        except NotFound:
+            raise MissingObject(f"{uri} not found") from None
+
+    def list(self, prefix_uri: str) -> list[str]:
+        bucket, key = parse_gs_uri(prefix_uri)
+        return [f"gs://{bucket}/{b.name}" for b in self.client.list_blobs(bucket, prefix=key)]
+
+    def download(self, uri: str, path: Path) -> Path:
+        from google.api_core.exceptions import NotFound
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._blob(uri).download_to_filename(str(path), checksum="crc32c")
+        except NotFound:
+            raise MissingObject(f"{uri} not found") from None
+        return path
+
+    def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
+        from google.cloud.storage import transfer_manager
+
+        bucket_name, key = parse_gs_uri(prefix_uri.rstrip("/") + "/")
+        bucket = self.client.bucket(bucket_name)
+        names = [p.relative_to(local_dir).as_posix() for p in _files(local_dir)]
+        results = transfer_manager.upload_many_from_filenames(
+            bucket, names, source_directory=str(local_dir), blob_name_prefix=key, max_workers=self.workers,
+            upload_kwargs={"checksum": "crc32c"}, raise_exception=True, worker_type=transfer_manager.THREAD)
+        for name, result in zip(names, results):
+            if isinstance(result, Exception):
+                raise result
+        wanted = {key + n for n in names}
+        for blob in self.client.list_blobs(bucket_name, prefix=key):
+            if blob.name not in wanted:
+                blob.delete()
+        return [f"gs://{bucket_name}/{key}{n}" for n in names]
+
+
+class ModelHub(Protocol):
+    def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
+        """Create the repo if needed, upload the folder under path_in_repo; return its URL."""
+
+
+class LocalModelHub:
+    """A stand-in Hub on disk: `{root}/hub/{repo_id}/{path_in_repo}`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "hub"
+
+    def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
+        dest = self.root / repo_id / path_in_repo
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(local_dir, dest)
+        return f"file://{dest.resolve()}"
+
+
+class HfModelHub:
+    def __init__(self, token: str | None):
+        from huggingface_hub import HfApi
+
+        self.api = HfApi(token=token)
+
+    def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
+        self.api.create_repo(repo_id, private=private, exist_ok=True)
+        info = self.api.upload_folder(repo_id=repo_id, folder_path=str(local_dir), path_in_repo=path_in_repo,
+                                      commit_message=f"Upload {path_in_repo or 'model'}")
+        return str(getattr(info, "commit_url", f"https://huggingface.co/{repo_id}"))
