@@ -231,9 +231,27 @@ class BaseTrainingJob:
             tokenizer.save_pretrained(str(out))
         else:
             self.save_merged(trainer.model, tokenizer, out)
+        self.copy_sentencepiece_model(out)
         self.write_manifest(out, fmt, metrics)
         uri = self.publish(out, EXPORT_FOLDERS[fmt])
         return {"adapter_path": uri, "gguf_path": None, "artifacts": {"raw": {fmt: uri}}}
+
+    def copy_sentencepiece_model(self, out: Path) -> None:
+        """transformers 5 no longer saves `tokenizer.model`; llama.cpp's converter and older loaders need it."""
+        if (out / "tokenizer.model").exists():
+            return
+        local = Path(self.cfg.base_model_id) / "tokenizer.model"
+        if local.is_file():
+            shutil.copyfile(local, out / "tokenizer.model")
+            return
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            shutil.copyfile(hf_hub_download(self.cfg.base_model_id, "tokenizer.model", token=self.token()),
+                            out / "tokenizer.model")
+        except EntryNotFoundError:
+            logger.info("%s has no tokenizer.model", self.cfg.base_model_id)
 
     def write_manifest(self, out: Path, fmt: str, metrics: dict[str, Any]) -> None:
         ex = self.cfg.export_config

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None, env=None) -> int:
             result = job.run()
         shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str))
+        if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
+            print(f"adapter:      {services.blobs.path(result['adapter_path'])}\n"
+                  f"job document: {store.path(settings.job_id)}")
         return 0
     except Cancelled:
         return 0

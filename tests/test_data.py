@@ -1,0 +1,76 @@
+"""Row forms, conversation checks, assistant-only labels and truncation, on the tiny tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from data import DatasetError, check_rows, row_form, split_uris, to_conversation, tokenize
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_root):
+    return AutoTokenizer.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))
+
+
+CONV = [{"role": "user", "content": "What does the cow say?"}, {"role": "assistant", "content": "The cow says moo."}]
+
+
+def test_row_forms():
+    assert row_form(["messages", "id"], "sft") == ("messages",)
+    assert row_form(["text"], "sft") == ("text",)
+    assert row_form(["prompt", "completion"], "sft") == ("prompt", "completion")
+    with pytest.raises(DatasetError, match=r"columns \['answer', 'question'\] do not fit trainer_type 'sft'"):
+        row_form(["question", "answer"], "sft")
+    with pytest.raises(DatasetError, match="needs prompt\\+chosen\\+rejected"):
+        row_form(["prompt", "chosen"], "dpo")
+
+
+def test_typed_parts_and_prompt_completion_become_messages():
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": "Hello"}]}
+    assert to_conversation(parts, ("messages",))[0] == {"role": "user", "content": "Hi there"}
+    pc = to_conversation({"prompt": "2+2?", "completion": "4"}, ("prompt", "completion"))
+    assert pc == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+@pytest.mark.parametrize("messages,match", [
+    ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "roles out of order"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}], "empty content"),
+    ([{"role": "user", "content": "x"}], "does not end with an assistant turn"),
+    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], "role 'tool'"),
+    ([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "y"}], "image part"),
+])
+def test_invalid_conversations_are_named(messages, match):
+    with pytest.raises(DatasetError, match=f"1 of 2 train rows.*row 1: .*{match}"):
+        check_rows([{"messages": CONV}, {"messages": messages}], ("messages",), "train")
+
+
+def test_empty_split():
+    with pytest.raises(DatasetError, match="the test split is empty"):
+        check_rows([], ("messages",), "test")
+
+
+def test_assistant_only_labels(tok):
+    out = tokenize([[{"role": "system", "content": "Be brief."}] + CONV], tok, 512, assistant_only=True)
+    row = out.rows[0]
+    trained = [t for t, l in zip(row["input_ids"], row["labels"]) if l != -100]
+    assert tok.decode(trained) == "The cow says moo.<end_of_turn>\n"
+    everything = tokenize([CONV], tok, 512, assistant_only=False).rows[0]
+    assert everything["labels"] == everything["input_ids"]
+
+
+def test_truncation_is_counted_and_rows_without_labels_dropped(tok):
+    long = [{"role": "user", "content": "moo " * 200}, {"role": "assistant", "content": "ok"}]
+    out = tokenize([CONV, long], tok, 32, assistant_only=True)
+    assert (len(out.rows), out.truncated, out.dropped) == (1, 1, 1)
+    assert all(len(r["input_ids"]) <= 32 for r in out.rows)
+
+
+def test_split_uris():
+    p = "gs://b/processed_datasets/d/"
+    assert split_uris([p + "train.parquet", p + "validation.parquet"], p) == {
+        "train": p + "train.parquet", "eval": p + "validation.parquet"}
+    assert split_uris([p + "train.parquet"], p) == {"train": p + "train.parquet"}
+    with pytest.raises(DatasetError, match=r"looked for gs://b/processed_datasets/d/train.parquet and found nothing"):
+        split_uris([], p)

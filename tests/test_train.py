@@ -1,0 +1,119 @@
+"""The Hugging Face provider on the tiny Gemma 3, step by step through the workflow: the loss falls,
+metrics are what they claim, and the exported adapter reproduces the trained model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from base import Services, sha256
+from conftest import sample_request
+from evaluation import token_accuracy
+from job_manager import JobTracker, LocalJobStore
+from providers import HuggingFaceTrainingJob
+from schema import Settings, TrainRequest
+from storage import LocalBlobStore, LocalModelHub
+from tracking import NullRunLogger
+
+
+def test_token_accuracy_hand_counted():
+    # position t predicts label t+1; -100 labels are not counted
+    preds = np.array([[5, 7, 9, 1], [3, 3, 3, 3]])
+    labels = np.array([[-100, 5, 7, 2], [-100, -100, 3, 4]])
+    # row 0: pred 5 vs 5 ok, 7 vs 7 ok, 9 vs 2 wrong; row 1: 3 vs 3 ok, 3 vs 4 wrong  -> 3 of 5
+    assert token_accuracy(preds, labels) == (3, 5)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    local_dir = tmp_path_factory.mktemp("local")
+    import shutil
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", local_dir / "gemma-dataset-bucket")
+    # one eval batch (32 >= 18 eval rows), so the trainer's batch-averaged accuracy is the token-weighted one
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(batch_size=32, epochs=20)
+    request = TrainRequest.model_validate(req)
+    settings = Settings(job_id="unit", local_dir=str(local_dir))
+    services = Services(LocalBlobStore(local_dir), LocalModelHub(local_dir),
+                        JobTracker(LocalJobStore(local_dir), "unit"), NullRunLogger())
+    job = HuggingFaceTrainingJob(request, settings, services, local_dir / "work")
+    prep = job.preflight()
+    model = job.load_model(prep.tokenizer)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = job.build_trainer(model, prep)
+    before = trainer.evaluate()
+    train_metrics = job.train(trainer)
+    metrics = job.evaluate(trainer, prep, train_metrics)
+    artifacts = job.export(trainer, prep.tokenizer, metrics)
+    return dict(job=job, prep=prep, trainer=trainer, before=before, metrics=metrics, artifacts=artifacts,
+                base_before=base_before, blobs=services.blobs)
+
+
+def test_eval_loss_falls_clearly(trained):
+    assert trained["metrics"]["eval_loss"] < 0.6 * trained["before"]["eval_loss"]
+
+
+def test_perplexity_is_exp_eval_loss(trained):
+    m = trained["metrics"]
+    assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]), rel=1e-12)
+    assert {"accuracy", "perplexity", "eval_loss", "eval_runtime"} <= set(m)
+
+
+def batch(prep, rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    labels = np.array([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in rows])[:, None]).long()
+    return ids, mask, labels
+
+
+def test_accuracy_matches_independent_count(trained):
+    model = trained["trainer"].model.eval()
+    ids, mask, labels = batch(trained["prep"], trained["prep"].eval.rows)
+    with torch.no_grad():
+        preds = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).numpy()
+    correct, total = token_accuracy(preds, labels)
+    assert trained["metrics"]["accuracy"] == pytest.approx(correct / total, abs=1e-6)
+    assert correct / total > 0.5
+
+
+def test_lora_changed_and_base_frozen(trained):
+    params = dict(trained["trainer"].model.named_parameters())
+    changed = {n for n, p in params.items() if not torch.equal(p.detach(), trained["base_before"][n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_exported_adapter_reproduces_trained_logits(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    uri = trained["artifacts"]["adapter_path"]
+    assert uri == "gs://gemma-export-bucket/trained_adapters/unit/"
+    assert trained["artifacts"]["artifacts"] == {"raw": {"adapter": uri}}
+    folder = trained["blobs"].path(uri)
+    base = AutoModelForCausalLM.from_pretrained(trained["job"].cfg.base_model_id, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(folder)).eval()
+    ids, mask, _ = batch(trained["prep"], trained["prep"].eval.rows[:4])
+    with torch.no_grad():
+        want = trained["trainer"].model.eval()(input_ids=ids, attention_mask=mask).logits
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_export_layout_and_manifest(trained):
+    folder = trained["blobs"].path(trained["artifacts"]["adapter_path"])
+    custom = json.loads((folder / "custom_config.json").read_text())
+    assert custom == {"job_id": "unit", "base_model_id": trained["job"].cfg.base_model_id,
+                      "provider": "huggingface", "export_format": "adapter", "hf_repo_id": None}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer.model",
+            "custom_config.json"} <= set(manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert sha256(folder / name) == entry["sha256"]
+    assert manifest["versions"]["transformers"] and manifest["metrics"]["eval_loss"] == trained["metrics"]["eval_loss"]
+    assert not (trained["job"].workdir / "export" / "adapter").exists()  # local copy deleted after upload
