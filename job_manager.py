@@ -129,6 +129,7 @@ class JobTracker:
         self._last_progress = -math.inf
         self._started: float | None = None
         self._start_step = 0
+        self._loss: float | None = None
         self.finished = False
 
     def write(self, fields: dict[str, Any]) -> None:
@@ -161,6 +162,8 @@ class JobTracker:
     def progress(self, step: int, total_steps: int, epoch: float | None, loss: float | None,
                  force: bool = False) -> bool:
         t = self.clock()
+        if loss is not None:
+            self._loss = loss  # kept while throttled, so the next write carries the latest loss
         if self._started is None:
             self._started, self._start_step = t, step
         if not force and t - self._last_progress < self.min_interval:
@@ -170,8 +173,8 @@ class JobTracker:
         eta = (t - self._started) / done * (total_steps - step) if done > 0 and total_steps else None
         fields = {"step": step, "total_steps": total_steps, "progress": min(1.0, step / total_steps) if total_steps
                   else 0.0, "epoch": epoch, "eta_seconds": round(eta, 1) if eta is not None else None}
-        if loss is not None:
-            fields["loss"] = loss
+        if self._loss is not None:
+            fields["loss"] = self._loss
         self.write(fields)
         return True
 

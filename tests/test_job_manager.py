@@ -54,11 +54,13 @@ def test_progress_is_throttled_and_has_eta(tmp_path):
     written = []
     for step in range(1, 101):  # one step every 0.5 s for 50 s
         clock.t = step * 0.5
-        written.append(tracker.progress(step, 100, step / 100, 2.0))
+        written.append(tracker.progress(step, 100, step / 100, 10.0 / step))
     assert sum(written) == 10  # one write per 5 s, not one per step
     doc = store.get("j")
     assert doc["step"] == 91 and doc["total_steps"] == 100 and doc["progress"] == pytest.approx(0.91)
     assert doc["eta_seconds"] == pytest.approx(4.5, abs=0.1)  # 9 steps left at 0.5 s each
+    tracker.progress(100, 100, 1.0, None, force=True)
+    assert store.get("j")["loss"] == pytest.approx(0.1)  # the last loss seen, though it came while throttled
 
 
 @pytest.mark.parametrize("exc,kind", [(PermanentError("bad dataset"), "permanent"),

@@ -1,0 +1,81 @@
+"""CPU benchmark: the whole job against a bare TRL script on the same tiny job, and the time to
+reject a bad request. Writes benchmarks/results/cpu.json and prints a table.
+
+    python benchmarks/cpu_bench.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over children so far
+    return seconds, max(peak, before), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp())
+    subprocess.run([sys.executable, "scripts/make_tiny.py", "--out", str(work)], cwd=ROOT, check=True,
+                   capture_output=True)
+    request = json.loads((ROOT / "examples" / "local_default.json").read_text())
+    request["training_config"]["base_model_id"] = str(work / "models" / "tiny-gemma3")
+    (work / "req.json").write_text(json.dumps(request))
+    bad = json.loads(json.dumps(request))
+    bad["training_config"]["hyperparameters"]["learning_rte"] = 1
+    (work / "bad.json").write_text(json.dumps(bad))
+    env = {"BACKEND": "local", "LOCAL_DIR": str(work)}
+    rows: dict[str, list] = {"job": [], "bare_trl": [], "reject": []}
+    breakdown = {}
+    for i in range(args.repeats):
+        s, peak, out = timed([sys.executable, "main.py", "--config", str(work / "req.json")],
+                             {**env, "JOB_ID": f"bench-{i}"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        manifest = work / "gemma-export-bucket" / "trained_adapters" / f"bench-{i}" / "manifest.json"
+        breakdown = json.loads(manifest.read_text())["timings"]
+        rows["job"].append(s)
+        s_bare, peak_bare, out = timed([sys.executable, "benchmarks/bare_trl.py", str(work / "req.json"), str(work),
+                                        str(work / f"bare-{i}")], {})
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows["bare_trl"].append(s_bare)
+        s_bad, _, out = timed([sys.executable, "main.py", "--config", str(work / "bad.json")],
+                              {**env, "JOB_ID": f"bad-{i}"})
+        assert out.returncode == 2
+        rows["reject"].append(s_bad)
+    best = {k: min(v) for k, v in rows.items()}
+    result = {"date": date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+              "cores": os.cpu_count(), "python": platform.python_version(),
+              "versions": {n: version(n) for n in ("torch", "transformers", "trl", "peft")},
+              "seconds_best_of": args.repeats, "job_s": round(best["job"], 2), "bare_trl_s": round(best["bare_trl"], 2),
+              "ratio_job_over_bare": round(best["job"] / best["bare_trl"], 3),
+              "reject_bad_request_s": round(best["reject"], 3), "job_step_breakdown_s": breakdown,
+              "peak_rss_mib_any_child": round(peak / 1024, 1), "all_runs_s": rows}
+    out_path = ROOT / "benchmarks" / "results" / "cpu.json"
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
