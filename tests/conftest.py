@@ -52,3 +52,19 @@ def put_request(local_dir: Path, job_id: str, request: dict | str) -> None:
 
 def read_doc(local_dir: Path, job_id: str) -> dict:
     return json.loads((local_dir / "firestore" / "training_jobs" / f"{job_id}.json").read_text())
+
+
+def make_job(local_dir: Path, request: dict, job_id: str = "unit"):
+    """A provider job wired to local services, for driving the workflow step by step."""
+    from base import Services
+    from job_manager import JobTracker, LocalJobStore
+    from providers import PROVIDERS
+    from schema import Settings, TrainRequest
+    from storage import LocalBlobStore, LocalModelHub
+    from tracking import NullRunLogger
+
+    req = TrainRequest.model_validate(request)
+    services = Services(LocalBlobStore(local_dir), LocalModelHub(local_dir),
+                        JobTracker(LocalJobStore(local_dir), job_id), NullRunLogger())
+    return PROVIDERS[req.training_config.provider](req, Settings(job_id=job_id, local_dir=str(local_dir)),
+                                                   services, local_dir / "work" / job_id)

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from base import Services, sha256
-from conftest import sample_request
+from base import sha256
+from conftest import make_job, sample_request
 from evaluation import token_accuracy
-from job_manager import JobTracker, LocalJobStore
-from providers import HuggingFaceTrainingJob
-from schema import Settings, TrainRequest
-from storage import LocalBlobStore, LocalModelHub
-from tracking import NullRunLogger
 
 
 def test_token_accuracy_hand_counted():
@@ -31,16 +27,11 @@ def test_token_accuracy_hand_counted():
 @pytest.fixture(scope="module")
 def trained(tiny_root, tmp_path_factory):
     local_dir = tmp_path_factory.mktemp("local")
-    import shutil
     shutil.copytree(tiny_root / "gemma-dataset-bucket", local_dir / "gemma-dataset-bucket")
     # one eval batch (32 >= 18 eval rows), so the trainer's batch-averaged accuracy is the token-weighted one
     req = sample_request(tiny_root)
     req["training_config"]["hyperparameters"].update(batch_size=32, epochs=20)
-    request = TrainRequest.model_validate(req)
-    settings = Settings(job_id="unit", local_dir=str(local_dir))
-    services = Services(LocalBlobStore(local_dir), LocalModelHub(local_dir),
-                        JobTracker(LocalJobStore(local_dir), "unit"), NullRunLogger())
-    job = HuggingFaceTrainingJob(request, settings, services, local_dir / "work")
+    job = make_job(local_dir, req)
     prep = job.preflight()
     model = job.load_model(prep.tokenizer)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -50,7 +41,7 @@ def trained(tiny_root, tmp_path_factory):
     metrics = job.evaluate(trainer, prep, train_metrics)
     artifacts = job.export(trainer, prep.tokenizer, metrics)
     return dict(job=job, prep=prep, trainer=trainer, before=before, metrics=metrics, artifacts=artifacts,
-                base_before=base_before, blobs=services.blobs)
+                base_before=base_before, blobs=job.services.blobs)
 
 
 def test_eval_loss_falls_clearly(trained):
