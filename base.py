@@ -154,10 +154,23 @@ class BaseTrainingJob:
         return out
 
     def load_tokenizer(self):
+        """The base model's tokenizer; an id that cannot be read is a permanent error, not a retry."""
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.cfg.base_model_id, token=self.token(),
-                                            trust_remote_code=self.cfg.trust_remote_code)
+        model_id = self.cfg.base_model_id
+        if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
+            raise PermanentError(f"training_config.base_model_id: {model_id!r} looks like a local path but is not "
+                                 "a directory; give an existing model folder or a Hub id such as google/gemma-3-1b-it.")
+        try:
+            tok = AutoTokenizer.from_pretrained(model_id, token=self.token(),
+                                                trust_remote_code=self.cfg.trust_remote_code)
+        except OSError as e:
+            if isinstance(e.__cause__, (RepositoryNotFoundError, HFValidationError)):
+                raise PermanentError(f"training_config.base_model_id: {model_id!r} cannot be read from the Hub "
+                                     f"({type(e.__cause__).__name__}); check the id, and that the token has "
+                                     "accepted the model's licence.") from None
+            raise
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok

@@ -117,3 +117,9 @@ def test_validate_checks_without_training(local_dir, tiny_root, capsys):
 
 def test_invalid_job_id_exits_2(local_dir):
     assert main.main([], env_for(local_dir, "../escape")) == 2
+
+
+def test_missing_base_model_exits_2(local_dir, tiny_root):
+    put_request(local_dir, "job-nomodel", sample_request(tiny_root, base_model_id=str(local_dir / "no-model")))
+    assert main.main([], env_for(local_dir, "job-nomodel")) == 2
+    assert "base_model_id" in read_doc(local_dir, "job-nomodel")["error"]
