@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 IGNORE = -100
-READER_NAMES = ("accuracy", "perplexity", "eval_loss", "eval_runtime")
 
 
 def token_accuracy(pred_ids: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
