@@ -37,15 +37,19 @@ def read_settings(env) -> Settings:
                     **{k: env[v] for k, v in names.items() if env.get(v)})
 
 
-def make_services(settings: Settings, request: TrainRequest | None, tracker):
+def make_blob_store(settings: Settings):
+    from storage import GcsBlobStore, LocalBlobStore
+
+    return LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
+
+
+def make_services(settings: Settings, request: TrainRequest, tracker, blobs):
+    """The rest of the services once the request is known (its token and W&B settings choose them)."""
     from base import Services
-    from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
+    from storage import HfModelHub, LocalModelHub
     from tracking import NullRunLogger, WandbRunLogger
 
     local = settings.backend == "local"
-    blobs = LocalBlobStore(settings.local_dir) if local else GcsBlobStore(settings.project_id)
-    if request is None:
-        return Services(blobs, None, tracker, NullRunLogger())
     token = request.hf_token or settings.hf_token
     hub = LocalModelHub(settings.local_dir) if local else HfModelHub(token.get_secret_value() if token else None)
     wb = request.training_config.wandb_config
@@ -87,11 +91,11 @@ def main(argv: list[str] | None = None, env=None) -> int:
             if doc.get("error_type") == "permanent" and doc.get("status") == "failed" and settings.attempt > 0:
                 logger.error("retry of a permanently failed job: %s", doc.get("error"))
                 return 2
-            services = make_services(settings, None, tracker)
+            blobs = make_blob_store(settings)
             if args.config or (settings.backend == "local" and not env.get("JOB_ID")):
                 text = Path(args.config or DEFAULT_REQUEST).read_text()
             else:
-                text = services.blobs.read_bytes(settings.request_uri)
+                text = blobs.read_bytes(settings.request_uri)
             request = parse_request(text)
             redact.add(*request.secrets())
             logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
 
             workdir = Path(settings.local_dir) / "work" / settings.job_id
             job = PROVIDERS[request.training_config.provider](
-                request, settings, make_services(settings, request, tracker), workdir)
+                request, settings, make_services(settings, request, tracker, blobs), workdir)
             if args.validate:
                 job.preflight()
                 print("request and dataset are valid")
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str))
         if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
-            print(f"adapter:      {services.blobs.path(result['adapter_path'])}\n"
+            print(f"adapter:      {blobs.path(result['adapter_path'])}\n"
                   f"job document: {store.path(settings.job_id)}")
         return 0
     except Cancelled:
