@@ -120,6 +120,7 @@ class BaseTrainingJob:
             raise PermanentError("export_config: GGUF export is not available in this build yet; "
                                  "set include_gguf false and format 'adapter' or 'merged'.")
         self.check_environment()
+        self.check_hub_access()
         splits = self.timed("load_data", self.load_data)
         tokenizer = self.timed("load_tokenizer", self.load_tokenizer)
         hp = self.cfg.hyperparameters
@@ -140,11 +141,22 @@ class BaseTrainingJob:
         self.tracker.phase("validated", dataset=stats, total_steps=total)
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total)
 
+    def check_hub_access(self) -> None:
+        """Before anything is trained: the token can read the base model and write the destination repo."""
+        ex = self.cfg.export_config
+        if not Path(self.cfg.base_model_id).expanduser().is_dir():
+            self.services.hub.check_read(self.cfg.base_model_id)
+        if ex.destination == "hfhub":
+            self.services.hub.prepare_repo(ex.hf_repo_id, ex.hf_private)
+
     def load_data(self) -> dict[str, list]:
         import pyarrow.parquet as pq
 
-        prefix = f"gs://{self.settings.data_bucket}/processed_datasets/{self.request.processed_dataset_id}/"
-        uris = split_uris(self.services.blobs.list(prefix), prefix)
+        dataset_id = self.request.processed_dataset_id
+        prefix = f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/"
+        metadata = self.tracker.store.get_dataset(dataset_id)
+        uris = split_uris([] if metadata and metadata.get("splits") else self.services.blobs.list(prefix), prefix,
+                          metadata)
         out = {}
         for split, uri in uris.items():
             path = self.services.blobs.download(uri, self.workdir / "data" / uri.rsplit("/", 1)[-1])
@@ -209,15 +221,18 @@ class BaseTrainingJob:
 
     def build_trainer(self, model, prep: Prepared):
         from datasets import Dataset
+        from transformers import PrinterCallback
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**(self.sft_kwargs(prep) | self.sft_overrides()))
         with_eval = prep.eval is not None and self.cfg.eval_config.compute_eval_metrics
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=model, args=args, processing_class=prep.tokenizer,
             train_dataset=Dataset.from_list(prep.train.rows),
             eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker)])
+        trainer.remove_callback(PrinterCallback)
+        return trainer
 
     def train(self, trainer) -> dict[str, Any]:
         from transformers.trainer_utils import get_last_checkpoint
@@ -296,7 +311,11 @@ def progress_callback(tracker: JobTracker):
 
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            tracker.progress(state.global_step, state.max_steps, state.epoch, (logs or {}).get("loss"))
+            logs = logs or {}
+            # Logged, not printed (Trainer's PrinterCallback is removed): one JSON line on Cloud Run.
+            logger.info("step %d/%d: %s", state.global_step, state.max_steps,
+                        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+            tracker.progress(state.global_step, state.max_steps, state.epoch, logs.get("loss"))
 
         def on_train_end(self, args, state, control, **kwargs):
             tracker.progress(state.global_step, state.max_steps, state.epoch, None, force=True)

@@ -27,12 +27,31 @@ class DatasetError(PermanentError):
     """The dataset is missing, empty or does not fit the trainer type."""
 
 
-def split_uris(listing: list[str], prefix_uri: str) -> dict[str, str]:
-    """`{"train": uri, "eval": uri?}` from a bucket listing of processed_datasets/{id}/."""
-    found = {uri.rsplit("/", 1)[-1].removesuffix(".parquet"): uri for uri in listing if uri.endswith(".parquet")}
+def split_uris(listing: list[str], prefix_uri: str, metadata: dict[str, Any] | None = None) -> dict[str, str]:
+    """`{"train": uri, "eval": uri?}` for the dataset under `prefix_uri` (gs://bucket/processed_datasets/{id}/).
+
+    The preprocessing service's metadata document (`splits[{split_name, num_rows, path}]`) wins when
+    it names splits; otherwise the bucket listing does. `path` may be a gs:// URI, a key in the same
+    bucket, or a file name under the prefix.
+    """
+    bucket = prefix_uri[5:].split("/", 1)[0]
+    found: dict[str, str] = {}
+    for split in (metadata or {}).get("splits") or []:
+        name, path = split.get("split_name"), str(split.get("path") or "")
+        if name and path:
+            found[name] = path if path.startswith("gs://") else \
+                f"gs://{bucket}/{path.lstrip('/')}" if "/" in path else prefix_uri + path
+    for name, uri in found.items():
+        if ".." in uri[5:].split("/") or not uri[5:].split("/", 1)[0]:
+            raise DatasetError(f"processed_datasets metadata: split {name!r} has path {uri!r}, which escapes its "
+                               "bucket; the preprocessing service must write a gs:// URI or a key without '..'.")
+    looked = "the metadata's splits" if found else f"{prefix_uri}train.parquet"
+    if not found:
+        found = {uri.rsplit("/", 1)[-1].removesuffix(".parquet"): uri for uri in listing if uri.endswith(".parquet")}
     if "train" not in found:
-        raise DatasetError(f"no train split: looked for {prefix_uri}train.parquet and found "
-                           f"{sorted(found) or 'nothing'}; check processed_dataset_id and that preprocessing finished.")
+        raise DatasetError(f"no train split: looked for {looked} and found {sorted(found) or 'nothing'}"
+                           f"{'' if metadata else ' (no processed_datasets metadata document either)'}; "
+                           "check processed_dataset_id and that preprocessing finished.")
     splits = {"train": found["train"]}
     for name in EVAL_SPLITS:
         if name in found:

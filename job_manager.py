@@ -24,6 +24,7 @@ from errors import Cancelled, PermanentError
 logger = logging.getLogger(__name__)
 
 COLLECTION = "training_jobs"
+DATASETS = "processed_datasets"  # the preprocessing service's metadata: splits[{split_name, num_rows, path}]
 
 
 class JobStatus(StrEnum):
@@ -40,6 +41,8 @@ class JobStore(Protocol):
         """Write the document only if it does not exist; True if written."""
     def merge(self, job_id: str, fields: dict[str, Any]) -> None:
         """set(fields, merge=True): nested maps merge, other fields are replaced."""
+    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        """The document processed_datasets/{dataset_id}, if the preprocessing service wrote one."""
 
 
 def _deep_merge(into: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +60,7 @@ class LocalJobStore:
     def __init__(self, root: str | Path):
         self.dir = Path(root) / "firestore" / COLLECTION
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.datasets = Path(root) / "firestore" / DATASETS
 
     def path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
@@ -64,6 +68,10 @@ class LocalJobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         p = self.path(job_id)
         return json.loads(p.read_text()) if p.exists() else None
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        p = self.datasets / f"{dataset_id}.json"
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def create(self, job_id: str, fields: dict[str, Any]) -> bool:
         if self.path(job_id).exists():
@@ -95,6 +103,10 @@ class FirestoreJobStore:
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         snap = self._ref(job_id).get()
+        return snap.to_dict() if snap.exists else None
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        snap = self.client.collection(DATASETS).document(dataset_id).get()
         return snap.to_dict() if snap.exists else None
 
     def create(self, job_id: str, fields: dict[str, Any]) -> bool:

@@ -31,7 +31,7 @@ def read_settings(env) -> Settings:
     job_id = env.get("JOB_ID") or (f"local-{time.strftime('%Y%m%d-%H%M%S')}" if backend == "local" else "")
     names = {"project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB", "config_bucket": "GCS_CONFIG_BUCKET_NAME",
              "config_uri": "TRAINING_CONFIG_GCS_PATH", "data_bucket": "GCS_DATA_BUCKET_NAME",
-             "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY",
+             "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY",
              "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT"}
     return Settings(job_id=check_job_id(job_id), backend=backend,
                     **{k: env[v] for k, v in names.items() if env.get(v)})
@@ -51,7 +51,8 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs):
 
     local = settings.backend == "local"
     token = request.hf_token or settings.hf_token
-    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(token.get_secret_value() if token else None)
+    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(
+        token.get_secret_value() if token else None, settings.hf_endpoint)
     wb = request.training_config.wandb_config
     key = (wb.api_key or settings.wandb_api_key) if wb else None
     runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,

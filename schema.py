@@ -319,6 +319,7 @@ class Settings(StrictModel):
     data_bucket: str = "gemma-dataset-bucket"
     export_bucket: str = "gemma-export-bucket"
     hf_token: SecretStr | None = None
+    hf_endpoint: str | None = None
     wandb_api_key: SecretStr | None = None
     attempt: int = Field(0, ge=0)
 

@@ -137,8 +137,12 @@ class GcsBlobStore:
 
 
 class ModelHub(Protocol):
+    def check_read(self, repo_id: str) -> None:
+        """A PermanentError unless the token can read this Hub model (before anything is trained)."""
+    def prepare_repo(self, repo_id: str, private: bool) -> None:
+        """Create the destination repo if needed; a PermanentError unless the token can write to it."""
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
-        """Create the repo if needed, upload the folder under path_in_repo; return its URL."""
+        """Upload the folder under path_in_repo of an existing repo; return the commit's URL."""
 
 
 class LocalModelHub:
@@ -146,6 +150,12 @@ class LocalModelHub:
 
     def __init__(self, root: str | Path):
         self.root = Path(root) / "hub"
+
+    def check_read(self, repo_id: str) -> None:
+        return None  # the local backend never reaches the Hub; loading the model says what is wrong
+
+    def prepare_repo(self, repo_id: str, private: bool) -> None:
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
 
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
         dest = self.root / repo_id / path_in_repo
@@ -155,13 +165,50 @@ class LocalModelHub:
 
 
 class HfModelHub:
-    def __init__(self, token: str | None):
+    """The Hugging Face Hub through huggingface_hub. The token is passed per client, never written to
+    disk with `login()` (a token file in the container would outlive the job)."""
+
+    def __init__(self, token: str | None, endpoint: str | None = None):
         from huggingface_hub import HfApi
 
-        self.api = HfApi(token=token)
+        self.api = HfApi(token=token, endpoint=endpoint)
+        self.has_token = token is not None
+
+    def _access_error(self, err: Exception, repo_id: str, field: str, need: str) -> PermanentError | None:
+        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+        token = "the token" if self.has_token else "no token (set hf_token in the request or HF_TOKEN)"
+        if isinstance(err, GatedRepoError):
+            return PermanentError(f"{field}: {repo_id!r} is gated and {token} has not been granted access; "
+                                  "accept its licence on the Hub with the token's account.")
+        if isinstance(err, RepositoryNotFoundError):
+            return PermanentError(f"{field}: {repo_id!r} was not found on the Hub or {token} cannot {need} it; "
+                                  "check the id and the token's permissions.")
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, HfHubHTTPError) and status in (401, 403):
+            return PermanentError(f"{field}: {token} cannot {need} {repo_id!r} on the Hub (HTTP {status}); "
+                                  "use a token with write access to the repo or its namespace.")
+        return None  # 5xx, timeouts: a retry may succeed
+
+    def check_read(self, repo_id: str) -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            self.api.auth_check(repo_id)
+        except HfHubHTTPError as e:
+            raise self._access_error(e, repo_id, "training_config.base_model_id", "read") or e from None
+
+    def prepare_repo(self, repo_id: str, private: bool) -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        field = "export_config.hf_repo_id"
+        try:
+            self.api.create_repo(repo_id, private=private, exist_ok=True)
+            self.api.auth_check(repo_id, write=True)
+        except HfHubHTTPError as e:
+            raise self._access_error(e, repo_id, field, "write to") or e from None
 
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
-        self.api.create_repo(repo_id, private=private, exist_ok=True)
-        info = self.api.upload_folder(repo_id=repo_id, folder_path=str(local_dir), path_in_repo=path_in_repo,
+        info = self.api.upload_folder(repo_id=repo_id, folder_path=str(local_dir), path_in_repo=path_in_repo or None,
                                       commit_message=f"Upload {path_in_repo or 'model'}")
         return str(getattr(info, "commit_url", f"https://huggingface.co/{repo_id}"))

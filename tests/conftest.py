@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +72,86 @@ def make_job(local_dir: Path, request: dict, job_id: str = "unit"):
                         JobTracker(LocalJobStore(local_dir), job_id), NullRunLogger())
     return PROVIDERS[req.training_config.provider](req, Settings(job_id=job_id, local_dir=str(local_dir)),
                                                    services, local_dir / "work" / job_id)
+
+
+# ---- the cloud: Firestore and GCS emulators, reached through the real Google clients -------------
+
+def need(reason: str) -> None:
+    """Skip on a developer's machine that lacks a server; in CI a missing server is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the cloud tests, not skip them)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def firestore_emulator():
+    from emulators import FIRESTORE_HELP, FirestoreEmulator
+
+    script = FirestoreEmulator.find()
+    if script is None:
+        need(FIRESTORE_HELP)
+    emu = FirestoreEmulator(script)
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    from emulators import GcsEmulator
+
+    if GcsEmulator.find() is None:
+        need("fake-gcs-server was not found: pip install -r requirements-dev.txt")
+    emu = GcsEmulator()
+    emu.start()
+    yield emu
+    emu.stop()
+
+
+@dataclass
+class Gcp:
+    """One test's cloud: its own Firestore project and buckets on the shared emulators."""
+    env: dict[str, str]
+    fs: Any
+    gcs: Any
+    config_bucket: str
+    data_bucket: str
+    export_bucket: str
+
+    def put_request(self, job_id: str, request: dict | str, uri: str | None = None) -> str:
+        uri = uri or f"gs://{self.config_bucket}/{job_id}.json"
+        bucket, key = uri[5:].split("/", 1)
+        self.gcs.bucket(bucket).blob(key).upload_from_string(
+            request if isinstance(request, str) else json.dumps(request))
+        return uri
+
+    def put_dataset(self, tiny_root: Path, dataset_id: str = "tiny-animals", key_prefix: str | None = None) -> None:
+        src = tiny_root / "gemma-dataset-bucket" / "processed_datasets" / "tiny-animals"
+        prefix = key_prefix or f"processed_datasets/{dataset_id}/"
+        for f in sorted(src.glob("*.parquet")):
+            self.gcs.bucket(self.data_bucket).blob(prefix + f.name).upload_from_filename(str(f))
+
+    def doc(self, job_id: str, collection: str = "training_jobs") -> dict | None:
+        snap = self.fs.collection(collection).document(job_id).get()
+        return snap.to_dict() if snap.exists else None
+
+    def blobs(self, bucket: str, prefix: str) -> dict[str, bytes]:
+        return {b.name[len(prefix):]: b.download_as_bytes() for b in self.gcs.list_blobs(bucket, prefix=prefix)}
+
+
+@pytest.fixture
+def gcp(tmp_path, firestore_emulator, gcs_emulator, monkeypatch) -> Gcp:
+    from google.cloud import firestore, storage
+
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
+    suffix = uuid.uuid4().hex[:10]
+    project = f"test-{suffix}"
+    gcs = storage.Client(project=project)
+    names = {kind: f"{kind}-{suffix}" for kind in ("config", "data", "export")}
+    for name in names.values():
+        gcs.create_bucket(name)
+    env = {"BACKEND": "gcp", "PROJECT_ID": project, "GCS_CONFIG_BUCKET_NAME": names["config"],
+           "GCS_DATA_BUCKET_NAME": names["data"], "GCS_EXPORT_BUCKET_NAME": names["export"],
+           "LOCAL_DIR": str(tmp_path / "job")}
+    return Gcp(env, firestore.Client(project=project), gcs, names["config"], names["data"], names["export"])

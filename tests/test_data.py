@@ -72,5 +72,21 @@ def test_split_uris():
     assert split_uris([p + "train.parquet", p + "validation.parquet"], p) == {
         "train": p + "train.parquet", "eval": p + "validation.parquet"}
     assert split_uris([p + "train.parquet"], p) == {"train": p + "train.parquet"}
-    with pytest.raises(DatasetError, match=r"looked for gs://b/processed_datasets/d/train.parquet and found nothing"):
+    with pytest.raises(DatasetError, match=r"looked for gs://b/processed_datasets/d/train.parquet and found nothing "
+                                           r"\(no processed_datasets metadata document either\)"):
         split_uris([], p)
+
+
+def test_split_uris_from_metadata():
+    p = "gs://b/processed_datasets/d/"
+    meta = {"splits": [{"split_name": "train", "num_rows": 9, "path": "gs://other/x/train-00.parquet"},
+                       {"split_name": "eval", "num_rows": 2, "path": "processed_datasets/d/ev.parquet"}]}
+    # the metadata wins over the listing
+    assert split_uris([p + "train.parquet"], p, meta) == {"train": "gs://other/x/train-00.parquet",
+                                                          "eval": "gs://b/processed_datasets/d/ev.parquet"}
+    assert split_uris([], p, {"splits": [{"split_name": "train", "path": "t.parquet"}]}) == {"train": p + "t.parquet"}
+    assert split_uris([p + "train.parquet"], p, {"modality": "text"}) == {"train": p + "train.parquet"}
+    with pytest.raises(DatasetError, match=r"looked for the metadata's splits and found \['test'\]"):
+        split_uris([], p, {"splits": [{"split_name": "test", "path": "x.parquet"}]})
+    with pytest.raises(DatasetError, match=r"split 'train' has path 'gs://b/../../x'"):
+        split_uris([], p, {"splits": [{"split_name": "train", "path": "../../x"}]})

@@ -1,0 +1,179 @@
+"""The job in its home: BACKEND=gcp against the Firestore and GCS emulators (real Google clients),
+and a local server speaking the Hub's HTTP API. Started as the training service starts it, and by hand."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+import job_manager
+from conftest import sample_request
+from hub_stub import HubStub
+from main import main
+from reader import problems
+
+SECRET_HF = "hf_stubTOKEN_5a1b2c3d4e5f"
+
+
+@pytest.fixture
+def watched(monkeypatch, gcp):
+    """Every write the job makes to its document, read back right after by a separate client, as a
+    reader would see it: [(monotonic time, fields written, document after)]."""
+    seen: list[tuple[float, dict, dict]] = []
+    original = job_manager.FirestoreJobStore.merge
+
+    def merge(self, job_id, fields):
+        original(self, job_id, fields)
+        seen.append((time.monotonic(), fields, gcp.doc(job_id)))
+
+    monkeypatch.setattr(job_manager.FirestoreJobStore, "merge", merge)
+    return seen
+
+
+def manifest_matches(files: dict[str, bytes]) -> dict:
+    """The manifest's checksums (taken from the local files before upload) equal the uploaded bytes."""
+    manifest = json.loads(files["manifest.json"])
+    assert set(files) == set(manifest["files"]) | {"manifest.json"}
+    for name, meta in manifest["files"].items():
+        assert hashlib.sha256(files[name]).hexdigest() == meta["sha256"], name
+        assert len(files[name]) == meta["bytes"]
+    return manifest
+
+
+def test_as_the_training_service_starts_it(gcp, watched, tiny_root, capsys):
+    job_id = "svc-job-1"
+    gcp.put_dataset(tiny_root)
+    gcp.put_request(job_id, sample_request(tiny_root))
+    created = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+    gcp.fs.collection("training_jobs").document(job_id).set({
+        "job_id": job_id, "job_name": "Animal sounds", "user_id": "user-42", "processed_dataset_id": "tiny-animals",
+        "base_model_id": "google/gemma-3-1b-it", "status": "queued", "created_at": created, "updated_at": created})
+    assert problems(gcp.doc(job_id)) == []
+
+    assert main([], {**gcp.env, "JOB_ID": job_id, "CLOUD_RUN_JOB": "training-job"}) == 0
+
+    # A reader accepts the document after every write the job made, through every status it passed.
+    for _, fields, doc in watched:
+        assert problems(doc) == [], (fields, doc)
+    statuses = [doc["status"] for _, _, doc in watched]
+    assert list(dict.fromkeys(statuses)) == ["queued", "preparing", "training", "completed"]
+    doc = gcp.doc(job_id)
+    assert (doc["job_name"], doc["user_id"], doc["created_at"]) == ("Animal sounds", "user-42", created)
+    assert doc["base_model_id"] == str(tiny_root / "models" / "tiny-gemma3")
+    assert doc["metrics"]["perplexity"] == pytest.approx(2.718281828 ** doc["metrics"]["eval_loss"], rel=1e-6)
+    assert 0.5 < doc["metrics"]["accuracy"] <= 1.0
+    uri = f"gs://{gcp.export_bucket}/trained_adapters/{job_id}/"
+    assert doc["adapter_path"] == doc["artifacts"]["raw"]["adapter"] == uri
+    assert doc["step"] == doc["total_steps"] > 0 and doc["progress"] == 1.0 and doc["attempt"] == 0
+
+    # The artifacts, at DESIGN.md's paths, byte-identical to what was written locally.
+    files = gcp.blobs(gcp.export_bucket, f"trained_adapters/{job_id}/")
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "custom_config.json"} <= set(files)
+    manifest = manifest_matches(files)
+    assert json.loads(files["custom_config.json"]) == {
+        "job_id": job_id, "base_model_id": str(tiny_root / "models" / "tiny-gemma3"), "provider": "huggingface",
+        "export_format": "adapter", "hf_repo_id": None}
+    assert manifest["metrics"]["eval_loss"] == doc["metrics"]["eval_loss"]
+
+    # Progress writes during training: at most one per 5 s (the last, forced at the end, excepted).
+    progress = [t for t, fields, _ in watched if "step" in fields]
+    assert len(progress) >= 2
+    gaps = [b - a for a, b in zip(progress, progress[1:-1])]
+    assert all(g >= 4.9 for g in gaps), gaps
+    start = next(t for t, f, _ in watched if f.get("phase") == "training")
+    end = next(t for t, f, _ in watched if f.get("phase") == "evaluating")
+    during = sum(1 for t, _, _ in watched if start < t < end)
+    assert during <= 2 + (end - start) / 5, (during, end - start)
+
+    # On Cloud Run every log line is JSON that Cloud Logging reads: severity, message, the job id.
+    # (Trainer's own printed dicts are replaced by logged lines.)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    logs = [entry for entry in lines if "severity" in entry]
+    assert len(logs) > 5 and all(e["job_id"] == job_id and e["message"] for e in logs)
+    assert any(e["message"].startswith("phase: training") for e in logs)
+
+
+def test_started_by_hand_with_an_explicit_request_path(gcp, tiny_root):
+    """No document yet, the request at TRAINING_CONFIG_GCS_PATH, the splits named by the dataset's
+    metadata document (in a place the bucket listing would not find)."""
+    job_id = "by-hand-1"
+    gcp.put_dataset(tiny_root, key_prefix="exports/v2/")
+    gcp.fs.collection("processed_datasets").document("animals-v2").set({"modality": "text", "splits": [
+        {"split_name": "train", "num_rows": 90, "path": f"gs://{gcp.data_bucket}/exports/v2/train.parquet"},
+        {"split_name": "test", "num_rows": 18, "path": "exports/v2/test.parquet"}]})
+    request = sample_request(tiny_root)
+    request["processed_dataset_id"] = "animals-v2"
+    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=3)
+    uri = gcp.put_request(job_id, request, uri=f"gs://{gcp.config_bucket}/manual/req.json")
+    assert gcp.doc(job_id) is None
+
+    assert main([], {**gcp.env, "JOB_ID": job_id, "TRAINING_CONFIG_GCS_PATH": uri}) == 0
+    doc = gcp.doc(job_id)
+    assert problems(doc) == []
+    assert (doc["status"], doc["job_name"], doc["processed_dataset_id"]) == (
+        "completed", request["job_name"], "animals-v2")
+    assert doc["dataset"]["train_rows"] == 90 and doc["dataset"]["eval_rows"] == 18
+    assert doc["created_at"] <= doc["updated_at"]
+    manifest_matches(gcp.blobs(gcp.export_bucket, f"trained_adapters/{job_id}/"))
+
+
+def test_missing_dataset_names_the_paths_looked_at(gcp, tiny_root):
+    job_id = "no-data-1"
+    request = sample_request(tiny_root)
+    request["processed_dataset_id"] = "never-made"
+    gcp.put_request(job_id, request)
+    assert main([], {**gcp.env, "JOB_ID": job_id}) == 2
+    doc = gcp.doc(job_id)
+    assert problems(doc) == [] and doc["status"] == "failed" and doc["error_type"] == "permanent"
+    assert f"gs://{gcp.data_bucket}/processed_datasets/never-made/train.parquet" in doc["error"]
+    assert "no processed_datasets metadata document" in doc["error"]
+    # a Cloud Run retry of it stops at once
+    assert main([], {**gcp.env, "JOB_ID": job_id, "CLOUD_RUN_TASK_ATTEMPT": "1"}) == 2
+
+
+def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
+    job_id = "hub-job-1"
+    gcp.put_dataset(tiny_root)
+    request = sample_request(tiny_root)
+    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=3)
+    request["training_config"]["export_config"] = {"format": "adapter", "destination": "hfhub",
+                                                   "hf_repo_id": "acme/tiny-animals"}
+    gcp.put_request(job_id, request)
+    with HubStub(SECRET_HF) as hub:
+        assert main([], {**gcp.env, "JOB_ID": job_id, "HF_TOKEN": SECRET_HF, "HF_ENDPOINT": hub.url}) == 0
+    repo = hub.repos["acme/tiny-animals"]
+    assert repo["private"] is True  # private unless the request says otherwise
+    manifest = manifest_matches(repo["files"])
+    assert manifest["hf_repo_id"] == "acme/tiny-animals"
+    assert all(auth == f"Bearer {SECRET_HF}" for _, _, auth in hub.requests)
+    # access to the destination was checked before training, the upload came after
+    paths = [p for _, p, _ in hub.requests]
+    assert paths.index("/api/models/acme/tiny-animals/auth-check/write") < paths.index(
+        "/api/models/acme/tiny-animals/commit/main")
+    doc = gcp.doc(job_id)
+    assert (doc["status"], doc["adapter_path"], doc["artifacts"]["raw"]["adapter"]) == (
+        "completed", "acme/tiny-animals", "acme/tiny-animals")
+
+
+@pytest.mark.parametrize("case", ["no-write-access", "base-model-not-found"])
+def test_hub_access_is_checked_before_training(gcp, tiny_root, case):
+    job_id = f"hub-denied-{case}"
+    gcp.put_dataset(tiny_root)
+    request = sample_request(tiny_root)
+    if case == "no-write-access":
+        request["training_config"]["export_config"] = {"destination": "hfhub", "hf_repo_id": "google/gemma-3-1b-it"}
+        field = "export_config.hf_repo_id"
+    else:
+        request["training_config"]["base_model_id"] = "nobody/no-such-model"
+        field = "training_config.base_model_id"
+    gcp.put_request(job_id, request)
+    with HubStub(SECRET_HF, readable=("google/gemma-3-1b-it",)) as hub:
+        assert main([], {**gcp.env, "JOB_ID": job_id, "HF_TOKEN": SECRET_HF, "HF_ENDPOINT": hub.url}) == 2
+    doc = gcp.doc(job_id)
+    assert doc["status"] == "failed" and doc["error_type"] == "permanent" and doc["phase"] == "validating"
+    assert doc["error"].startswith(field)
+    assert SECRET_HF not in json.dumps(doc, default=str)
