@@ -161,6 +161,7 @@ class BaseTrainingJob:
         for split, uri in uris.items():
             path = self.services.blobs.download(uri, self.workdir / "data" / uri.rsplit("/", 1)[-1])
             table = pq.read_table(path)
+            path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
             form = row_form(table.column_names, self.cfg.trainer_type)
             out[split] = check_rows(table.select(list(form)).to_pylist(), form, split)
         return out
