@@ -21,8 +21,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from checkpoints import CheckpointStore, Guard, checkpoint_callback
 from data import DatasetError, Tokenized, check_rows, row_form, split_uris, tokenize
-from errors import PermanentError
+from errors import Cancelled, Interrupted, PermanentError
 from evaluation import reader_metrics
 from job_manager import JobStatus, JobTracker
 from schema import Settings, TrainRequest
@@ -43,6 +44,7 @@ class Services:
     hub: ModelHub
     tracker: JobTracker
     run_logger: RunLogger
+    guard: Guard | None = None
 
 
 @dataclass
@@ -63,6 +65,9 @@ class BaseTrainingJob:
         self.workdir = Path(workdir)
         self.hf_token = (request.hf_token or settings.hf_token)
         self.timings: dict[str, float] = {}
+        self.checkpoints = CheckpointStore(services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
+                                           keep=self.cfg.hyperparameters.save_total_limit)
+        self.guard = services.guard or Guard(read_doc=lambda: self.tracker.store.get(settings.job_id))
 
     # ---- provider hooks -------------------------------------------------------------------
     def check_environment(self) -> None:
@@ -99,6 +104,7 @@ class BaseTrainingJob:
         finally:
             self.services.run_logger.finish(ok)
         self.tracker.complete(metrics, artifacts)
+        self.checkpoints.clear()  # the job is done: its checkpoints are only storage cost now
         logger.info("completed: %s; timings %s", artifacts.get("adapter_path"), self.timings)
         return {"metrics": metrics, **artifacts}
 
@@ -211,7 +217,7 @@ class BaseTrainingJob:
             max_steps=hp.max_steps, learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler_type,
             warmup_steps=hp.warmup_ratio, max_grad_norm=hp.max_grad_norm, adam_beta1=hp.adam_beta1,
             adam_beta2=hp.adam_beta2, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
-            save_strategy=hp.save_strategy, save_total_limit=2,
+            save_strategy=hp.save_strategy, save_steps=hp.save_steps, save_total_limit=hp.save_total_limit,
             eval_strategy=ev.eval_strategy if evaluate_during else "no", eval_steps=ev.eval_steps,
             batch_eval_metrics=False, max_length=hp.max_length, packing=hp.packing, padding_free=hp.padding_free,
             label_names=["labels"], report_to=self.services.run_logger.report_to,
@@ -231,18 +237,30 @@ class BaseTrainingJob:
             model=model, args=args, processing_class=prep.tokenizer,
             train_dataset=Dataset.from_list(prep.train.rows),
             eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
-            callbacks=[progress_callback(self.tracker)])
+            callbacks=[progress_callback(self.tracker), checkpoint_callback(
+                self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
+                self.cfg.hyperparameters.save_strategy)])
         trainer.remove_callback(PrinterCallback)
         return trainer
 
     def train(self, trainer) -> dict[str, Any]:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        out = Path(trainer.args.output_dir)
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        """Train from the newest complete checkpoint in the bucket, if any; stop early when the guard says."""
+        last = self.checkpoints.restore(Path(trainer.args.output_dir))
         if last:
-            logger.info("resuming from %s", last)
-        result = trainer.train(resume_from_checkpoint=last)
+            step = int(last.name.rsplit("-", 1)[1])
+            logger.info("resuming from checkpoint-%d", step)
+            self.tracker.write({"resumed_from_step": step})
+        self.guard.training = True
+        try:
+            result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        finally:
+            self.guard.training = False
+        step = trainer.state.global_step
+        if self.guard.cancelled:
+            raise Cancelled(f"{self.guard.reason} at step {step} of {trainer.state.max_steps}; nothing exported.")
+        if self.guard.reason:
+            raise Interrupted(f"{self.guard.reason}: stopped at step {step} of {trainer.state.max_steps} with a "
+                              f"checkpoint saved; the next attempt resumes from it.")
         return dict(result.metrics)
 
     def evaluate(self, trainer, prep: Prepared, train_metrics: dict[str, Any]) -> dict[str, Any]:

@@ -10,3 +10,8 @@ class PermanentError(Exception):
 
 class Cancelled(Exception):
     """Someone set `cancel_requested: true` on the job document: the job ends `failed`, exit 0."""
+
+
+class Interrupted(Exception):
+    """Stopped before the task's end (SIGTERM, the task timeout ahead) with a checkpoint saved: exit 1,
+    and the next attempt resumes."""

@@ -122,6 +122,11 @@ class FirestoreJobStore:
         self._ref(job_id).set(fields, merge=True)
 
 
+def json_safe_copy(fields: dict[str, Any]) -> dict[str, Any]:
+    """A copy deep enough that later changes to nested maps do not change what was recorded."""
+    return {k: json_safe_copy(v) if isinstance(v, dict) else v for k, v in fields.items()}
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -134,20 +139,52 @@ class JobTracker:
     """
 
     def __init__(self, store: JobStore, job_id: str, attempt: int = 0, min_interval: float = 5.0,
-                 clock=time.monotonic):
+                 clock=time.monotonic, final_retry_s: float = 300.0):
         self.store, self.job_id, self.attempt = store, job_id, attempt
-        self.min_interval, self.clock = min_interval, clock
+        self.min_interval, self.clock, self.final_retry_s = min_interval, clock, final_retry_s
         self.writes = 0
         self._last_progress = -math.inf
         self._started: float | None = None
         self._start_step = 0
         self._loss: float | None = None
+        self._deferred: dict[str, Any] = {}
+        self._shadow: dict[str, Any] = {}  # everything this process wrote: replayed after an outage
+        self._behind = False
         self.finished = False
 
-    def write(self, fields: dict[str, Any]) -> None:
+    def write(self, fields: dict[str, Any], final: bool = False) -> bool:
+        """Merge fields into the document. If the store is unreachable, training goes on: the fields are
+        kept and the next write that gets through carries everything written so far (the document
+        catches up, even if the store lost it). A final write (completed/failed) is retried with
+        backoff for up to final_retry_s before giving up."""
         stamp = now()
-        self.store.merge(self.job_id, {**fields, "updated_at": stamp, "heartbeat_at": stamp})
+        fields = {**self._deferred, **fields, "updated_at": stamp, "heartbeat_at": stamp}
+        self._deferred = {}
+        _deep_merge(self._shadow, json_safe_copy(fields))
+        delay, deadline = 1.0, time.monotonic() + (self.final_retry_s if final else 0)
+        while True:
+            try:
+                self.store.merge(self.job_id, self._shadow if self._behind else fields)
+                break
+            except Exception as e:
+                if time.monotonic() + delay > deadline:
+                    self._behind = True
+                    if final:
+                        raise
+                    logger.warning("job document not written (%s: %s); it will catch up on the next write",
+                                   type(e).__name__, e)
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if self._behind:
+            logger.info("job document caught up after an outage")
+        self._behind = False
         self.writes += 1
+        return True
+
+    def defer(self, fields: dict[str, Any]) -> None:
+        """Fields to carry with the next write, without a write of their own."""
+        self._deferred.update(fields)
 
     def open(self) -> dict[str, Any]:
         """Create the document if a person started the job by hand; return what is there now."""
@@ -157,7 +194,10 @@ class JobTracker:
                 "status": JobStatus.QUEUED.value, "created_at": stamp, "updated_at": stamp}):
             self.writes += 1
             logger.info("created job document training_jobs/%s", self.job_id)
-        return self.store.get(self.job_id) or {}
+        doc = self.store.get(self.job_id) or {}
+        # What readers require, as it is now: replayed (unchanged) if the document must be caught up.
+        self._shadow = {k: doc[k] for k in ("job_id", "job_name", "user_id", "created_at", "status") if k in doc}
+        return doc
 
     def describe(self, processed_dataset_id: str, base_model_id: str, job_name: str | None,
                  existing: dict[str, Any]) -> None:
@@ -192,7 +232,8 @@ class JobTracker:
 
     def complete(self, metrics: dict[str, Any], artifacts: dict[str, Any]) -> None:
         self.write({"status": JobStatus.COMPLETED.value, "phase": "completed", "progress": 1.0,
-                    "metrics": metrics, **artifacts, "error": None, "error_type": None, "completed_at": now()})
+                    "metrics": metrics, **artifacts, "error": None, "error_type": None, "completed_at": now()},
+                   final=True)
         self.finished = True
 
     def fail(self, exc: BaseException) -> None:
@@ -205,7 +246,7 @@ class JobTracker:
                                   "failed_at": now()}
         if cancelled:
             fields["cancelled"] = True
-        self.write(fields)
+        self.write(fields, final=True)
         self.finished = True
         logger.error("job failed (%s): %s", kind, message)
         if kind == "retryable":

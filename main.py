@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -32,7 +33,8 @@ def read_settings(env) -> Settings:
     names = {"project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB", "config_bucket": "GCS_CONFIG_BUCKET_NAME",
              "config_uri": "TRAINING_CONFIG_GCS_PATH", "data_bucket": "GCS_DATA_BUCKET_NAME",
              "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY",
-             "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT"}
+             "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
+             "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS"}
     return Settings(job_id=check_job_id(job_id), backend=backend,
                     **{k: env[v] for k, v in names.items() if env.get(v)})
 
@@ -43,7 +45,7 @@ def make_blob_store(settings: Settings):
     return LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
 
 
-def make_services(settings: Settings, request: TrainRequest, tracker, blobs):
+def make_services(settings: Settings, request: TrainRequest, tracker, blobs, guard=None):
     """The rest of the services once the request is known (its token and W&B settings choose them)."""
     from base import Services
     from storage import HfModelHub, LocalModelHub
@@ -57,7 +59,7 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs):
     key = (wb.api_key or settings.wandb_api_key) if wb else None
     runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
                           Path(settings.local_dir) / "wandb") if wb else NullRunLogger()
-    return Services(blobs, hub, tracker, runs)
+    return Services(blobs, hub, tracker, runs, guard)
 
 
 def main(argv: list[str] | None = None, env=None) -> int:
@@ -66,10 +68,12 @@ def main(argv: list[str] | None = None, env=None) -> int:
     parser.add_argument("--validate", action="store_true", help="pre-flight checks only; no model is loaded")
     parser.add_argument("--schema", action="store_true", help="print the request's JSON Schema")
     args = parser.parse_args(argv)
+    started = time.monotonic()
     if args.schema:
         print(json.dumps(TrainRequest.model_json_schema(), indent=2))
         return 0
     env = os.environ if env is None else env
+    from checkpoints import CANCEL, Guard
     from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
     from logs import setup_logging
 
@@ -83,9 +87,13 @@ def main(argv: list[str] | None = None, env=None) -> int:
     store = (LocalJobStore(tempfile.mkdtemp()) if args.validate else LocalJobStore(settings.local_dir)
              if settings.backend == "local" else FirestoreJobStore(settings.project_id, settings.firestore_db))
     tracker = JobTracker(store, settings.job_id, settings.attempt)
+    guard = Guard(lambda: store.get(settings.job_id), settings.task_timeout_s, settings.deadline_reserve_s, started)
+    previous_handler = guard.install()
     try:
         with tracker:
             doc = tracker.open()
+            if doc.get(CANCEL):
+                raise Cancelled("cancelled on request (cancel_requested: true) before training started")
             if doc.get("status") == "completed":
                 logger.info("job %s has completed already: nothing to do", settings.job_id)
                 return 0
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
 
             workdir = Path(settings.local_dir) / "work" / settings.job_id
             job = PROVIDERS[request.training_config.provider](
-                request, settings, make_services(settings, request, tracker, blobs), workdir)
+                request, settings, make_services(settings, request, tracker, blobs, guard), workdir)
             if args.validate:
                 job.preflight()
                 print("request and dataset are valid")
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
     except Exception:
         logger.exception("job failed; a retry can resume it")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,13 @@ class Hyperparameters(StrictModel):
                             description="Maximum tokens per row; longer rows are truncated.")
     lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                "constant_with_warmup", "inverse_sqrt"] = "linear"
-    save_strategy: Literal["no", "steps", "epoch"] = "epoch"
+    save_strategy: Literal["no", "steps", "epoch"] = Field(
+        "epoch", description="When to checkpoint besides every checkpoint_minutes, at the end of training, on "
+        "SIGTERM and before the task timeout (those always happen).")
+    save_steps: int = Field(100, ge=1, description="Steps between checkpoints with save_strategy=steps.")
+    checkpoint_minutes: float = Field(10.0, gt=0, description="Also checkpoint when this long has passed since "
+                                      "the last one: the most training a preemption can lose.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept, locally and in the bucket.")
     logging_steps: int = Field(10, ge=1)
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: int = Field(16, ge=1, le=4096)
@@ -322,6 +328,9 @@ class Settings(StrictModel):
     hf_endpoint: str | None = None
     wandb_api_key: SecretStr | None = None
     attempt: int = Field(0, ge=0)
+    task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
+    deadline_reserve_s: float = Field(60.0, ge=0, description="Stop this long before the task timeout, plus "
+                                      "the time of one step and one checkpoint.")
 
     @property
     def request_uri(self) -> str:

@@ -34,6 +34,8 @@ class BlobStore(Protocol):
     def read_bytes(self, uri: str) -> bytes: ...
     def list(self, prefix_uri: str) -> list[str]: ...
     def download(self, uri: str, path: Path) -> Path: ...
+    def write_bytes(self, uri: str, data: bytes) -> None: ...
+    def delete_prefix(self, prefix_uri: str) -> None: ...
     def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
         """Upload every file under local_dir to prefix_uri/, then remove objects there that the
         folder does not have (a stale earlier run's files never mix with the new ones)."""
@@ -71,6 +73,16 @@ class LocalBlobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, path)
         return path
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        p = self.path(uri)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".writing")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        shutil.rmtree(self.path(prefix_uri), ignore_errors=True)
 
     def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
         dest = self.path(prefix_uri.rstrip("/") + "/")
@@ -117,15 +129,29 @@ class GcsBlobStore:
             raise MissingObject(f"{uri} not found") from None
         return path
 
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        self._blob(uri).upload_from_string(data, checksum="crc32c", retry=DEFAULT_RETRY.with_timeout(300))
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        bucket, key = parse_gs_uri(prefix_uri)
+        for blob in self.client.list_blobs(bucket, prefix=key):
+            blob.delete()
+
     def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
         from google.cloud.storage import transfer_manager
+        from google.cloud.storage.retry import DEFAULT_RETRY
 
         bucket_name, key = parse_gs_uri(prefix_uri.rstrip("/") + "/")
         bucket = self.client.bucket(bucket_name)
         names = [p.relative_to(local_dir).as_posix() for p in _files(local_dir)]
         results = transfer_manager.upload_many_from_filenames(
             bucket, names, source_directory=str(local_dir), blob_name_prefix=key, max_workers=self.workers,
-            upload_kwargs={"checksum": "crc32c"}, raise_exception=True, worker_type=transfer_manager.THREAD)
+            # An explicit retry: uploads without a generation precondition are not retried by default, and
+            # a resumable upload cut off mid-file resumes where it stopped. Same bytes, so it is idempotent.
+            upload_kwargs={"checksum": "crc32c", "retry": DEFAULT_RETRY.with_timeout(300)}, raise_exception=True,
+            worker_type=transfer_manager.THREAD)
         for name, result in zip(names, results):
             if isinstance(result, Exception):
                 raise result

@@ -1,0 +1,179 @@
+"""Training that survives the machine: checkpoints in the export bucket, and early stops that save one.
+
+`CheckpointStore` mirrors the trainer's checkpoints to `gs://{export}/checkpoints/{job_id}/checkpoint-{step}/`.
+A checkpoint counts only once its marker `_COMPLETE.json` (written last, listing every file) is there
+and every file it lists is present, so a checkpoint cut off mid-upload is never resumed from.
+
+`Guard` says when training must stop before its end: SIGTERM (Cloud Run gives 10 s before SIGKILL),
+the task timeout ahead, or `cancel_requested: true` in the job document. `checkpoint_callback` acts
+on it at each step's end: save, upload, stop; the workflow then raises `Interrupted` (exit 1, the
+next attempt resumes) or `Cancelled` (exit 0, no retry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from errors import Interrupted
+from storage import BlobStore
+
+logger = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE.json"
+CANCEL = "cancel_requested"
+
+
+class CheckpointStore:
+    def __init__(self, blobs: BlobStore, prefix_uri: str, keep: int = 2):
+        self.blobs, self.prefix, self.keep = blobs, prefix_uri.rstrip("/") + "/", keep
+
+    def _listing(self) -> dict[int, set[str]]:
+        found: dict[int, set[str]] = {}
+        for uri in self.blobs.list(self.prefix):
+            m = re.fullmatch(r"checkpoint-(\d+)/(.+)", uri[len(self.prefix):])
+            if m:
+                found.setdefault(int(m[1]), set()).add(m[2])
+        return found
+
+    def complete(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        steps = []
+        for step, names in sorted(self._listing().items()):
+            if MARKER not in names:
+                continue
+            marker = json.loads(self.blobs.read_bytes(f"{self.prefix}checkpoint-{step}/{MARKER}"))
+            missing = set(marker["files"]) - names
+            if missing:
+                logger.warning("checkpoint-%d lacks %s: not resumable", step, sorted(missing))
+            else:
+                steps.append(step)
+        return steps
+
+    def upload(self, local: Path) -> str:
+        step = int(local.name.rsplit("-", 1)[1])
+        uri = f"{self.prefix}checkpoint-{step}/"
+        t = time.perf_counter()
+        self.blobs.upload_dir(local, uri)  # also removes an older marker of the same step first
+        files = {p.relative_to(local).as_posix(): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
+        self.blobs.write_bytes(uri + MARKER, json.dumps({"step": step, "files": files}).encode())
+        logger.info("checkpoint-%d uploaded to %s in %.1fs", step, uri, time.perf_counter() - t)
+        self.prune(newest=step)
+        return uri
+
+    def prune(self, newest: int) -> None:
+        """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers below them."""
+        complete = self.complete()
+        keep = set(complete[-self.keep:]) | {newest}
+        for step in self._listing():
+            if step not in keep and step < newest:
+                self.blobs.delete_prefix(f"{self.prefix}checkpoint-{step}/")
+
+    def restore(self, dest: Path) -> Path | None:
+        """Download the newest complete checkpoint into dest/checkpoint-{step}/ (dest is emptied first)."""
+        shutil.rmtree(dest, ignore_errors=True)
+        complete = self.complete()
+        if not complete:
+            return None
+        step = complete[-1]
+        uri = f"{self.prefix}checkpoint-{step}/"
+        local = dest / f"checkpoint-{step}"
+        for blob in self.blobs.list(uri):
+            name = blob[len(uri):]
+            if name != MARKER:
+                self.blobs.download(blob, local / name)
+        logger.info("restored checkpoint-%d from %s", step, uri)
+        return local
+
+    def clear(self) -> None:
+        self.blobs.delete_prefix(self.prefix)
+
+
+class Guard:
+    """Why training must stop early, if it must. The SIGTERM handler only sets a flag while training
+    (the step in flight finishes, then a checkpoint is saved); outside training it raises Interrupted."""
+
+    def __init__(self, read_doc=None, timeout_s: float | None = None, reserve_s: float = 60.0,
+                 started: float | None = None, poll_s: float = 5.0, clock=time.monotonic):
+        self.read_doc, self.timeout_s, self.reserve_s, self.poll_s, self.clock = \
+            read_doc, timeout_s, reserve_s, poll_s, clock
+        self.started = clock() if started is None else started
+        self.reason: str | None = None
+        self.cancelled = False
+        self.training = False
+        self._last_poll = -float("inf")
+
+    def install(self) -> Any:
+        return signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.reason = "SIGTERM (the task is being stopped)"
+        logger.warning("SIGTERM received%s", ": saving a checkpoint after this step" if self.training else "")
+        if not self.training:
+            raise Interrupted(self.reason)
+
+    def remaining(self) -> float | None:
+        return None if self.timeout_s is None else self.timeout_s - (self.clock() - self.started)
+
+    def check(self, needed_s: float = 0.0) -> str | None:
+        """Called at each step's end; needed_s is the time one more step plus a save would take."""
+        if self.reason:
+            return self.reason
+        left = self.remaining()
+        if left is not None and left < self.reserve_s + needed_s:
+            self.reason = f"the task timeout is {left:.0f}s away (timeout {self.timeout_s:.0f}s)"
+        elif self.read_doc and self.clock() - self._last_poll >= self.poll_s:
+            self._last_poll = self.clock()
+            try:
+                doc = self.read_doc() or {}
+            except Exception as e:  # the document store is down: keep training, ask again later
+                logger.warning("could not read the job document for %s: %s", CANCEL, e)
+                doc = {}
+            if doc.get(CANCEL):
+                self.reason, self.cancelled = "cancelled on request (cancel_requested: true)", True
+        return self.reason
+
+
+def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: float, save_strategy: str):
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        def __init__(self):
+            self.last_save = time.monotonic()
+            self.step_started = time.monotonic()
+            self.step_s = 0.0
+            self.save_s = 0.0
+            self.step_ended = time.monotonic()
+            self.uploaded: int | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_started = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ended = time.monotonic()
+            self.step_s = max(self.step_s, self.step_ended - self.step_started)
+            if state.global_step >= state.max_steps and save_strategy != "epoch":
+                control.should_save = True  # the last step is always saved: a retry then skips to export
+            if time.monotonic() - self.last_save >= minutes * 60:
+                control.should_save = True
+            if guard.check(needed_s=2 * self.step_s + 1.5 * self.save_s):
+                control.should_training_stop = True
+                if not guard.cancelled:
+                    control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero or self.uploaded == state.global_step:
+                return
+            uri = store.upload(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.uploaded, self.last_save = state.global_step, time.monotonic()
+            self.save_s = max(self.save_s, self.last_save - self.step_ended)  # writing it locally, then uploading
+            tracker.defer({"checkpoint": {"step": state.global_step, "uri": uri}})  # no write of its own
+
+    return Checkpoints()
