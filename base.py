@@ -65,8 +65,9 @@ class BaseTrainingJob:
         self.workdir = Path(workdir)
         self.hf_token = (request.hf_token or settings.hf_token)
         self.timings: dict[str, float] = {}
-        self.checkpoints = CheckpointStore(services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
-                                           keep=self.cfg.hyperparameters.save_total_limit)
+        self.checkpoints = CheckpointStore(
+            services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
+            keep=self.cfg.hyperparameters.save_total_limit)
         self.guard = services.guard or Guard(read_doc=lambda: self.tracker.store.get(settings.job_id))
 
     # ---- provider hooks -------------------------------------------------------------------
@@ -331,8 +332,9 @@ def progress_callback(tracker: JobTracker):
     class Progress(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            # Logged, not printed (Trainer's PrinterCallback is removed): one JSON line on Cloud Run.
-            logger.info("step %d/%d: %s", state.global_step, state.max_steps,
+            # Per-step metrics go to the job document and W&B; here at debug level, as JSON on Cloud Run
+            # (Trainer's PrinterCallback, which printed them as Python dicts, is removed).
+            logger.debug("step %d/%d: %s", state.global_step, state.max_steps,
                         ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
             tracker.progress(state.global_step, state.max_steps, state.epoch, logs.get("loss"))
 

@@ -132,8 +132,9 @@ class Guard:
             self._last_poll = self.clock()
             try:
                 doc = self.read_doc() or {}
-            except Exception as e:  # the document store is down: keep training, ask again later
+            except Exception as e:  # the document store is down: keep training, ask again in a minute
                 logger.warning("could not read the job document for %s: %s", CANCEL, e)
+                self._last_poll += 60.0
                 doc = {}
             if doc.get(CANCEL):
                 self.reason, self.cancelled = "cancelled on request (cancel_requested: true)", True

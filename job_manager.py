@@ -91,35 +91,41 @@ class LocalJobStore:
 
 
 class FirestoreJobStore:
-    """The real document, through google-cloud-firestore; datetimes become Firestore timestamps."""
+    """The real document, through google-cloud-firestore; datetimes become Firestore timestamps.
 
-    def __init__(self, project: str | None, database: str):
+    Calls give up after `timeout_s` (the client's default retries for 60 s): during an outage the
+    tracker keeps training going and catches the document up later, rather than stalling a step.
+    """
+
+    def __init__(self, project: str | None, database: str, timeout_s: float = 10.0):
+        from google.api_core.retry import Retry
         from google.cloud import firestore
 
         self.client = firestore.Client(project=project, database=database)
+        self.call = {"retry": Retry(initial=0.2, maximum=2.0, timeout=timeout_s), "timeout": timeout_s}
 
     def _ref(self, job_id: str):
         return self.client.collection(COLLECTION).document(job_id)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        snap = self._ref(job_id).get()
+        snap = self._ref(job_id).get(**self.call)
         return snap.to_dict() if snap.exists else None
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
-        snap = self.client.collection(DATASETS).document(dataset_id).get()
+        snap = self.client.collection(DATASETS).document(dataset_id).get(**self.call)
         return snap.to_dict() if snap.exists else None
 
     def create(self, job_id: str, fields: dict[str, Any]) -> bool:
         from google.api_core.exceptions import AlreadyExists, Conflict
 
         try:
-            self._ref(job_id).create(fields)
+            self._ref(job_id).create(fields, **self.call)
             return True
         except (AlreadyExists, Conflict):
             return False
 
     def merge(self, job_id: str, fields: dict[str, Any]) -> None:
-        self._ref(job_id).set(fields, merge=True)
+        self._ref(job_id).set(fields, merge=True, **self.call)
 
 
 def json_safe_copy(fields: dict[str, Any]) -> dict[str, Any]:
@@ -139,9 +145,11 @@ class JobTracker:
     """
 
     def __init__(self, store: JobStore, job_id: str, attempt: int = 0, min_interval: float = 5.0,
-                 clock=time.monotonic, final_retry_s: float = 300.0):
+                 clock=time.monotonic, final_retry_s: float = 300.0, outage_backoff_s: float = 30.0,
+                 redact=lambda text: text):
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self.min_interval, self.clock, self.final_retry_s = min_interval, clock, final_retry_s
+        self.outage_backoff_s, self.redact = outage_backoff_s, redact
         self.writes = 0
         self._last_progress = -math.inf
         self._started: float | None = None
@@ -150,6 +158,7 @@ class JobTracker:
         self._deferred: dict[str, Any] = {}
         self._shadow: dict[str, Any] = {}  # everything this process wrote: replayed after an outage
         self._behind = False
+        self._retry_at = -math.inf
         self.finished = False
 
     def write(self, fields: dict[str, Any], final: bool = False) -> bool:
@@ -161,6 +170,8 @@ class JobTracker:
         fields = {**self._deferred, **fields, "updated_at": stamp, "heartbeat_at": stamp}
         self._deferred = {}
         _deep_merge(self._shadow, json_safe_copy(fields))
+        if not final and time.monotonic() < self._retry_at:
+            return False  # in an outage: not every progress write waits for a timeout
         delay, deadline = 1.0, time.monotonic() + (self.final_retry_s if final else 0)
         while True:
             try:
@@ -168,7 +179,7 @@ class JobTracker:
                 break
             except Exception as e:
                 if time.monotonic() + delay > deadline:
-                    self._behind = True
+                    self._behind, self._retry_at = True, time.monotonic() + self.outage_backoff_s
                     if final:
                         raise
                     logger.warning("job document not written (%s: %s); it will catch up on the next write",
@@ -242,6 +253,7 @@ class JobTracker:
         message = str(exc) or type(exc).__name__
         if kind == "retryable":
             message = f"{type(exc).__name__}: {message}"
+        message = self.redact(message)  # an HTTP library's message can carry a token
         fields: dict[str, Any] = {"status": JobStatus.FAILED.value, "error": message[:4000], "error_type": kind,
                                   "failed_at": now()}
         if cancelled:

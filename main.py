@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from errors import Cancelled, PermanentError
-from schema import TrainRequest, Settings, check_job_id, parse_request
+from schema import Settings, TrainRequest, check_job_id
 
 logger = logging.getLogger("main")
 DEFAULT_REQUEST = Path(__file__).parent / "examples" / "local_default.json"
@@ -32,7 +32,8 @@ def read_settings(env) -> Settings:
     job_id = env.get("JOB_ID") or (f"local-{time.strftime('%Y%m%d-%H%M%S')}" if backend == "local" else "")
     names = {"project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB", "config_bucket": "GCS_CONFIG_BUCKET_NAME",
              "config_uri": "TRAINING_CONFIG_GCS_PATH", "data_bucket": "GCS_DATA_BUCKET_NAME",
-             "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY",
+             "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT",
+             "wandb_api_key": "WANDB_API_KEY",
              "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
              "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS"}
     return Settings(job_id=check_job_id(job_id), backend=backend,
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None, env=None) -> int:
         print(json.dumps(TrainRequest.model_json_schema(), indent=2))
         return 0
     env = os.environ if env is None else env
-    from checkpoints import CANCEL, Guard
+    from checkpoints import Guard
     from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
+    from lifecycle import run_attempt
     from logs import setup_logging
 
     try:
@@ -86,46 +88,16 @@ def main(argv: list[str] | None = None, env=None) -> int:
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     store = (LocalJobStore(tempfile.mkdtemp()) if args.validate else LocalJobStore(settings.local_dir)
              if settings.backend == "local" else FirestoreJobStore(settings.project_id, settings.firestore_db))
-    tracker = JobTracker(store, settings.job_id, settings.attempt)
+    tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
     guard = Guard(lambda: store.get(settings.job_id), settings.task_timeout_s, settings.deadline_reserve_s, started)
     previous_handler = guard.install()
+    blobs = make_blob_store(settings)
+    request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
+        settings.backend == "local" and not env.get("JOB_ID")) else None
     try:
-        with tracker:
-            doc = tracker.open()
-            if doc.get(CANCEL):
-                raise Cancelled("cancelled on request (cancel_requested: true) before training started")
-            if doc.get("status") == "completed":
-                logger.info("job %s has completed already: nothing to do", settings.job_id)
-                return 0
-            if doc.get("error_type") == "permanent" and doc.get("status") == "failed" and settings.attempt > 0:
-                logger.error("retry of a permanently failed job: %s", doc.get("error"))
-                return 2
-            blobs = make_blob_store(settings)
-            if args.config or (settings.backend == "local" and not env.get("JOB_ID")):
-                text = Path(args.config or DEFAULT_REQUEST).read_text()
-            else:
-                text = blobs.read_bytes(settings.request_uri)
-            request = parse_request(text)
-            redact.add(*request.secrets())
-            logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
-            tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
-                             request.job_name, doc)
-            from providers import PROVIDERS
-
-            workdir = Path(settings.local_dir) / "work" / settings.job_id
-            job = PROVIDERS[request.training_config.provider](
-                request, settings, make_services(settings, request, tracker, blobs, guard), workdir)
-            if args.validate:
-                job.preflight()
-                print("request and dataset are valid")
-                return 0
-            result = job.run()
-        shutil.rmtree(workdir, ignore_errors=True)
-        print(json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str))
-        if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
-            print(f"adapter:      {blobs.path(result['adapter_path'])}\n"
-                  f"job document: {store.path(settings.job_id)}")
-        return 0
+        result = run_attempt(settings, tracker, blobs, request_file,
+                             lambda request: make_services(settings, request, tracker, blobs, guard), redact,
+                             validate=args.validate)
     except Cancelled:
         return 0
     except PermanentError:
@@ -135,6 +107,15 @@ def main(argv: list[str] | None = None, env=None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+    if args.validate:
+        print("request and dataset are valid")
+    elif result:
+        shutil.rmtree(Path(settings.local_dir) / "work" / settings.job_id, ignore_errors=True)
+        print(json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str))
+        if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
+            print(f"adapter:      {blobs.path(result['adapter_path'])}\n"
+                  f"job document: {store.path(settings.job_id)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -224,6 +224,27 @@ class TrainRequest(StrictModel):
         return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
 
 
+SECRET_KEYS = frozenset({"hf_token", "api_key"})
+
+
+def strip_secrets(raw: Any) -> tuple[Any, int]:
+    """The raw request JSON without its secret keys (at any depth), and how many were removed: what
+    stays in the config bucket once the job is over."""
+    if isinstance(raw, dict):
+        out, n = {}, 0
+        for key, value in raw.items():
+            if key in SECRET_KEYS:
+                n += 1
+                continue
+            out[key], k = strip_secrets(value)
+            n += k
+        return out, n
+    if isinstance(raw, list):
+        pairs = [strip_secrets(v) for v in raw]
+        return [v for v, _ in pairs], sum(k for _, k in pairs)
+    return raw, 0
+
+
 # Flat (README) form: fields of training_config that belong to a group in the grouped form.
 _FLAT_EVAL = {"eval_strategy", "eval_steps", "compute_eval_metrics", "batch_eval_metrics"}
 _FLAT_EXPORT_KEYS = {"quantization": "gguf_quantization"}

@@ -1,0 +1,73 @@
+"""One attempt of a job around the training workflow: open the job document, take the short cuts
+(already completed, cancelled, a retry of a permanent failure), read and validate the request, run
+the provider's workflow, and once the job is over for good, remove the secrets from the request
+object in the config bucket (retries before that still need them).
+
+main.py builds the services and turns what this raises into an exit code (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from checkpoints import CANCEL
+from errors import Cancelled, PermanentError
+from job_manager import JobStatus, JobTracker
+from schema import Settings, TrainRequest, parse_request, strip_secrets
+from storage import BlobStore
+
+logger = logging.getLogger(__name__)
+
+
+def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, request_file: Path | None,
+                make_services: Callable[[TrainRequest], Any], redact, validate: bool = False) -> dict[str, Any] | None:
+    """The job's result, or None when there was nothing to do. Raises what ended the job."""
+    with tracker:
+        doc = tracker.open()
+        if doc.get(CANCEL):
+            raise Cancelled("cancelled on request (cancel_requested: true) before training started")
+        if doc.get("status") == JobStatus.COMPLETED:
+            logger.info("job %s has completed already: nothing to do", settings.job_id)
+            return None
+        if doc.get("error_type") == "permanent" and doc.get("status") == JobStatus.FAILED and settings.attempt > 0:
+            logger.error("retry of a permanently failed job: %s", doc.get("error"))
+            raise PermanentError(doc.get("error") or "failed permanently")
+        uri = None if request_file else settings.request_uri
+        text = request_file.read_text() if request_file else blobs.read_bytes(uri).decode()
+        try:
+            request = parse_request(text)
+            redact.add(*request.secrets())
+            logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
+            tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
+                             request.job_name, doc)
+            from providers import PROVIDERS
+
+            job = PROVIDERS[request.training_config.provider](
+                request, settings, make_services(request), Path(settings.local_dir) / "work" / settings.job_id)
+            if validate:
+                job.preflight()
+                return {"valid": True}
+            result = job.run()
+        except (PermanentError, Cancelled) as e:
+            tracker.fail(e)  # recorded before the request loses its secrets
+            scrub_request(blobs, uri, text)
+            raise
+    scrub_request(blobs, uri, text)
+    return result
+
+
+def scrub_request(blobs: BlobStore, uri: str | None, text: str) -> None:
+    """Rewrite the request object without its secrets, once no retry can need them."""
+    if uri is None:
+        return
+    try:
+        clean, removed = strip_secrets(json.loads(text))
+    except ValueError:
+        return
+    if removed:
+        blobs.write_bytes(uri, json.dumps(clean, indent=2).encode())
+        logger.info("removed %d secret(s) from %s", removed, uri)
