@@ -68,7 +68,7 @@ class BaseTrainingJob:
         self.checkpoints = CheckpointStore(
             services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
             keep=self.cfg.hyperparameters.save_total_limit)
-        self.guard = services.guard or Guard(read_doc=lambda: self.tracker.store.get(settings.job_id))
+        self.guard = services.guard or Guard(read_doc=self.tracker.read)
 
     # ---- provider hooks -------------------------------------------------------------------
     def check_environment(self) -> None:

@@ -100,7 +100,7 @@ class Guard:
     (the step in flight finishes, then a checkpoint is saved); outside training it raises Interrupted."""
 
     def __init__(self, read_doc=None, timeout_s: float | None = None, reserve_s: float = 60.0,
-                 started: float | None = None, poll_s: float = 5.0, clock=time.monotonic):
+                 started: float | None = None, poll_s: float = 3.0, clock=time.monotonic):
         self.read_doc, self.timeout_s, self.reserve_s, self.poll_s, self.clock = \
             read_doc, timeout_s, reserve_s, poll_s, clock
         self.started = clock() if started is None else started

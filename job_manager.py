@@ -193,6 +193,15 @@ class JobTracker:
         self.writes += 1
         return True
 
+    def read(self) -> dict[str, Any] | None:
+        """The document as it is now. If it has lost what this job wrote (a store restored from an
+        older state, or a document deleted by hand), the next write puts all of it back."""
+        doc = self.store.get(self.job_id)
+        if self._shadow and (doc is None or "job_id" not in doc):
+            logger.warning("job document lost its fields: the next write restores them")
+            self._behind = True
+        return doc
+
     def defer(self, fields: dict[str, Any]) -> None:
         """Fields to carry with the next write, without a write of their own."""
         self._deferred.update(fields)

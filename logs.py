@@ -48,7 +48,7 @@ class JsonFormatter(logging.Formatter):
 REDACT = RedactingFilter()
 
 
-def setup_logging(job_id: str, json_lines: bool, level: int = logging.INFO) -> RedactingFilter:
+def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO) -> RedactingFilter:
     handler = logging.StreamHandler(sys.stdout if json_lines else sys.stderr)
     handler.setFormatter(JsonFormatter(job_id) if json_lines else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))

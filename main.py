@@ -84,12 +84,13 @@ def main(argv: list[str] | None = None, env=None) -> int:
     except (PermanentError, ValueError) as e:
         print(f"invalid environment: {e}", file=sys.stderr)
         return 2
-    redact = setup_logging(settings.job_id, json_lines=bool(env.get("CLOUD_RUN_JOB")))
+    redact = setup_logging(settings.job_id, json_lines=bool(env.get("CLOUD_RUN_JOB")),
+                           level=env.get("LOG_LEVEL", "INFO").upper())
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     store = (LocalJobStore(tempfile.mkdtemp()) if args.validate else LocalJobStore(settings.local_dir)
              if settings.backend == "local" else FirestoreJobStore(settings.project_id, settings.firestore_db))
     tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
-    guard = Guard(lambda: store.get(settings.job_id), settings.task_timeout_s, settings.deadline_reserve_s, started)
+    guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)
     previous_handler = guard.install()
     blobs = make_blob_store(settings)
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
