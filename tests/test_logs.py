@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
+import base
 import main
+import tracking
 from conftest import env_for, put_request, read_doc, sample_request
 from logs import JsonFormatter, RedactingFilter
 
 HF_SECRET = "hf_FAKEsecretVALUE1234567890abcdefghij"
+ORIGINAL_START = tracking.WandbRunLogger.start
 
 
 def test_json_line_has_severity_message_job_id():
@@ -32,20 +37,55 @@ def test_redaction_covers_arguments_and_tracebacks():
     assert HF_SECRET not in text and "calling with **********" in text and "401 for token **********" in text
 
 
-def test_secret_in_request_appears_nowhere(local_dir, tiny_root, capfd):
+WANDB_SECRET = "wandbFAKEkey0123456789abcdefghijklmnopqrstu"
+
+
+@pytest.mark.parametrize("outcome", ["completed", "permanent failure", "crash"])
+def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatch):
+    """Recognizable fake secrets (the request's token, the environment's W&B key) through a job that
+    completes, one that fails permanently and one that crashes with the token in its exception: zero
+    hits in every log line, the document, the W&B offline files, the artifacts and, once the job is
+    over for good, the request object itself (a retry still needs it after a crash)."""
     req = sample_request(tiny_root)
     req["hf_token"] = HF_SECRET
-    req["training_config"]["wandb_config"] = {"project": "leak-test"}  # no key: W&B runs offline
-    req["training_config"]["hyperparameters"]["epochs"] = 1
-    put_request(local_dir, "job-secret", req)
-    assert main.main([], env_for(local_dir, "job-secret")) == 0
+    req["training_config"]["wandb_config"] = {"project": "leak-test", "api_key": WANDB_SECRET}
+    req["training_config"]["hyperparameters"].update(epochs=1, max_steps=2)
+    if outcome == "permanent failure":
+        req["processed_dataset_id"] = "no-such-data"
+    if outcome == "crash":
+        def crash(self, trainer):
+            raise ConnectionError(f"HTTP 500 from https://example.invalid/?token={HF_SECRET}")
+        monkeypatch.setattr(base.BaseTrainingJob, "train", crash)
+    monkeypatch.setattr(tracking.WandbRunLogger, "start", offline_start)
+    job = f"secret-{outcome.split()[0]}"
+    put_request(local_dir, job, req)
+    expected = {"completed": 0, "permanent failure": 2, "crash": 1}[outcome]
+    assert main.main([], env_for(local_dir, job, WANDB_API_KEY=WANDB_SECRET)) == expected
     out = capfd.readouterr()
-    assert HF_SECRET not in out.out + out.err
-    assert "**********" in out.out + out.err  # the request was logged, masked
-    assert HF_SECRET not in json.dumps(read_doc(local_dir, "job-secret"))
-    exported = list((local_dir / "gemma-export-bucket").rglob("*"))
-    wandb_files = list((local_dir / "wandb").rglob("*"))
-    assert wandb_files, "the offline W&B run wrote nothing"
-    for path in exported + wandb_files:
-        if path.is_file():
-            assert HF_SECRET.encode() not in path.read_bytes(), path
+    logs = out.out + out.err
+    assert "**********" in logs  # the request was logged, masked
+    request_file = local_dir / "gemma-train-config" / f"{job}.json"
+    files = [p for p in local_dir.rglob("*") if p.is_file() and p != request_file]
+    if outcome != "permanent failure":  # (that one stops at pre-flight, before W&B starts)
+        assert any("wandb" in p.parts for p in files), "the offline W&B run wrote nothing"
+    for secret in (HF_SECRET, WANDB_SECRET):
+        assert secret not in logs
+        hits = [p for p in files if secret.encode() in p.read_bytes()]
+        assert hits == [], hits
+    doc = read_doc(local_dir, job)
+    if outcome == "crash":
+        assert "token=**********" in doc["error"]
+        assert HF_SECRET in request_file.read_text()  # the retry needs it
+    else:
+        kept = json.loads(request_file.read_text())
+        assert "hf_token" not in kept and "api_key" not in kept["training_config"]["wandb_config"]
+        assert kept["training_config"]["wandb_config"]["project"] == "leak-test"
+
+
+def offline_start(self, job_id, config):
+    """W&B offline even with a key (nothing can reach wandb.ai from a test), keeping the key as given."""
+    key, self.api_key = self.api_key, None
+    try:
+        return ORIGINAL_START(self, job_id, config)
+    finally:
+        self.api_key = key

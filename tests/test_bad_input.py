@@ -1,0 +1,101 @@
+"""Every kind of bad input, one table: a clear message naming the field or file and what to do,
+written to the job document, exit 2, and no model loaded."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import main
+import providers
+from conftest import env_for, put_request, read_doc, sample_request
+
+USER_ASSISTANT = [{"role": "user", "content": "What does a cow say?"}, {"role": "assistant", "content": "Moo."}]
+
+
+def dataset(local_dir, dataset_id: str, table: dict) -> None:
+    folder = local_dir / "gemma-dataset-bucket" / "processed_datasets" / dataset_id
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(table), folder / "train.parquet")
+
+
+def hp(**values):
+    return lambda req, local_dir: req["training_config"]["hyperparameters"].update(values)
+
+
+def on_data(dataset_id: str, table: dict):
+    def change(req, local_dir):
+        dataset(local_dir, dataset_id, table)
+        req["processed_dataset_id"] = dataset_id
+    return change
+
+
+def export(**values):
+    return lambda req, local_dir: req["training_config"]["export_config"].update(values)
+
+
+def top(**values):
+    return lambda req, local_dir: req.update(values)
+
+
+CASES = {
+    "malformed JSON": ("{not json", "not valid JSON"),
+    "missing request": (None, "gs://gemma-train-config/{job}.json not found"),
+    "wrong type": (hp(learning_rate="fast"), "training_config.hyperparameters.learning_rate"),
+    "out of range": (hp(lora_rank=0), "training_config.hyperparameters.lora_rank"),
+    "negative epochs": (hp(epochs=-1), "training_config.hyperparameters.epochs"),
+    "unknown key": (hp(learning_rte=1e-4), "unknown key 'learning_rte'; did you mean 'learning_rate'"),
+    "packing without FA2": (hp(packing=True), "`packing=true` needs `use_fa2=true`"),
+    "prompt longer than max": (hp(max_prompt_length=256, max_length=128), "max_prompt_length (256) must be below"),
+    "hub without repo": (export(destination="hfhub"), "hf_repo_id"),
+    "missing dataset": (top(processed_dataset_id="no-such-data"),
+                        "gs://gemma-dataset-bucket/processed_datasets/no-such-data/train.parquet"),
+    "empty dataset": (on_data("empty", {"messages": pa.array([], pa.list_(pa.struct(
+        [("role", pa.string()), ("content", pa.string())])))}), "the train split is empty"),
+    "wrong columns": (on_data("cols", {"question": ["q"], "reply": ["r"]}),
+                      "columns ['question', 'reply'] do not fit trainer_type 'sft'"),
+    "roles out of order": (on_data("order", {"messages": [USER_ASSISTANT[::-1]]}),
+                           "roles out of order: turn 0 is 'assistant', expected 'user'"),
+    "empty content": (on_data("blank", {"messages": [[{"role": "user", "content": " "}, USER_ASSISTANT[1]]]}),
+                      "empty content at turn 0"),
+    "rows all too long": (hp(max_length=16, max_prompt_length=8), "no trainable token within max_length 16"),
+    "dataset id escapes": (top(processed_dataset_id="../../etc"), "processed_dataset_id"),
+    "dataset id absolute": (top(processed_dataset_id="/etc/passwd"), "processed_dataset_id"),
+    "repo id escapes": (export(destination="hfhub", hf_repo_id="../x"), "export_config.hf_repo_id"),
+    "repo id absolute": (export(destination="hfhub", hf_repo_id="/abs/repo"), "export_config.hf_repo_id"),
+    "vision": (lambda req, d: req["training_config"].update(modality="vision"), "modality"),
+    "python grader": (lambda req, d: req["training_config"].update(
+        trainer_type="grpo", reward_config=[{"name": "x", "type": "python", "source": "import os"}]), "python"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, local_dir, tiny_root, monkeypatch):
+    change, expected = CASES[case]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for a bad request")
+
+    monkeypatch.setattr(providers.HuggingFaceTrainingJob, "load_model", no_model)
+    job = "bad-" + "".join(c if c.isalnum() else "-" for c in case)
+    if isinstance(change, str):
+        put_request(local_dir, job, change)
+    elif change is not None:
+        req = sample_request(tiny_root)
+        change(req, local_dir)
+        put_request(local_dir, job, req)
+    assert main.main([], env_for(local_dir, job)) == 2
+    doc = read_doc(local_dir, job)
+    assert doc["status"] == "failed" and doc["error_type"] == "permanent"
+    assert expected.format(job=job) in doc["error"], doc["error"]
+    assert isinstance(doc["job_name"], str) and isinstance(doc["base_model_id"], str)
+
+
+@pytest.mark.parametrize("job_id", ["../x", "a/b", "/abs", ".hidden", ""])
+def test_job_id_that_escapes_its_prefix(job_id, local_dir, capsys):
+    env = {**env_for(local_dir, job_id), "BACKEND": "gcp"}  # gcp: an empty JOB_ID is not replaced by a new one
+    assert main.main([], env) == 2
+    assert "JOB_ID" in capsys.readouterr().err
+    assert not (local_dir / "firestore").exists()  # nothing written anywhere
+
