@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints import CheckpointStore, Guard, checkpoint_callback
-from data import DatasetError, Tokenized, check_rows, row_form, split_uris, tokenize
+from data import DatasetError, Tokenized, check_rows, fit_prompts, row_form, split_uris, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import reader_metrics
 from job_manager import JobStatus, JobTracker
+from rewards import build_reward, reference_fields
 from schema import Settings, TrainRequest
 from storage import BlobStore, ModelHub
 from tracking import RunLogger
@@ -57,7 +58,7 @@ class Prepared:
 
 class BaseTrainingJob:
     methods: tuple[str, ...] = ("LoRA", "QLoRA", "Full")
-    trainer_types: tuple[str, ...] = ("sft",)
+    trainer_types: tuple[str, ...] = ("sft", "dpo", "orpo", "grpo")
 
     def __init__(self, request: TrainRequest, settings: Settings, services: Services, workdir: Path):
         self.request, self.cfg, self.settings = request, request.training_config, settings
@@ -79,7 +80,7 @@ class BaseTrainingJob:
         raise NotImplementedError
 
     def sft_overrides(self) -> dict[str, Any]:
-        """Only the SFTConfig values where this provider really differs."""
+        """Only the trainer configuration values where this provider really differs."""
         return {}
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
@@ -131,12 +132,21 @@ class BaseTrainingJob:
         splits = self.timed("load_data", self.load_data)
         tokenizer = self.timed("load_tokenizer", self.load_tokenizer)
         hp = self.cfg.hyperparameters
-        train = tokenize(splits["train"], tokenizer, hp.max_length, hp.assistant_only_loss)
+        sft = self.cfg.trainer_type == "sft"
+
+        def fit(rows):
+            return tokenize(rows, tokenizer, hp.max_length, hp.assistant_only_loss) if sft else \
+                fit_prompts(rows, tokenizer, hp.max_prompt_length)
+
+        train = fit(splits["train"])
         if not train.rows:
-            raise DatasetError(f"all {train.dropped} train rows have no trainable token within max_length "
-                               f"{hp.max_length}; raise hyperparameters.max_length or shorten the rows.")
-        evald = tokenize(splits["eval"], tokenizer, hp.max_length, hp.assistant_only_loss) if "eval" in splits else None
-        per_epoch = math.ceil(math.ceil(len(train.rows) / hp.batch_size) / hp.gradient_accumulation_steps)
+            limit = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.max_prompt_length}"
+            raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
+                               f"hyperparameters.{limit.split()[0]} or shorten the rows.")
+        evald = fit(splits["eval"]) if "eval" in splits else None
+        # GRPO trains on num_generations completions of each prompt
+        samples = len(train.rows) * (hp.num_generations if self.cfg.trainer_type == "grpo" else 1)
+        per_epoch = math.ceil(math.ceil(samples / hp.batch_size) / hp.gradient_accumulation_steps)
         total = hp.max_steps if hp.max_steps > 0 else math.ceil(per_epoch * hp.epochs)
         stats = {"train_rows": len(train.rows), "eval_rows": len(evald.rows) if evald else 0,
                  "train_tokens": train.tokens, "trained_tokens": train.trained_tokens,
@@ -170,7 +180,13 @@ class BaseTrainingJob:
             table = pq.read_table(path)
             path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
             form = row_form(table.column_names, self.cfg.trainer_type)
-            out[split] = check_rows(table.select(list(form)).to_pylist(), form, split)
+            refs = tuple(sorted(reference_fields(self.cfg.reward_config)))
+            missing = [c for c in refs if c not in table.column_names]
+            if missing:
+                raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
+                                   f"reads {missing} (reference_field); add the column or change the grader.")
+            out[split] = check_rows(table.select(list(form + refs)).to_pylist(), form, split,
+                                    self.cfg.trainer_type, refs)
         return out
 
     def load_tokenizer(self):
@@ -203,15 +219,15 @@ class BaseTrainingJob:
         return {"r": hp.lora_rank, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
                 "target_modules": LORA_TARGETS, "bias": "none"}
 
-    def sft_kwargs(self, prep: Prepared) -> dict[str, Any]:
-        """The only mapping from the request to TRL's SFTConfig."""
+    def trainer_kwargs(self, prep: Prepared) -> dict[str, Any]:
+        """The only mapping from the request to TRL's configuration, for every trainer type."""
         import torch
 
-        hp, ev = self.cfg.hyperparameters, self.cfg.eval_config
+        hp, ev, kind = self.cfg.hyperparameters, self.cfg.eval_config, self.cfg.trainer_type
         gpu = torch.cuda.is_available()
         bf16 = gpu and torch.cuda.is_bf16_supported()
         evaluate_during = prep.eval is not None and ev.eval_strategy != "no"
-        return dict(
+        common = dict(
             output_dir=str(self.workdir / "checkpoints"), run_name=self.settings.job_id, seed=hp.seed,
             per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.batch_size,
             gradient_accumulation_steps=hp.gradient_accumulation_steps, num_train_epochs=hp.epochs,
@@ -220,27 +236,39 @@ class BaseTrainingJob:
             adam_beta2=hp.adam_beta2, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
             save_strategy=hp.save_strategy, save_steps=hp.save_steps, save_total_limit=hp.save_total_limit,
             eval_strategy=ev.eval_strategy if evaluate_during else "no", eval_steps=ev.eval_steps,
-            batch_eval_metrics=False, max_length=hp.max_length, packing=hp.packing, padding_free=hp.padding_free,
-            label_names=["labels"], report_to=self.services.run_logger.report_to,
+            report_to=self.services.run_logger.report_to,
             # On a CPU, bf16 autocast and gradient checkpointing make training 10-30x slower: off there.
             bf16=bf16, fp16=gpu and not bf16, use_cpu=not gpu, gradient_checkpointing=gpu,
             dataloader_pin_memory=gpu, disable_tqdm=True, logging_first_step=True,
         )
+        completion = hp.max_length - hp.max_prompt_length
+        specific = {
+            "sft": dict(max_length=hp.max_length, packing=hp.packing, padding_free=hp.padding_free,
+                        label_names=["labels"], batch_eval_metrics=False),
+            "dpo": dict(beta=hp.beta, max_length=hp.max_length, padding_free=hp.padding_free),
+            "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),
+            "grpo": dict(beta=hp.beta, num_generations=hp.num_generations, max_completion_length=completion,
+                         reward_weights=[g.weight for g in self.cfg.reward_config], log_completions=False),
+        }[kind]
+        return common | specific
 
     def build_trainer(self, model, prep: Prepared):
         from datasets import Dataset
         from transformers import PrinterCallback
-        from trl import SFTConfig, SFTTrainer
 
-        args = SFTConfig(**(self.sft_kwargs(prep) | self.sft_overrides()))
+        kind = self.cfg.trainer_type
+        config_cls, trainer_cls = trl_classes(kind)
+        args = config_cls(**(self.trainer_kwargs(prep) | self.sft_overrides()))
         with_eval = prep.eval is not None and self.cfg.eval_config.compute_eval_metrics
-        trainer = SFTTrainer(
-            model=model, args=args, processing_class=prep.tokenizer,
-            train_dataset=Dataset.from_list(prep.train.rows),
+        kwargs: dict[str, Any] = dict(
+            model=model, args=args, processing_class=prep.tokenizer, train_dataset=Dataset.from_list(prep.train.rows),
             eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker), checkpoint_callback(
                 self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
                 self.cfg.hyperparameters.save_strategy)])
+        if kind == "grpo":
+            kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
+        trainer = trainer_cls(**kwargs)
         trainer.remove_callback(PrinterCallback)
         return trainer
 
@@ -267,8 +295,8 @@ class BaseTrainingJob:
     def evaluate(self, trainer, prep: Prepared, train_metrics: dict[str, Any]) -> dict[str, Any]:
         if trainer.eval_dataset is None:
             logger.warning("no eval split (test/validation/eval) or compute_eval_metrics off: no eval metrics")
-            return reader_metrics({}, train_metrics)
-        return reader_metrics(trainer.evaluate(), train_metrics)
+            return reader_metrics({}, train_metrics, self.cfg.trainer_type)
+        return reader_metrics(trainer.evaluate(), train_metrics, self.cfg.trainer_type)
 
     def export(self, trainer, tokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
         fmt = self.cfg.export_format
@@ -324,6 +352,21 @@ class BaseTrainingJob:
         logger.info("uploaded %s to %s", kind, uri)
         shutil.rmtree(folder, ignore_errors=True)
         return uri
+
+
+def trl_classes(trainer_type: str):
+    """TRL's (config, trainer) for a trainer type; ORPO lives in trl.experimental in TRL 1.x."""
+    if trainer_type == "sft":
+        from trl import SFTConfig, SFTTrainer
+        return SFTConfig, SFTTrainer
+    if trainer_type == "dpo":
+        from trl import DPOConfig, DPOTrainer
+        return DPOConfig, DPOTrainer
+    if trainer_type == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+        return GRPOConfig, GRPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    return ORPOConfig, ORPOTrainer
 
 
 def progress_callback(tracker: JobTracker):

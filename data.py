@@ -92,6 +92,22 @@ def as_messages(value: Any, default_role: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": text_of(m.get("content"))} for m in value]
 
 
+def check_turns(messages: list[dict[str, str]], ends_with: str, alternate: bool = True) -> None:
+    """Roles in order (an optional system turn first, then user/assistant alternating), no empty
+    content, and the last turn's role as given; a ValueError says what is wrong."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        if m["role"] not in ROLES[1:]:
+            raise ValueError(f"role '{m['role']}' at turn {i} (allowed: user, assistant; system only first)")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if alternate and m["role"] != expected:
+            raise ValueError(f"roles out of order: turn {i} is '{m['role']}', expected '{expected}'")
+        if not m["content"].strip():
+            raise ValueError(f"empty content at turn {i}")
+    if not turns or turns[-1]["role"] != ends_with:
+        raise ValueError(f"the conversation does not end with a{'n' * (ends_with[0] == 'a')} {ends_with} turn")
+
+
 def to_conversation(row: dict[str, Any], form: tuple[str, ...]) -> list[dict[str, str]] | str:
     """A validated message list (or plain text for `text` rows); ValueError says what is wrong."""
     if form == ("text",):
@@ -102,18 +118,24 @@ def to_conversation(row: dict[str, Any], form: tuple[str, ...]) -> list[dict[str
         messages = as_messages(row["messages"], "user")
     else:
         messages = as_messages(row["prompt"], "user") + as_messages(row["completion"], "assistant")
-    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
-    for i, m in enumerate(turns):
-        if m["role"] not in ROLES[1:]:
-            raise ValueError(f"role '{m['role']}' at turn {i} (allowed: user, assistant; system only first)")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
-            raise ValueError(f"roles out of order: turn {i} is '{m['role']}', expected '{expected}'")
-        if not m["content"].strip():
-            raise ValueError(f"empty content at turn {i}")
-    if not turns or turns[-1]["role"] != "assistant":
-        raise ValueError("the conversation does not end with an assistant turn")
+    check_turns(messages, "assistant")
     return messages
+
+
+def to_rl_row(row: dict[str, Any], form: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A GRPO row (`prompt` messages ending with a user turn, plus the reference columns) or a
+    preference row (`prompt`, and `chosen`/`rejected` assistant messages), in TRL's conversational form."""
+    prompt = as_messages(row["prompt"], "user")
+    check_turns(prompt, "user")
+    out: dict[str, Any] = {"prompt": prompt}
+    for side in ("chosen", "rejected"):
+        if side in form:
+            answer = as_messages(row[side], "assistant")
+            if not answer or any(m["role"] != "assistant" for m in answer):
+                raise ValueError(f"{side} must be assistant messages (or a string)")
+            check_turns(answer, "assistant", alternate=False)
+            out[side] = answer
+    return out | {k: row[k] for k in extra}
 
 
 @dataclass
@@ -157,12 +179,13 @@ def tokenize(conversations: list[list[dict[str, str]] | str], tokenizer, max_len
     return out
 
 
-def check_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str) -> list:
-    """Every row as a conversation; the first bad rows are named in one DatasetError."""
+def check_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str, trainer_type: str = "sft",
+               extra: tuple[str, ...] = ()) -> list:
+    """Every row as a conversation (SFT) or an RL row; the first bad rows are named in one DatasetError."""
     good, bad = [], []
     for i, row in enumerate(rows):
         try:
-            good.append(to_conversation(row, form))
+            good.append(to_conversation(row, form) if trainer_type == "sft" else to_rl_row(row, form, extra))
         except (ValueError, KeyError, TypeError) as e:
             bad.append(f"row {i}: {e}")
     if bad:
@@ -171,3 +194,18 @@ def check_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str) ->
     if not good:
         raise DatasetError(f"the {split} split is empty; preprocess a dataset with at least one row.")
     return good
+
+
+def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_length: int) -> Tokenized:
+    """RL rows whose rendered prompt fits max_prompt_length (the others are dropped and counted);
+    TRL tokenizes them itself."""
+    out = Tokenized()
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > max_prompt_length:
+            out.dropped += 1
+            continue
+        out.rows.append(row)
+        out.tokens += n
+    return out

@@ -29,13 +29,24 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-def reader_metrics(raw: dict[str, Any], train: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The names readers use (unprefixed), beside every number the trainer reported."""
+# Reader names for what the RL trainers report (DPO/ORPO: preference reward; GRPO: the graders' reward).
+RL_NAMES = {"eval_rewards/accuracies": "reward_accuracy", "eval_rewards/margins": "reward_margin",
+            "eval_rewards/chosen": "reward_chosen", "eval_rewards/rejected": "reward_rejected",
+            "eval_reward": "reward_mean", "eval_reward_std": "reward_std"}
+
+
+def reader_metrics(raw: dict[str, Any], train: dict[str, Any] | None = None,
+                   trainer_type: str = "sft") -> dict[str, Any]:
+    """The names readers use (unprefixed), beside every number the trainer reported. Perplexity and
+    token accuracy are SFT's; the RL trainer types add their reward statistics."""
     out: dict[str, Any] = dict(raw)
     if "eval_mean_token_accuracy" in raw:
         out["accuracy"] = raw["eval_mean_token_accuracy"]
-    if "eval_loss" in raw:
+    if "eval_loss" in raw and trainer_type == "sft":
         out["perplexity"] = perplexity(raw["eval_loss"])
+    for name, reader in RL_NAMES.items():
+        if name in raw:
+            out[reader] = raw[name]
     for k, v in (train or {}).items():
         out[k if k.startswith("train") else f"train_{k}"] = v
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

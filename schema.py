@@ -164,6 +164,13 @@ class Grader(StrictModel):
         if self.type == "python":
             raise ValueError(f"grader '{self.name}': type 'python' would run code from the request, which this job "
                              "never does; use a string_check, text_similarity or built_in grader.")
+        if self.type in ("score_model", "label_model", "ruler"):
+            raise ValueError(f"grader '{self.name}': type '{self.type}' calls an outside model (an LLM judge), which "
+                             "this job cannot reach or vouch for during training; use a string_check, "
+                             "text_similarity or built_in grader.")
+        if self.evaluation_metric in ("meteor", "cosine"):
+            raise ValueError(f"grader '{self.name}': evaluation_metric '{self.evaluation_metric}' needs a model or "
+                             "corpus downloaded at run time; use fuzzy_match, bleu, gleu, rouge_1..rouge_5 or rouge_l.")
         needed = {"string_check": ("reference_field", "operation"), "text_similarity": ("reference_field",
                   "evaluation_metric"), "built_in": ("function_name",)}.get(self.type, ())
         missing = [f for f in needed if getattr(self, f) is None]
@@ -195,8 +202,22 @@ class TrainingConfig(StrictModel):
         if self.modality == "vision":
             raise ValueError("modality 'vision' is not supported yet: image+text training is not built; "
                              "send a text dataset with modality 'text'.")
-        if self.trainer_type == "grpo" and not self.reward_config:
-            raise ValueError("trainer_type 'grpo' needs reward_config (a list of graders) to score completions.")
+        hp = self.hyperparameters
+        if self.trainer_type == "grpo":
+            if not self.reward_config:
+                raise ValueError("trainer_type 'grpo' needs reward_config (a list of graders) to score completions.")
+            batch = hp.batch_size * hp.gradient_accumulation_steps
+            if batch % hp.num_generations:
+                raise ValueError(f"trainer_type 'grpo': batch_size x gradient_accumulation_steps ({batch}) must be "
+                                 f"divisible by num_generations ({hp.num_generations}), because each prompt's "
+                                 "completions are scored as one group; change batch_size or num_generations.")
+            if self.eval_config.eval_strategy != "no" and hp.batch_size % hp.num_generations:
+                raise ValueError(f"trainer_type 'grpo' with evaluation during training: batch_size ({hp.batch_size}) "
+                                 f"must be divisible by num_generations ({hp.num_generations}); change one, or set "
+                                 "eval_strategy 'no' (a final evaluation still runs).")
+        elif self.reward_config:
+            raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
+                             "remove it or set trainer_type 'grpo'.")
         return self
 
     @property

@@ -87,11 +87,29 @@ def make_model(out: Path) -> None:
     model.save_pretrained(str(out))
 
 
-def make_dataset(root: Path, dataset_id: str) -> Path:
+def preferences(rows: list[dict]) -> list[dict]:
+    """DPO/ORPO rows: the right sound chosen, another animal's sound rejected."""
+    sounds = list(ANIMALS.values())
+    out = []
+    for i, row in enumerate(rows):
+        prompt, answer = row["messages"][:2], row["messages"][2]["content"]
+        animal, sound = answer.split()[1], answer.split()[-1].rstrip(".")
+        wrong = sounds[(sounds.index(sound) + 1 + i % 5) % len(sounds)]
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": f"The {animal} says {wrong}."}]})
+    return out
+
+
+def prompts(rows: list[dict]) -> list[dict]:
+    """GRPO rows: the prompt, and the sound as the reference column `answer`."""
+    return [{"prompt": row["messages"][:2], "answer": row["messages"][2]["content"].split()[-1].rstrip(".")}
+            for row in rows]
+
+
+def make_dataset(root: Path, dataset_id: str, rows: list[dict]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = conversations()
     n_test = len(rows) // 6
     folder = root / "gemma-dataset-bucket" / "processed_datasets" / dataset_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,7 +129,10 @@ def main() -> None:
     make_tokenizer(model_dir, corpus)
     make_model(model_dir)
     print(f"model:   {model_dir}")
-    print(f"dataset: {make_dataset(root, 'tiny-animals')}")
+    rows = conversations()
+    print(f"dataset: {make_dataset(root, 'tiny-animals', rows)}")
+    print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")
+    print(f"dataset: {make_dataset(root, 'tiny-animals-prompts', prompts(rows))}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,17 @@ CASES = {
     "repo id escapes": (export(destination="hfhub", hf_repo_id="../x"), "export_config.hf_repo_id"),
     "repo id absolute": (export(destination="hfhub", hf_repo_id="/abs/repo"), "export_config.hf_repo_id"),
     "vision": (lambda req, d: req["training_config"].update(modality="vision"), "modality"),
+    "grpo batch not divisible": (lambda req, d: req["training_config"].update(
+        trainer_type="grpo", hyperparameters={"batch_size": 3, "gradient_accumulation_steps": 1, "num_generations": 4},
+        reward_config=[{"name": "x", "type": "built_in", "function_name": "count_xml"}]),
+        "batch_size x gradient_accumulation_steps (3) must be divisible by num_generations (4)"),
+    "grpo without graders": (lambda req, d: req["training_config"].update(trainer_type="grpo"), "needs reward_config"),
+    "LLM judge grader": (lambda req, d: req["training_config"].update(trainer_type="grpo", reward_config=[
+        {"name": "j", "type": "score_model", "model": "gpt", "prompt": "rate"}]), "calls an outside model"),
+    "graders without grpo": (lambda req, d: req["training_config"].update(reward_config=[
+        {"name": "x", "type": "built_in", "function_name": "count_xml"}]), "used only with trainer_type 'grpo'"),
+    "dpo on sft rows": (lambda req, d: req["training_config"].update(trainer_type="dpo"),
+                        "do not fit trainer_type 'dpo': it needs prompt+chosen+rejected"),
     "python grader": (lambda req, d: req["training_config"].update(
         trainer_type="grpo", reward_config=[{"name": "x", "type": "python", "source": "import os"}]), "python"),
 }
