@@ -35,7 +35,7 @@ def read_settings(env) -> Settings:
              "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT",
              "wandb_api_key": "WANDB_API_KEY",
              "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
-             "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS"}
+             "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB"}
     return Settings(job_id=check_job_id(job_id), backend=backend,
                     **{k: env[v] for k, v in names.items() if env.get(v)})
 

@@ -371,6 +371,8 @@ class Settings(StrictModel):
     wandb_api_key: SecretStr | None = None
     attempt: int = Field(0, ge=0)
     task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Check the memory estimate against this GPU "
+                                         "size instead of the visible GPU's (GPU_MEMORY_GIB).")
     deadline_reserve_s: float = Field(60.0, ge=0, description="Stop this long before the task timeout, plus "
                                       "the time of one step and one checkpoint.")
 

@@ -54,3 +54,34 @@ def test_full_fine_tuning_updates_every_weight_and_exports_model(local_dir, tiny
     folder = job.services.blobs.path(artifacts["adapter_path"])
     assert artifacts["adapter_path"] == "gs://gemma-export-bucket/merged_models/full/"
     assert (folder / "model.safetensors").is_file() and not (folder / "adapter_config.json").exists()
+
+
+def test_memory_estimate_matches_gemma_sizes_and_refuses_what_cannot_fit(local_dir, tiny_root):
+    from transformers import Gemma3TextConfig
+
+    from memory import GIB, count_params, estimate_bytes, fit_message
+
+    gemma_1b = Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                num_attention_heads=4, num_key_value_heads=1, head_dim=256)
+    total, emb = count_params(gemma_1b)
+    assert round(total / 1e9, 2) == 1.0 and emb == 262144 * 1152  # Gemma 3 1B's published size
+    full = estimate_bytes(total, emb, "Full", 2, 1024, gemma_1b)
+    assert full["weights_and_optimizer"] == 6 * total
+    assert fit_message(full, 22 * GIB, "Full", "g", 2, 1024) is None
+    too_big = fit_message(estimate_bytes(4 * total, emb, "Full", 2, 1024, gemma_1b), 22 * GIB, "Full", "g", 2, 1024)
+    assert too_big.startswith("training_config.method: Full on g needs about") and "use method 'LoRA'" in too_big
+    assert estimate_bytes(total, emb, "QLoRA", 2, 1024, gemma_1b)["total"] < estimate_bytes(
+        total, emb, "LoRA", 2, 1024, gemma_1b)["total"]
+
+
+def test_a_request_that_cannot_fit_the_gpu_is_refused_before_loading(local_dir, tiny_root):
+    import main
+    from conftest import env_for, put_request, read_doc
+
+    put_request(local_dir, "oom", sample_request(tiny_root, method="Full"))
+    assert main.main([], env_for(local_dir, "oom", GPU_MEMORY_GIB="0.01")) == 2
+    doc = read_doc(local_dir, "oom")
+    assert "needs about" in doc["error"] and "but the GPU has 0.0 GiB" in doc["error"]
+    assert doc["phase"] == "validating"
+    put_request(local_dir, "fits", sample_request(tiny_root, method="Full"))
+    assert main.main(["--validate"], env_for(local_dir, "fits", GPU_MEMORY_GIB="22")) == 0

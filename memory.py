@@ -1,0 +1,93 @@
+"""Will the training fit on the GPU? A pre-flight estimate from the model's config, so that a request
+that cannot fit is refused in seconds (exit 2) instead of failing with CUDA out-of-memory after the
+download and the load.
+
+    bytes = weights + gradients + optimizer state (per method) + activations + CUDA overhead
+
+- Full: bf16 weights (2 B/param) + bf16 gradients (2) + 8-bit AdamW state (2): 6 B/param.
+- LoRA: the frozen base in bf16 (2 B/param); the adapter (about 1 % of the base) is negligible.
+- QLoRA: NF4 with double quantization (about 0.52 B/param) for the decoder's linear layers; the
+  embeddings stay in bf16 (Gemma's 262k-token vocabulary makes them a large share).
+- Activations, with gradient checkpointing: each layer's input kept (batch x length x hidden x 2 B
+  per layer), one layer recomputed at a time, and the logits (batch x length x vocab x 2 B).
+
+Run `python memory.py` for the table of Gemma 3 sizes on an L4 that the README shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 1024 ** 3
+OVERHEAD = 1.5 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
+HEADROOM = 0.95
+
+
+def count_params(config) -> tuple[int, int]:
+    """(all parameters, embedding parameters) of the model a config describes, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    return total, model.get_input_embeddings().weight.numel()
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def estimate_bytes(total: int, embeddings: int, method: str, batch: int, length: int, config) -> dict[str, float]:
+    cfg = text_config(config)
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    inter, vocab = getattr(cfg, "intermediate_size", 4 * hidden), cfg.vocab_size
+    weights = {"Full": 6.0 * total, "LoRA": 2.0 * total,
+               "QLoRA": 2.0 * embeddings + 0.52 * (total - embeddings)}[method]
+    tokens = batch * length
+    activations = tokens * (hidden * layers + 20 * hidden + 3 * inter) * 2 + tokens * vocab * 2
+    return {"weights_and_optimizer": weights, "activations": activations, "overhead": OVERHEAD,
+            "total": weights + activations + OVERHEAD}
+
+
+def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model_id: str, batch: int,
+                length: int) -> str | None:
+    """None if it fits; otherwise what to change."""
+    if estimate["total"] <= HEADROOM * gpu_bytes:
+        return None
+    advice = {"Full": "use method 'LoRA' or 'QLoRA'", "LoRA": "use method 'QLoRA'",
+              "QLoRA": "use a smaller model"}[method]
+    return (f"training_config.method: {method} on {model_id} needs about {estimate['total'] / GIB:.1f} GiB "
+            f"(weights and optimizer {estimate['weights_and_optimizer'] / GIB:.1f}, activations for batch_size "
+            f"{batch} x max_length {length} {estimate['activations'] / GIB:.1f}, overhead "
+            f"{estimate['overhead'] / GIB:.1f}) but the GPU has {gpu_bytes / GIB:.1f} GiB; {advice}, or lower "
+            "hyperparameters.batch_size / max_length.")
+
+
+def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
+    """What fits on an L4 (22 GiB usable of 24 GB), batch 2 x 1024 tokens (the request's defaults)."""
+    from transformers import Gemma3TextConfig
+
+    shapes = {"gemma-3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256),
+              "gemma-3-1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=256),
+              "gemma-3-4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                 num_attention_heads=8, num_key_value_heads=4, head_dim=256),
+              "gemma-3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=256)}
+    rows = []
+    for name, shape in shapes.items():
+        config = Gemma3TextConfig(vocab_size=262144, **shape)
+        total, emb = count_params(config)
+        row: dict[str, Any] = {"model": name, "params_b": round(total / 1e9, 2)}
+        for method in ("Full", "LoRA", "QLoRA"):
+            est = estimate_bytes(total, emb, method, 2, 1024, config)
+            row[method] = f"{est['total'] / GIB:.1f} GiB {'fits' if est['total'] <= HEADROOM * gpu_gib * GIB else 'no'}"
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    for r in table():
+        print(r)
