@@ -94,6 +94,9 @@ class BaseTrainingJob:
         ok = False
         try:
             self.tracker.phase("loading_model", JobStatus.PREPARING, **({"wandb_url": url} if url else {}))
+            from transformers import set_seed
+
+            set_seed(self.cfg.hyperparameters.seed)  # before LoRA's random init, not only before training
             model = self.timed("load_model", self.load_model, prep.tokenizer)
             trainer = self.build_trainer(model, prep)
             self.tracker.phase("training", JobStatus.TRAINING)
