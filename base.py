@@ -98,7 +98,7 @@ class BaseTrainingJob:
 
             set_seed(self.cfg.hyperparameters.seed)  # before LoRA's random init, not only before training
             model = self.timed("load_model", self.load_model, prep.tokenizer)
-            trainer = self.build_trainer(model, prep)
+            trainer = self.timed("build_trainer", self.build_trainer, model, prep)
             self.tracker.phase("training", JobStatus.TRAINING)
             train_metrics = self.timed("train", self.train, trainer)
             self.tracker.phase("evaluating")
@@ -108,7 +108,8 @@ class BaseTrainingJob:
             ok = True
         finally:
             self.services.run_logger.finish(ok)
-        self.tracker.complete(metrics, artifacts)
+        self.timings["state_writes"] = round(self.tracker.write_s, 3)
+        self.tracker.complete(metrics, {**artifacts, "timings": self.timings})
         self.checkpoints.clear()  # the job is done: its checkpoints are only storage cost now
         logger.info("completed: %s; timings %s", artifacts.get("adapter_path"), self.timings)
         return {"metrics": metrics, **artifacts}
@@ -133,6 +134,7 @@ class BaseTrainingJob:
         self.check_environment()
         self.check_hub_access()
         splits = self.timed("load_data", self.load_data)
+        self.timed("import_libraries", import_libraries)
         tokenizer = self.timed("load_tokenizer", self.load_tokenizer)
         self.check_memory()
         hp = self.cfg.hyperparameters
@@ -142,12 +144,12 @@ class BaseTrainingJob:
             return tokenize(rows, tokenizer, hp.max_length, hp.assistant_only_loss) if sft else \
                 fit_prompts(rows, tokenizer, hp.max_prompt_length)
 
-        train = fit(splits["train"])
+        train = self.timed("prepare_data", fit, splits["train"])
         if not train.rows:
             limit = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.max_prompt_length}"
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
                                f"hyperparameters.{limit.split()[0]} or shorten the rows.")
-        evald = fit(splits["eval"]) if "eval" in splits else None
+        evald = self.timed("prepare_eval_data", fit, splits["eval"]) if "eval" in splits else None
         # GRPO trains on num_generations completions of each prompt
         samples = len(train.rows) * (hp.num_generations if self.cfg.trainer_type == "grpo" else 1)
         per_epoch = math.ceil(math.ceil(samples / hp.batch_size) / hp.gradient_accumulation_steps)
@@ -382,6 +384,14 @@ class BaseTrainingJob:
         logger.info("uploaded %s to %s", kind, uri)
         shutil.rmtree(folder, ignore_errors=True)
         return uri
+
+
+def import_libraries() -> None:
+    """torch, transformers, PEFT and TRL, imported once the request is known to be valid (timed apart)."""
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
 
 
 def trl_classes(trainer_type: str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, request_file: Path | None,
-                make_services: Callable[[TrainRequest], Any], redact, validate: bool = False) -> dict[str, Any] | None:
+                make_services: Callable[[TrainRequest], Any], redact, validate: bool = False,
+                startup_s: float = 0.0) -> dict[str, Any] | None:
     """The job's result, or None when there was nothing to do. Raises what ended the job."""
     with tracker:
         doc = tracker.open()
@@ -39,7 +41,9 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
         uri = None if request_file else settings.request_uri
         text = request_file.read_text() if request_file else blobs.read_bytes(uri).decode()
         try:
+            t = time.perf_counter()
             request = parse_request(text)
+            parse_s = time.perf_counter() - t
             redact.add(*request.secrets())
             logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
             tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
@@ -48,6 +52,7 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
 
             job = PROVIDERS[request.training_config.provider](
                 request, settings, make_services(request), Path(settings.local_dir) / "work" / settings.job_id)
+            job.timings.update(startup=round(startup_s, 3), validate_request=round(parse_s, 3))
             if validate:
                 job.preflight()
                 return {"valid": True}

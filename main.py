@@ -40,6 +40,16 @@ def read_settings(env) -> Settings:
                     **{k: env[v] for k, v in names.items() if env.get(v)})
 
 
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports so far), from /proc on Linux."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def make_blob_store(settings: Settings):
     from storage import GcsBlobStore, LocalBlobStore
 
@@ -70,6 +80,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     parser.add_argument("--schema", action="store_true", help="print the request's JSON Schema")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    startup_s = process_age()
     if args.schema:
         print(json.dumps(TrainRequest.model_json_schema(), indent=2))
         return 0
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     try:
         result = run_attempt(settings, tracker, blobs, request_file,
                              lambda request: make_services(settings, request, tracker, blobs, guard), redact,
-                             validate=args.validate)
+                             validate=args.validate, startup_s=startup_s)
     except Cancelled:
         return 0
     except PermanentError:
