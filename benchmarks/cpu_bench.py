@@ -35,6 +35,13 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.C
     return seconds, max(peak, before), out
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -69,7 +76,7 @@ def main() -> None:
         assert out.returncode == 2
         rows["reject"].append(s_bad)
     best = {k: min(v) for k, v in rows.items()}
-    result = {"date": date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+    result = {"date": date.today().isoformat(), "cpu": cpu_model(),
               "cores": os.cpu_count(), "python": platform.python_version(),
               "versions": {n: version(n) for n in ("torch", "transformers", "trl", "peft")},
               "seconds_best_of": args.repeats, "job_s": round(best["job"], 2), "bare_trl_s": round(best["bare_trl"], 2),
