@@ -28,5 +28,6 @@ RUN useradd --create-home --uid 1000 trainer && mkdir -p /work/cache /work/local
 WORKDIR /app
 COPY --chown=trainer *.py ./
 COPY --chown=trainer examples ./examples
-USER trainer
+# Numeric, so that the runtime can check it is not root without reading /etc/passwd.
+USER 1000:1000
 ENTRYPOINT ["python", "main.py"]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LOCAL_DIR ?= .local
 
-.PHONY: setup fixtures demo test validate
+.PHONY: setup fixtures demo test validate lint
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,9 @@ validate: fixtures
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The Dockerfile linted, and the image's pins (requirements.txt + requirements-gpu.txt) resolved
+# together against the package registry without installing anything.
+lint: setup
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/pip install --dry-run --ignore-installed --quiet -r requirements.txt -r requirements-gpu.txt
