@@ -6,6 +6,7 @@ URIs stay `gs://bucket/key` everywhere; `LocalBlobStore(root)` maps them to `roo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -98,10 +99,14 @@ class GcsBlobStore:
     """Google Cloud Storage with the official client; uploads run concurrently and are checksummed."""
 
     def __init__(self, project: str | None = None, workers: int = 8):
+        self.project, self.workers = project, workers
+
+    @functools.cached_property
+    def client(self):
+        """Made on first use, inside the job's failure handling (missing credentials get recorded)."""
         from google.cloud import storage
 
-        self.client = storage.Client(project=project)
-        self.workers = workers
+        return storage.Client(project=self.project)
 
     def _blob(self, uri: str):
         bucket, key = parse_gs_uri(uri)
