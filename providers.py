@@ -67,6 +67,8 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
 class UnslothTrainingJob(BaseTrainingJob):
     methods = ("LoRA", "QLoRA")
+    # SFT only until the RL trainers have run under Unsloth on a GPU (issue 6); the others are refused.
+    trainer_types = ("sft",)
 
     def check_environment(self) -> None:
         import torch
