@@ -7,17 +7,26 @@ ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DIS
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
  && add-apt-repository -y ppa:deadsnakes/ppa \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv libgomp1 \
  && apt-get purge -y software-properties-common gpg-agent && apt-get autoremove -y \
  && rm -rf /var/lib/apt/lists/*
 
 FROM base AS deps
+# Compilers only in this stage: llama-cpp-python builds llama.cpp from source.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake python3.11-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt requirements-gpu.txt /tmp/
+COPY scripts/fetch_llama_convert.py /tmp/
 # The CUDA build of the pinned torch first, so that requirements.txt's torch==X is already met.
+# llama.cpp for any x86-64 CPU (not -march=native of the build machine); GGUF work runs on the CPU.
+# Its converter comes from the same pinned sdist, into /opt/venv/share/llama.cpp.
 RUN pip install --index-url https://download.pytorch.org/whl/cu126 "$(grep '^torch==' /tmp/requirements.txt)" \
- && pip install -r /tmp/requirements.txt -r /tmp/requirements-gpu.txt
+ && CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+    pip install -r /tmp/requirements.txt -r /tmp/requirements-gpu.txt \
+ && python /tmp/fetch_llama_convert.py --dest /opt/venv/share/llama.cpp
 
 FROM base
 COPY --from=deps /opt/venv /opt/venv

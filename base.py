@@ -104,7 +104,7 @@ class BaseTrainingJob:
             self.tracker.phase("evaluating")
             metrics = self.timed("evaluate", self.evaluate, trainer, prep, train_metrics)
             self.tracker.phase("exporting", metrics=metrics)
-            artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics)
+            artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics, prep)
             ok = True
         finally:
             self.services.run_logger.finish(ok)
@@ -132,8 +132,9 @@ class BaseTrainingJob:
                 f"supported by provider '{self.cfg.provider}' yet (methods {list(self.methods)}, trainer types "
                 f"{list(self.trainer_types)}); choose one of those.")
         if self.cfg.export_config.wants_gguf:
-            raise PermanentError("export_config: GGUF export is not available in this build yet; "
-                                 "set include_gguf false and format 'adapter' or 'merged'.")
+            from gguf_export import check_installed
+
+            check_installed()
         self.check_environment()
         self.check_hub_access()
         splits = self.timed("load_data", self.load_data)
@@ -334,19 +335,57 @@ class BaseTrainingJob:
             return reader_metrics({}, train_metrics, self.cfg.trainer_type)
         return reader_metrics(trainer.evaluate(), train_metrics, self.cfg.trainer_type)
 
-    def export(self, trainer, tokenizer, metrics: dict[str, Any]) -> dict[str, Any]:
-        fmt = self.cfg.export_format
-        out = self.workdir / "export" / fmt
-        shutil.rmtree(out, ignore_errors=True)
-        if fmt == "adapter":
-            trainer.model.save_pretrained(str(out))
-            tokenizer.save_pretrained(str(out))
-        else:
-            self.save_merged(trainer.model, tokenizer, out)
-        self.copy_sentencepiece_model(out)
-        self.write_manifest(out, fmt, metrics)
-        uri = self.publish(out, EXPORT_FOLDERS[fmt])
-        return {"adapter_path": uri, "gguf_path": None, "artifacts": {"raw": {fmt: uri}}}
+    def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared | None = None) -> dict[str, Any]:
+        """Each artifact made, checked and uploaded in turn, deleting local copies as it goes."""
+        fmt, ex = self.cfg.export_format, self.cfg.export_config
+        result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}}
+        merged = None
+        if fmt in ("adapter", "merged"):
+            out = self.workdir / "export" / fmt
+            shutil.rmtree(out, ignore_errors=True)
+            if fmt == "adapter":
+                trainer.model.save_pretrained(str(out))
+                tokenizer.save_pretrained(str(out))
+            else:
+                self.save_merged(trainer.model, tokenizer, out)
+            self.copy_sentencepiece_model(out)
+            self.write_manifest(out, fmt, metrics)
+            if ex.wants_gguf and fmt == "merged":
+                merged = self.gguf(trainer, out, prep)  # from the merged folder, before it is uploaded
+            uri = self.publish(out, EXPORT_FOLDERS[fmt])
+            result.update(adapter_path=uri, artifacts={"raw": {fmt: uri}})
+        if ex.wants_gguf:
+            if merged is None:
+                folder = self.workdir / "export" / "merged-for-gguf"
+                shutil.rmtree(folder, ignore_errors=True)
+                self.save_merged(trainer.model, tokenizer, folder)
+                self.copy_sentencepiece_model(folder)
+                merged = self.gguf(trainer, folder, prep)
+                shutil.rmtree(folder, ignore_errors=True)
+            gguf_file, agreement = merged
+            folder_uri = self.publish(gguf_file.parent, "gguf_models")
+            uri = folder_uri + gguf_file.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf_file.name}"
+            result["gguf_path"] = uri
+            result["artifacts"]["file"] = {"gguf": uri, "gguf_next_token_agreement": agreement}
+            result["adapter_path"] = result["adapter_path"] or uri
+        return result
+
+    def gguf(self, trainer, merged_dir: Path, prep: Prepared | None) -> tuple[Path, float]:
+        """The GGUF of the merged model, and its next-token agreement with the trained model in llama.cpp."""
+        from gguf_export import MIN_AGREEMENT, export_gguf, next_token_agreement
+
+        quant = self.cfg.export_config.gguf_quantization
+        folder = self.workdir / "export" / "gguf"
+        shutil.rmtree(folder, ignore_errors=True)
+        path = self.timed("gguf_convert", export_gguf, merged_dir, folder, quant)
+        prompts = probe_prompts(prep) if prep else []
+        agreement = next_token_agreement(path, trainer.model, prompts) if prompts else None
+        logger.info("GGUF %s: %s, next-token agreement with the trained model %s", quant, path.name, agreement)
+        if agreement is not None and agreement < MIN_AGREEMENT[quant]:
+            raise PermanentError(f"export_config: the {quant} GGUF agrees with the trained model on the next token "
+                                 f"for only {agreement:.0%} of {len(prompts)} evaluation prompts (at least "
+                                 f"{MIN_AGREEMENT[quant]:.0%} expected for {quant}); try a larger quantization.")
+        return path, agreement
 
     def copy_sentencepiece_model(self, out: Path) -> None:
         """transformers 5 no longer saves `tokenizer.model`; llama.cpp's converter and older loaders need it."""
@@ -388,6 +427,17 @@ class BaseTrainingJob:
         logger.info("uploaded %s to %s", kind, uri)
         shutil.rmtree(folder, ignore_errors=True)
         return uri
+
+
+def probe_prompts(prep: Prepared, n: int = 8) -> list[list[int]]:
+    """Token ids of up to n evaluation prompts (training rows without an eval split): for SFT rows the
+    tokens before the first trained one, for RL rows the rendered prompt."""
+    rows, tok = (prep.eval or prep.train).rows[:n], prep.tokenizer
+    if rows and "input_ids" in rows[0]:
+        return [r["input_ids"][:next((i for i, x in enumerate(r["labels"]) if x != -100), len(r["labels"]))]
+                for r in rows if r["labels"][0] == -100]
+    return [tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"] for r in rows]
 
 
 def import_libraries() -> None:
