@@ -207,13 +207,13 @@ class BaseTrainingJob:
         metadata = self.tracker.store.get_dataset(dataset_id)
         uris = split_uris([] if metadata and metadata.get("splits") else self.services.blobs.list(prefix), prefix,
                           metadata)
+        refs = tuple(sorted(reference_fields(self.cfg.reward_config)))
         out = {}
         for split, uri in uris.items():
             path = self.services.blobs.download(uri, self.workdir / "data" / uri.rsplit("/", 1)[-1])
             table = pq.read_table(path)
             path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
             form = row_form(table.column_names, self.cfg.trainer_type)
-            refs = tuple(sorted(reference_fields(self.cfg.reward_config)))
             missing = [c for c in refs if c not in table.column_names]
             if missing:
                 raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
@@ -339,7 +339,7 @@ class BaseTrainingJob:
         """Each artifact made, checked and uploaded in turn, deleting local copies as it goes."""
         fmt, ex = self.cfg.export_format, self.cfg.export_config
         result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}}
-        merged = None
+        gguf_made = None  # (file, agreement) once made
         if fmt in ("adapter", "merged"):
             out = self.workdir / "export" / fmt
             shutil.rmtree(out, ignore_errors=True)
@@ -351,18 +351,18 @@ class BaseTrainingJob:
             self.copy_sentencepiece_model(out)
             self.write_manifest(out, fmt, metrics)
             if ex.wants_gguf and fmt == "merged":
-                merged = self.gguf(trainer, out, prep)  # from the merged folder, before it is uploaded
+                gguf_made = self.gguf(trainer, out, prep)  # from the merged folder, before it is uploaded
             uri = self.publish(out, EXPORT_FOLDERS[fmt])
             result.update(adapter_path=uri, artifacts={"raw": {fmt: uri}})
         if ex.wants_gguf:
-            if merged is None:
+            if gguf_made is None:
                 folder = self.workdir / "export" / "merged-for-gguf"
                 shutil.rmtree(folder, ignore_errors=True)
                 self.save_merged(trainer.model, tokenizer, folder)
                 self.copy_sentencepiece_model(folder)
-                merged = self.gguf(trainer, folder, prep)
+                gguf_made = self.gguf(trainer, folder, prep)
                 shutil.rmtree(folder, ignore_errors=True)
-            gguf_file, agreement = merged
+            gguf_file, agreement = gguf_made
             folder_uri = self.publish(gguf_file.parent, "gguf_models")
             uri = folder_uri + gguf_file.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf_file.name}"
             result["gguf_path"] = uri

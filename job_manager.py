@@ -128,9 +128,9 @@ class FirestoreJobStore:
         self._ref(job_id).set(fields, merge=True, **self.call)
 
 
-def json_safe_copy(fields: dict[str, Any]) -> dict[str, Any]:
+def copy_maps(fields: dict[str, Any]) -> dict[str, Any]:
     """A copy deep enough that later changes to nested maps do not change what was recorded."""
-    return {k: json_safe_copy(v) if isinstance(v, dict) else v for k, v in fields.items()}
+    return {k: copy_maps(v) if isinstance(v, dict) else v for k, v in fields.items()}
 
 
 def now() -> datetime:
@@ -170,7 +170,7 @@ class JobTracker:
         stamp = now()
         fields = {**self._deferred, **fields, "updated_at": stamp, "heartbeat_at": stamp}
         self._deferred = {}
-        _deep_merge(self._shadow, json_safe_copy(fields))
+        _deep_merge(self._shadow, copy_maps(fields))
         if not final and time.monotonic() < self._retry_at:
             return False  # in an outage: not every progress write waits for a timeout
         delay, deadline = 1.0, time.monotonic() + (self.final_retry_s if final else 0)

@@ -76,3 +76,19 @@ def scrub_request(blobs: BlobStore, uri: str | None, text: str) -> None:
     if removed:
         blobs.write_bytes(uri, json.dumps(clean, indent=2).encode())
         logger.info("removed %d secret(s) from %s", removed, uri)
+
+
+def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
+    """A provider's job wired to the local services under `root`, for driving the workflow step by step
+    (tests and benchmarks): the same classes main() builds for BACKEND=local, without W&B."""
+    from base import Services
+    from job_manager import LocalJobStore
+    from providers import PROVIDERS
+    from storage import LocalBlobStore, LocalModelHub
+    from tracking import NullRunLogger
+
+    req = TrainRequest.model_validate(request)
+    services = Services(LocalBlobStore(root), LocalModelHub(root), JobTracker(LocalJobStore(root), job_id),
+                        NullRunLogger())
+    return PROVIDERS[req.training_config.provider](req, Settings(job_id=job_id, local_dir=str(root)), services,
+                                                   Path(root) / "work" / job_id)

@@ -142,7 +142,10 @@ def run_variant(variant: str, method: str, model_dir: Path, shape: str, seq: int
     else:
         from base import Prepared
 
-        job = make_bench_job(request, variant, work)
+        from lifecycle import local_job
+
+        request["training_config"]["provider"] = "huggingface" if variant == "job" else "unsloth"
+        job = local_job(request, work, f"bench-{variant}")
         model = job.load_model(None)
         prep = Prepared(None, type("T", (), {"rows": rows})(), None, steps)
         kwargs = job.trainer_kwargs(prep) | job.sft_overrides() | {"save_strategy": "no", "report_to": []}
@@ -165,23 +168,6 @@ def run_variant(variant: str, method: str, model_dir: Path, shape: str, seq: int
         out["l4_tokens_per_s_projected"] = round(tokens_s * L4_TFLOPS / peak, 1)
     del trainer, model
     return out
-
-
-def make_bench_job(request: dict, variant: str, work: Path):
-    """A provider's job wired to local services, as the job builds it, for its load_model and trainer_kwargs."""
-    from base import Services
-    from job_manager import JobTracker, LocalJobStore
-    from providers import PROVIDERS
-    from schema import Settings, TrainRequest
-    from storage import LocalBlobStore, LocalModelHub
-    from tracking import NullRunLogger
-
-    provider = "huggingface" if variant == "job" else "unsloth"
-    req = TrainRequest.model_validate({**request, "training_config": {**request["training_config"],
-                                                                      "provider": provider}})
-    services = Services(LocalBlobStore(work), LocalModelHub(work), JobTracker(LocalJobStore(work), "bench"),
-                        NullRunLogger())
-    return PROVIDERS[provider](req, Settings(job_id="bench", local_dir=str(work)), services, work / provider)
 
 
 def job_request(model_dir: Path, method: str, seq: int, batch: int, steps: int) -> dict:

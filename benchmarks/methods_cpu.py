@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 CASES = [("sft", "LoRA", "tiny-animals"), ("sft", "QLoRA", "tiny-animals"), ("sft", "Full", "tiny-animals"),
          ("dpo", "LoRA", "tiny-animals-pref"), ("orpo", "LoRA", "tiny-animals-pref"),
@@ -31,14 +31,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     from base import library_versions
-    from conftest import make_job, sample_request
+    from lifecycle import local_job
 
     work = Path(tempfile.mkdtemp())
     subprocess.run([sys.executable, "scripts/make_tiny.py", "--out", str(work)], cwd=ROOT, check=True,
                    capture_output=True)
     results = []
     for trainer_type, method, dataset in CASES:
-        req = sample_request(work, trainer_type=trainer_type, method=method)
+        req = json.loads((ROOT / "examples" / "local_default.json").read_text())
+        req["training_config"].update(base_model_id=str(work / "models" / "tiny-gemma3"), trainer_type=trainer_type,
+                                      method=method)
         req["processed_dataset_id"] = dataset
         hp = req["training_config"]["hyperparameters"]
         hp.update(max_steps=args.steps, epochs=100, save_strategy="no", max_prompt_length=64)
@@ -48,7 +50,7 @@ def main() -> None:
             req["training_config"]["reward_config"] = [
                 {"name": "sound", "type": "text_similarity", "reference_field": "answer",
                  "evaluation_metric": "fuzzy_match"}]
-        job = make_job(work, req, f"bench-{trainer_type}-{method}")
+        job = local_job(req, work, f"bench-{trainer_type}-{method}")
         prep = job.preflight()
         trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
         t = time.perf_counter()

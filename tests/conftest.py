@@ -60,18 +60,9 @@ def read_doc(local_dir: Path, job_id: str) -> dict:
 
 def make_job(local_dir: Path, request: dict, job_id: str = "unit"):
     """A provider job wired to local services, for driving the workflow step by step."""
-    from base import Services
-    from job_manager import JobTracker, LocalJobStore
-    from providers import PROVIDERS
-    from schema import Settings, TrainRequest
-    from storage import LocalBlobStore, LocalModelHub
-    from tracking import NullRunLogger
+    from lifecycle import local_job
 
-    req = TrainRequest.model_validate(request)
-    services = Services(LocalBlobStore(local_dir), LocalModelHub(local_dir),
-                        JobTracker(LocalJobStore(local_dir), job_id), NullRunLogger())
-    return PROVIDERS[req.training_config.provider](req, Settings(job_id=job_id, local_dir=str(local_dir)),
-                                                   services, local_dir / "work" / job_id)
+    return local_job(request, local_dir, job_id)
 
 
 # ---- the cloud: Firestore and GCS emulators, reached through the real Google clients -------------
