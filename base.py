@@ -9,15 +9,12 @@ below and nothing else; heavy libraries are imported inside the steps that use t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import platform
 import shutil
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,6 @@ from tracking import RunLogger
 
 logger = logging.getLogger(__name__)
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth")
 # Every linear layer of a Gemma decoder block; both providers accept an explicit list.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXPORT_FOLDERS = {"adapter": "trained_adapters", "merged": "merged_models"}
@@ -247,6 +243,25 @@ class BaseTrainingJob:
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
 
+    def compute_dtype(self):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU: bf16 matmuls are emulated and slow
+
+    def base_model_kwargs(self) -> dict[str, Any]:
+        """How transformers loads the base model: to train it (Hugging Face) and under an adapter to check it."""
+        from transformers import BitsAndBytesConfig
+
+        kwargs: dict[str, Any] = {"dtype": self.compute_dtype(), "token": self.token(), "use_safetensors": True,
+                                  "trust_remote_code": self.cfg.trust_remote_code}
+        if self.cfg.method == "QLoRA":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=self.compute_dtype())
+        return kwargs
+
     def lora_kwargs(self) -> dict[str, Any]:
         hp = self.cfg.hyperparameters
         return {"r": hp.lora_rank, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
@@ -335,85 +350,108 @@ class BaseTrainingJob:
             return reader_metrics({}, train_metrics, self.cfg.trainer_type)
         return reader_metrics(trainer.evaluate(), train_metrics, self.cfg.trainer_type)
 
-    def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared | None = None) -> dict[str, Any]:
-        """Each artifact made, checked and uploaded in turn, deleting local copies as it goes."""
+    def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared) -> dict[str, Any]:
+        """Each artifact made, loaded in its consumer and compared with the trained model (verification.py);
+        nothing is uploaded until all have passed, and each local copy goes once it is uploaded."""
+        from artifacts import complete_tokenizer_files, save_4bit
+        from gguf_export import export_gguf
+        from verification import greedy_reference
+
         fmt, ex = self.cfg.export_format, self.cfg.export_config
-        result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}}
-        gguf_made = None  # (file, agreement) once made
-        if fmt in ("adapter", "merged"):
-            out = self.workdir / "export" / fmt
-            shutil.rmtree(out, ignore_errors=True)
-            if fmt == "adapter":
-                trainer.model.save_pretrained(str(out))
-                tokenizer.save_pretrained(str(out))
-            else:
-                self.save_merged(trainer.model, tokenizer, out)
-            self.copy_sentencepiece_model(out)
-            self.write_manifest(out, fmt, metrics)
-            if ex.wants_gguf and fmt == "merged":
-                gguf_made = self.gguf(trainer, out, prep)  # from the merged folder, before it is uploaded
-            uri = self.publish(out, EXPORT_FOLDERS[fmt])
-            result.update(adapter_path=uri, artifacts={"raw": {fmt: uri}})
+        root = self.workdir / "export"
+        shutil.rmtree(root, ignore_errors=True)
+        trainer.optimizer = trainer.lr_scheduler = None  # training is over: its optimizer state is only memory
+        ref = self.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
+                         stop_ids(trainer.model, tokenizer))
+        verified: dict[str, dict] = {}
+        ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
+        if fmt == "adapter":
+            out = root / "adapter"
+            trainer.model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
+            complete_tokenizer_files(out, tokenizer, self.cfg.base_model_id, self.token())
+            verified["adapter"] = self.timed("verify_adapter", self.verify_adapter, out, ref, trainer.model)
+            ready.append((out, "adapter"))
+        if fmt == "merged" or ex.wants_gguf:
+            merged16 = root / "merged16"
+            self.timed("merge", self.save_merged, trainer.model, tokenizer, merged16)
+            complete_tokenizer_files(merged16, tokenizer, self.cfg.base_model_id, self.token())
+            if ex.wants_gguf:
+                gguf = self.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization)
+                verified["gguf"] = self.timed("verify_gguf", self.verify_gguf, gguf, ref)
+            if fmt == "merged":
+                out = merged16
+                if ex.merged_dtype == "q4":
+                    out = self.timed("quantize_4bit", save_4bit, merged16, root / "merged")
+                verified["merged"] = self.timed("verify_merged", self.verify_merged, out, ref)
+                ready.append((out, "merged"))
+            if merged16 not in [f for f, _ in ready]:
+                shutil.rmtree(merged16, ignore_errors=True)
+        result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
+        for folder, artifact in ready:
+            self.write_manifest(folder, artifact, metrics, verified)
+            uri = self.publish(folder, EXPORT_FOLDERS[artifact])
+            result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
         if ex.wants_gguf:
-            if gguf_made is None:
-                folder = self.workdir / "export" / "merged-for-gguf"
-                shutil.rmtree(folder, ignore_errors=True)
-                self.save_merged(trainer.model, tokenizer, folder)
-                self.copy_sentencepiece_model(folder)
-                gguf_made = self.gguf(trainer, folder, prep)
-                shutil.rmtree(folder, ignore_errors=True)
-            gguf_file, agreement = gguf_made
-            folder_uri = self.publish(gguf_file.parent, "gguf_models")
-            uri = folder_uri + gguf_file.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf_file.name}"
+            self.write_manifest(gguf.parent, "gguf", metrics, verified, name=f"{gguf.stem}.manifest.json")
+            folder_uri = self.publish(gguf.parent, "gguf_models")
+            uri = folder_uri + gguf.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf.name}"
             result["gguf_path"] = uri
-            result["artifacts"]["file"] = {"gguf": uri, "gguf_next_token_agreement": agreement}
+            result["artifacts"]["file"] = {"gguf": uri}
             result["adapter_path"] = result["adapter_path"] or uri
+        shutil.rmtree(root, ignore_errors=True)
         return result
 
-    def gguf(self, trainer, merged_dir: Path, prep: Prepared | None) -> tuple[Path, float]:
-        """The GGUF of the merged model, and its next-token agreement with the trained model in llama.cpp."""
-        from gguf_export import MIN_AGREEMENT, export_gguf, next_token_agreement
+    # ---- verification: each artifact in the program that will load it --------------------------
+    def required(self, form: str) -> float:
+        from verification import REQUIRED
 
-        quant = self.cfg.export_config.gguf_quantization
-        folder = self.workdir / "export" / "gguf"
-        shutil.rmtree(folder, ignore_errors=True)
-        path = self.timed("gguf_convert", export_gguf, merged_dir, folder, quant)
-        prompts = probe_prompts(prep) if prep else []
-        agreement = next_token_agreement(path, trainer.model, prompts) if prompts else None
-        logger.info("GGUF %s: %s, next-token agreement with the trained model %s", quant, path.name, agreement)
-        if agreement is not None and agreement < MIN_AGREEMENT[quant]:
-            raise PermanentError(f"export_config: the {quant} GGUF agrees with the trained model on the next token "
-                                 f"for only {agreement:.0%} of {len(prompts)} evaluation prompts (at least "
-                                 f"{MIN_AGREEMENT[quant]:.0%} expected for {quant}); try a larger quantization.")
-        return path, agreement
+        # QLoRA trained on a 4-bit base; its merge is into the 16-bit base, which rounds differently
+        return min(REQUIRED[form], REQUIRED["q4"]) if self.cfg.method == "QLoRA" else REQUIRED[form]
 
-    def copy_sentencepiece_model(self, out: Path) -> None:
-        """transformers 5 no longer saves `tokenizer.model`; llama.cpp's converter and older loaders need it."""
-        if (out / "tokenizer.model").exists():
-            return
-        local = Path(self.cfg.base_model_id) / "tokenizer.model"
-        if local.is_file():
-            shutil.copyfile(local, out / "tokenizer.model")
-            return
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+    def verify_adapter(self, folder: Path, ref, trained) -> dict:
+        from transformers import AutoModelForCausalLM
 
-        try:
-            shutil.copyfile(hf_hub_download(self.cfg.base_model_id, "tokenizer.model", token=self.token()),
-                            out / "tokenizer.model")
-        except EntryNotFoundError:
-            logger.info("%s has no tokenizer.model", self.cfg.base_model_id)
+        from verification import REQUIRED, check_transformers, record
 
-    def write_manifest(self, out: Path, fmt: str, metrics: dict[str, Any]) -> None:
+        def load(device: str):
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, device_map=device,
+                                                        **self.base_model_kwargs())
+            return PeftModel.from_pretrained(base, str(folder))
+
+        size = sum(p.numel() * p.element_size() for p in trained.parameters())
+        found = check_transformers(ref, load, size)
+        return record("adapter", "adapter", "PEFT", found, ref, REQUIRED["adapter"])
+
+    def verify_merged(self, folder: Path, ref) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        from artifacts import weight_bytes
+        from verification import check_transformers, record
+
+        form = self.cfg.export_config.merged_dtype
+        found = check_transformers(
+            ref, lambda device: AutoModelForCausalLM.from_pretrained(str(folder), device_map=device), weight_bytes(folder))
+        return record("merged model", form, "transformers", found, ref, self.required(form))
+
+    def verify_gguf(self, gguf: Path, ref) -> dict:
+        from verification import check_gguf, record
+
+        form = self.cfg.export_config.gguf_quantization
+        return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, self.required(form))
+
+    def write_manifest(self, out: Path, artifact: str, metrics: dict[str, Any], verified: dict[str, dict],
+                       name: str = "manifest.json") -> None:
+        from artifacts import write_manifest
+
         ex = self.cfg.export_config
         custom = {"job_id": self.settings.job_id, "base_model_id": self.cfg.base_model_id,
-                  "provider": self.cfg.provider, "export_format": fmt, "hf_repo_id": ex.hf_repo_id}
-        (out / "custom_config.json").write_text(json.dumps(custom, indent=2))
-        files = {p.relative_to(out).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(out.rglob("*")) if p.is_file()}
-        manifest = {**custom, "metrics": metrics, "request": self.request.model_dump(mode="json"),
-                    "files": files, "versions": library_versions(), "timings": self.timings}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+                  "provider": self.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}
+        write_manifest(out, custom, {"metrics": metrics, "request": self.request.model_dump(mode="json"),
+                                     "verification": verified, "timings": self.timings},
+                       name=name, contract=name == "manifest.json")
 
     def publish(self, folder: Path, kind: str) -> str:
         """Upload one artifact folder, then delete the local copy (the container's disk is memory)."""
@@ -429,15 +467,27 @@ class BaseTrainingJob:
         return uri
 
 
-def probe_prompts(prep: Prepared, n: int = 8) -> list[list[int]]:
+def probe_prompts(prep: Prepared, n: int = 16, longest: int = 256) -> list[list[int]]:
     """Token ids of up to n evaluation prompts (training rows without an eval split): for SFT rows the
-    tokens before the first trained one, for RL rows the rendered prompt."""
+    tokens before the first trained one (the first half of a row trained throughout), for RL rows the
+    rendered prompt."""
     rows, tok = (prep.eval or prep.train).rows[:n], prep.tokenizer
     if rows and "input_ids" in rows[0]:
-        return [r["input_ids"][:next((i for i, x in enumerate(r["labels"]) if x != -100), len(r["labels"]))]
-                for r in rows if r["labels"][0] == -100]
-    return [tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False)["input_ids"] for r in rows]
+        def cut(row) -> int:
+            first = next((i for i, x in enumerate(row["labels"]) if x != -100), len(row["labels"]))
+            return first if first > 0 else max(1, len(row["input_ids"]) // 2)
+        prompts = [r["input_ids"][:cut(r)] for r in rows]
+    else:
+        prompts = [tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"] for r in rows]
+    return [p[-longest:] for p in prompts]
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a reply: the generation config's (Gemma: <eos> and <end_of_turn>) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return set(eos) | {tokenizer.eos_token_id}
 
 
 def import_libraries() -> None:
@@ -479,21 +529,3 @@ def progress_callback(tracker: JobTracker):
             tracker.progress(state.global_step, state.max_steps, state.epoch, None, force=True)
 
     return Progress()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found

@@ -4,8 +4,8 @@ llama.cpp's quantizer, then a check in llama.cpp itself before the job calls its
 - f16, bf16, q8_0: written by `convert_hf_to_gguf.py` directly.
 - q4_k_m, q5_k_m, q2_k: f16 first, then `llama_model_quantize` (k-quants need rows that are
   multiples of 256; Gemma's hidden sizes are).
-- Verification: the next token predicted by the GGUF in llama.cpp against the trained model's, on
-  prompts from the evaluation data. Agreement below what the quantization explains fails the job.
+- Verification (verification.py): the GGUF loaded in llama.cpp predicts the trained model's greedy
+  continuation of evaluation prompts; agreement below what the quantization explains fails the job.
 
 The converter comes from the pinned llama-cpp-python's sdist (scripts/fetch_llama_convert.py, run by
 `make setup` and the Dockerfile); the quantizer and the loader are llama-cpp-python's compiled llama.cpp.
@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 DIRECT = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0"}
 K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
             "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
-# Least next-token agreement with the trained model that each quantization explains.
-MIN_AGREEMENT = {"f16": 0.9, "bf16": 0.9, "q8_0": 0.9, "q5_k_m": 0.6, "q4_k_m": 0.5, "q2_k": 0.2}
 
 
 def converter() -> Path:
@@ -79,25 +77,3 @@ def export_gguf(merged_dir: Path, out_dir: Path, quant: str) -> Path:
     finally:
         f16.unlink(missing_ok=True)  # never two full copies on a disk that is memory
 
-
-def next_token_agreement(gguf: Path, model, prompts: list[list[int]]) -> float:
-    """Share of prompts whose greedy next token from llama.cpp equals the trained model's."""
-    import llama_cpp
-    import numpy as np
-    import torch
-
-    # logits_all: llama-cpp-python fills `scores` only then (it samples inside llama.cpp otherwise)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(len(p) for p in prompts) + 8, logits_all=True,
-                          verbose=False, n_threads=os.cpu_count() or 1)
-    same = 0
-    model.eval()
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        ours = int(np.argmax(llm.scores[len(ids) - 1]))
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            theirs = int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax())
-        same += ours == theirs
-    llm.close()
-    return same / len(prompts)

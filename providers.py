@@ -18,23 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 class HuggingFaceTrainingJob(BaseTrainingJob):
-    def compute_dtype(self):
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # CPU: bf16 matmuls are emulated and slow
-
     def load_model(self, tokenizer) -> Any:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": self.compute_dtype(), "token": self.token(), "use_safetensors": True,
-                                  "trust_remote_code": self.cfg.trust_remote_code}
-        if self.cfg.method == "QLoRA":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=self.compute_dtype())
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, **self.base_model_kwargs())
         if self.cfg.method == "Full":
             return model
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -47,7 +34,8 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         import torch
         from transformers import AutoModelForCausalLM
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.export_config.merged_dtype]
+        # q4 is quantized from the bf16 merge afterwards (artifacts.save_4bit)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "q4": torch.bfloat16}[self.cfg.export_config.merged_dtype]
         if self.cfg.export_config.merged_dtype == "fp16":
             logger.warning("merging in fp16 as asked: Gemma's activations can overflow fp16; bf16 is safer")
         if self.cfg.method == "Full":

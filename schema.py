@@ -104,7 +104,9 @@ class ExportConfig(StrictModel):
     hf_private: bool = True
     include_gguf: bool = False
     gguf_quantization: GgufQuant = "none"
-    merged_dtype: Literal["bf16", "fp16"] = Field("bf16", description="dtype of merged weights; Gemma overflows in fp16.")
+    merged_dtype: Literal["bf16", "fp16", "q4"] = Field(
+        "bf16", description="merged weights: bf16; fp16 (Gemma's activations can overflow it); q4, the bf16 merge "
+                            "saved 4-bit (NF4) with bitsandbytes, which its loader then needs.")
 
     @field_validator("format", mode="before")
     @classmethod

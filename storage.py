@@ -190,8 +190,7 @@ class LocalModelHub:
 
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
         dest = self.root / repo_id / path_in_repo
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(local_dir, dest)
+        shutil.copytree(local_dir, dest, dirs_exist_ok=True)  # adds and replaces files, as upload_folder does
         return f"file://{dest.resolve()}"
 
 

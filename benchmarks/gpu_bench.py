@@ -198,7 +198,7 @@ def main() -> None:
             print(f"unsloth not importable here ({type(e).__name__}); its rows are skipped", file=sys.stderr)
     import torch
 
-    from base import library_versions
+    from artifacts import library_versions
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp())

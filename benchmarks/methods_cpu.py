@@ -30,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    from base import library_versions
+    from artifacts import library_versions
     from lifecycle import local_job
 
     work = Path(tempfile.mkdtemp())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from base import sha256
+from artifacts import sha256
 from conftest import make_job, sample_request
 from evaluation import token_accuracy
 
@@ -39,7 +39,7 @@ def trained(tiny_root, tmp_path_factory):
     before = trainer.evaluate()
     train_metrics = job.train(trainer)
     metrics = job.evaluate(trainer, prep, train_metrics)
-    artifacts = job.export(trainer, prep.tokenizer, metrics)
+    artifacts = job.export(trainer, prep.tokenizer, metrics, prep)
     return dict(job=job, prep=prep, trainer=trainer, before=before, metrics=metrics, artifacts=artifacts,
                 base_before=base_before, blobs=job.services.blobs)
 
@@ -94,6 +94,10 @@ def test_exported_adapter_reproduces_trained_logits(trained):
         want = trained["trainer"].model.eval()(input_ids=ids, attention_mask=mask).logits
         got = loaded(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(got, want, atol=1e-4)
+    # the job's own check, before completion: PEFT on the base predicts the trained model's continuations
+    check = trained["artifacts"]["verification"]["adapter"]
+    assert check["consumer"] == "PEFT" and check["top1_agreement"] == 1.0 and check["tokens"] >= 60
+    assert json.loads((folder / "manifest.json").read_text())["verification"] == {"adapter": check}
 
 
 def test_export_layout_and_manifest(trained):

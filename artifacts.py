@@ -1,0 +1,101 @@
+"""What goes into an export folder besides the weights: the tokenizer files its consumers read, the
+4-bit form of a merge, the contract's `custom_config.json` and our manifest with checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth",
+             "llama_cpp_python")
+
+
+def complete_tokenizer_files(out: Path, tokenizer, base_model_id: str, token: str | None) -> None:
+    """transformers 5 saves neither `tokenizer.model` nor the special-token table in tokenizer_config.json;
+    llama.cpp's converter reads both, and without the table Gemma's <start_of_turn>/<end_of_turn> become
+    ordinary text tokens in the GGUF (no stop token, a broken chat template)."""
+    copy_sentencepiece_model(out, base_model_id, token)
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in
+                                      sorted(tokenizer.added_tokens_decoder.items())}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def copy_sentencepiece_model(out: Path, base_model_id: str, token: str | None) -> None:
+    if (out / "tokenizer.model").exists():
+        return
+    local = Path(base_model_id) / "tokenizer.model"
+    if local.is_file():
+        shutil.copyfile(local, out / "tokenizer.model")
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        shutil.copyfile(hf_hub_download(base_model_id, "tokenizer.model", token=token), out / "tokenizer.model")
+    except EntryNotFoundError:
+        logger.info("%s has no tokenizer.model", base_model_id)
+
+
+def save_4bit(merged16: Path, out: Path) -> Path:
+    """The 16-bit merge saved 4-bit (NF4, double quantization) with bitsandbytes: quantized once from
+    the merged weights, never merged into 4-bit weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(merged16), quantization_config=config, device_map=device)
+    model.save_pretrained(str(out))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for p in merged16.iterdir():  # the tokenizer and its tables, as the 16-bit folder has them
+        if p.is_file() and (p.name.startswith("tokenizer") or p.name.endswith((".jinja", ".model"))):
+            shutil.copyfile(p, out / p.name)
+    return out
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def write_manifest(out: Path, custom: dict[str, Any], extra: dict[str, Any], name: str = "manifest.json",
+                   contract: bool = True) -> None:
+    """`custom_config.json` (the contract: the inference service reads it) and our manifest beside it:
+    metrics, the request without secrets, verification, timings, and each file's checksum."""
+    if contract:
+        (out / "custom_config.json").write_text(json.dumps(custom, indent=2))
+    files = {p.relative_to(out).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = {**custom, **extra, "files": files, "versions": library_versions()}
+    (out / name).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -1,0 +1,191 @@
+"""Exports checked by the programs that load them (issue 5), on the tiny Gemma 3 trained until its
+predictions are not flat: PEFT for the adapter, transformers for merged bf16 and 4-bit, llama.cpp for
+every GGUF quantization, with special tokens, chat template and stop token as users meet them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+import main
+from conftest import env_for, make_job, put_request, read_doc, sample_request
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="GGUF tests need llama-cpp-python: make setup installs it")
+
+EXPORT = "gemma-export-bucket"
+# Top-1 agreement with the trained model that the issue asks of each form on this fixture.
+EXPECTED = {"f16": 1.0, "bf16": 1.0, "q8_0": 1.0, "q5_k_m": 0.98, "q4_k_m": 0.98, "q2_k": 0.98}
+FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_k_m": 17, "q4_k_m": 15, "q2_k": 10}  # llama_ftype
+
+
+def trained_request(tiny_root, **export) -> dict:
+    """The demo's request trained longer (20 epochs, 10 s): at 12 a 2-bit quantization still flips 1 of 90
+    tokens whose top-2 logits are 1.0 apart; at 20 no quantization flips any."""
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"]["epochs"] = 20
+    req["training_config"]["export_config"] = export or {"format": "merged"}
+    return req
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    """The demo's LoRA run, trained once, its reference continuations and its bf16 merge."""
+    from transformers import set_seed
+
+    from artifacts import complete_tokenizer_files
+    from base import probe_prompts, stop_ids
+    from verification import greedy_reference
+
+    root = tmp_path_factory.mktemp("export")
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", root / "gemma-dataset-bucket")
+    job = make_job(root, trained_request(tiny_root), "ex")
+    set_seed(job.cfg.hyperparameters.seed)  # as run() does, before LoRA's random init
+    prep = job.preflight()
+    trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
+    job.train(trainer)
+    ref = greedy_reference(trainer.model, probe_prompts(prep), stop_ids(trainer.model, prep.tokenizer))
+    merged = root / "merged16"
+    job.save_merged(trainer.model, prep.tokenizer, merged)
+    complete_tokenizer_files(merged, prep.tokenizer, job.cfg.base_model_id, None)
+    return dict(job=job, prep=prep, trainer=trainer, ref=ref, merged=merged, root=root)
+
+
+@pytest.fixture(scope="module")
+def gguf_f16(trained):
+    from gguf_export import export_gguf
+
+    return export_gguf(trained["merged"], trained["root"] / "gguf-f16", "f16")
+
+
+def load(path, n_ctx=256):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, n_threads=2)
+
+
+@pytest.mark.parametrize("quant", list(EXPECTED))
+def test_each_gguf_quantization_agrees_with_the_trained_model(trained, quant):
+    from gguf_export import export_gguf
+    from verification import check_gguf
+
+    t = time.perf_counter()
+    path = export_gguf(trained["merged"], trained["root"] / f"gguf-{quant}", quant)
+    seconds = time.perf_counter() - t
+    found = check_gguf(trained["ref"], path)
+    print(f"\n{quant}: top-1 agreement {found:.2%} over {trained['ref'].tokens} tokens, "
+          f"{path.stat().st_size // 1024} KiB, export {seconds:.1f}s")
+    assert trained["ref"].tokens >= 80 and len(trained["ref"].sequences) == 16
+    assert found >= EXPECTED[quant]
+    assert int(load(path).metadata["general.file_type"]) == FILE_TYPES[quant]
+    shutil.rmtree(path.parent)
+
+
+def test_special_tokens_are_control_tokens_and_tokenize_as_in_transformers(trained, gguf_f16):
+    tok = trained["prep"].tokenizer
+    llm = load(gguf_f16)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    for token_id, added in tok.added_tokens_decoder.items():
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token_id)
+        assert attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL, added.content  # not text: the converter saw the table
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert llama_cpp.llama_vocab_is_eog(vocab, end_of_turn) and llama_cpp.llama_vocab_is_eog(vocab, tok.eos_token_id)
+    for row in trained["prep"].eval.rows[:6]:
+        text = tok.decode(row["input_ids"])  # <bos><start_of_turn>user ... <end_of_turn>
+        assert "<end_of_turn>" in text
+        want = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want == row["input_ids"]
+
+
+def test_greedy_chat_in_llama_cpp_matches_the_trained_model_and_stops_at_end_of_turn(trained, gguf_f16):
+    from base import probe_prompts
+
+    tok, ref = trained["prep"].tokenizer, trained["ref"]
+    llm = load(gguf_f16)
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template  # the template came through
+    for prompt, seq in list(zip(probe_prompts(trained["prep"]), ref.sequences))[:6]:
+        text = tok.decode(prompt)
+        user = text.split("<start_of_turn>user\n", 1)[1].split("<end_of_turn>", 1)[0]
+        system, question = user.split("\n\n", 1)
+        # as a user of llama.cpp would: messages in, the GGUF's own chat template and stop token
+        reply = llm.create_chat_completion(
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            temperature=0.0, top_k=1, max_tokens=32)["choices"][0]
+        continuation = seq[len(prompt):]
+        assert continuation[-1] == tok.convert_tokens_to_ids("<end_of_turn>")  # the trained model stops too
+        assert reply["finish_reason"] == "stop"
+        assert reply["message"]["content"] == tok.decode(continuation[:-1])
+        assert reply["message"]["content"].startswith("The ")
+
+
+def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
+    req = trained_request(tiny_root, format="merged", include_gguf=True, gguf_quantization="q8_0")
+    put_request(local_dir, "gg8", req)
+    assert main.main([], env_for(local_dir, "gg8")) == 0
+    doc = read_doc(local_dir, "gg8")
+    uri = f"gs://{EXPORT}/gguf_models/gg8/model-q8_0.gguf"
+    assert doc["gguf_path"] == doc["artifacts"]["file"]["gguf"] == uri
+    assert doc["adapter_path"] == doc["artifacts"]["raw"]["merged"] == f"gs://{EXPORT}/merged_models/gg8/"
+    check = doc["verification"]
+    assert check["merged"]["consumer"] == "transformers" and check["merged"]["form"] == "bf16"
+    assert check["gguf"]["consumer"] == "llama.cpp" and check["gguf"]["form"] == "q8_0"
+    assert check["merged"]["top1_agreement"] == check["gguf"]["top1_agreement"] == 1.0
+    assert check["gguf"]["tokens"] >= 80
+    merged = local_dir / EXPORT / "merged_models" / "gg8"
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert manifest["verification"] == check and "tokenizer.model" in manifest["files"]
+    specials = json.loads((merged / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert specials["6"] == {"content": "<end_of_turn>", "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True}
+    gguf_dir = local_dir / EXPORT / "gguf_models" / "gg8"
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["model-q8_0.gguf", "model-q8_0.manifest.json"]
+    print(f"\ntimings {doc['timings']}")
+    assert not (local_dir / "work" / "gg8").exists()  # no local copy left
+
+
+def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    req = trained_request(tiny_root, format="merged", merged_dtype="q4", include_gguf=True,
+                          gguf_quantization="q4_k_m", destination="hfhub", hf_repo_id="me/tiny-animals")
+    put_request(local_dir, "hub4", req)
+    assert main.main([], env_for(local_dir, "hub4")) == 0
+    doc = read_doc(local_dir, "hub4")
+    assert doc["adapter_path"] == doc["artifacts"]["raw"]["merged"] == "me/tiny-animals"
+    assert doc["gguf_path"] == "me/tiny-animals/model-q4_k_m.gguf"
+    assert doc["verification"]["merged"]["form"] == "q4" and doc["verification"]["merged"]["top1_agreement"] >= 0.98
+    assert doc["verification"]["gguf"]["top1_agreement"] >= 0.98
+    repo = local_dir / "hub" / "me" / "tiny-animals"
+    # both artifacts in one repo: the merge's contract file and manifest, the GGUF beside with its own
+    assert {"model.safetensors", "custom_config.json", "manifest.json", "model-q4_k_m.gguf",
+            "model-q4_k_m.manifest.json"} <= {p.name for p in repo.iterdir()}
+    assert json.loads((repo / "custom_config.json").read_text())["export_format"] == "merged"
+    config = json.loads((repo / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    model = AutoModelForCausalLM.from_pretrained(str(repo))
+    assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    assert (repo / "model.safetensors").stat().st_size < 0.6 * (tiny_root / "models" / "tiny-gemma3" /
+                                                                 "model.safetensors").stat().st_size
+
+
+def test_an_artifact_that_disagrees_fails_the_job_and_nothing_is_uploaded(local_dir, tiny_root, monkeypatch):
+    """A merge that forgot the adapter (the base saved as is): the GGUF made from it is caught."""
+    from providers import HuggingFaceTrainingJob
+
+    def unmerged(self, model, tokenizer, out_dir):
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id).save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+
+    monkeypatch.setattr(HuggingFaceTrainingJob, "save_merged", unmerged)
+    put_request(local_dir, "bad", trained_request(tiny_root, format="gguf", gguf_quantization="f16"))
+    assert main.main([], env_for(local_dir, "bad")) == 2
+    doc = read_doc(local_dir, "bad")
+    assert doc["status"] == "failed" and doc["error_type"] == "permanent"
+    assert doc["error"].startswith("export_config: the exported gguf (f16), loaded in llama.cpp, predicts the "
+                                   "trained model's next token for only ")
+    assert "at least 95% expected for f16" in doc["error"]
+    assert not (local_dir / EXPORT / "gguf_models").exists()

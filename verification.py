@@ -1,0 +1,153 @@
+"""Each exported artifact loaded by the program that will serve it, and compared with the trained model
+before the job calls itself completed: PEFT for the adapter, transformers for merged weights, llama.cpp
+for GGUF.
+
+The reference is the trained model's greedy continuation of a few evaluation prompts. The artifact reads
+the same tokens (teacher forcing) and predicts each continuation token; its agreement is the share of
+those predictions equal to the trained model's. Comparing on the model's own continuation keeps the
+test where training made it confident, not on prompt tokens whose predictions are near ties that any
+rounding flips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from errors import PermanentError
+
+logger = logging.getLogger(__name__)
+
+# Least agreement each form explains. 16-bit forms and q8_0 only round (a near tie may flip, above all
+# against a model trained in fp32 on a CPU); 4- and 5-bit forms flip more; q2_k is lossy by design. A broken
+# export (wrong weights, tokenizer or template) agrees on almost nothing, far below any of these.
+REQUIRED = {"adapter": 0.95, "bf16": 0.95, "fp16": 0.95, "f16": 0.95, "q8_0": 0.95,
+            "q5_k_m": 0.85, "q4_k_m": 0.8, "q4": 0.8, "q2_k": 0.5}
+MAX_NEW_TOKENS = 32
+
+Predict = Callable[[list[int]], list[int]]  # token ids -> the argmax next token at every position
+
+
+@dataclass
+class Reference:
+    sequences: list[list[int]]  # prompt + the trained model's greedy continuation
+    starts: list[int]  # where each continuation begins
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) - start for s, start in zip(self.sequences, self.starts))
+
+
+def greedy_reference(model, prompts: list[list[int]], stop_ids: set[int],
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
+    """Greedy decoding by full forward passes, no KV cache: the same code path for PEFT, Unsloth and
+    gradient-checkpointed models, and cheap for a few short prompts."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    sequences = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
+                ids.append(int(logits[0, -1].argmax()))
+                if ids[-1] in stop_ids:
+                    break
+            sequences.append(ids)
+    return Reference(sequences, [len(p) for p in prompts])
+
+
+def agreement(ref: Reference, predict: Predict) -> float:
+    same = 0
+    for seq, start in zip(ref.sequences, ref.starts):
+        predicted = predict(seq)
+        same += sum(predicted[i - 1] == seq[i] for i in range(start, len(seq)))
+    return round(same / ref.tokens, 4)
+
+
+def transformers_predict(model) -> Predict:
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+
+    def predict(ids: list[int]) -> list[int]:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].argmax(-1).tolist()
+
+    return predict
+
+
+def llama_predict(llm) -> Predict:
+    import numpy as np
+
+    def predict(ids: list[int]) -> list[int]:
+        llm.reset()
+        llm.eval(ids)
+        return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
+
+    return predict
+
+
+def load_llama(gguf: Path, n_ctx: int):
+    import llama_cpp
+
+    # logits_all: llama-cpp-python fills `scores` for every position only then
+    return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, logits_all=True, verbose=False,
+                           n_threads=os.cpu_count() or 1)
+
+
+def check_gguf(ref: Reference, gguf: Path) -> float:
+    llm = load_llama(gguf, max(len(s) for s in ref.sequences) + 8)
+    try:
+        return agreement(ref, llama_predict(llm))
+    finally:
+        llm.close()
+
+
+def check_transformers(ref: Reference, load: Callable[[str], Any], weight_bytes: int) -> float:
+    """Agreement of a transformers/PEFT model built by load(device), on the GPU when it has room."""
+    import gc
+
+    import torch
+
+    model = load(pick_device(weight_bytes))
+    try:
+        return agreement(ref, transformers_predict(model))
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def pick_device(weight_bytes: int) -> str:
+    """The GPU when the weights fit beside what training left there (a 12B merge does not on an L4),
+    else the CPU, which the merge itself already needed room on."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > 1.2 * weight_bytes + 2**30:
+        return "cuda"
+    return "cpu"
+
+
+def record(artifact: str, form: str, consumer: str, found: float, ref: Reference, required: float) -> dict:
+    """The verification entry for the manifest and the job document; a permanent error below `required`."""
+    entry = {"consumer": consumer, "form": form, "top1_agreement": found, "tokens": ref.tokens,
+             "prompts": len(ref.sequences), "required": required}
+    logger.info("verified %s (%s) in %s: top-1 agreement %.2f%% over %d tokens (at least %.0f%% required)",
+                artifact, form, consumer, 100 * found, ref.tokens, 100 * required)
+    if found < required:
+        raise PermanentError(
+            f"export_config: the exported {artifact} ({form}), loaded in {consumer}, predicts the trained model's "
+            f"next token for only {found:.1%} of {ref.tokens} tokens on {len(ref.sequences)} evaluation prompts "
+            f"(at least {required:.0%} expected for {form}); nothing was uploaded. "
+            + ("Choose a larger gguf_quantization (q8_0 or f16)." if form in ("q5_k_m", "q4_k_m", "q2_k") else
+               "Choose merged_dtype 'bf16'." if form in ("q4", "fp16") else
+               "A 16-bit or 8-bit form should not disagree: report this with the job id."))
+    return entry
