@@ -30,3 +30,19 @@ def test_gpu_benchmark_runs_its_small_shape_on_cpu(tmp_path):
         assert rows[key]["tokens_per_s"] > 0 and rows[key]["timed_steps"] == 2, rows[key]
         assert rows[key]["flops_per_token"] > 0 and rows[key]["mfu"] is None  # no bf16 peak for a CPU
     assert rows[("LoRA", "unsloth")]["skipped"] == "Unsloth needs an NVIDIA GPU"
+
+
+def test_gpu_check_script_runs_the_whole_job_where_it_can(tmp_path):
+    """On CPU: the Hugging Face job completes with its exports verified; Unsloth is refused with exit 2."""
+    out = tmp_path / "check.json"
+    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--only", "huggingface:LoRA", "unsloth:LoRA",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    hf, unsloth = report["results"]
+    assert report["device"] == "cpu" and report["versions"]["transformers"]
+    assert hf["exit_code"] == 0 and hf["status"] == "completed" and hf["metrics"]["eval_loss"] > 0
+    assert hf["verification"]["merged"]["top1_agreement"] == 1.0
+    if report["gguf"]:  # where llama-cpp-python is installed (make setup installs it)
+        assert hf["verification"]["gguf"]["top1_agreement"] == 1.0
+    assert unsloth["exit_code"] == 2 and "needs an NVIDIA GPU" in unsloth["error"]

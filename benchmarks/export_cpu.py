@@ -1,0 +1,102 @@
+"""Every export form on the tiny Gemma 3 after the demo's LoRA training (20 epochs): seconds to make it,
+size, seconds to verify it in its consumer, and its top-1 agreement with the trained model.
+
+    python benchmarks/export_cpu.py            # writes benchmarks/results/export_cpu.json
+
+The same steps as BaseTrainingJob.export, one form at a time, so each is timed apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GGUF = ["f16", "bf16", "q8_0", "q5_k_m", "q4_k_m", "q2_k"]
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, round(time.perf_counter() - t, 2)
+
+
+def size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def in_transformers(ref, folder: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from artifacts import weight_bytes
+    from verification import check_transformers
+
+    return check_transformers(ref, lambda device: AutoModelForCausalLM.from_pretrained(str(folder), device_map=device),
+                              weight_bytes(folder))
+
+
+def main() -> None:
+    from transformers import set_seed
+
+    from artifacts import complete_tokenizer_files, library_versions, save_4bit
+    from base import probe_prompts, stop_ids
+    from gguf_export import export_gguf
+    from lifecycle import local_job
+    from verification import check_gguf, greedy_reference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny.py"), "--out", str(root)], check=True,
+                       capture_output=True)
+        request = json.loads((ROOT / "examples" / "local_default.json").read_text())
+        request["training_config"]["base_model_id"] = str(root / "models" / "tiny-gemma3")
+        request["training_config"]["hyperparameters"]["epochs"] = 20
+        job = local_job(request, root, "bench")
+        set_seed(job.cfg.hyperparameters.seed)
+        prep = job.preflight()
+        trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
+        job.train(trainer)
+        tok = prep.tokenizer
+        ref, ref_s = timed(greedy_reference, trainer.model, probe_prompts(prep), stop_ids(trainer.model, tok))
+        rows = []
+
+        def row(form, consumer, path, make_s, check):
+            found, check_s = timed(check)
+            rows.append({"form": form, "consumer": consumer, "make_s": make_s, "verify_s": check_s,
+                         "bytes": size(path), "top1_agreement": found})
+            print(rows[-1])
+
+        adapter = root / "adapter"
+        _, s = timed(lambda: (trainer.model.save_pretrained(str(adapter)), tok.save_pretrained(str(adapter)),
+                              complete_tokenizer_files(adapter, tok, job.cfg.base_model_id, None)))
+        row("adapter", "PEFT", adapter, s, lambda: job.verify_adapter(adapter, ref, trainer.model)["top1_agreement"])
+        merged = root / "merged16"
+        _, s = timed(lambda: (job.save_merged(trainer.model, tok, merged),
+                              complete_tokenizer_files(merged, tok, job.cfg.base_model_id, None)))
+        row("merged bf16", "transformers", merged, s, lambda: in_transformers(ref, merged))
+        q4, s = timed(save_4bit, merged, root / "merged-q4")
+        row("merged q4", "transformers", q4, s, lambda: in_transformers(ref, q4))
+        for quant in GGUF:
+            path, s = timed(export_gguf, merged, root / f"gguf-{quant}", quant)
+            row(f"gguf {quant}", "llama.cpp", path, s, lambda: check_gguf(ref, path))
+            shutil.rmtree(path.parent)
+    out = ROOT / "benchmarks" / "results" / "export_cpu.json"
+    out.write_text(json.dumps({"date": date.today().isoformat(), "machine": platform.machine(),
+                               "cpu_count": os.cpu_count(), "reference_s": ref_s, "reference_tokens": ref.tokens,
+                               "reference_prompts": len(ref.sequences), "versions": library_versions(),
+                               "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

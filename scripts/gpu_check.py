@@ -1,0 +1,97 @@
+"""GPU check: the whole job (train, evaluate, export, verify) with each provider and method that needs a
+GPU, on the tiny Gemma-3-architecture model that scripts/make_tiny.py makes from a config (random weights,
+nothing downloaded). Each job runs as `python main.py` with BACKEND=local in its own process, so Unsloth
+is imported first there as in production.
+
+    python scripts/gpu_check.py                                  # on a GPU: Unsloth and Hugging Face, LoRA and QLoRA
+    python scripts/gpu_check.py --only huggingface:LoRA unsloth:LoRA --out /tmp/c.json   # what the CPU test runs
+
+Each job exports `merged` (bf16) and, where llama-cpp-python is installed, a q4_k_m GGUF beside it, so
+Unsloth's merge and the shared GGUF exporter are both checked by the verification before completion.
+Writes benchmarks/results/gpu-check-<device>.json (or --out): per job the exit code, status, error,
+metrics, verification and timings, with the device and library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+JOBS = ["huggingface:LoRA", "huggingface:QLoRA", "unsloth:LoRA", "unsloth:QLoRA"]
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def has_gguf() -> bool:
+    from gguf_export import converter
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return converter().is_file()
+
+
+def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
+    provider, method = job.split(":")
+    job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
+    request = json.loads((ROOT / "examples" / "local_default.json").read_text())
+    tc = request["training_config"]
+    tc.update(base_model_id=str(root / "models" / "tiny-gemma3"), provider=provider, method=method)
+    tc["hyperparameters"]["epochs"] = epochs
+    tc["export_config"] = {"format": "merged", **({"include_gguf": True, "gguf_quantization": "q4_k_m"} if gguf else {})}
+    (root / "gemma-train-config").mkdir(exist_ok=True)
+    (root / "gemma-train-config" / f"{job_id}.json").write_text(json.dumps(request))
+    env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id}
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, str(ROOT / "main.py")], env=env, capture_output=True, text=True)
+    doc = json.loads((root / "firestore" / "training_jobs" / f"{job_id}.json").read_text())
+    keep = ("eval_loss", "perplexity", "accuracy", "train_loss", "train_runtime")
+    return {"job": job, "exit_code": run.returncode, "seconds": round(time.perf_counter() - t, 1),
+            "status": doc.get("status"), "error": doc.get("error"),
+            "metrics": {k: v for k, v in (doc.get("metrics") or {}).items() if k in keep},
+            "verification": doc.get("verification"), "timings": doc.get("timings"),
+            "log_tail": None if run.returncode == 0 else run.stderr[-2000:]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=JOBS, help="provider:method pairs")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    from artifacts import library_versions
+
+    device, gguf = device_name(), has_gguf()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny.py"), "--out", str(root)], check=True,
+                       capture_output=True)
+        results = []
+        for job in args.only:
+            results.append(run_job(root, job, args.epochs, gguf))
+            print(json.dumps({k: results[-1][k] for k in ("job", "exit_code", "status", "error", "seconds")}))
+    out = args.out or ROOT / "benchmarks" / "results" / f"gpu-check-{re.sub(r'[^a-z0-9]+', '-', device.lower())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": date.today().isoformat(), "device": device, "gguf": gguf,
+                               "versions": library_versions(), "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
