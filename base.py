@@ -360,7 +360,10 @@ class BaseTrainingJob:
         fmt, ex = self.cfg.export_format, self.cfg.export_config
         root = self.workdir / "export"
         shutil.rmtree(root, ignore_errors=True)
-        trainer.optimizer = trainer.lr_scheduler = None  # training is over: its optimizer state is only memory
+        # Training is over: its optimizer state is only GPU memory now, wanted by the consumers' checks.
+        # Accelerate holds references too; free_memory drops them and empties the CUDA cache.
+        trainer.optimizer = trainer.lr_scheduler = None
+        trainer.accelerator.free_memory()
         ref = self.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
                          stop_ids(trainer.model, tokenizer))
         verified: dict[str, dict] = {}
