@@ -9,7 +9,6 @@ below and nothing else; heavy libraries are imported inside the steps that use t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -355,7 +354,7 @@ class BaseTrainingJob:
         nothing is uploaded until all have passed, and each local copy goes once it is uploaded."""
         from artifacts import complete_tokenizer_files, save_4bit
         from gguf_export import export_gguf
-        from verification import greedy_reference
+        from verification import greedy_reference, probe_prompts, stop_ids
 
         fmt, ex = self.cfg.export_format, self.cfg.export_config
         root = self.workdir / "export"
@@ -435,8 +434,10 @@ class BaseTrainingJob:
         from verification import check_transformers, record
 
         form = self.cfg.export_config.merged_dtype
-        found = check_transformers(
-            ref, lambda device: AutoModelForCausalLM.from_pretrained(str(folder), device_map=device), weight_bytes(folder))
+        def load(device: str):
+            return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
+
+        found = check_transformers(ref, load, weight_bytes(folder))
         return record("merged model", form, "transformers", found, ref, self.required(form))
 
     def verify_gguf(self, gguf: Path, ref) -> dict:
@@ -468,29 +469,6 @@ class BaseTrainingJob:
         logger.info("uploaded %s to %s", kind, uri)
         shutil.rmtree(folder, ignore_errors=True)
         return uri
-
-
-def probe_prompts(prep: Prepared, n: int = 16, longest: int = 256) -> list[list[int]]:
-    """Token ids of up to n evaluation prompts (training rows without an eval split): for SFT rows the
-    tokens before the first trained one (the first half of a row trained throughout), for RL rows the
-    rendered prompt."""
-    rows, tok = (prep.eval or prep.train).rows[:n], prep.tokenizer
-    if rows and "input_ids" in rows[0]:
-        def cut(row) -> int:
-            first = next((i for i, x in enumerate(row["labels"]) if x != -100), len(row["labels"]))
-            return first if first > 0 else max(1, len(row["input_ids"]) // 2)
-        prompts = [r["input_ids"][:cut(r)] for r in rows]
-    else:
-        prompts = [tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"] for r in rows]
-    return [p[-longest:] for p in prompts]
-
-
-def stop_ids(model, tokenizer) -> set[int]:
-    """The tokens that end a reply: the generation config's (Gemma: <eos> and <end_of_turn>) and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return set(eos) | {tokenizer.eos_token_id}
 
 
 def import_libraries() -> None:

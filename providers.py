@@ -35,7 +35,8 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         from transformers import AutoModelForCausalLM
 
         # q4 is quantized from the bf16 merge afterwards (artifacts.save_4bit)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "q4": torch.bfloat16}[self.cfg.export_config.merged_dtype]
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "q4": torch.bfloat16}
+        dtype = dtypes[self.cfg.export_config.merged_dtype]
         if self.cfg.export_config.merged_dtype == "fp16":
             logger.warning("merging in fp16 as asked: Gemma's activations can overflow fp16; bf16 is safer")
         if self.cfg.method == "Full":

@@ -41,6 +41,29 @@ class Reference:
         return sum(len(s) - start for s, start in zip(self.sequences, self.starts))
 
 
+def probe_prompts(prep, n: int = 16, longest: int = 256) -> list[list[int]]:
+    """Token ids of up to n evaluation prompts (training rows without an eval split): for SFT rows the
+    tokens before the first trained one (the first half of a row trained throughout), for RL rows the
+    rendered prompt."""
+    rows, tok = (prep.eval or prep.train).rows[:n], prep.tokenizer
+    if rows and "input_ids" in rows[0]:
+        def cut(row) -> int:
+            first = next((i for i, x in enumerate(row["labels"]) if x != -100), len(row["labels"]))
+            return first if first > 0 else max(1, len(row["input_ids"]) // 2)
+        prompts = [r["input_ids"][:cut(r)] for r in rows]
+    else:
+        prompts = [tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"] for r in rows]
+    return [p[-longest:] for p in prompts]
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a reply: the generation config's (Gemma: <eos> and <end_of_turn>) and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return set(eos) | {tokenizer.eos_token_id}
+
+
 def greedy_reference(model, prompts: list[list[int]], stop_ids: set[int],
                      max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
     """Greedy decoding by full forward passes, no KV cache: the same code path for PEFT, Unsloth and

@@ -49,7 +49,7 @@ def main() -> None:
     from transformers import set_seed
 
     from artifacts import complete_tokenizer_files, library_versions, save_4bit
-    from base import probe_prompts, stop_ids
+    from verification import probe_prompts, stop_ids
     from gguf_export import export_gguf
     from lifecycle import local_job
     from verification import check_gguf, greedy_reference

@@ -54,7 +54,9 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
     tc = request["training_config"]
     tc.update(base_model_id=str(root / "models" / "tiny-gemma3"), provider=provider, method=method)
     tc["hyperparameters"]["epochs"] = epochs
-    tc["export_config"] = {"format": "merged", **({"include_gguf": True, "gguf_quantization": "q4_k_m"} if gguf else {})}
+    tc["export_config"] = {"format": "merged"}
+    if gguf:
+        tc["export_config"].update(include_gguf=True, gguf_quantization="q4_k_m")
     (root / "gemma-train-config").mkdir(exist_ok=True)
     (root / "gemma-train-config" / f"{job_id}.json").write_text(json.dumps(request))
     env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id}

@@ -36,7 +36,7 @@ def trained(tiny_root, tmp_path_factory):
     from transformers import set_seed
 
     from artifacts import complete_tokenizer_files
-    from base import probe_prompts, stop_ids
+    from verification import probe_prompts, stop_ids
     from verification import greedy_reference
 
     root = tmp_path_factory.mktemp("export")
@@ -98,7 +98,7 @@ def test_special_tokens_are_control_tokens_and_tokenize_as_in_transformers(train
 
 
 def test_greedy_chat_in_llama_cpp_matches_the_trained_model_and_stops_at_end_of_turn(trained, gguf_f16):
-    from base import probe_prompts
+    from verification import probe_prompts
 
     tok, ref = trained["prep"].tokenizer, trained["ref"]
     llm = load(gguf_f16)
