@@ -1,7 +1,9 @@
 # The training job's image: one NVIDIA L4 on Cloud Run (driver CUDA 12.2).
-# torch's cu126 wheels carry their own CUDA 12.6 runtime, which runs on a 12.2 driver through
-# CUDA minor-version compatibility; the base image only needs to be a CUDA 12.x userland.
-FROM nvidia/cuda:12.6.3-runtime-ubuntu22.04 AS base
+# torch's cu126 wheels carry their own CUDA 12.6 libraries, which run on a 12.2 driver through
+# CUDA minor-version compatibility. The base stays at 12.2 because nvidia/cuda images declare
+# NVIDIA_REQUIRE_CUDA=cuda>=<their version>, and the NVIDIA container runtime refuses to start a
+# 12.6 image on a 12.2 driver; "base" (cudart only) because torch brings the rest.
+FROM nvidia/cuda:12.2.2-base-ubuntu22.04 AS base
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Python 3.11: the version CI tests (Ubuntu 22.04 ships 3.10).
 RUN apt-get update \

@@ -1,0 +1,46 @@
+"""The image's contracts that a build here cannot show (no Docker engine): hadolint checks the
+Dockerfile's form in `make lint`; these check what it must contain for an L4 on Cloud Run."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from conftest import ROOT
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def test_base_image_starts_on_the_l4_driver():
+    # nvidia/cuda images require cuda>=<their version>: above the driver's 12.2 the container never starts
+    bases = re.findall(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-\w+-ubuntu", DOCKERFILE, re.M)
+    assert bases and all((int(major), int(minor)) <= (12, 2) and major == "12" for major, minor in bases)
+
+
+def test_image_installs_the_tested_pins_with_cuda_torch_and_portable_llama_cpp():
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert re.search(r"--index-url https://download.pytorch.org/whl/cu12\d+ .*grep '\^torch=='", DOCKERFILE)
+    assert "torch" in pins and "-r /tmp/requirements.txt -r /tmp/requirements-gpu.txt" in DOCKERFILE
+    assert "-DGGML_NATIVE=OFF" in DOCKERFILE and "fetch_llama_convert.py" in DOCKERFILE
+    assert re.search(r"^USER 1000:1000$", DOCKERFILE, re.M) and "PYTHONUNBUFFERED=1" in DOCKERFILE
+    assert re.search(r'^ENTRYPOINT \["python", "main.py"\]$', DOCKERFILE, re.M)
+
+
+def test_cloud_run_job_has_an_l4_its_timeout_retries_and_secrets():
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    sub = build["substitutions"]
+    deploy = next(s for s in build["steps"] if s["id"] == "deploy")["args"][-1]
+    assert "--gpu 1 --gpu-type nvidia-l4" in deploy and "--memory 32Gi" in deploy
+    # the job reads the same timeout, to checkpoint and exit before Cloud Run kills it
+    assert "--task-timeout ${_TASK_TIMEOUT_SECONDS}s" in deploy
+    assert "TASK_TIMEOUT_SECONDS=${_TASK_TIMEOUT_SECONDS}" in deploy
+    assert int(sub["_MAX_RETRIES"]) >= 1 and int(sub["_TASK_TIMEOUT_SECONDS"]) > 0
+    assert "--set-secrets HF_TOKEN=hf-token:latest,WANDB_API_KEY=wandb-api-key:latest" in deploy
+
+
+def test_gcloudignore_keeps_tests_and_local_files_out_but_the_converter_fetcher_in():
+    lines = (ROOT / ".gcloudignore").read_text().splitlines()
+    assert {"tests/", ".venv/", ".local/", ".git"} <= set(lines)
+    assert "!scripts/fetch_llama_convert.py" in lines  # the Dockerfile copies it
