@@ -434,6 +434,7 @@ class BaseTrainingJob:
         from verification import check_transformers, record
 
         form = self.cfg.export_config.merged_dtype
+
         def load(device: str):
             return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
 

@@ -137,6 +137,11 @@ def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
     specials = json.loads((merged / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     assert specials["6"] == {"content": "<end_of_turn>", "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": True}
+    from transformers import AutoTokenizer  # the table added for llama.cpp leaves transformers' loading as it was
+
+    text = "<bos><start_of_turn>user\nWhat does the cow say?<end_of_turn>\n<start_of_turn>model\nThe cow says moo."
+    exported, original = (AutoTokenizer.from_pretrained(str(p)) for p in (merged, tiny_root / "models" / "tiny-gemma3"))
+    assert exported(text)["input_ids"] == original(text)["input_ids"]
     gguf_dir = local_dir / EXPORT / "gguf_models" / "gg8"
     assert sorted(p.name for p in gguf_dir.iterdir()) == ["model-q8_0.gguf", "model-q8_0.manifest.json"]
     print(f"\ntimings {doc['timings']}")
