@@ -64,7 +64,7 @@ def stop_ids(model, tokenizer) -> set[int]:
     return set(eos) | {tokenizer.eos_token_id}
 
 
-def greedy_reference(model, prompts: list[list[int]], stop_ids: set[int],
+def greedy_reference(model, prompts: list[list[int]], stops: set[int],
                      max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
     """Greedy decoding by full forward passes, no KV cache: the same code path for PEFT, Unsloth and
     gradient-checkpointed models, and cheap for a few short prompts."""
@@ -79,7 +79,7 @@ def greedy_reference(model, prompts: list[list[int]], stop_ids: set[int],
             for _ in range(max_new_tokens):
                 logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
                 ids.append(int(logits[0, -1].argmax()))
-                if ids[-1] in stop_ids:
+                if ids[-1] in stops:
                     break
             sequences.append(ids)
     return Reference(sequences, [len(p) for p in prompts])
