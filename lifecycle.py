@@ -8,8 +8,11 @@ main.py builds the services and turns what this raises into an exit code (DESIGN
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,8 @@ from schema import Settings, TrainRequest, parse_request, strip_secrets
 from storage import BlobStore
 
 logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
 
 
 def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, request_file: Path | None,
@@ -92,3 +97,18 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
                         NullRunLogger())
     return PROVIDERS[req.training_config.provider](req, Settings(job_id=job_id, local_dir=str(root)), services,
                                                    Path(root) / "work" / job_id)
+
+
+def make_tiny_fixtures(root: Path) -> Path:
+    """scripts/make_tiny.py's model and datasets under root (tests, benchmarks, the GPU check)."""
+    subprocess.run([sys.executable, str(HERE / "scripts" / "make_tiny.py"), "--out", str(root)], check=True,
+                   capture_output=True)
+    return Path(root)
+
+
+def demo_request(root: Path, **training: Any) -> dict[str, Any]:
+    """examples/local_default.json with its base model at root's tiny Gemma 3, and `training` merged into
+    its training_config."""
+    request = json.loads((HERE / "examples" / "local_default.json").read_text())
+    request["training_config"].update({"base_model_id": str(Path(root) / "models" / "tiny-gemma3"), **training})
+    return copy.deepcopy(request)

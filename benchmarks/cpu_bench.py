@@ -24,6 +24,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess]:
@@ -46,11 +47,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp())
-    subprocess.run([sys.executable, "scripts/make_tiny.py", "--out", str(work)], cwd=ROOT, check=True,
-                   capture_output=True)
-    request = json.loads((ROOT / "examples" / "local_default.json").read_text())
-    request["training_config"]["base_model_id"] = str(work / "models" / "tiny-gemma3")
+    from lifecycle import demo_request, make_tiny_fixtures
+
+    work = make_tiny_fixtures(Path(tempfile.mkdtemp()))
+    request = demo_request(work)
     (work / "req.json").write_text(json.dumps(request))
     bad = json.loads(json.dumps(request))
     bad["training_config"]["hyperparameters"]["learning_rte"] = 1

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,15 +50,12 @@ def main() -> None:
     from artifacts import complete_tokenizer_files, library_versions, save_4bit
     from verification import probe_prompts, stop_ids
     from gguf_export import export_gguf
-    from lifecycle import local_job
+    from lifecycle import demo_request, local_job, make_tiny_fixtures
     from verification import check_gguf, greedy_reference
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny.py"), "--out", str(root)], check=True,
-                       capture_output=True)
-        request = json.loads((ROOT / "examples" / "local_default.json").read_text())
-        request["training_config"]["base_model_id"] = str(root / "models" / "tiny-gemma3")
+        root = make_tiny_fixtures(Path(tmp))
+        request = demo_request(root)
         request["training_config"]["hyperparameters"]["epochs"] = 20
         job = local_job(request, root, "bench")
         set_seed(job.cfg.hyperparameters.seed)

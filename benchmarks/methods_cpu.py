@@ -11,7 +11,6 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,16 +30,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     from artifacts import library_versions
-    from lifecycle import local_job
+    from lifecycle import demo_request, local_job, make_tiny_fixtures
 
-    work = Path(tempfile.mkdtemp())
-    subprocess.run([sys.executable, "scripts/make_tiny.py", "--out", str(work)], cwd=ROOT, check=True,
-                   capture_output=True)
+    work = make_tiny_fixtures(Path(tempfile.mkdtemp()))
     results = []
     for trainer_type, method, dataset in CASES:
-        req = json.loads((ROOT / "examples" / "local_default.json").read_text())
-        req["training_config"].update(base_model_id=str(work / "models" / "tiny-gemma3"), trainer_type=trainer_type,
-                                      method=method)
+        req = demo_request(work, trainer_type=trainer_type, method=method)
         req["processed_dataset_id"] = dataset
         hp = req["training_config"]["hyperparameters"]
         hp.update(max_steps=args.steps, epochs=100, save_strategy="no", max_prompt_length=64)

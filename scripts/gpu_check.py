@@ -50,9 +50,10 @@ def has_gguf() -> bool:
 def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
     provider, method = job.split(":")
     job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
-    request = json.loads((ROOT / "examples" / "local_default.json").read_text())
+    from lifecycle import demo_request
+
+    request = demo_request(root, provider=provider, method=method)
     tc = request["training_config"]
-    tc.update(base_model_id=str(root / "models" / "tiny-gemma3"), provider=provider, method=method)
     tc["hyperparameters"]["epochs"] = epochs
     tc["export_config"] = {"format": "merged"}
     if gguf:
@@ -81,9 +82,9 @@ def main() -> None:
 
     device, gguf = device_name(), has_gguf()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny.py"), "--out", str(root)], check=True,
-                       capture_output=True)
+        from lifecycle import make_tiny_fixtures
+
+        root = make_tiny_fixtures(Path(tmp))
         results = []
         for job in args.only:
             results.append(run_job(root, job, args.epochs, gguf))

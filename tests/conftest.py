@@ -3,11 +3,9 @@ services in a temporary LOCAL_DIR, and sample requests of each generation."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
@@ -24,10 +22,9 @@ EXAMPLES = ROOT / "examples"
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny.py"), "--out", str(out)], check=True,
-                   capture_output=True)
-    return out
+    from lifecycle import make_tiny_fixtures
+
+    return make_tiny_fixtures(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -38,10 +35,9 @@ def local_dir(tmp_path, tiny_root) -> Path:
 
 
 def sample_request(tiny_root: Path, **training) -> dict:
-    req = json.loads((EXAMPLES / "local_default.json").read_text())
-    req["training_config"]["base_model_id"] = str(tiny_root / "models" / "tiny-gemma3")
-    req["training_config"].update(training)
-    return copy.deepcopy(req)
+    from lifecycle import demo_request
+
+    return demo_request(tiny_root, **training)
 
 
 def env_for(local_dir: Path, job_id: str, **extra: str) -> dict[str, str]:
