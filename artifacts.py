@@ -67,6 +67,24 @@ def save_4bit(merged16: Path, out: Path) -> Path:
     return out
 
 
+def cast_saved(folder: Path, dtype) -> bool:
+    """The model saved in folder rewritten in dtype, if it is stored in another; False if it already was.
+    On the CPU: after training, the GPU is the scarce memory."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("dtype", config.get("torch_dtype")) == str(dtype).removeprefix("torch."):
+        return False
+    cast = folder.with_name(folder.name + "-cast")
+    AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map="cpu").save_pretrained(str(cast))
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    for f in cast.iterdir():
+        f.replace(folder / f.name)
+    cast.rmdir()
+    return True
+
+
 def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 

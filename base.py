@@ -20,7 +20,7 @@ from typing import Any
 from checkpoints import CheckpointStore, Guard, checkpoint_callback
 from data import DatasetError, Tokenized, check_rows, fit_prompts, row_form, split_uris, tokenize
 from errors import Cancelled, Interrupted, PermanentError
-from evaluation import reader_metrics
+from evaluation import eval_token_accuracy, reader_metrics
 from job_manager import JobStatus, JobTracker
 from rewards import build_reward, reference_fields
 from schema import Settings, TrainRequest
@@ -347,7 +347,11 @@ class BaseTrainingJob:
         if trainer.eval_dataset is None:
             logger.warning("no eval split (test/validation/eval) or compute_eval_metrics off: no eval metrics")
             return reader_metrics({}, train_metrics, self.cfg.trainer_type)
-        return reader_metrics(trainer.evaluate(), train_metrics, self.cfg.trainer_type)
+        raw = trainer.evaluate()
+        if self.cfg.trainer_type == "sft" and "eval_mean_token_accuracy" not in raw:
+            # Unsloth's fused loss has no logits for TRL to count from: DESIGN.md's `accuracy` computed again
+            raw["eval_mean_token_accuracy"] = self.timed("eval_token_accuracy", eval_token_accuracy, trainer)
+        return reader_metrics(raw, train_metrics, self.cfg.trainer_type)
 
     def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared) -> dict[str, Any]:
         """Each artifact made, loaded in its consumer and compared with the trained model (verification.py);

@@ -3,6 +3,10 @@
 The trainer computes the eval loss and token accuracy (the prediction at t scored against the
 label at t+1) with TRL's chunked cross-entropy, so full-vocabulary logits are never materialised,
 not even for one batch. `token_accuracy` is the same definition on explicit arrays, for checks.
+
+Unsloth's fused loss never materialises logits either, and its SFT trainer logs no token accuracy
+then (unsloth_zoo omits it with a warning). `eval_token_accuracy` computes TRL's figure again from
+label-free forward passes, one row at a time, for any trainer that reported none.
 """
 
 from __future__ import annotations
@@ -20,6 +24,31 @@ def token_accuracy(pred_ids: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
     pred, gold = np.asarray(pred_ids)[:, :-1], np.asarray(labels)[:, 1:]
     mask = gold != IGNORE
     return int(((pred == gold) & mask).sum()), int(mask.sum())
+
+
+def eval_token_accuracy(trainer) -> float:
+    """TRL's eval `mean_token_accuracy` (per eval batch, correct over counted tokens; then the mean over
+    batches), from forward passes without labels: with no labels every model returns its logits, and
+    one row at a time only one row's [length, vocabulary] logits exist at once."""
+    import torch
+
+    model, ratios = trainer.model, []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            labels = batch.pop("labels")
+            correct = counted = 0
+            for i in range(labels.shape[0]):
+                row = {k: v[i:i + 1].to(trainer.args.device) for k, v in batch.items() if torch.is_tensor(v)}
+                with trainer.compute_loss_context_manager():
+                    logits = model(**row, use_cache=False).logits
+                found = token_accuracy(logits.argmax(-1).cpu().numpy(), labels[i:i + 1].numpy())
+                correct, counted = correct + found[0], counted + found[1]
+                del logits
+            ratios.append(correct / counted if counted else 0.0)
+    model.train(was_training)
+    return float(np.mean(ratios)) if ratios else 0.0
 
 
 def perplexity(loss: float) -> float:

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from artifacts import cast_saved
 from base import BaseTrainingJob
 from errors import PermanentError
 
@@ -31,14 +32,9 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **self.lora_kwargs()))
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
-        import torch
         from transformers import AutoModelForCausalLM
 
-        # q4 is quantized from the bf16 merge afterwards (artifacts.save_4bit)
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "q4": torch.bfloat16}
-        dtype = dtypes[self.cfg.export_config.merged_dtype]
-        if self.cfg.export_config.merged_dtype == "fp16":
-            logger.warning("merging in fp16 as asked: Gemma's activations can overflow fp16; bf16 is safer")
+        dtype = merge_dtype(self.cfg.export_config.merged_dtype)
         if self.cfg.method == "Full":
             model.to(dtype).save_pretrained(str(out_dir))
         else:
@@ -55,8 +51,9 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
 
 class UnslothTrainingJob(BaseTrainingJob):
+    # Until each has run under Unsloth on a GPU (issue 6), Full and the RL trainer types are refused here;
+    # scripts/gpu_check.py tries them with this gate open.
     methods = ("LoRA", "QLoRA")
-    # SFT only until the RL trainers have run under Unsloth on a GPU (issue 6); the others are refused.
     trainer_types = ("sft",)
 
     def check_environment(self) -> None:
@@ -70,10 +67,20 @@ class UnslothTrainingJob(BaseTrainingJob):
     def load_model(self, tokenizer) -> Any:
         from unsloth import FastLanguageModel
 
-        hp = self.cfg.hyperparameters
+        hp, method = self.cfg.hyperparameters, self.cfg.method
+        # use_exact_model_name: train on the model the request names (and whose access was checked), not on
+        # a mirror Unsloth would map it to; the adapter then names the same base that the consumers load.
         model, _ = FastLanguageModel.from_pretrained(
-            self.cfg.base_model_id, max_seq_length=hp.max_length, load_in_4bit=self.cfg.method == "QLoRA",
-            token=self.token(), dtype=None)
+            self.cfg.base_model_id, max_seq_length=hp.max_length, dtype=None, load_in_4bit=method == "QLoRA",
+            load_in_16bit=method == "LoRA", full_finetuning=method == "Full", token=self.token(),
+            trust_remote_code=self.cfg.trust_remote_code, use_exact_model_name=True)
+        if method == "QLoRA" and not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+            # Unsloth falls back to 16 bits, with a print, where bitsandbytes is unusable: 4x the memory
+            raise PermanentError("training_config.method: 'QLoRA' but Unsloth loaded the base in 16 bits "
+                                 "(bitsandbytes is unusable in this image); use method 'LoRA' or provider "
+                                 "'huggingface'.")
+        if method == "Full":
+            return model
         return FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="unsloth",
                                                 random_state=hp.seed, **self.lora_kwargs())
 
@@ -81,7 +88,25 @@ class UnslothTrainingJob(BaseTrainingJob):
         return {"optim": "adamw_8bit"}
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
-        model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
+        if self.cfg.method == "Full":
+            model.save_pretrained(str(out_dir))
+            tokenizer.save_pretrained(str(out_dir))
+        else:
+            # Unsloth downloads the base's 16-bit weights again and merges into them (never into 4 bits).
+            # safe_serialization=None: safetensors even where Unsloth would pickle (hosts of <= 2 cores).
+            model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit",
+                                         safe_serialization=None)
+        # Unsloth writes the dtype the base is stored in; the request's merged_dtype decides here.
+        cast_saved(out_dir, merge_dtype(self.cfg.export_config.merged_dtype))
+
+
+def merge_dtype(merged_dtype: str):
+    """The torch dtype of the 16-bit merge; q4 is quantized from the bf16 merge afterwards (artifacts.save_4bit)."""
+    import torch
+
+    if merged_dtype == "fp16":
+        logger.warning("merging in fp16 as asked: Gemma's activations can overflow fp16; bf16 is safer")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "q4": torch.bfloat16}[merged_dtype]
 
 
 PROVIDERS: dict[str, type[BaseTrainingJob]] = {"huggingface": HuggingFaceTrainingJob, "unsloth": UnslothTrainingJob}

@@ -3,13 +3,19 @@ GPU, on the tiny Gemma-3-architecture model that scripts/make_tiny.py makes from
 nothing downloaded). Each job runs as `python main.py` with BACKEND=local in its own process, so Unsloth
 is imported first there as in production.
 
-    python scripts/gpu_check.py                                  # on a GPU: Unsloth and Hugging Face, LoRA and QLoRA
-    python scripts/gpu_check.py --only huggingface:LoRA unsloth:LoRA --out /tmp/c.json   # what the CPU test runs
+    python scripts/gpu_check.py                     # on a GPU: every job in JOBS, then the CANDIDATES
+    python scripts/gpu_check.py --only huggingface:LoRA unsloth:LoRA:dpo --out /tmp/c.json
 
-Each job exports `merged` (bf16) and, where llama-cpp-python is installed, a q4_k_m GGUF beside it, so
-Unsloth's merge and the shared GGUF exporter are both checked by the verification before completion.
+A job is provider:method[:trainer_type] (sft when left out). Each exports `merged` (bf16) and, where
+llama-cpp-python is installed, a q4_k_m GGUF beside it, so Unsloth's merge and the shared GGUF exporter
+are both checked by the job's verification before completion.
+
+CANDIDATES are what the Unsloth provider still refuses (Full, the RL trainer types) until they have run
+on a GPU: they run here with that gate opened, so their results say whether it can be.
+
 Writes benchmarks/results/gpu-check-<device>.json (or --out): per job the exit code, status, error,
-metrics, verification and timings, with the device and library versions.
+metrics (and any of DESIGN.md's metrics missing), verification and timings, with the device and
+library versions.
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 JOBS = ["huggingface:LoRA", "huggingface:QLoRA", "unsloth:LoRA", "unsloth:QLoRA"]
+CANDIDATES = ["unsloth:Full", "unsloth:LoRA:dpo", "unsloth:LoRA:orpo", "unsloth:QLoRA:grpo"]
+DATASETS = {"sft": "tiny-animals", "dpo": "tiny-animals-pref", "orpo": "tiny-animals-pref",
+            "grpo": "tiny-animals-prompts"}
+# What readers need in the job document's metrics (DESIGN.md): SFT's four; RL readers take missing as null.
+CONTRACT = {"sft": ("accuracy", "perplexity", "eval_loss", "eval_runtime"), "dpo": (), "orpo": (), "grpo": ()}
+# The child process of a candidate: the provider's gate opened, then the job exactly as main.py runs it.
+OPEN_GATE = """import sys
+import providers
+providers.UnslothTrainingJob.methods = ("LoRA", "QLoRA", "Full")
+providers.UnslothTrainingJob.trainer_types = ("sft", "dpo", "orpo", "grpo")
+import main
+sys.exit(main.main([]))
+"""
 
 
 def device_name() -> str:
@@ -48,33 +67,45 @@ def has_gguf() -> bool:
 
 
 def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
-    provider, method = job.split(":")
+    provider, method, trainer_type = (job.split(":") + ["sft"])[:3]
     job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
     from lifecycle import demo_request
 
-    request = demo_request(root, provider=provider, method=method)
+    request = demo_request(root, provider=provider, method=method, trainer_type=trainer_type)
+    request["processed_dataset_id"] = DATASETS[trainer_type]
     tc = request["training_config"]
-    tc["hyperparameters"]["epochs"] = epochs
+    tc["hyperparameters"].update(epochs=epochs, max_prompt_length=64)
+    if trainer_type != "sft":
+        tc["hyperparameters"]["max_steps"] = 20
+    if trainer_type == "grpo":
+        tc["hyperparameters"]["max_length"] = 80
+        tc["eval_config"] = {"eval_strategy": "no"}
+        tc["reward_config"] = [{"name": "sound", "type": "text_similarity", "reference_field": "answer",
+                                "evaluation_metric": "fuzzy_match"}]
     tc["export_config"] = {"format": "merged"}
     if gguf:
         tc["export_config"].update(include_gguf=True, gguf_quantization="q4_k_m")
     (root / "gemma-train-config").mkdir(exist_ok=True)
     (root / "gemma-train-config" / f"{job_id}.json").write_text(json.dumps(request))
-    env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id}
+    env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", OPEN_GATE] if job in CANDIDATES else [sys.executable, str(ROOT / "main.py")]
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, str(ROOT / "main.py")], env=env, capture_output=True, text=True)
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     doc = json.loads((root / "firestore" / "training_jobs" / f"{job_id}.json").read_text())
-    keep = ("eval_loss", "perplexity", "accuracy", "train_loss", "train_runtime")
-    return {"job": job, "exit_code": run.returncode, "seconds": round(time.perf_counter() - t, 1),
-            "status": doc.get("status"), "error": doc.get("error"),
-            "metrics": {k: v for k, v in (doc.get("metrics") or {}).items() if k in keep},
+    metrics = doc.get("metrics") or {}
+    keep = ("eval_loss", "perplexity", "accuracy", "eval_runtime", "reward_accuracy", "reward_margin",
+            "train_loss", "train_reward", "train_runtime")
+    return {"job": job, "candidate": job in CANDIDATES, "exit_code": run.returncode,
+            "seconds": round(time.perf_counter() - t, 1), "status": doc.get("status"), "error": doc.get("error"),
+            "metrics": {k: v for k, v in metrics.items() if k in keep},
+            "missing_metrics": [k for k in CONTRACT[trainer_type] if metrics.get(k) is None] if metrics else None,
             "verification": doc.get("verification"), "timings": doc.get("timings"),
             "log_tail": None if run.returncode == 0 else run.stderr[-2000:]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=JOBS, help="provider:method pairs")
+    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type]")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -33,16 +33,21 @@ def test_gpu_benchmark_runs_its_small_shape_on_cpu(tmp_path):
 
 
 def test_gpu_check_script_runs_the_whole_job_where_it_can(tmp_path):
-    """On CPU: the Hugging Face job completes with its exports verified; Unsloth is refused with exit 2."""
+    """On CPU: the Hugging Face job completes with its exports verified and DESIGN.md's metrics; Unsloth is
+    refused with exit 2, and so is a candidate (GRPO) once its gate is open: by the GPU check, not the gate."""
     out = tmp_path / "check.json"
     run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--only", "huggingface:LoRA", "unsloth:LoRA",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "unsloth:QLoRA:grpo", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
-    hf, unsloth = report["results"]
+    hf, unsloth, candidate = report["results"]
     assert report["device"] == "cpu" and report["versions"]["transformers"]
     assert hf["exit_code"] == 0 and hf["status"] == "completed" and hf["metrics"]["eval_loss"] > 0
+    assert hf["missing_metrics"] == [] and 0 < hf["metrics"]["accuracy"] <= 1
     assert hf["verification"]["merged"]["top1_agreement"] == 1.0
     if report["gguf"]:  # where llama-cpp-python is installed (make setup installs it)
         assert hf["verification"]["gguf"]["top1_agreement"] == 1.0
     assert unsloth["exit_code"] == 2 and "needs an NVIDIA GPU" in unsloth["error"]
+    assert not unsloth["candidate"] and candidate["candidate"]
+    assert candidate["exit_code"] == 2 and "needs an NVIDIA GPU" in candidate["error"]

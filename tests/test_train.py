@@ -112,3 +112,50 @@ def test_export_layout_and_manifest(trained):
         assert sha256(folder / name) == entry["sha256"]
     assert manifest["versions"]["transformers"] and manifest["metrics"]["eval_loss"] == trained["metrics"]["eval_loss"]
     assert not (trained["job"].workdir / "export" / "adapter").exists()  # local copy deleted after upload
+
+
+def test_token_accuracy_recomputed_when_the_trainer_reports_none(trained):
+    """Unsloth replaces TRL's SFT compute_loss by transformers' (its fused loss has no logits), so TRL logs no
+    token accuracy; evaluate() must then compute the same figure itself. Done here on the real trainer, with
+    the same replacement Unsloth makes, over several eval batches (TRL averages per batch)."""
+    import types
+
+    from transformers import Trainer
+
+    from evaluation import eval_token_accuracy
+
+    job, trainer, prep = trained["job"], trained["trainer"], trained["prep"]
+    assert eval_token_accuracy(trainer) == pytest.approx(trained["metrics"]["accuracy"], abs=1e-6)
+    old_batch = trainer.args.per_device_eval_batch_size
+    trainer.args.per_device_eval_batch_size = 4  # 18 eval rows: 5 batches, the last one short
+    try:
+        trl_figure = trainer.evaluate()["eval_mean_token_accuracy"]
+        trainer.compute_loss = types.MethodType(Trainer.compute_loss, trainer)
+        assert "eval_mean_token_accuracy" not in trainer.evaluate()
+        metrics = job.evaluate(trainer, prep, {})
+    finally:
+        trainer.args.per_device_eval_batch_size = old_batch
+        del trainer.compute_loss
+    assert metrics["accuracy"] == pytest.approx(trl_figure, abs=1e-6)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert job.timings["eval_token_accuracy"] > 0
+
+
+def test_cast_saved_rewrites_a_saved_model_in_the_asked_dtype(tiny_root, tmp_path):
+    """Unsloth's merge keeps the dtype the base is stored in; the job then rewrites it as merged_dtype asks."""
+    from safetensors.torch import load_file
+
+    from artifacts import cast_saved
+
+    folder = shutil.copytree(tiny_root / "models" / "tiny-gemma3", tmp_path / "merged")
+    original = load_file(folder / "model.safetensors")
+    assert {t.dtype for t in original.values()} == {torch.bfloat16}
+    assert cast_saved(folder, torch.float16) is True
+    cast = load_file(folder / "model.safetensors")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+    assert cast.keys() == original.keys() and all(torch.equal(cast[k], original[k].half()) for k in original)
+    assert cast_saved(folder, torch.float16) is False  # already stored so: left alone
+    assert cast_saved(folder, torch.bfloat16) is True
+    assert all(torch.equal(load_file(folder / "model.safetensors")[k], cast[k].bfloat16()) for k in original)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no scratch folder left
+    assert (folder / "tokenizer.json").is_file()
