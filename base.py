@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 # Every linear layer of a Gemma decoder block; both providers accept an explicit list.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-EXPORT_FOLDERS = {"adapter": "trained_adapters", "merged": "merged_models"}
 
 
 @dataclass
@@ -127,7 +125,7 @@ class BaseTrainingJob:
                 f"supported by provider '{self.cfg.provider}' yet (methods {list(self.methods)}, trainer types "
                 f"{list(self.trainer_types)}); choose one of those.")
         if self.cfg.export_config.wants_gguf:
-            from gguf_export import check_installed
+            from export import check_installed
 
             check_installed()
         self.check_environment()
@@ -354,126 +352,10 @@ class BaseTrainingJob:
         return reader_metrics(raw, train_metrics, self.cfg.trainer_type)
 
     def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared) -> dict[str, Any]:
-        """Each artifact made, loaded in its consumer and compared with the trained model (verification.py);
-        nothing is uploaded until all have passed, and each local copy goes once it is uploaded."""
-        from artifacts import complete_tokenizer_files, save_4bit
-        from gguf_export import export_gguf
-        from verification import greedy_reference, probe_prompts, stop_ids
+        """Each artifact made, verified in its consumer, then uploaded (export.py)."""
+        from export import export_artifacts
 
-        fmt, ex = self.cfg.export_format, self.cfg.export_config
-        root = self.workdir / "export"
-        shutil.rmtree(root, ignore_errors=True)
-        # Training is over: its optimizer state is only GPU memory now, wanted by the consumers' checks.
-        # Accelerate holds references too; free_memory drops them and empties the CUDA cache.
-        trainer.optimizer = trainer.lr_scheduler = None
-        trainer.accelerator.free_memory()
-        ref = self.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
-                         stop_ids(trainer.model, tokenizer))
-        verified: dict[str, dict] = {}
-        ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
-        if fmt == "adapter":
-            out = root / "adapter"
-            trainer.model.save_pretrained(str(out))
-            tokenizer.save_pretrained(str(out))
-            complete_tokenizer_files(out, tokenizer, self.cfg.base_model_id, self.token())
-            verified["adapter"] = self.timed("verify_adapter", self.verify_adapter, out, ref, trainer.model)
-            ready.append((out, "adapter"))
-        if fmt == "merged" or ex.wants_gguf:
-            merged16 = root / "merged16"
-            self.timed("merge", self.save_merged, trainer.model, tokenizer, merged16)
-            complete_tokenizer_files(merged16, tokenizer, self.cfg.base_model_id, self.token())
-            if ex.wants_gguf:
-                gguf = self.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization)
-                verified["gguf"] = self.timed("verify_gguf", self.verify_gguf, gguf, ref)
-            if fmt == "merged":
-                out = merged16
-                if ex.merged_dtype == "q4":
-                    out = self.timed("quantize_4bit", save_4bit, merged16, root / "merged")
-                verified["merged"] = self.timed("verify_merged", self.verify_merged, out, ref)
-                ready.append((out, "merged"))
-            if merged16 not in [f for f, _ in ready]:
-                shutil.rmtree(merged16, ignore_errors=True)
-        result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
-        for folder, artifact in ready:
-            self.write_manifest(folder, artifact, metrics, verified)
-            uri = self.publish(folder, EXPORT_FOLDERS[artifact])
-            result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
-        if ex.wants_gguf:
-            self.write_manifest(gguf.parent, "gguf", metrics, verified, name=f"{gguf.stem}.manifest.json")
-            folder_uri = self.publish(gguf.parent, "gguf_models")
-            uri = folder_uri + gguf.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf.name}"
-            result["gguf_path"] = uri
-            result["artifacts"]["file"] = {"gguf": uri}
-            result["adapter_path"] = result["adapter_path"] or uri
-        shutil.rmtree(root, ignore_errors=True)
-        return result
-
-    # ---- verification: each artifact in the program that will load it --------------------------
-    def required(self, form: str) -> float:
-        from verification import REQUIRED
-
-        # QLoRA trained on a 4-bit base; its merge is into the 16-bit base, which rounds differently
-        return min(REQUIRED[form], REQUIRED["q4"]) if self.cfg.method == "QLoRA" else REQUIRED[form]
-
-    def verify_adapter(self, folder: Path, ref, trained) -> dict:
-        from transformers import AutoModelForCausalLM
-
-        from verification import REQUIRED, check_transformers, record
-
-        def load(device: str):
-            from peft import PeftModel
-
-            base = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, device_map=device,
-                                                        **self.base_model_kwargs())
-            return PeftModel.from_pretrained(base, str(folder))
-
-        size = sum(p.numel() * p.element_size() for p in trained.parameters())
-        found = check_transformers(ref, load, size)
-        return record("adapter", "adapter", "PEFT", found, ref, REQUIRED["adapter"])
-
-    def verify_merged(self, folder: Path, ref) -> dict:
-        from transformers import AutoModelForCausalLM
-
-        from artifacts import weight_bytes
-        from verification import check_transformers, record
-
-        form = self.cfg.export_config.merged_dtype
-
-        def load(device: str):
-            return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
-
-        found = check_transformers(ref, load, weight_bytes(folder))
-        return record("merged model", form, "transformers", found, ref, self.required(form))
-
-    def verify_gguf(self, gguf: Path, ref) -> dict:
-        from verification import check_gguf, record
-
-        form = self.cfg.export_config.gguf_quantization
-        return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, self.required(form))
-
-    def write_manifest(self, out: Path, artifact: str, metrics: dict[str, Any], verified: dict[str, dict],
-                       name: str = "manifest.json") -> None:
-        from artifacts import write_manifest
-
-        ex = self.cfg.export_config
-        custom = {"job_id": self.settings.job_id, "base_model_id": self.cfg.base_model_id,
-                  "provider": self.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}
-        write_manifest(out, custom, {"metrics": metrics, "request": self.request.model_dump(mode="json"),
-                                     "verification": verified, "timings": self.timings},
-                       name=name, contract=name == "manifest.json")
-
-    def publish(self, folder: Path, kind: str) -> str:
-        """Upload one artifact folder, then delete the local copy (the container's disk is memory)."""
-        ex = self.cfg.export_config
-        if ex.destination == "hfhub":
-            self.services.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
-            uri = ex.hf_repo_id
-        else:
-            uri = f"gs://{self.settings.export_bucket}/{kind}/{self.settings.job_id}/"
-            self.services.blobs.upload_dir(folder, uri)
-        logger.info("uploaded %s to %s", kind, uri)
-        shutil.rmtree(folder, ignore_errors=True)
-        return uri
+        return export_artifacts(self, trainer, tokenizer, metrics, prep)
 
 
 def import_libraries() -> None:

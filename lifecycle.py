@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -68,6 +69,16 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             raise
     scrub_request(blobs, uri, text)
     return result
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up and imports so far), from /proc on Linux."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def scrub_request(blobs: BlobStore, uri: str | None, text: str) -> None:

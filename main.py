@@ -20,8 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from base import Services
+from checkpoints import Guard
 from errors import Cancelled, PermanentError
+from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
+from lifecycle import process_age, run_attempt
+from logs import setup_logging
 from schema import Settings, TrainRequest, check_job_id
+from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
+from tracking import NullRunLogger, WandbRunLogger
 
 logger = logging.getLogger("main")
 DEFAULT_REQUEST = Path(__file__).parent / "examples" / "local_default.json"
@@ -33,35 +40,15 @@ def read_settings(env) -> Settings:
     names = {"project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB", "config_bucket": "GCS_CONFIG_BUCKET_NAME",
              "config_uri": "TRAINING_CONFIG_GCS_PATH", "data_bucket": "GCS_DATA_BUCKET_NAME",
              "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT",
-             "wandb_api_key": "WANDB_API_KEY",
-             "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
-             "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB"}
+             "wandb_api_key": "WANDB_API_KEY", "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT",
+             "task_timeout_s": "TASK_TIMEOUT_SECONDS", "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS",
+             "gpu_memory_gib": "GPU_MEMORY_GIB"}
     return Settings(job_id=check_job_id(job_id), backend=backend,
                     **{k: env[v] for k, v in names.items() if env.get(v)})
 
 
-def process_age() -> float:
-    """Seconds since this process started (interpreter start-up and imports so far), from /proc on Linux."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def make_blob_store(settings: Settings):
-    from storage import GcsBlobStore, LocalBlobStore
-
-    return LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
-
-
 def make_services(settings: Settings, request: TrainRequest, tracker, blobs, guard=None):
     """The rest of the services once the request is known (its token and W&B settings choose them)."""
-    from base import Services
-    from storage import HfModelHub, LocalModelHub
-    from tracking import NullRunLogger, WandbRunLogger
-
     local = settings.backend == "local"
     token = request.hf_token or settings.hf_token
     hub = LocalModelHub(settings.local_dir) if local else HfModelHub(
@@ -79,17 +66,11 @@ def main(argv: list[str] | None = None, env=None) -> int:
     parser.add_argument("--validate", action="store_true", help="pre-flight checks only; no model is loaded")
     parser.add_argument("--schema", action="store_true", help="print the request's JSON Schema")
     args = parser.parse_args(argv)
-    started = time.monotonic()
-    startup_s = process_age()
+    started, startup_s = time.monotonic(), process_age()
     if args.schema:
         print(json.dumps(TrainRequest.model_json_schema(), indent=2))
         return 0
     env = os.environ if env is None else env
-    from checkpoints import Guard
-    from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
-    from lifecycle import run_attempt
-    from logs import setup_logging
-
     try:
         settings = read_settings(env)
     except (PermanentError, ValueError) as e:
@@ -103,7 +84,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
     guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)
     previous_handler = guard.install()
-    blobs = make_blob_store(settings)
+    blobs = LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
         settings.backend == "local" and not env.get("JOB_ID")) else None
     try:

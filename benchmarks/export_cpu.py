@@ -3,7 +3,7 @@ size, seconds to verify it in its consumer, and its top-1 agreement with the tra
 
     python benchmarks/export_cpu.py            # writes benchmarks/results/export_cpu.json
 
-The same steps as BaseTrainingJob.export, one form at a time, so each is timed apart.
+The same steps as export.export_artifacts, one form at a time, so each is timed apart.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
 
     from artifacts import complete_tokenizer_files, library_versions, save_4bit
     from verification import probe_prompts, stop_ids
-    from gguf_export import export_gguf
+    from export import export_gguf, verify_adapter
     from lifecycle import demo_request, local_job, make_tiny_fixtures
     from verification import check_gguf, greedy_reference
 
@@ -75,7 +75,7 @@ def main() -> None:
         adapter = root / "adapter"
         _, s = timed(lambda: (trainer.model.save_pretrained(str(adapter)), tok.save_pretrained(str(adapter)),
                               complete_tokenizer_files(adapter, tok, job.cfg.base_model_id, None)))
-        row("adapter", "PEFT", adapter, s, lambda: job.verify_adapter(adapter, ref, trainer.model)["top1_agreement"])
+        row("adapter", "PEFT", adapter, s, lambda: verify_adapter(job, adapter, ref, trainer.model)["top1_agreement"])
         merged = root / "merged16"
         _, s = timed(lambda: (job.save_merged(trainer.model, tok, merged),
                               complete_tokenizer_files(merged, tok, job.cfg.base_model_id, None)))

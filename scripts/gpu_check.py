@@ -57,7 +57,7 @@ def device_name() -> str:
 
 
 def has_gguf() -> bool:
-    from gguf_export import converter
+    from export import converter
 
     try:
         import llama_cpp  # noqa: F401

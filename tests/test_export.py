@@ -55,7 +55,7 @@ def trained(tiny_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gguf_f16(trained):
-    from gguf_export import export_gguf
+    from export import export_gguf
 
     return export_gguf(trained["merged"], trained["root"] / "gguf-f16", "f16")
 
@@ -66,7 +66,7 @@ def load(path, n_ctx=256):
 
 @pytest.mark.parametrize("quant", list(EXPECTED))
 def test_each_gguf_quantization_agrees_with_the_trained_model(trained, quant):
-    from gguf_export import export_gguf
+    from export import export_gguf
     from verification import check_gguf
 
     t = time.perf_counter()

@@ -1,0 +1,220 @@
+"""The export step, shared by both providers: each artifact the request asks for, made, loaded in the
+program that will load it and compared with the trained model, then uploaded (DESIGN.md's layout).
+
+    adapter   -> PEFT on the base, as trained
+    merged    -> transformers (bf16, fp16, or NF4 4-bit quantized from the bf16 merge)
+    gguf      -> llama.cpp: its own converter on the 16-bit merge, then its quantizer
+
+- f16, bf16, q8_0: written by `convert_hf_to_gguf.py` directly.
+- q4_k_m, q5_k_m, q2_k: f16 first, then `llama_model_quantize` (k-quants need rows that are
+  multiples of 256; Gemma's hidden sizes are).
+- Verification (verification.py): each artifact predicts the trained model's greedy continuation of
+  evaluation prompts; agreement below what its form explains fails the job with exit 2, and nothing is
+  uploaded until every artifact has passed.
+
+The converter comes from the pinned llama-cpp-python's sdist (scripts/fetch_llama_convert.py, run by
+`make setup` and the Dockerfile) into PREFIX/share/llama.cpp; the quantizer and the loader are
+llama-cpp-python's compiled llama.cpp. No provider builds llama.cpp at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from errors import PermanentError
+
+if TYPE_CHECKING:
+    from base import BaseTrainingJob, Prepared
+
+logger = logging.getLogger(__name__)
+
+FOLDERS = {"adapter": "trained_adapters", "merged": "merged_models", "gguf": "gguf_models"}
+DIRECT = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0"}
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+            "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+
+
+def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str, Any],
+                     prep: Prepared) -> dict[str, Any]:
+    """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
+    goes once it is uploaded (the container's disk is memory)."""
+    from artifacts import complete_tokenizer_files, save_4bit
+    from verification import greedy_reference, probe_prompts, stop_ids
+
+    fmt, ex = job.cfg.export_format, job.cfg.export_config
+    root = job.workdir / "export"
+    shutil.rmtree(root, ignore_errors=True)
+    # Training is over: its optimizer state is only GPU memory now, wanted by the consumers' checks.
+    # Accelerate holds references too; free_memory drops them and empties the CUDA cache.
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
+    ref = job.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
+                    stop_ids(trainer.model, tokenizer))
+    verified: dict[str, dict] = {}
+    ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
+    if fmt == "adapter":
+        out = root / "adapter"
+        trainer.model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token())
+        verified["adapter"] = job.timed("verify_adapter", verify_adapter, job, out, ref, trainer.model)
+        ready.append((out, "adapter"))
+    if fmt == "merged" or ex.wants_gguf:
+        merged16 = root / "merged16"
+        job.timed("merge", job.save_merged, trainer.model, tokenizer, merged16)
+        complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token())
+        if ex.wants_gguf:
+            gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization)
+            verified["gguf"] = job.timed("verify_gguf", verify_gguf, job, gguf, ref)
+        if fmt == "merged":
+            out = merged16
+            if ex.merged_dtype == "q4":
+                out = job.timed("quantize_4bit", save_4bit, merged16, root / "merged")
+            verified["merged"] = job.timed("verify_merged", verify_merged, job, out, ref)
+            ready.append((out, "merged"))
+        if merged16 not in [f for f, _ in ready]:
+            shutil.rmtree(merged16, ignore_errors=True)
+    result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
+    for folder, artifact in ready:
+        write_manifest(job, folder, artifact, metrics, verified)
+        uri = publish(job, folder, artifact)
+        result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
+    if ex.wants_gguf:
+        write_manifest(job, gguf.parent, "gguf", metrics, verified, name=f"{gguf.stem}.manifest.json")
+        folder_uri = publish(job, gguf.parent, "gguf")
+        uri = folder_uri + gguf.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf.name}"
+        result["gguf_path"] = uri
+        result["artifacts"]["file"] = {"gguf": uri}
+        result["adapter_path"] = result["adapter_path"] or uri
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+# ---- verification: each artifact in the program that will load it ---------------------------------
+def required(job: BaseTrainingJob, form: str) -> float:
+    from verification import REQUIRED
+
+    # QLoRA trained on a 4-bit base; its merge is into the 16-bit base, which rounds differently
+    return min(REQUIRED[form], REQUIRED["q4"]) if job.cfg.method == "QLoRA" else REQUIRED[form]
+
+
+def verify_adapter(job: BaseTrainingJob, folder: Path, ref, trained) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from verification import REQUIRED, check_transformers, record
+
+    def load(device: str):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(job.cfg.base_model_id, device_map=device,
+                                                    **job.base_model_kwargs())
+        return PeftModel.from_pretrained(base, str(folder))
+
+    size = sum(p.numel() * p.element_size() for p in trained.parameters())
+    found = check_transformers(ref, load, size)
+    return record("adapter", "adapter", "PEFT", found, ref, REQUIRED["adapter"])
+
+
+def verify_merged(job: BaseTrainingJob, folder: Path, ref) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from artifacts import weight_bytes
+    from verification import check_transformers, record
+
+    form = job.cfg.export_config.merged_dtype
+
+    def load(device: str):
+        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
+
+    found = check_transformers(ref, load, weight_bytes(folder))
+    return record("merged model", form, "transformers", found, ref, required(job, form))
+
+
+def verify_gguf(job: BaseTrainingJob, gguf: Path, ref) -> dict:
+    from verification import check_gguf, record
+
+    form = job.cfg.export_config.gguf_quantization
+    return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(job, form))
+
+
+# ---- manifests and uploads --------------------------------------------------------------------------
+def write_manifest(job: BaseTrainingJob, out: Path, artifact: str, metrics: dict[str, Any],
+                   verified: dict[str, dict], name: str = "manifest.json") -> None:
+    from artifacts import write_manifest as write
+
+    ex = job.cfg.export_config
+    custom = {"job_id": job.settings.job_id, "base_model_id": job.cfg.base_model_id,
+              "provider": job.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}
+    write(out, custom, {"metrics": metrics, "request": job.request.model_dump(mode="json"),
+                        "verification": verified, "timings": job.timings},
+          name=name, contract=name == "manifest.json")
+
+
+def publish(job: BaseTrainingJob, folder: Path, artifact: str) -> str:
+    """Upload one artifact folder, then delete the local copy."""
+    ex = job.cfg.export_config
+    if ex.destination == "hfhub":
+        job.services.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
+        uri = ex.hf_repo_id
+    else:
+        uri = f"gs://{job.settings.export_bucket}/{FOLDERS[artifact]}/{job.settings.job_id}/"
+        job.services.blobs.upload_dir(folder, uri)
+    logger.info("uploaded %s to %s", artifact, uri)
+    shutil.rmtree(folder, ignore_errors=True)
+    return uri
+
+
+# ---- GGUF: llama.cpp's converter and quantizer --------------------------------------------------------
+def converter() -> Path:
+    return Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
+
+
+def check_installed() -> None:
+    """A permanent error, at pre-flight, if the converter or llama.cpp is missing from this install."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise PermanentError("export_config: GGUF export needs llama-cpp-python, which this installation lacks; "
+                             "run `make setup` (or use the job's image), or export 'adapter' or 'merged'.") from None
+    if not converter().is_file():
+        raise PermanentError(f"export_config: GGUF export needs llama.cpp's converter at {converter()}; run "
+                             "`python scripts/fetch_llama_convert.py`, or export 'adapter' or 'merged'.")
+
+
+def convert(merged_dir: Path, out: Path, outtype: str) -> Path:
+    cmd = [sys.executable, str(converter()), str(merged_dir), "--outtype", outtype, "--outfile", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({run.returncode}): {run.stderr[-2000:]}")
+    return out
+
+
+def quantize(src: Path, dst: Path, quant: str) -> Path:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, K_QUANTS[quant])
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize to {quant} returned {rc}")
+    return dst
+
+
+def export_gguf(merged_dir: Path, out_dir: Path, quant: str) -> Path:
+    """model-{quant}.gguf in out_dir, from a merged 16-bit model folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"model-{quant}.gguf"
+    if quant in DIRECT:
+        return convert(merged_dir, target, DIRECT[quant])
+    f16 = convert(merged_dir, out_dir.parent / "model-f16.tmp.gguf", "f16")
+    try:
+        return quantize(f16, target, quant)
+    finally:
+        f16.unlink(missing_ok=True)  # never two full copies on a disk that is memory
