@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -40,7 +41,8 @@ def test_cloud_run_job_has_an_l4_its_timeout_retries_and_secrets():
     assert "--set-secrets HF_TOKEN=hf-token:latest,WANDB_API_KEY=wandb-api-key:latest" in deploy
 
 
-def test_gcloudignore_keeps_tests_and_local_files_out_but_the_converter_fetcher_in():
-    lines = (ROOT / ".gcloudignore").read_text().splitlines()
-    assert {"tests/", ".venv/", ".local/", ".git"} <= set(lines)
+@pytest.mark.parametrize("name", [".gcloudignore", ".dockerignore"])
+def test_build_context_keeps_tests_and_local_files_out_but_the_converter_fetcher_in(name):
+    lines = (ROOT / name).read_text().splitlines()
+    assert {"tests/", ".venv/", ".local/", ".gpu-site/", ".git"} <= set(lines)
     assert "!scripts/fetch_llama_convert.py" in lines  # the Dockerfile copies it
