@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from base import Services
 from checkpoints import Guard
 from errors import Cancelled, PermanentError
 from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
@@ -49,6 +48,8 @@ def read_settings(env) -> Settings:
 
 def make_services(settings: Settings, request: TrainRequest, tracker, blobs, guard=None):
     """The rest of the services once the request is known (its token and W&B settings choose them)."""
+    from base import Services  # numpy and the workflow: not needed to reject a bad request
+
     local = settings.backend == "local"
     token = request.hf_token or settings.hf_token
     hub = LocalModelHub(settings.local_dir) if local else HfModelHub(

@@ -40,7 +40,8 @@ DATASETS = {"sft": "tiny-animals", "dpo": "tiny-animals-pref", "orpo": "tiny-ani
             "grpo": "tiny-animals-prompts"}
 # What readers need in the job document's metrics (DESIGN.md): SFT's four; RL readers take missing as null.
 CONTRACT = {"sft": ("accuracy", "perplexity", "eval_loss", "eval_runtime"), "dpo": (), "orpo": (), "grpo": ()}
-# The child process of a candidate: the provider's gate opened, then the job exactly as main.py runs it.
+# The child process of a candidate (run in ROOT, which `-c` puts on sys.path): the provider's gate opened,
+# then the job exactly as main.py runs it.
 OPEN_GATE = """import sys
 import providers
 providers.UnslothTrainingJob.methods = ("LoRA", "QLoRA", "Full")
@@ -87,7 +88,7 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
         tc["export_config"].update(include_gguf=True, gguf_quantization="q4_k_m")
     (root / "gemma-train-config").mkdir(exist_ok=True)
     (root / "gemma-train-config" / f"{job_id}.json").write_text(json.dumps(request))
-    env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id}
     cmd = [sys.executable, "-c", OPEN_GATE] if job in CANDIDATES else [sys.executable, str(ROOT / "main.py")]
     t = time.perf_counter()
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
