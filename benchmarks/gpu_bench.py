@@ -4,7 +4,9 @@ them, and nothing can be downloaded on the GPU machine), side by side for
   trl      TRL's SFTTrainer with its defaults (what a user would write first),
   job      the Hugging Face provider with the job's defaults (its load_model and trainer_kwargs),
   unsloth  the Unsloth provider (CUDA only),
-on the same synthetic data (random token ids, every position trained) in the same process.
+on the same synthetic data (random token ids, every position trained). Each variant runs in a process
+of its own: importing Unsloth patches transformers and TRL for the whole process, which would make
+the other two rows Unsloth's too.
 
     python benchmarks/gpu_bench.py                       # 1B and 4B, LoRA and QLoRA, seq 2048
     python benchmarks/gpu_bench.py --small --steps 3     # a tiny shape on CPU: checks the script runs
@@ -178,6 +180,35 @@ def job_request(model_dir: Path, method: str, seq: int, batch: int, steps: int) 
                             "lora_dropout": 0.0}}}
 
 
+def run_in_child(args, shape: str, method: str, variant: str, model_dir: Path, work: Path) -> dict:
+    """One variant in a fresh interpreter (Unsloth, where it runs, imported first as it requires)."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--one", f"{shape}:{method}:{variant}", "--model-dir", str(model_dir),
+           "--work", str(work), "--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        return {"error": f"exit {run.returncode}: {run.stderr.strip()[-300:]}"}
+    return json.loads(lines[-1])
+
+
+def one(args) -> None:
+    """The child: one variant, its row as the last line of stdout."""
+    shape, method, variant = args.one.split(":")
+    if variant == "unsloth":
+        try:
+            import unsloth  # noqa: F401  (before transformers, peft and trl, as Unsloth requires)
+        except Exception as e:  # ImportError on a CPU machine, NotImplementedError without a GPU
+            print(f"unsloth not importable here ({type(e).__name__})", file=sys.stderr)
+    try:
+        row = run_variant(variant, method, Path(args.model_dir), shape, args.seq, args.batch, args.steps,
+                          Path(args.work))
+    except Exception as e:  # one failing variant (say, out of memory) does not stop the others
+        row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="1b,4b")
@@ -188,14 +219,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--small", action="store_true", help="tiny shape, seq 64, batch 2: a check that it runs")
     parser.add_argument("--out", help="results file (default benchmarks/results/gpu-<device>.json)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # shape:method:variant, in a child process
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one:
+        return one(args)
     if args.small:
         args.shapes, args.seq, args.batch = "small", 64, 2
-    if "unsloth" in args.variants:
-        try:
-            import unsloth  # noqa: F401  (before transformers, peft and trl, as Unsloth requires)
-        except Exception as e:  # ImportError on a CPU machine, NotImplementedError without a GPU
-            print(f"unsloth not importable here ({type(e).__name__}); its rows are skipped", file=sys.stderr)
     import torch
 
     from artifacts import library_versions
@@ -208,10 +239,7 @@ def main() -> None:
         for method in args.methods.split(","):
             for variant in args.variants.split(","):
                 row = {"shape": shape, "method": method, "variant": variant, "seq": args.seq, "batch": args.batch}
-                try:
-                    row |= run_variant(variant, method, model_dir, shape, args.seq, args.batch, args.steps, work)
-                except Exception as e:  # one failing variant (say, out of memory) does not stop the others
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                row |= run_in_child(args, shape, method, variant, model_dir, work)
                 print(json.dumps(row), flush=True)
                 results.append(row)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
