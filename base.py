@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints import CheckpointStore, Guard, checkpoint_callback
-from data import DatasetError, Tokenized, check_rows, fit_prompts, row_form, split_uris, tokenize
+from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
 from job_manager import JobStatus, JobTracker
+from memory import check_fits
 from rewards import build_reward, reference_fields
 from schema import Settings, TrainRequest
 from storage import BlobStore, ModelHub
 from tracking import RunLogger
+from trainers import import_libraries, progress_callback, trl_classes
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +134,9 @@ class BaseTrainingJob:
         self.check_hub_access()
         splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
-        tokenizer = self.timed("load_tokenizer", self.load_tokenizer)
-        self.check_memory()
+        tokenizer = self.timed("load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(),
+                               self.cfg.trust_remote_code)
+        check_fits(self.cfg, self.settings.gpu_memory_gib, self.token())  # memory.py: refuse what cannot fit
         hp = self.cfg.hyperparameters
         sft = self.cfg.trainer_type == "sft"
 
@@ -161,6 +164,12 @@ class BaseTrainingJob:
         self.tracker.phase("validated", dataset=stats, total_steps=total)
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total)
 
+    def load_data(self) -> dict[str, list]:
+        dataset_id = self.request.processed_dataset_id
+        return load_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/",
+                           self.tracker.store.get_dataset(dataset_id), self.workdir / "data", self.cfg.trainer_type,
+                           tuple(sorted(reference_fields(self.cfg.reward_config))))
+
     def check_hub_access(self) -> None:
         """Before anything is trained: the token can read the base model and write the destination repo."""
         ex = self.cfg.export_config
@@ -168,74 +177,6 @@ class BaseTrainingJob:
             self.services.hub.check_read(self.cfg.base_model_id)
         if ex.destination == "hfhub":
             self.services.hub.prepare_repo(ex.hf_repo_id, ex.hf_private)
-
-    def check_memory(self) -> None:
-        """Refuse, before loading anything big, a method and model that cannot fit on the GPU (memory.py)."""
-        import torch
-
-        from memory import GIB, count_params, estimate_bytes, fit_message
-
-        if self.settings.gpu_memory_gib:
-            gpu = self.settings.gpu_memory_gib * GIB
-        elif torch.cuda.is_available():
-            gpu = torch.cuda.get_device_properties(0).total_memory
-        else:
-            return  # CPU: system memory is the limit, and the tiny models used here fit
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(self.cfg.base_model_id, token=self.token(),
-                                            trust_remote_code=self.cfg.trust_remote_code)
-        hp = self.cfg.hyperparameters
-        estimate = estimate_bytes(*count_params(config), self.cfg.method, hp.batch_size, hp.max_length, config)
-        logger.info("memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
-        message = fit_message(estimate, gpu, self.cfg.method, self.cfg.base_model_id, hp.batch_size, hp.max_length)
-        if message:
-            raise PermanentError(message)
-
-    def load_data(self) -> dict[str, list]:
-        import pyarrow.parquet as pq
-
-        dataset_id = self.request.processed_dataset_id
-        prefix = f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/"
-        metadata = self.tracker.store.get_dataset(dataset_id)
-        uris = split_uris([] if metadata and metadata.get("splits") else self.services.blobs.list(prefix), prefix,
-                          metadata)
-        refs = tuple(sorted(reference_fields(self.cfg.reward_config)))
-        out = {}
-        for split, uri in uris.items():
-            path = self.services.blobs.download(uri, self.workdir / "data" / uri.rsplit("/", 1)[-1])
-            table = pq.read_table(path)
-            path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
-            form = row_form(table.column_names, self.cfg.trainer_type)
-            missing = [c for c in refs if c not in table.column_names]
-            if missing:
-                raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
-                                   f"reads {missing} (reference_field); add the column or change the grader.")
-            out[split] = check_rows(table.select(list(form + refs)).to_pylist(), form, split,
-                                    self.cfg.trainer_type, refs)
-        return out
-
-    def load_tokenizer(self):
-        """The base model's tokenizer; an id that cannot be read is a permanent error, not a retry."""
-        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-        from transformers import AutoTokenizer
-
-        model_id = self.cfg.base_model_id
-        if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
-            raise PermanentError(f"training_config.base_model_id: {model_id!r} looks like a local path but is not "
-                                 "a directory; give an existing model folder or a Hub id such as google/gemma-3-1b-it.")
-        try:
-            tok = AutoTokenizer.from_pretrained(model_id, token=self.token(),
-                                                trust_remote_code=self.cfg.trust_remote_code)
-        except OSError as e:
-            if isinstance(e.__cause__, (RepositoryNotFoundError, HFValidationError)):
-                raise PermanentError(f"training_config.base_model_id: {model_id!r} cannot be read from the Hub "
-                                     f"({type(e.__cause__).__name__}); check the id, and that the token has "
-                                     "accepted the model's licence.") from None
-            raise
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
 
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
@@ -356,44 +297,3 @@ class BaseTrainingJob:
         from export import export_artifacts
 
         return export_artifacts(self, trainer, tokenizer, metrics, prep)
-
-
-def import_libraries() -> None:
-    """torch, transformers, PEFT and TRL, imported once the request is known to be valid (timed apart)."""
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-
-
-def trl_classes(trainer_type: str):
-    """TRL's (config, trainer) for a trainer type; ORPO lives in trl.experimental in TRL 1.x."""
-    if trainer_type == "sft":
-        from trl import SFTConfig, SFTTrainer
-        return SFTConfig, SFTTrainer
-    if trainer_type == "dpo":
-        from trl import DPOConfig, DPOTrainer
-        return DPOConfig, DPOTrainer
-    if trainer_type == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-        return GRPOConfig, GRPOTrainer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
-
-
-def progress_callback(tracker: JobTracker):
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            # Per-step metrics go to the job document and W&B; here at debug level, as JSON on Cloud Run
-            # (Trainer's PrinterCallback, which printed them as Python dicts, is removed).
-            logger.debug("step %d/%d: %s", state.global_step, state.max_steps,
-                        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
-            tracker.progress(state.global_step, state.max_steps, state.epoch, logs.get("loss"))
-
-        def on_train_end(self, args, state, control, **kwargs):
-            tracker.progress(state.global_step, state.max_steps, state.epoch, None, force=True)
-
-    return Progress()

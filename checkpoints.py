@@ -19,7 +19,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 from errors import Interrupted
 from storage import BlobStore
@@ -109,8 +108,13 @@ class Guard:
         self.training = False
         self._last_poll = -float("inf")
 
-    def install(self) -> Any:
-        return signal.signal(signal.SIGTERM, self._on_sigterm)
+    def __enter__(self) -> Guard:
+        """Handle SIGTERM until the with block ends (then the handler before it again)."""
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.reason = "SIGTERM (the task is being stopped)"

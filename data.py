@@ -1,4 +1,5 @@
-"""The processed dataset: find its splits, check its rows, turn them into token ids and loss labels.
+"""The processed dataset: find and load its splits, check its rows, load the base model's tokenizer and
+turn the rows into token ids and loss labels.
 
 Row forms (DESIGN.md): `messages` (string or typed-part content), `text`, or `prompt` + `completion`.
 Loss is on assistant tokens only unless `assistant_only_loss` is off; spans are found from the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from errors import PermanentError
@@ -58,6 +60,48 @@ def split_uris(listing: list[str], prefix_uri: str, metadata: dict[str, Any] | N
             splits["eval"] = found[name]
             break
     return splits
+
+
+def load_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path, trainer_type: str,
+                refs: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Each split's rows under `prefix` (see split_uris), checked for the trainer type, with the reward
+    graders' reference columns `refs` kept beside the row form's columns."""
+    import pyarrow.parquet as pq
+
+    uris = split_uris([] if metadata and metadata.get("splits") else blobs.list(prefix), prefix, metadata)
+    out = {}
+    for split, uri in uris.items():
+        path = blobs.download(uri, folder / uri.rsplit("/", 1)[-1])
+        table = pq.read_table(path)
+        path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
+        form = row_form(table.column_names, trainer_type)
+        missing = [c for c in refs if c not in table.column_names]
+        if missing:
+            raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
+                               f"reads {missing} (reference_field); add the column or change the grader.")
+        out[split] = check_rows(table.select(list(form + refs)).to_pylist(), form, split, trainer_type, refs)
+    return out
+
+
+def load_tokenizer(model_id: str, token: str | None, trust_remote_code: bool):
+    """The base model's tokenizer; an id that cannot be read is a permanent error, not a retry."""
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    from transformers import AutoTokenizer
+
+    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
+        raise PermanentError(f"training_config.base_model_id: {model_id!r} looks like a local path but is not "
+                             "a directory; give an existing model folder or a Hub id such as google/gemma-3-1b-it.")
+    try:
+        tok = AutoTokenizer.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if isinstance(e.__cause__, (RepositoryNotFoundError, HFValidationError)):
+            raise PermanentError(f"training_config.base_model_id: {model_id!r} cannot be read from the Hub "
+                                 f"({type(e.__cause__).__name__}); check the id, and that the token has "
+                                 "accepted the model's licence.") from None
+        raise
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def row_form(columns: list[str], trainer_type: str) -> tuple[str, ...]:

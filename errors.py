@@ -15,3 +15,7 @@ class Cancelled(Exception):
 class Interrupted(Exception):
     """Stopped before the task's end (SIGTERM, the task timeout ahead) with a checkpoint saved: exit 1,
     and the next attempt resumes."""
+
+
+class RequestError(PermanentError, ValueError):
+    """The request (or the job's environment) is invalid: permanent, exit code 2."""

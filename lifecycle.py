@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from typing import Any
 from checkpoints import CANCEL
 from errors import Cancelled, PermanentError
 from job_manager import JobStatus, JobTracker
-from schema import Settings, TrainRequest, parse_request, strip_secrets
+from request import parse_request, strip_secrets
+from schema import Settings, TrainRequest
 from storage import BlobStore
 
 logger = logging.getLogger(__name__)
@@ -63,12 +65,24 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
                 job.preflight()
                 return {"valid": True}
             result = job.run()
+            shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared
         except (PermanentError, Cancelled) as e:
             tracker.fail(e)  # recorded before the request loses its secrets
             scrub_request(blobs, uri, text)
             raise
     scrub_request(blobs, uri, text)
     return result
+
+
+def summary(settings: Settings, result: dict[str, Any], blobs, store) -> str:
+    """What main() prints at the end: "valid" after --validate, else the result as JSON and, locally,
+    where the adapter and the job document are on disk."""
+    if result.get("valid"):
+        return "request and dataset are valid"
+    text = json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str)
+    if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
+        text += f"\nadapter:      {blobs.path(result['adapter_path'])}\njob document: {store.path(settings.job_id)}"
+    return text
 
 
 def process_age() -> float:

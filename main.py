@@ -13,8 +13,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ from pathlib import Path
 from checkpoints import Guard
 from errors import Cancelled, PermanentError
 from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
-from lifecycle import process_age, run_attempt
+from lifecycle import process_age, run_attempt, summary
 from logs import setup_logging
 from schema import Settings, TrainRequest, check_job_id
 from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
@@ -84,14 +82,14 @@ def main(argv: list[str] | None = None, env=None) -> int:
              if settings.backend == "local" else FirestoreJobStore(settings.project_id, settings.firestore_db))
     tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
     guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)
-    previous_handler = guard.install()
     blobs = LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
         settings.backend == "local" and not env.get("JOB_ID")) else None
     try:
-        result = run_attempt(settings, tracker, blobs, request_file,
-                             lambda request: make_services(settings, request, tracker, blobs, guard), redact,
-                             validate=args.validate, startup_s=startup_s)
+        with guard:
+            result = run_attempt(settings, tracker, blobs, request_file,
+                                 lambda request: make_services(settings, request, tracker, blobs, guard), redact,
+                                 validate=args.validate, startup_s=startup_s)
     except Cancelled:
         return 0
     except PermanentError:
@@ -99,16 +97,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
     except Exception:
         logger.exception("job failed; a retry can resume it")
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-    if args.validate:
-        print("request and dataset are valid")
-    elif result:
-        shutil.rmtree(Path(settings.local_dir) / "work" / settings.job_id, ignore_errors=True)
-        print(json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str))
-        if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
-            print(f"adapter:      {blobs.path(result['adapter_path'])}\n"
-                  f"job document: {store.path(settings.job_id)}")
+    if result:
+        print(summary(settings, result, blobs, store))
     return 0
 
 

@@ -16,7 +16,12 @@ Run `python memory.py` for the table of Gemma 3 sizes on an L4 that the README s
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from errors import PermanentError
+
+logger = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 OVERHEAD = 1.5 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
@@ -62,6 +67,28 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
             f"{batch} x max_length {length} {estimate['activations'] / GIB:.1f}, overhead "
             f"{estimate['overhead'] / GIB:.1f}) but the GPU has {gpu_bytes / GIB:.1f} GiB; {advice}, or lower "
             "hyperparameters.batch_size / max_length.")
+
+
+def check_fits(cfg, gpu_memory_gib: float | None, token: str | None) -> None:
+    """Refuse (exit 2), before loading anything big, a method and model that cannot fit: on a GPU of
+    `gpu_memory_gib` (Settings) or else the visible one. On a CPU, system memory is the limit: no check."""
+    import torch
+
+    if gpu_memory_gib:
+        gpu = gpu_memory_gib * GIB
+    elif torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.base_model_id, token=token, trust_remote_code=cfg.trust_remote_code)
+    hp = cfg.hyperparameters
+    estimate = estimate_bytes(*count_params(config), cfg.method, hp.batch_size, hp.max_length, config)
+    logger.info("memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
+    message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
+    if message:
+        raise PermanentError(message)
 
 
 def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import make_job, sample_request
+from data import load_tokenizer
 
 
 def train_and_export(local_dir, tiny_root, method, job_id):
@@ -45,7 +46,7 @@ def test_qlora_base_is_4bit(local_dir, tiny_root):
     import bitsandbytes as bnb
 
     job = make_job(local_dir, sample_request(tiny_root, method="QLoRA"), "q4")
-    model = job.load_model(job.load_tokenizer())
+    model = job.load_model(load_tokenizer(job.cfg.base_model_id, None, False))
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_state.quant_type == "nf4"
 

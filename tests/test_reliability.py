@@ -18,6 +18,7 @@ import pytest
 
 from checkpoints import MARKER, CheckpointStore, Guard
 from conftest import ROOT, env_for, put_request, read_doc, sample_request
+from errors import Interrupted
 from main import main
 from reader import problems
 from storage import LocalBlobStore
@@ -107,6 +108,19 @@ def test_guard_deadline_and_cancel():
     now[0] += 3
     assert "cancelled on request" in cancel.check() and cancel.cancelled
 
+
+
+def test_guard_handles_sigterm_only_inside_its_block():
+    """Outside training a SIGTERM raises Interrupted (exit 1, the retry resumes); during training it only
+    sets the reason; once the block ends, the handler from before is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    with Guard() as guard:
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        guard.reason, guard.training = None, True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.reason.startswith("SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 # ---- real interruptions ----------------------------------------------------------------------------
 

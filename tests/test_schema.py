@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from conftest import EXAMPLES, ROOT
-from schema import RequestError, TrainRequest, parse_request
+from errors import RequestError
+from request import parse_request
+from schema import TrainRequest
 
 
 def load(name: str) -> dict:
