@@ -63,6 +63,7 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             job.timings.update(startup=round(startup_s, 3), validate_request=round(parse_s, 3))
             if validate:
                 job.preflight()
+                shutil.rmtree(job.workdir, ignore_errors=True)
                 return {"valid": True}
             result = job.run()
             shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared

@@ -113,6 +113,7 @@ def test_validate_checks_without_training(local_dir, tiny_root, capsys):
     assert "request and dataset are valid" in capsys.readouterr().out
     assert not (local_dir / "firestore" / "training_jobs" / "job-v.json").exists()  # a dry run leaves no state
     assert not (local_dir / "gemma-export-bucket").exists()
+    assert not (local_dir / "work" / "job-v").exists()  # the downloaded splits are gone too
 
 
 def test_invalid_job_id_exits_2(local_dir):
