@@ -75,6 +75,18 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
     return result
 
 
+def record_failure(open_store: Callable[[], Any], job_id: str, error: PermanentError) -> None:
+    """Fail the job document for what stopped the job before an attempt could begin (an invalid
+    environment), where the store can be reached at all: the document must not stay `queued`. A
+    completed job stays completed. Best effort, retried for 30 s: the exit code says it in any case."""
+    try:
+        tracker = JobTracker(open_store(), job_id, final_retry_s=30)
+        if tracker.open().get("status") != JobStatus.COMPLETED:
+            tracker.fail(error)
+    except Exception as e:
+        logger.warning("could not record the failure in training_jobs/%s: %s", job_id, e)
+
+
 def summary(settings: Settings, result: dict[str, Any], blobs, store) -> str:
     """What main() prints at the end: "valid" after --validate, else the result as JSON and, locally,
     where the adapter and the job document are on disk."""

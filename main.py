@@ -14,49 +14,36 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from checkpoints import Guard
-from errors import Cancelled, PermanentError
-from job_manager import FirestoreJobStore, JobTracker, LocalJobStore
-from lifecycle import process_age, run_attempt, summary
+from errors import Cancelled, PermanentError, RequestError
+from job_manager import JobTracker
+from lifecycle import process_age, record_failure, run_attempt, summary
 from logs import setup_logging
+from request import parse_settings
 from schema import Settings, TrainRequest, check_job_id
-from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
-from tracking import NullRunLogger, WandbRunLogger
+from services import make_blobs, make_services, open_store
 
 logger = logging.getLogger("main")
 DEFAULT_REQUEST = Path(__file__).parent / "examples" / "local_default.json"
+
+# Settings field -> the environment variable it comes from (DESIGN.md's table, and the job's own).
+ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB",
+       "config_bucket": "GCS_CONFIG_BUCKET_NAME", "config_uri": "TRAINING_CONFIG_GCS_PATH",
+       "data_bucket": "GCS_DATA_BUCKET_NAME", "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN",
+       "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY", "local_dir": "LOCAL_DIR",
+       "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
+       "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB"}
+STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB", "LOCAL_DIR")
 
 
 def read_settings(env) -> Settings:
     backend = env.get("BACKEND") or ("gcp" if env.get("CLOUD_RUN_JOB") else "local")
     job_id = env.get("JOB_ID") or (f"local-{time.strftime('%Y%m%d-%H%M%S')}" if backend == "local" else "")
-    names = {"project_id": "PROJECT_ID", "firestore_db": "FIRESTORE_DB", "config_bucket": "GCS_CONFIG_BUCKET_NAME",
-             "config_uri": "TRAINING_CONFIG_GCS_PATH", "data_bucket": "GCS_DATA_BUCKET_NAME",
-             "export_bucket": "GCS_EXPORT_BUCKET_NAME", "hf_token": "HF_TOKEN", "hf_endpoint": "HF_ENDPOINT",
-             "wandb_api_key": "WANDB_API_KEY", "local_dir": "LOCAL_DIR", "attempt": "CLOUD_RUN_TASK_ATTEMPT",
-             "task_timeout_s": "TASK_TIMEOUT_SECONDS", "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS",
-             "gpu_memory_gib": "GPU_MEMORY_GIB"}
-    return Settings(job_id=check_job_id(job_id), backend=backend,
-                    **{k: env[v] for k, v in names.items() if env.get(v)})
-
-
-def make_services(settings: Settings, request: TrainRequest, tracker, blobs, guard=None):
-    """The rest of the services once the request is known (its token and W&B settings choose them)."""
-    from base import Services  # numpy and the workflow: not needed to reject a bad request
-
-    local = settings.backend == "local"
-    token = request.hf_token or settings.hf_token
-    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(
-        token.get_secret_value() if token else None, settings.hf_endpoint)
-    wb = request.training_config.wandb_config
-    key = (wb.api_key or settings.wandb_api_key) if wb else None
-    runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
-                          Path(settings.local_dir) / "wandb") if wb else NullRunLogger()
-    return Services(blobs, hub, tracker, runs, guard)
+    values = {k: env[v] for k, v in ENV.items() if env.get(v)}
+    return parse_settings(values | {"job_id": check_job_id(job_id), "backend": backend}, ENV)
 
 
 def main(argv: list[str] | None = None, env=None) -> int:
@@ -72,17 +59,19 @@ def main(argv: list[str] | None = None, env=None) -> int:
     env = os.environ if env is None else env
     try:
         settings = read_settings(env)
-    except (PermanentError, ValueError) as e:
+    except PermanentError as e:
         print(f"invalid environment: {e}", file=sys.stderr)
+        if env.get("JOB_ID") and not args.validate:  # the job document says so too, not `queued` for ever
+            record_failure(lambda: open_store(read_settings({k: env[k] for k in STORE_VARS if k in env})),
+                           env["JOB_ID"], RequestError(f"invalid environment: {e}"))
         return 2
     redact = setup_logging(settings.job_id, json_lines=bool(env.get("CLOUD_RUN_JOB")),
                            level=env.get("LOG_LEVEL", "INFO").upper())
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
-    store = (LocalJobStore(tempfile.mkdtemp()) if args.validate else LocalJobStore(settings.local_dir)
-             if settings.backend == "local" else FirestoreJobStore(settings.project_id, settings.firestore_db))
+    store = open_store(settings, dry_run=args.validate)
     tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
     guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)
-    blobs = LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
+    blobs = make_blobs(settings)
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
         settings.backend == "local" and not env.get("JOB_ID")) else None
     try:

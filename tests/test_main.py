@@ -120,6 +120,29 @@ def test_invalid_job_id_exits_2(local_dir):
     assert main.main([], env_for(local_dir, "../escape")) == 2
 
 
+
+def test_invalid_environment_exits_2_and_says_so_in_the_document(local_dir, capsys):
+    """A variable that does not validate: exit 2, an error naming the variable, and the job document
+    failed (not left `queued`) wherever its store can be reached with the variables that are valid."""
+    assert main.main([], env_for(local_dir, "job-env", TASK_TIMEOUT_SECONDS="1h")) == 2
+    assert "TASK_TIMEOUT_SECONDS='1h': Input should be a valid number" in capsys.readouterr().err
+    doc = read_doc(local_dir, "job-env")
+    assert doc["status"] == "failed" and doc["error_type"] == "permanent" and doc["job_id"] == "job-env"
+    assert doc["error"].startswith("invalid environment: TASK_TIMEOUT_SECONDS='1h'")
+    completed = local_dir / "firestore" / "training_jobs" / "job-done.json"
+    completed.parent.mkdir(parents=True, exist_ok=True)
+    completed.write_text(json.dumps({"job_id": "job-done", "status": "completed", "error": None}))
+    assert main.main([], env_for(local_dir, "job-done", TASK_TIMEOUT_SECONDS="1h")) == 2
+    assert read_doc(local_dir, "job-done")["status"] == "completed"  # a finished job stays finished
+    # the backend itself invalid: nothing to write to, the exit code and stderr say it
+    assert main.main([], env_for(local_dir, "job-env2", BACKEND="aws")) == 2
+    assert "BACKEND='aws': Input should be 'gcp' or 'local'" in capsys.readouterr().err
+    assert not (local_dir / "firestore" / "training_jobs" / "job-env2.json").exists()
+    # a dry run writes no state, even to say the environment is wrong
+    assert main.main(["--validate"], env_for(local_dir, "job-env3", GPU_MEMORY_GIB="-4")) == 2
+    assert "GPU_MEMORY_GIB='-4': Input should be greater than 0" in capsys.readouterr().err
+    assert not (local_dir / "firestore" / "training_jobs" / "job-env3.json").exists()
+
 def test_missing_base_model_exits_2(local_dir, tiny_root):
     put_request(local_dir, "job-nomodel", sample_request(tiny_root, base_model_id=str(local_dir / "no-model")))
     assert main.main([], env_for(local_dir, "job-nomodel")) == 2

@@ -1,0 +1,42 @@
+"""The job's services for its backend, built from `Settings` (main.py reads the environment into them):
+the job document store, the buckets, the Hub and the W&B run logger, each the local implementation
+(BACKEND=local, tests, `make demo`) or the cloud one. Only the implementing classes import the
+Google, Hugging Face and W&B clients.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from job_manager import FirestoreJobStore, LocalJobStore
+from schema import Settings, TrainRequest
+from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
+from tracking import NullRunLogger, WandbRunLogger
+
+
+def open_store(settings: Settings, dry_run: bool = False):
+    if dry_run:
+        return LocalJobStore(tempfile.mkdtemp())  # --validate leaves no state behind
+    if settings.backend == "local":
+        return LocalJobStore(settings.local_dir)
+    return FirestoreJobStore(settings.project_id, settings.firestore_db)
+
+
+def make_blobs(settings: Settings):
+    return LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
+
+
+def make_services(settings: Settings, request: TrainRequest, tracker, blobs, guard=None):
+    """The rest of the services once the request is known (its token and W&B settings choose them)."""
+    from base import Services  # numpy and the workflow: not needed to reject a bad request
+
+    local = settings.backend == "local"
+    token = request.hf_token or settings.hf_token
+    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(
+        token.get_secret_value() if token else None, settings.hf_endpoint)
+    wb = request.training_config.wandb_config
+    key = (wb.api_key or settings.wandb_api_key) if wb else None
+    runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
+                          Path(settings.local_dir) / "wandb") if wb else NullRunLogger()
+    return Services(blobs, hub, tracker, runs, guard)
