@@ -81,7 +81,7 @@ def parse_settings(values: dict[str, Any], names: dict[str, str]) -> Settings:
         for p in e.errors():
             field = str(p["loc"][0]) if p["loc"] else "environment"
             shown = "" if field in ("hf_token", "wandb_api_key") else f"={p.get('input')!r}"
-            problems.append(f"{names.get(field, field)}{shown}: {p['msg']}")
+            problems.append(f"{names.get(field, field)}{shown}: {p['msg'].removeprefix('Value error, ')}")
         raise RequestError("; ".join(problems) + "; correct the variable, or unset it for its default.") from None
 
 

@@ -294,6 +294,15 @@ class Settings(StrictModel):
                                          "size instead of the visible GPU's (GPU_MEMORY_GIB).")
     deadline_reserve_s: float = Field(60.0, ge=0, description="Stop this long before the task timeout, plus "
                                       "the time of one step and one checkpoint.")
+    world_size: int = Field(1, ge=1, description="Processes in the run (WORLD_SIZE, set by torchrun).")
+
+    @field_validator("world_size")
+    @classmethod
+    def _one_process(cls, v: int) -> int:
+        if v > 1:  # DESIGN.md: then only the main process may write the document and upload; not built yet
+            raise ValueError(f"the job trains in one process on one GPU, not {v}: under torchrun or accelerate "
+                             "launch every process would write the job document and upload; run `python main.py`")
+        return v
 
     @property
     def request_uri(self) -> str:

@@ -142,6 +142,10 @@ def test_invalid_environment_exits_2_and_says_so_in_the_document(local_dir, caps
     assert main.main(["--validate"], env_for(local_dir, "job-env3", GPU_MEMORY_GIB="-4")) == 2
     assert "GPU_MEMORY_GIB='-4': Input should be greater than 0" in capsys.readouterr().err
     assert not (local_dir / "firestore" / "training_jobs" / "job-env3.json").exists()
+    # several processes (torchrun) would each write the document and upload: refused, said in the document
+    assert main.main([], env_for(local_dir, "job-env4", WORLD_SIZE="2")) == 2
+    assert "WORLD_SIZE='2': the job trains in one process" in capsys.readouterr().err
+    assert "one process on one GPU, not 2" in read_doc(local_dir, "job-env4")["error"]
 
 def test_missing_base_model_exits_2(local_dir, tiny_root):
     put_request(local_dir, "job-nomodel", sample_request(tiny_root, base_model_id=str(local_dir / "no-model")))
