@@ -106,6 +106,31 @@ def test_unsloth_refused_without_gpu(local_dir, tiny_root):
     assert "'unsloth' needs an NVIDIA GPU" in read_doc(local_dir, "job-unsloth")["error"]
 
 
+
+FAKE_UNSLOTH = """import sys, torch
+LOADED_BEFORE = sorted(m for m in ("transformers", "peft", "trl") if m in sys.modules)
+torch.cuda.is_available = torch.cuda.real_is_available  # a GPU only until Unsloth is imported
+"""
+
+
+def test_unsloth_is_imported_before_transformers_peft_and_trl(local_dir, tiny_root):
+    """Unsloth patches transformers, PEFT and TRL when it is imported, so it must come first. Unsloth
+    cannot be imported here, so a stand-in records which of them were loaded when it was; the check
+    for a GPU sees one until then. The rest of the pre-flight then runs as on any CPU."""
+    (local_dir / "fake" / "unsloth.py").parent.mkdir()
+    (local_dir / "fake" / "unsloth.py").write_text(FAKE_UNSLOTH)
+    code = f"""import sys, torch
+sys.path.insert(0, {str(local_dir / "fake")!r})
+torch.cuda.real_is_available, torch.cuda.is_available = torch.cuda.is_available, lambda: True
+from lifecycle import demo_request, local_job
+job = local_job(demo_request({str(tiny_root)!r}, provider="unsloth"), {str(local_dir)!r}, "order")
+prep = job.preflight()
+print(sys.modules["unsloth"].LOADED_BEFORE, all(m in sys.modules for m in ("transformers", "peft", "trl")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "True"]  # none of them before Unsloth; all of them after
+
 def test_validate_checks_without_training(local_dir, tiny_root, capsys):
     config = local_dir / "req.json"
     config.write_text(json.dumps(sample_request(tiny_root)))
