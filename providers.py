@@ -7,6 +7,7 @@ BaseTrainingJob, differing only where their libraries differ.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from base import BaseTrainingJob
 from errors import PermanentError
 
 logger = logging.getLogger(__name__)
+
+# The parts of a multimodal Gemma (3 at 4B and up, 3n) that are not its language model.
+NOT_LANGUAGE = r".*\.(vision_tower|audio_tower|multi_modal_projector)\..*"
 
 
 class HuggingFaceTrainingJob(BaseTrainingJob):
@@ -29,7 +33,12 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
         if self.cfg.method == "QLoRA":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **self.lora_kwargs()))
+        # PEFT matches the target names anywhere: on Gemma 3 4B and up, the vision tower's q/k/v_proj too,
+        # which a text job never runs (Unsloth scopes its list to the language model itself).
+        towers = any(re.fullmatch(NOT_LANGUAGE, name) for name, _ in model.named_modules())
+        config = LoraConfig(task_type="CAUSAL_LM", exclude_modules=NOT_LANGUAGE if towers else None,
+                            **self.lora_kwargs())
+        return get_peft_model(model, config)
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
         from transformers import AutoModelForCausalLM

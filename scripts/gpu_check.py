@@ -6,9 +6,11 @@ is imported first there as in production.
     python scripts/gpu_check.py                     # on a GPU: every job in JOBS, then the CANDIDATES
     python scripts/gpu_check.py --only huggingface:LoRA unsloth:LoRA:dpo --out /tmp/c.json
 
-A job is provider:method[:trainer_type] (sft when left out). Each exports `merged` (bf16) and, where
-llama-cpp-python is installed, a q4_k_m GGUF beside it, so Unsloth's merge and the shared GGUF exporter
-are both checked by the job's verification before completion.
+A job is provider:method[:trainer_type[:mm]] (sft when left out; mm: the tiny model in Gemma 3's
+image+text architecture, Gemma3ForConditionalGeneration as at 4B and up, instead of the text-only one).
+Each exports `merged` (bf16) and, where llama-cpp-python is installed, a q4_k_m GGUF beside it, so
+Unsloth's merge and the shared GGUF exporter are both checked by the job's verification before
+completion.
 
 CANDIDATES are what the Unsloth provider still refuses (Full, the RL trainer types) until they have run
 on a GPU: they run here with that gate opened, so their results say whether it can be.
@@ -34,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-JOBS = ["huggingface:LoRA", "huggingface:QLoRA", "unsloth:LoRA", "unsloth:QLoRA"]
+JOBS = ["huggingface:LoRA", "huggingface:QLoRA", "unsloth:LoRA", "unsloth:QLoRA", "huggingface:QLoRA:sft:mm",
+        "unsloth:LoRA:sft:mm", "unsloth:QLoRA:sft:mm"]
 CANDIDATES = ["unsloth:Full", "unsloth:LoRA:dpo", "unsloth:LoRA:orpo", "unsloth:QLoRA:grpo"]
 DATASETS = {"sft": "tiny-animals", "dpo": "tiny-animals-pref", "orpo": "tiny-animals-pref",
             "grpo": "tiny-animals-prompts"}
@@ -68,11 +71,14 @@ def has_gguf() -> bool:
 
 
 def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
-    provider, method, trainer_type = (job.split(":") + ["sft"])[:3]
+    parts = job.split(":")
+    provider, method, trainer_type, model = parts + ["sft", "text"][len(parts) - 2:]
     job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
     from lifecycle import demo_request
 
     request = demo_request(root, provider=provider, method=method, trainer_type=trainer_type)
+    if model == "mm":  # Gemma 3's image+text architecture (4B and up), trained on text
+        request["training_config"]["base_model_id"] += "-mm"
     request["processed_dataset_id"] = DATASETS[trainer_type]
     tc = request["training_config"]
     tc["hyperparameters"].update(epochs=epochs, max_prompt_length=64)
@@ -96,7 +102,8 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
     metrics = doc.get("metrics") or {}
     keep = ("eval_loss", "perplexity", "accuracy", "eval_runtime", "reward_accuracy", "reward_margin",
             "train_loss", "train_reward", "train_runtime")
-    return {"job": job, "candidate": job in CANDIDATES, "exit_code": run.returncode,
+    return {"job": job, "base_model_id": tc["base_model_id"], "candidate": job in CANDIDATES,
+            "exit_code": run.returncode,
             "seconds": round(time.perf_counter() - t, 1), "status": doc.get("status"), "error": doc.get("error"),
             "metrics": {k: v for k, v in metrics.items() if k in keep},
             "missing_metrics": [k for k in CONTRACT[trainer_type] if metrics.get(k) is None] if metrics else None,
@@ -106,7 +113,7 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type]")
+    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type[:mm]]")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -4,6 +4,9 @@ and a small processed dataset in the preprocessing service's layout.
     python scripts/make_tiny.py --out .local            # model in .local/models/tiny-gemma3
                                                          # data in .local/gemma-dataset-bucket/processed_datasets/tiny-animals
 
+A language model of the same shape inside Gemma 3's image+text architecture (as at 4B and up) is in
+tiny-gemma3-mm.
+
 Random weights, Gemma's special tokens and chat template, dimensions that are multiples of 256
 (k-quants in GGUF need rows of 256). Takes a few seconds; nothing is downloaded.
 """
@@ -72,19 +75,45 @@ def make_tokenizer(out: Path, corpus: list[str]) -> None:
     tok.save_pretrained(str(out))
 
 
-def make_model(out: Path) -> None:
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def text_config():
+    from transformers import Gemma3TextConfig
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
+    return Gemma3TextConfig(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
         layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
         pad_token_id=0, eos_token_id=[1, 6], bos_token_id=2, tie_word_embeddings=True)
-    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+
+
+def make_model(out: Path) -> None:
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(text_config()).to(torch.bfloat16)
     model.generation_config.eos_token_id = [1, 6]
     model.save_pretrained(str(out))
+
+
+def make_multimodal_model(out: Path, tokenizer_dir: Path) -> None:
+    """The same language model inside Gemma 3's image+text architecture (Gemma3ForConditionalGeneration,
+    what google/gemma-3-4b-it and larger are), with a one-layer SigLIP vision tower."""
+    import shutil
+
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text_config().to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          eos_token_id=[1, 6], pad_token_id=0, bos_token_id=2)
+    model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = [1, 6]
+    model.save_pretrained(str(out))
+    for f in tokenizer_dir.glob("*"):
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
 
 
 def preferences(rows: list[dict]) -> list[dict]:
@@ -129,6 +158,8 @@ def main() -> None:
     make_tokenizer(model_dir, corpus)
     make_model(model_dir)
     print(f"model:   {model_dir}")
+    make_multimodal_model(root / "models" / "tiny-gemma3-mm", model_dir)
+    print(f"model:   {root / 'models' / 'tiny-gemma3-mm'}")
     rows = conversations()
     print(f"dataset: {make_dataset(root, 'tiny-animals', rows)}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")

@@ -36,7 +36,7 @@ def test_gpu_check_script_runs_the_whole_job_where_it_can(tmp_path):
     """On CPU: the Hugging Face job completes with its exports verified and DESIGN.md's metrics; Unsloth is
     refused with exit 2, and so is a candidate (GRPO) once its gate is open: by the GPU check, not the gate."""
     out = tmp_path / "check.json"
-    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--only", "huggingface:LoRA", "unsloth:LoRA",
+    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--only", "huggingface:LoRA", "unsloth:LoRA:sft:mm",
                           "unsloth:QLoRA:grpo", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -49,5 +49,6 @@ def test_gpu_check_script_runs_the_whole_job_where_it_can(tmp_path):
     if report["gguf"]:  # where llama-cpp-python is installed (make setup installs it)
         assert hf["verification"]["gguf"]["top1_agreement"] == 1.0
     assert unsloth["exit_code"] == 2 and "needs an NVIDIA GPU" in unsloth["error"]
+    assert unsloth["job"] == "unsloth:LoRA:sft:mm" and unsloth["base_model_id"].endswith("tiny-gemma3-mm")
     assert not unsloth["candidate"] and candidate["candidate"]
     assert candidate["exit_code"] == 2 and "needs an NVIDIA GPU" in candidate["error"]

@@ -148,6 +148,31 @@ def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
     assert not (local_dir / "work" / "gg8").exists()  # no local copy left
 
 
+
+def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir, tiny_root):
+    """Gemma 3 at 4B and up is Gemma3ForConditionalGeneration: a SigLIP vision tower beside the language
+    model, whose q/k/v_proj share LoRA's target names. A text job adapts the language model alone, and
+    its adapter and its GGUF (made from the merge) load and agree as for the text-only architecture."""
+    from safetensors import safe_open
+
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma3-mm"))
+    req["training_config"]["hyperparameters"]["epochs"] = 4
+    req["training_config"]["export_config"] = {"format": "adapter", "include_gguf": True, "gguf_quantization": "q8_0"}
+    put_request(local_dir, "mm", req)
+    assert main.main([], env_for(local_dir, "mm")) == 0
+    doc = read_doc(local_dir, "mm")
+    assert doc["metrics"]["accuracy"] > 0.5  # it learned (the random base scores about 0)
+    adapter = local_dir / EXPORT / "trained_adapters" / "mm"
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if "vision_tower" in k]
+    # lora_A and lora_B of all seven projections in both decoder layers, and nothing else
+    assert len(keys) == 2 * 7 * 2 and all(".language_model.layers." in k for k in keys)
+    assert "vision_tower" in json.loads((adapter / "adapter_config.json").read_text())["exclude_modules"]
+    check = doc["verification"]
+    assert check["adapter"]["consumer"] == "PEFT" and check["gguf"]["consumer"] == "llama.cpp"
+    assert all(c["top1_agreement"] >= c["required"] for c in check.values())
+
 def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
