@@ -92,8 +92,9 @@ def check_fits(cfg, gpu_memory_gib: float | None, token: str | None) -> None:
 
 
 def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
-    """What fits on an L4 (22 GiB usable of 24 GB), batch 2 x 1024 tokens (the request's defaults)."""
-    from transformers import Gemma3TextConfig
+    """What fits on an L4 (22 GiB usable of 24 GB), batch 2 x 1024 tokens (the request's defaults). 4B and
+    up are image+text models: their SigLIP vision tower (about 0.4B parameters) is loaded too."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
     shapes = {"gemma-3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=256),
@@ -106,6 +107,10 @@ def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
     rows = []
     for name, shape in shapes.items():
         config = Gemma3TextConfig(vocab_size=262144, **shape)
+        if name not in ("gemma-3-270m", "gemma-3-1b"):
+            config = Gemma3Config(text_config=config.to_dict(), vision_config=SiglipVisionConfig(
+                hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                image_size=896, patch_size=14, vision_use_head=False).to_dict())
         total, emb = count_params(config)
         row: dict[str, Any] = {"model": name, "params_b": round(total / 1e9, 2)}
         for method in ("Full", "LoRA", "QLoRA"):

@@ -77,6 +77,11 @@ def test_memory_estimate_matches_gemma_sizes_and_refuses_what_cannot_fit(local_d
     assert too_big.startswith("training_config.method: Full on g needs about") and "use method 'LoRA'" in too_big
     assert estimate_bytes(total, emb, "QLoRA", 2, 1024, gemma_1b)["total"] < estimate_bytes(
         total, emb, "LoRA", 2, 1024, gemma_1b)["total"]
+    from memory import table
+
+    # the README's table: the published sizes, 4B and 12B with their vision towers
+    sizes = {row["model"]: round(row["params_b"], 1) for row in table()}
+    assert sizes == {"gemma-3-270m": 0.3, "gemma-3-1b": 1.0, "gemma-3-4b": 4.3, "gemma-3-12b": 12.2}
 
 
 def test_a_request_that_cannot_fit_the_gpu_is_refused_before_loading(local_dir, tiny_root):
