@@ -79,6 +79,8 @@ class UnslothTrainingJob(BaseTrainingJob):
         hp, method = self.cfg.hyperparameters, self.cfg.method
         # use_exact_model_name: train on the model the request names (and whose access was checked), not on
         # a mirror Unsloth would map it to; the adapter then names the same base that the consumers load.
+        # text_only stays off for Gemma 3 4B and up: the text-only decoder's weights are named model.layers.*,
+        # so its adapter would not match the image+text model (model.language_model.layers.*) consumers load.
         model, _ = FastLanguageModel.from_pretrained(
             self.cfg.base_model_id, max_seq_length=hp.max_length, dtype=None, load_in_4bit=method == "QLoRA",
             load_in_16bit=method == "LoRA", full_finetuning=method == "Full", token=self.token(),
