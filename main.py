@@ -43,6 +43,9 @@ STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB"
 def read_settings(env) -> Settings:
     backend = env.get("BACKEND") or ("gcp" if env.get("CLOUD_RUN_JOB") else "local")
     job_id = env.get("JOB_ID") or (f"local-{time.strftime('%Y%m%d-%H%M%S')}" if backend == "local" else "")
+    if not job_id:
+        raise RequestError("JOB_ID is not set: on gcp it names the job to run (gcloud run jobs execute ... "
+                           "--update-env-vars JOB_ID=<id>; the request is then read from the config bucket).")
     values = {k: env[v] for k, v in ENV.items() if env.get(v)}
     return parse_settings(values | {"job_id": check_job_id(job_id), "backend": backend}, ENV)
 

@@ -141,8 +141,11 @@ def test_validate_checks_without_training(local_dir, tiny_root, capsys):
     assert not (local_dir / "work" / "job-v").exists()  # the downloaded splits are gone too
 
 
-def test_invalid_job_id_exits_2(local_dir):
+def test_invalid_job_id_exits_2(local_dir, capsys):
     assert main.main([], env_for(local_dir, "../escape")) == 2
+    assert "JOB_ID '../escape' is not valid" in capsys.readouterr().err
+    assert main.main([], {"BACKEND": "gcp"}) == 2  # no JOB_ID: nothing to run, nothing to record it in
+    assert "JOB_ID is not set" in capsys.readouterr().err
 
 
 
