@@ -71,7 +71,11 @@ class UnslothTrainingJob(BaseTrainingJob):
         if not torch.cuda.is_available():
             raise PermanentError("training_config.provider: 'unsloth' needs an NVIDIA GPU and none is visible; "
                                  "run on a GPU machine or set provider 'huggingface'.")
-        import unsloth  # noqa: F401  (must come before transformers, peft and trl)
+        try:
+            import unsloth  # noqa: F401  (must come before transformers, peft and trl)
+        except Exception as e:  # this image's library set, not this attempt: every retry would fail the same
+            raise PermanentError(f"training_config.provider: 'unsloth' cannot be imported in this image "
+                                 f"({type(e).__name__}: {e}); set provider 'huggingface'.") from e
 
     def load_model(self, tokenizer) -> Any:
         from unsloth import FastLanguageModel

@@ -113,7 +113,7 @@ torch.cuda.is_available = torch.cuda.real_is_available  # a GPU only until Unslo
 """
 
 
-def test_unsloth_is_imported_before_transformers_peft_and_trl(local_dir, tiny_root):
+def test_unsloth_is_imported_first_and_failing_to_import_is_permanent(local_dir, tiny_root):
     """Unsloth patches transformers, PEFT and TRL when it is imported, so it must come first. Unsloth
     cannot be imported here, so a stand-in records which of them were loaded when it was; the check
     for a GPU sees one until then. The rest of the pre-flight then runs as on any CPU."""
@@ -130,6 +130,11 @@ print(sys.modules["unsloth"].LOADED_BEFORE, all(m in sys.modules for m in ("tran
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["[]", "True"]  # none of them before Unsloth; all of them after
+    # an Unsloth that cannot be imported (a library mismatch in the image) fails every retry alike: permanent
+    (local_dir / "fake" / "unsloth.py").write_text("raise ImportError('unsloth_zoo is too old')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "PermanentError: training_config.provider: 'unsloth' cannot be imported in this image (ImportError: " \
+           "unsloth_zoo is too old)" in out.stderr
 
 def test_validate_checks_without_training(local_dir, tiny_root, capsys):
     config = local_dir / "req.json"
