@@ -21,9 +21,10 @@ from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokeniz
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
 from job_manager import JobStatus, JobTracker
-from memory import check_fits
+from memory import check_memory
 from rewards import build_reward, reference_fields
-from schema import Settings, TrainRequest
+from schema import TrainRequest
+from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger
 from trainers import import_libraries, progress_callback, trl_classes
@@ -136,7 +137,7 @@ class BaseTrainingJob:
         self.timed("import_libraries", import_libraries)
         tokenizer = self.timed("load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(),
                                self.cfg.trust_remote_code)
-        check_fits(self.cfg, self.settings.gpu_memory_gib, self.token())  # memory.py: refuse what cannot fit
+        check_memory(self.cfg, self.settings, self.token())  # memory.py: refuse what cannot fit
         hp = self.cfg.hyperparameters
         sft = self.cfg.trainer_type == "sft"
 

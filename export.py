@@ -54,6 +54,9 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     # Accelerate holds references too; free_memory drops them and empties the CUDA cache.
     trainer.optimizer = trainer.lr_scheduler = None
     trainer.accelerator.free_memory()
+    # The local checkpoints are in the bucket (a retry restores from there): on a disk that is memory,
+    # Full's are 4 bytes per parameter each.
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     ref = job.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
                     stop_ids(trainer.model, tokenizer))
     verified: dict[str, dict] = {}
@@ -69,8 +72,11 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
         merged16 = root / "merged16"
         job.timed("merge", job.save_merged, trainer.model, tokenizer, merged16)
         complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token())
+        if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here
+            drop_cached(job.cfg.base_model_id)
         if ex.wants_gguf:
-            gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization)
+            gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
+                             fmt != "merged")
             verified["gguf"] = job.timed("verify_gguf", verify_gguf, job, gguf, ref)
         if fmt == "merged":
             out = merged16
@@ -94,6 +100,24 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
         result["adapter_path"] = result["adapter_path"] or uri
     shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def drop_cached(model_id: str, cache_dir: Path | None = None) -> float:
+    """Delete a Hub model's files from the Hugging Face cache (a local folder is left alone); the bytes freed."""
+    from huggingface_hub import scan_cache_dir
+
+    if Path(model_id).expanduser().is_dir():
+        return 0.0
+    cache = scan_cache_dir(cache_dir)
+    revisions = [rev.commit_hash for repo in cache.repos if repo.repo_type == "model" and repo.repo_id == model_id
+                 for rev in repo.revisions]
+    if not revisions:
+        return 0.0
+    strategy = cache.delete_revisions(*revisions)
+    strategy.execute()
+    logger.info("deleted %s from the Hugging Face cache: %.1f GiB freed", model_id,
+                strategy.expected_freed_size / 2**30)
+    return float(strategy.expected_freed_size)
 
 
 # ---- verification: each artifact in the program that will load it ---------------------------------
@@ -207,13 +231,18 @@ def quantize(src: Path, dst: Path, quant: str) -> Path:
     return dst
 
 
-def export_gguf(merged_dir: Path, out_dir: Path, quant: str) -> Path:
-    """model-{quant}.gguf in out_dir, from a merged 16-bit model folder."""
+def export_gguf(merged_dir: Path, out_dir: Path, quant: str, drop_merged: bool = False) -> Path:
+    """model-{quant}.gguf in out_dir, from a merged 16-bit model folder (deleted once converted if
+    drop_merged: on a disk that is memory, the k-quant then never sits beside the merge and the f16)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"model-{quant}.gguf"
+    converted = convert(merged_dir, target if quant in DIRECT else out_dir.parent / "model-f16.tmp.gguf",
+                        DIRECT.get(quant, "f16"))
+    if drop_merged:
+        shutil.rmtree(merged_dir, ignore_errors=True)
     if quant in DIRECT:
-        return convert(merged_dir, target, DIRECT[quant])
-    f16 = convert(merged_dir, out_dir.parent / "model-f16.tmp.gguf", "f16")
+        return converted
+    f16 = converted
     try:
         return quantize(f16, target, quant)
     finally:

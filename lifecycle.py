@@ -24,7 +24,8 @@ from checkpoints import CANCEL
 from errors import Cancelled, PermanentError
 from job_manager import JobStatus, JobTracker
 from request import parse_request, strip_secrets
-from schema import Settings, TrainRequest
+from schema import TrainRequest
+from settings import Settings
 from storage import BlobStore
 
 logger = logging.getLogger(__name__)

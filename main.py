@@ -23,7 +23,8 @@ from job_manager import JobTracker
 from lifecycle import process_age, record_failure, run_attempt, summary
 from logs import setup_logging
 from request import parse_settings
-from schema import Settings, TrainRequest, check_job_id
+from schema import TrainRequest
+from settings import Settings, check_job_id
 from services import make_blobs, make_services, open_store
 
 logger = logging.getLogger("main")
@@ -36,7 +37,7 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY", "local_dir": "LOCAL_DIR",
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
-       "world_size": "WORLD_SIZE"}
+       "world_size": "WORLD_SIZE", "host_memory_gib": "HOST_MEMORY_GIB"}
 STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB", "LOCAL_DIR")
 
 
@@ -47,7 +48,8 @@ def read_settings(env) -> Settings:
         raise RequestError("JOB_ID is not set: on gcp it names the job to run (gcloud run jobs execute ... "
                            "--update-env-vars JOB_ID=<id>; the request is then read from the config bucket).")
     values = {k: env[v] for k, v in ENV.items() if env.get(v)}
-    return parse_settings(values | {"job_id": check_job_id(job_id), "backend": backend}, ENV)
+    cloud_run = {"disk_is_memory": True} if env.get("CLOUD_RUN_JOB") else {}  # its disk is memory
+    return parse_settings(values | cloud_run | {"job_id": check_job_id(job_id), "backend": backend}, ENV)
 
 
 def main(argv: list[str] | None = None, env=None) -> int:

@@ -11,12 +11,18 @@ download and the load.
 - Activations, with gradient checkpointing: each layer's input kept (batch x length x hidden x 2 B
   per layer), one layer recomputed at a time, and the logits (batch x length x vocab x 2 B).
 
-Run `python memory.py` for the table of Gemma 3 sizes on an L4 that the README shows.
+The container's memory is checked too where its disk is memory (Cloud Run): the base's files in the
+Hugging Face cache (2 B/param, for the whole job), the merge (the 16-bit base in RAM and the merged
+files), the GGUF (the f16 conversion before a k-quant, and the quantized file), Full's local
+checkpoints (bf16 weights and 8-bit AdamW state, `save_total_limit` of them), and the process itself.
+
+Run `python memory.py` for the tables of Gemma 3 sizes on an L4 that the README shows.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from errors import PermanentError
@@ -69,26 +75,85 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
             "hyperparameters.batch_size / max_length.")
 
 
-def check_fits(cfg, gpu_memory_gib: float | None, token: str | None) -> None:
-    """Refuse (exit 2), before loading anything big, a method and model that cannot fit: on a GPU of
-    `gpu_memory_gib` (Settings) or else the visible one. On a CPU, system memory is the limit: no check."""
+def check_memory(cfg, settings, token: str | None) -> None:
+    """Refuse (exit 2), before anything big is loaded, a job that cannot fit the GPU (one of
+    `settings.gpu_memory_gib`, else the visible one) or the container's memory where its disk is memory
+    (`settings.host_memory_gib`, else the container's limit on Cloud Run). A CPU machine given neither
+    size checks nothing: system memory and disk are the limits there, and the tiny models fit."""
     import torch
 
-    if gpu_memory_gib:
-        gpu = gpu_memory_gib * GIB
-    elif torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(0).total_memory
-    else:
+    gpu = settings.gpu_memory_gib * GIB if settings.gpu_memory_gib else \
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    host = settings.host_memory_gib * GIB if settings.host_memory_gib else \
+        container_limit() if settings.disk_is_memory else None
+    if gpu is None and host is None:
         return
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.base_model_id, token=token, trust_remote_code=cfg.trust_remote_code)
-    hp = cfg.hyperparameters
-    estimate = estimate_bytes(*count_params(config), cfg.method, hp.batch_size, hp.max_length, config)
-    logger.info("memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
-    message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
-    if message:
-        raise PermanentError(message)
+    total, embeddings = count_params(config)
+    if gpu:
+        hp = cfg.hyperparameters
+        estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config)
+        logger.info("GPU memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
+        message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
+        if message:
+            raise PermanentError(message)
+    if host:
+        check_host(cfg, total, host, cache_dropped=settings.disk_is_memory)
+
+
+PROCESS = 4 * GIB  # the process itself in host memory: Python, torch, CUDA's host-side libraries, the rows
+GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q5_k_m": 0.72, "q4_k_m": 0.62, "q2_k": 0.42}  # per param
+
+
+def host_bytes(total: int, cfg, cache_dropped: bool = False) -> dict[str, float]:
+    """Peak container memory of each stage where the disk is memory, and the largest ("total").
+    cache_dropped: the base's cached files are deleted once merged (export.py does so on Cloud Run)."""
+    ex, fmt = cfg.export_config, cfg.export_format
+    cache = 2.0 * total
+    after_merge = 0.0 if cache_dropped else cache
+    stages = {"train": cache + (cfg.hyperparameters.save_total_limit * 4.0 * total if cfg.method == "Full" else 0)}
+    if fmt == "merged" or ex.wants_gguf:
+        # LoRA and QLoRA merge into the base reloaded in 16 bits on the CPU; Full saves from the GPU
+        stages["merge"] = cache + 2.0 * total + (0 if cfg.method == "Full" else 2.0 * total)
+    if ex.wants_gguf:
+        k_quant = ex.gguf_quantization not in ("f16", "bf16", "q8_0")
+        stages["gguf"] = after_merge + (2.0 * total if fmt == "merged" else 0) + (2.0 * total if k_quant else 0) + \
+            GGUF_BYTES[ex.gguf_quantization] * total
+    if fmt == "merged" and ex.merged_dtype == "q4":
+        stages["quantize_4bit"] = after_merge + 2.0 * total + 0.62 * total
+    stages = {k: v + PROCESS for k, v in stages.items()}
+    return stages | {"total": max(stages.values())}
+
+
+def container_limit() -> float | None:
+    """This container's memory limit (cgroup v2, then v1), or None if it has none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        return None if value == "max" or int(value) >= 2 ** 60 else float(value)
+    return None
+
+
+def check_host(cfg, total: int, limit: float, cache_dropped: bool = False) -> None:
+    """Refuse (exit 2) a job whose files and process cannot fit the container's memory: killed for it
+    later, it could not even say why in its job document."""
+    need = host_bytes(total, cfg, cache_dropped)
+    logger.info("container memory estimate %.1f GiB of %.1f GiB", need["total"] / GIB, limit / GIB)
+    if need["total"] <= HEADROOM * limit:
+        return
+    stage = max((k for k in need if k != "total"), key=need.get)
+    advice = {"train": "lower hyperparameters.save_total_limit, or use method 'LoRA'",
+              "merge": "export format 'adapter'",
+              "gguf": "export format 'adapter' with include_gguf, or a smaller gguf_quantization",
+              "quantize_4bit": "merged_dtype 'bf16'"}[stage]
+    raise PermanentError(
+        f"export_config: this job needs about {need['total'] / GIB:.1f} GiB of container memory at its {stage} "
+        f"stage (the disk is memory here: the base's files, the {cfg.export_format} export, the process) but "
+        f"the container has {limit / GIB:.1f} GiB; {advice}, or a smaller model.")
 
 
 def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:

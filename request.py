@@ -13,7 +13,8 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from errors import RequestError
-from schema import Hyperparameters, Settings, TrainRequest
+from schema import Hyperparameters, TrainRequest
+from settings import Settings
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:

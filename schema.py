@@ -10,10 +10,8 @@ requests through `request.parse_request`, whose errors name the field, the value
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
-from errors import RequestError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 # A path component that cannot escape its prefix: no slash, no leading dot.
@@ -272,45 +270,3 @@ def normalise(data: dict[str, Any]) -> dict[str, Any]:
     if tc:
         data["training_config"] = tc
     return data
-
-
-class Settings(StrictModel):
-    """The job's environment, read by main.py alone and validated here."""
-    job_id: str = Field(pattern=SAFE_ID)
-    backend: Literal["gcp", "local"] = "local"
-    local_dir: str = "./.local"
-    project_id: str | None = None
-    firestore_db: str = "(default)"
-    config_bucket: str = "gemma-train-config"
-    config_uri: str | None = Field(None, pattern=r"^gs://[^/]+/.+$")
-    data_bucket: str = "gemma-dataset-bucket"
-    export_bucket: str = "gemma-export-bucket"
-    hf_token: SecretStr | None = None
-    hf_endpoint: str | None = None
-    wandb_api_key: SecretStr | None = None
-    attempt: int = Field(0, ge=0)
-    task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
-    gpu_memory_gib: float | None = Field(None, gt=0, description="Check the memory estimate against this GPU "
-                                         "size instead of the visible GPU's (GPU_MEMORY_GIB).")
-    deadline_reserve_s: float = Field(60.0, ge=0, description="Stop this long before the task timeout, plus "
-                                      "the time of one step and one checkpoint.")
-    world_size: int = Field(1, ge=1, description="Processes in the run (WORLD_SIZE, set by torchrun).")
-
-    @field_validator("world_size")
-    @classmethod
-    def _one_process(cls, v: int) -> int:
-        if v > 1:  # DESIGN.md: then only the main process may write the document and upload; not built yet
-            raise ValueError(f"the job trains in one process on one GPU, not {v}: under torchrun or accelerate "
-                             "launch every process would write the job document and upload; run `python main.py`")
-        return v
-
-    @property
-    def request_uri(self) -> str:
-        return self.config_uri or f"gs://{self.config_bucket}/{self.job_id}.json"
-
-
-def check_job_id(job_id: str) -> str:
-    if not re.fullmatch(SAFE_ID, job_id or ""):
-        raise RequestError(f"JOB_ID {job_id!r} is not valid: use letters, digits, '.', '_' or '-' "
-                           "(no slashes, not starting with '.'), at most 200 characters.")
-    return job_id

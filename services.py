@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from job_manager import FirestoreJobStore, LocalJobStore
-from schema import Settings, TrainRequest
+from schema import TrainRequest
+from settings import Settings
 from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
 from tracking import NullRunLogger, WandbRunLogger
 

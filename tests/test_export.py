@@ -81,6 +81,43 @@ def test_each_gguf_quantization_agrees_with_the_trained_model(trained, quant):
     shutil.rmtree(path.parent)
 
 
+def test_a_merge_not_exported_is_gone_before_the_k_quant_is_made(trained, monkeypatch):
+    """On a disk that is memory, the k-quant never sits beside both the merge and its f16 conversion."""
+    import export
+
+    merged = trained["root"] / "merged-copy"
+    shutil.copytree(trained["merged"], merged)
+    seen, real = [], export.quantize
+    monkeypatch.setattr(export, "quantize", lambda src, dst, q: (seen.append(merged.exists()), real(src, dst, q))[1])
+    path = export.export_gguf(merged, trained["root"] / "gguf-drop", "q4_k_m", drop_merged=True)
+    assert seen == [False] and path.is_file() and not (path.parent.parent / "model-f16.tmp.gguf").exists()
+    from verification import check_gguf
+
+    assert check_gguf(trained["ref"], path) >= EXPECTED["q4_k_m"]
+
+
+def test_drop_cached_deletes_that_hub_models_files_only(tmp_path):
+    """On Cloud Run the base's cached files are deleted once merged: the real huggingface_hub cache API
+    on a cache laid out as it lays it out."""
+    from export import drop_cached
+
+    def cached(repo: str, commit: str):
+        folder = tmp_path / f"models--{repo.replace('/', '--')}"
+        (folder / "blobs").mkdir(parents=True)
+        (folder / "refs").mkdir()
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        (folder / "blobs" / "0a1b").write_bytes(b"w" * 1000)
+        (folder / "refs" / "main").write_text(commit)
+        (folder / "snapshots" / commit / "model.safetensors").symlink_to(folder / "blobs" / "0a1b")
+        return folder
+
+    base, other = cached("acme/base", "a" * 40), cached("acme/other", "b" * 40)
+    assert drop_cached("acme/base", tmp_path) == 1000
+    assert not base.exists() and (other / "blobs" / "0a1b").read_bytes() == b"w" * 1000
+    assert drop_cached("acme/base", tmp_path) == 0  # nothing left of it
+    assert drop_cached(str(other), tmp_path) == 0 and other.exists()  # a local folder is never touched
+
+
 def test_special_tokens_are_control_tokens_and_tokenize_as_in_transformers(trained, gguf_f16):
     tok = trained["prep"].tokenizer
     llm = load(gguf_f16)
@@ -149,7 +186,7 @@ def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
 
 
 
-def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir, tiny_root):
+def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir, tiny_root, monkeypatch):
     """Gemma 3 at 4B and up is Gemma3ForConditionalGeneration: a SigLIP vision tower beside the language
     model, whose q/k/v_proj share LoRA's target names. A text job adapts the language model alone, and
     its adapter and its GGUF (made from the merge) load and agree as for the text-only architecture."""
@@ -159,7 +196,17 @@ def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir
     req["training_config"]["hyperparameters"]["epochs"] = 4
     req["training_config"]["export_config"] = {"format": "adapter", "include_gguf": True, "gguf_quantization": "q8_0"}
     put_request(local_dir, "mm", req)
+    import export
+
+    checkpoints_left, publish = [], export.publish
+
+    def spy(job, folder, artifact):  # the local checkpoints are gone before anything is uploaded
+        checkpoints_left.append((local_dir / "work" / "mm" / "checkpoints").exists())
+        return publish(job, folder, artifact)
+
+    monkeypatch.setattr(export, "publish", spy)
     assert main.main([], env_for(local_dir, "mm")) == 0
+    assert checkpoints_left == [False, False]  # the adapter, then the GGUF
     doc = read_doc(local_dir, "mm")
     assert doc["metrics"]["accuracy"] > 0.5  # it learned (the random base scores about 0)
     adapter = local_dir / EXPORT / "trained_adapters" / "mm"

@@ -84,6 +84,35 @@ def test_memory_estimate_matches_gemma_sizes_and_refuses_what_cannot_fit(local_d
     assert sizes == {"gemma-3-270m": 0.3, "gemma-3-1b": 1.0, "gemma-3-4b": 4.3, "gemma-3-12b": 12.2}
 
 
+def test_container_memory_estimate_where_the_disk_is_memory():
+    """Cloud Run (32 GiB): the base's cached files, the merge and the GGUF are memory too."""
+    import pytest
+
+    from errors import PermanentError
+    from memory import GIB, PROCESS, check_host, host_bytes
+    from schema import TrainRequest
+
+    def cfg(method="QLoRA", **export):
+        return TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+            "base_model_id": "g", "method": method, "export_config": export}}).training_config
+
+    b4, b12 = int(4.30e9), int(12.19e9)
+    adapter = host_bytes(b4, cfg())
+    assert adapter == {"train": 2 * b4 + PROCESS, "total": 2 * b4 + PROCESS}  # only the cached base
+    both = host_bytes(b4, cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), cache_dropped=True)
+    assert both["merge"] == both["total"] == 6 * b4 + PROCESS  # cache + the base in RAM + the merge
+    assert both["gguf"] == pytest.approx((2 + 2 + 0.62) * b4 + PROCESS)  # the merge + the f16 + the k-quant
+    # the merge is dropped once converted when it is not exported itself
+    only_gguf = host_bytes(b4, cfg(include_gguf=True, gguf_quantization="q4_k_m"), cache_dropped=True)
+    assert only_gguf["gguf"] == pytest.approx(both["gguf"] - 2 * b4)
+    assert host_bytes(b4, cfg("Full"))["train"] == (2 + 2 * 4) * b4 + PROCESS  # two local checkpoints
+    check_host(cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), b4, 32 * GIB, True)
+    check_host(cfg(), b12, 32 * GIB)  # QLoRA on 12B with its adapter fits
+    with pytest.raises(PermanentError, match=r"needs about 72.1 GiB of container memory at its merge stage .* "
+                                             r"has 32.0 GiB; export format 'adapter'"):
+        check_host(cfg(format="merged"), b12, 32 * GIB, True)
+
+
 def test_a_request_that_cannot_fit_the_gpu_is_refused_before_loading(local_dir, tiny_root):
     import main
     from conftest import env_for, put_request, read_doc
@@ -95,3 +124,10 @@ def test_a_request_that_cannot_fit_the_gpu_is_refused_before_loading(local_dir, 
     assert doc["phase"] == "validating"
     put_request(local_dir, "fits", sample_request(tiny_root, method="Full"))
     assert main.main(["--validate"], env_for(local_dir, "fits", GPU_MEMORY_GIB="22")) == 0
+    # the container's memory, where the disk is memory: the process alone is counted as 4 GiB
+    put_request(local_dir, "host", sample_request(tiny_root))
+    assert main.main([], env_for(local_dir, "host", HOST_MEMORY_GIB="2")) == 2
+    doc = read_doc(local_dir, "host")
+    assert "of container memory at its train stage" in doc["error"] and doc["phase"] == "validating"
+    put_request(local_dir, "host-ok", sample_request(tiny_root))
+    assert main.main(["--validate"], env_for(local_dir, "host-ok", HOST_MEMORY_GIB="8")) == 0
