@@ -161,6 +161,8 @@ def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
     up are image+text models: their SigLIP vision tower (about 0.4B parameters) is loaded too."""
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
+    from schema import TrainRequest
+
     shapes = {"gemma-3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=256),
               "gemma-3-1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
@@ -181,8 +183,18 @@ def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
         for method in ("Full", "LoRA", "QLoRA"):
             est = estimate_bytes(total, emb, method, 2, 1024, config)
             row[method] = f"{est['total'] / GIB:.1f} GiB {'fits' if est['total'] <= HEADROOM * gpu_gib * GIB else 'no'}"
+        # Cloud Run's 32 GiB, its disk memory too: QLoRA, each export
+        for export, fields in HOST_EXPORTS.items():
+            cfg = TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+                "base_model_id": name, "export_config": fields}}).training_config
+            need = host_bytes(total, cfg, cache_dropped=True)["total"]
+            row[f"host {export}"] = f"{need / GIB:.1f} GiB {'fits' if need <= HEADROOM * 32 * GIB else 'no'}"
         rows.append(row)
     return rows
+
+
+HOST_EXPORTS = {"adapter": {}, "adapter+gguf q4_k_m": {"include_gguf": True, "gguf_quantization": "q4_k_m"},
+                "merged": {"format": "merged"}}
 
 
 if __name__ == "__main__":
