@@ -22,6 +22,7 @@ Run `python memory.py` for the tables of Gemma 3 sizes on an L4 that the README 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,15 +128,17 @@ def host_bytes(total: int, cfg, cache_dropped: bool = False) -> dict[str, float]
     return stages | {"total": max(stages.values())}
 
 
-def container_limit() -> float | None:
-    """This container's memory limit (cgroup v2, then v1), or None if it has none."""
+def container_limit() -> float:
+    """This container's memory: its cgroup limit (v2, then v1), else the machine's (a Cloud Run instance
+    is a sandbox or VM of the size the job asks for)."""
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             value = Path(path).read_text().strip()
         except OSError:
             continue
-        return None if value == "max" or int(value) >= 2 ** 60 else float(value)
-    return None
+        if value != "max" and int(value) < 2 ** 60:
+            return float(value)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def check_host(cfg, total: int, limit: float, cache_dropped: bool = False) -> None:
