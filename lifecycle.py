@@ -126,16 +126,15 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     """A provider's job wired to the local services under `root`, for driving the workflow step by step
     (tests and benchmarks): the same classes main() builds for BACKEND=local, without W&B."""
     from base import Services
-    from job_manager import LocalJobStore
     from providers import PROVIDERS
-    from storage import LocalBlobStore, LocalModelHub
+    from services import make_blobs, open_store
+    from storage import LocalModelHub
     from tracking import NullRunLogger
 
-    req = TrainRequest.model_validate(request)
-    services = Services(LocalBlobStore(root), LocalModelHub(root), JobTracker(LocalJobStore(root), job_id),
+    req, settings = TrainRequest.model_validate(request), Settings(job_id=job_id, local_dir=str(root))
+    services = Services(make_blobs(settings), LocalModelHub(root), JobTracker(open_store(settings), job_id),
                         NullRunLogger())
-    return PROVIDERS[req.training_config.provider](req, Settings(job_id=job_id, local_dir=str(root)), services,
-                                                   Path(root) / "work" / job_id)
+    return PROVIDERS[req.training_config.provider](req, settings, services, Path(root) / "work" / job_id)
 
 
 def make_tiny_fixtures(root: Path) -> Path:
