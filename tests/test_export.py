@@ -222,7 +222,9 @@ def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir
 
 def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memory import count_params, nf4_bytes
 
     req = trained_request(tiny_root, format="merged", merged_dtype="q4", include_gguf=True,
                           gguf_quantization="q4_k_m", destination="hfhub", hf_repo_id="me/tiny-animals")
@@ -243,6 +245,9 @@ def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     model = AutoModelForCausalLM.from_pretrained(str(repo))
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    # the size memory.py counts for the 4-bit files (its container-memory estimate), within 5 %
+    total, embeddings = count_params(AutoConfig.from_pretrained(str(tiny_root / "models" / "tiny-gemma3")))
+    assert (repo / "model.safetensors").stat().st_size == pytest.approx(nf4_bytes(total, embeddings), rel=0.05)
     assert (repo / "model.safetensors").stat().st_size < 0.6 * (tiny_root / "models" / "tiny-gemma3" /
                                                                  "model.safetensors").stat().st_size
 

@@ -97,20 +97,28 @@ def test_container_memory_estimate_where_the_disk_is_memory():
             "base_model_id": "g", "method": method, "export_config": export}}).training_config
 
     b4, b12 = int(4.30e9), int(12.19e9)
-    adapter = host_bytes(b4, cfg())
+    e4, e12 = 262144 * 2560, 262144 * 3840  # their embeddings
+
+    def host_bytes4(c, cache_dropped=False):
+        return host_bytes(b4, e4, c, cache_dropped)
+
+    adapter = host_bytes4(cfg())
     assert adapter == {"train": 2 * b4 + PROCESS, "total": 2 * b4 + PROCESS}  # only the cached base
-    both = host_bytes(b4, cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), cache_dropped=True)
+    both = host_bytes4(cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), cache_dropped=True)
     assert both["merge"] == both["total"] == 6 * b4 + PROCESS  # cache + the base in RAM + the merge
     assert both["gguf"] == pytest.approx((2 + 2 + 0.62) * b4 + PROCESS)  # the merge + the f16 + the k-quant
     # the merge is dropped once converted when it is not exported itself
-    only_gguf = host_bytes(b4, cfg(include_gguf=True, gguf_quantization="q4_k_m"), cache_dropped=True)
+    only_gguf = host_bytes4(cfg(include_gguf=True, gguf_quantization="q4_k_m"), cache_dropped=True)
     assert only_gguf["gguf"] == pytest.approx(both["gguf"] - 2 * b4)
-    assert host_bytes(b4, cfg("Full"))["train"] == (2 + 2 * 4) * b4 + PROCESS  # two local checkpoints
-    check_host(cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), b4, 32 * GIB, True)
-    check_host(cfg(), b12, 32 * GIB)  # QLoRA on 12B with its adapter fits
+    assert host_bytes4(cfg("Full"))["train"] == (2 + 2 * 4) * b4 + PROCESS  # two local checkpoints
+    # the 4-bit save: the 16-bit merge, and its quantized files with the embeddings still in bf16
+    q4 = host_bytes4(cfg(format="merged", merged_dtype="q4"), cache_dropped=True)["quantize_4bit"]
+    assert q4 == pytest.approx(2 * b4 + 2 * e4 + 0.52 * (b4 - e4) + PROCESS)
+    check_host(cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), b4, e4, 32 * GIB, True)
+    check_host(cfg(), b12, e12, 32 * GIB)  # QLoRA on 12B with its adapter fits
     with pytest.raises(PermanentError, match=r"needs about 72.1 GiB of container memory at its merge stage .* "
                                              r"has 32.0 GiB; export format 'adapter'"):
-        check_host(cfg(format="merged"), b12, 32 * GIB, True)
+        check_host(cfg(format="merged"), b12, e12, 32 * GIB, True)
 
 
 def test_a_request_that_cannot_fit_the_gpu_is_refused_before_loading(local_dir, tiny_root):
