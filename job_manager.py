@@ -156,6 +156,7 @@ class JobTracker:
         self._started: float | None = None
         self._start_step = 0
         self._loss: float | None = None
+        self.latest: dict[str, Any] = {}  # the newest progress fields, written or throttled (for the logs)
         self._deferred: dict[str, Any] = {}
         self._shadow: dict[str, Any] = {}  # everything this process wrote: replayed after an outage
         self._behind = False
@@ -241,15 +242,16 @@ class JobTracker:
             self._loss = loss  # kept while throttled, so the next write carries the latest loss
         if self._started is None:
             self._started, self._start_step = t, step
-        if not force and t - self._last_progress < self.min_interval:
-            return False
-        self._last_progress = t
         done = step - self._start_step
         eta = (t - self._started) / done * (total_steps - step) if done > 0 and total_steps else None
         fields = {"step": step, "total_steps": total_steps, "progress": min(1.0, step / total_steps) if total_steps
                   else 0.0, "epoch": epoch, "eta_seconds": round(eta, 1) if eta is not None else None}
         if self._loss is not None:
             fields["loss"] = self._loss
+        self.latest = fields
+        if not force and t - self._last_progress < self.min_interval:
+            return False
+        self._last_progress = t
         self.write(fields)
         return True
 

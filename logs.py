@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 MASK = "**********"
@@ -49,6 +50,13 @@ REDACT = RedactingFilter()
 
 
 def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO) -> RedactingFilter:
+    """One handler for every record: the job's own, the libraries' and Python warnings. With json_lines
+    (Cloud Run) progress bars are off too: each redraw would be a line of its own, and not JSON."""
+    if json_lines:
+        # read when huggingface_hub, transformers and datasets are imported, which is later (lazily)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.captureWarnings(True)  # PEFT's and torch's warnings.warn, as records (JSON on Cloud Run)
     handler = logging.StreamHandler(sys.stdout if json_lines else sys.stderr)
     handler.setFormatter(JsonFormatter(job_id) if json_lines else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -59,3 +67,12 @@ def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO
     for noisy in ("httpx", "urllib3", "google", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return REDACT
+
+
+def route_transformers_logs() -> None:
+    """transformers prints its warnings with a handler of its own ('[transformers] ...' on stderr): through
+    the job's handler instead, so that they are JSON on Cloud Run and masked like every other record."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()

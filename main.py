@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
             record_failure(lambda: open_store(read_settings({k: env[k] for k in STORE_VARS if k in env})),
                            env["JOB_ID"], RequestError(f"invalid environment: {e}"))
         return 2
-    redact = setup_logging(settings.job_id, json_lines=bool(env.get("CLOUD_RUN_JOB")),
-                           level=env.get("LOG_LEVEL", "INFO").upper())
+    json_lines = bool(env.get("CLOUD_RUN_JOB"))
+    redact = setup_logging(settings.job_id, json_lines, level=env.get("LOG_LEVEL", "INFO").upper())
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     store = open_store(settings, dry_run=args.validate)
     tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None, env=None) -> int:
     except Exception:
         logger.exception("job failed; a retry can resume it")
         return 1
-    if result:
+    if result and json_lines:  # on Cloud Run, a record like every other line
+        logger.info("%s", summary(settings, result, blobs, store))
+    elif result:
         print(summary(settings, result, blobs, store))
     return 0
 

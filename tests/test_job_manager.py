@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from errors import Cancelled, PermanentError
@@ -61,6 +63,32 @@ def test_progress_is_throttled_and_has_eta(tmp_path):
     assert doc["eta_seconds"] == pytest.approx(4.5, abs=0.1)  # 9 steps left at 0.5 s each
     tracker.progress(100, 100, 1.0, None, force=True)
     assert store.get("j")["loss"] == pytest.approx(0.1)  # the last loss seen, though it came while throttled
+
+
+def test_progress_reaches_the_log_every_30_s(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from trainers import progress_callback
+
+    clock = FakeClock()
+    tracker = JobTracker(LocalJobStore(tmp_path), "j", clock=clock)
+    callback = progress_callback(tracker, log_every_s=30.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="trainers"):
+        for step in range(1, 121):  # one step a second for two minutes, each one logged by the Trainer
+            clock.t = float(step)
+            callback.on_log(None, SimpleNamespace(global_step=step, max_steps=120, epoch=step / 60), None,
+                            logs={"loss": 100.0 / step, "learning_rate": 1e-4})
+        callback.on_evaluate(None, SimpleNamespace(global_step=120, max_steps=120, epoch=2.0), None,
+                             metrics={"eval_loss": 1.25, "eval_runtime": 0.5, "eval_samples_per_second": 9.0})
+        callback.on_train_end(None, SimpleNamespace(global_step=120, max_steps=120, epoch=2.0), None)
+    assert [r.getMessage() for r in caplog.records if r.name == "trainers"] == [
+        "step 1/120 (1%), epoch 0.02, loss 100",  # no time left to tell from one step
+        "step 31/120 (26%), epoch 0.52, loss 3.226, about 1m29s left",  # 1 s a step, 89 to go
+        "step 61/120 (51%), epoch 1.02, loss 1.639, about 59s left",
+        "step 91/120 (76%), epoch 1.52, loss 1.099, about 29s left",
+        "eval at step 120/120 (epoch 2.00): eval_loss=1.25",
+        "step 120/120 (100%), epoch 2.00, loss 0.8333",
+    ]
 
 
 @pytest.mark.parametrize("exc,kind", [(PermanentError("bad dataset"), "permanent"),

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 import base
 import main
 import tracking
-from conftest import env_for, put_request, read_doc, sample_request
+from conftest import ROOT, env_for, put_request, read_doc, sample_request
 from logs import JsonFormatter, RedactingFilter
 
 HF_SECRET = "hf_FAKEsecretVALUE1234567890abcdefghij"
@@ -35,6 +39,31 @@ def test_redaction_covers_arguments_and_tracebacks():
     f.filter(record)
     text = JsonFormatter("j").format(record)
     assert HF_SECRET not in text and "calling with **********" in text and "401 for token **********" in text
+
+
+def test_on_cloud_run_every_line_is_json_and_training_can_be_followed(local_dir, tiny_root):
+    """The job as Cloud Run runs it (CLOUD_RUN_JOB set, its own process, the default level): every line
+    it prints is one JSON record, transformers' own warnings included and no progress bar, and at INFO
+    they tell how far training is and what each evaluation found."""
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"]["epochs"] = 2
+    put_request(local_dir, "cr-logs", req)
+    env = {"PATH": os.environ["PATH"], **env_for(local_dir, "cr-logs", CLOUD_RUN_JOB="training-job",
+                                                   HOST_MEMORY_GIB="16")}
+    out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert {r["job_id"] for r in records} == {"cr-logs"}
+    assert any(r["logger"].startswith("transformers") for r in records)  # once '[transformers] ...' lines
+    messages = [r["message"] for r in records if r["severity"] == "INFO"]
+    steps = [m for m in messages if re.fullmatch(r"step \d+/24 \(\d+%\), epoch [\d.]+, loss [\d.]+.*", m)]
+    assert steps[0].startswith("step 1/24 (4%)") and steps[-1].startswith("step 24/24 (100%), epoch 2.00")
+    evals = [m for m in messages if m.startswith("eval at step")]
+    # one per epoch, and the final evaluation of the trained model
+    assert [m.split(":")[0] for m in evals] == ["eval at step 12/24 (epoch 1.00)", "eval at step 24/24 (epoch 2.00)",
+                                                "eval at step 24/24 (epoch 2.00)"]
+    assert all("eval_loss=" in m and "eval_mean_token_accuracy=" in m for m in evals)
 
 
 WANDB_SECRET = "wandbFAKEkey0123456789abcdefghijklmnopqrstu"
