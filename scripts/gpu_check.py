@@ -70,7 +70,7 @@ def has_gguf() -> bool:
     return converter().is_file()
 
 
-def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
+def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | None = None) -> dict:
     parts = job.split(":")
     provider, method, trainer_type, model = parts + ["sft", "text"][len(parts) - 2:]
     job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
@@ -97,8 +97,13 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool) -> dict:
     env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id}
     cmd = [sys.executable, "-c", OPEN_GATE] if job in CANDIDATES else [sys.executable, str(ROOT / "main.py")]
     t = time.perf_counter()
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    doc = json.loads((root / "firestore" / "training_jobs" / f"{job_id}.json").read_text())
+    try:
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=job_timeout)
+    except subprocess.TimeoutExpired as e:  # recorded, and the next job runs
+        run = subprocess.CompletedProcess(cmd, -9, "", f"timed out after {job_timeout}s\n" + (
+            e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""))
+    doc_file = root / "firestore" / "training_jobs" / f"{job_id}.json"
+    doc = json.loads(doc_file.read_text()) if doc_file.is_file() else {}
     metrics = doc.get("metrics") or {}
     keep = ("eval_loss", "perplexity", "accuracy", "eval_runtime", "reward_accuracy", "reward_margin",
             "train_loss", "train_reward", "train_runtime")
@@ -116,22 +121,25 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type[:mm]]")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--job-timeout", type=float, help="seconds one job may take before it is stopped")
     args = parser.parse_args()
     from artifacts import library_versions
 
     device, gguf = device_name(), has_gguf()
+    out = args.out or ROOT / "benchmarks" / "results" / f"gpu-check-{re.sub(r'[^a-z0-9]+', '-', device.lower())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         from lifecycle import make_tiny_fixtures
 
         root = make_tiny_fixtures(Path(tmp))
         results = []
         for job in args.only:
-            results.append(run_job(root, job, args.epochs, gguf))
-            print(json.dumps({k: results[-1][k] for k in ("job", "exit_code", "status", "error", "seconds")}))
-    out = args.out or ROOT / "benchmarks" / "results" / f"gpu-check-{re.sub(r'[^a-z0-9]+', '-', device.lower())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": date.today().isoformat(), "device": device, "gguf": gguf,
-                               "versions": library_versions(), "results": results}, indent=2) + "\n")
+            results.append(run_job(root, job, args.epochs, gguf, args.job_timeout))
+            print(json.dumps({k: results[-1][k] for k in ("job", "exit_code", "status", "error", "seconds")}),
+                  flush=True)
+            # after every job: a run stopped by its time limit still leaves what it finished
+            out.write_text(json.dumps({"date": date.today().isoformat(), "device": device, "gguf": gguf,
+                                       "versions": library_versions(), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
