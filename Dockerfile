@@ -35,6 +35,10 @@ COPY --from=deps /opt/venv /opt/venv
 # Model caches and the job's work folder live under a path the non-root user can write.
 ENV PATH=/opt/venv/bin:$PATH HF_HOME=/work/cache/huggingface LOCAL_DIR=/work/local \
     TRITON_CACHE_DIR=/work/cache/triton WANDB_DIR=/work/cache/wandb
+# Unsloth without torch.compile: the configuration the GPU check verified end to end. Compiled, its first
+# step took 90-144 s and the next about 11 s each on an H100 (tiny model; benchmarks/results/gpu-check-h100.md),
+# against 0.7 s uncompiled. UNSLOTH_COMPILE_DISABLE=0 at execution turns compiling back on.
+ENV UNSLOTH_COMPILE_DISABLE=1
 RUN useradd --create-home --uid 1000 trainer && mkdir -p /work/cache /work/local && chown -R trainer /work
 WORKDIR /app
 COPY --chown=trainer *.py ./

@@ -37,7 +37,7 @@ def eval_token_accuracy(trainer) -> float:
     model.eval()
     with torch.no_grad():
         for batch in trainer.get_eval_dataloader():
-            labels = batch.pop("labels")
+            labels = batch.pop("labels").cpu()  # the dataloader puts the batch on the GPU
             correct = counted = 0
             for i in range(labels.shape[0]):
                 row = {k: v[i:i + 1].to(trainer.args.device) for k, v in batch.items() if torch.is_tensor(v)}

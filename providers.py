@@ -60,8 +60,8 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
 
 class UnslothTrainingJob(BaseTrainingJob):
-    # Until each has run under Unsloth on a GPU (issue 6), Full and the RL trainer types are refused here;
-    # scripts/gpu_check.py tries them with this gate open.
+    # LoRA and QLoRA SFT ran end to end on an H100 (benchmarks/results/gpu-check-h100.md). Full and the RL
+    # trainer types stay refused until they have too: scripts/gpu_check.py tries them with this gate open.
     methods = ("LoRA", "QLoRA")
     trainer_types = ("sft",)
 

@@ -60,6 +60,13 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def image_env(name: str) -> str:
+    """The value the Dockerfile's ENV gives name."""
+    found = re.search(rf"^ENV {name}=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert found, f"{name} is not set in the Dockerfile"
+    return found.group(1)
+
+
 def has_gguf() -> bool:
     from export import converter
 
@@ -70,7 +77,8 @@ def has_gguf() -> bool:
     return converter().is_file()
 
 
-def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | None = None) -> dict:
+def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | None = None,
+            logs: Path | None = None) -> dict:
     parts = job.split(":")
     provider, method, trainer_type, model = parts + ["sft", "text"][len(parts) - 2:]
     job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
@@ -94,7 +102,8 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
         tc["export_config"].update(include_gguf=True, gguf_quantization="q4_k_m")
     (root / "gemma-train-config").mkdir(exist_ok=True)
     (root / "gemma-train-config" / f"{job_id}.json").write_text(json.dumps(request))
-    env = {**os.environ, "BACKEND": "local", "LOCAL_DIR": str(root), "JOB_ID": job_id}
+    env = {"UNSLOTH_COMPILE_DISABLE": image_env("UNSLOTH_COMPILE_DISABLE"), **os.environ, "BACKEND": "local",
+           "LOCAL_DIR": str(root), "JOB_ID": job_id}  # Unsloth as the image runs it, unless set here
     cmd = [sys.executable, "-c", OPEN_GATE] if job in CANDIDATES else [sys.executable, str(ROOT / "main.py")]
     t = time.perf_counter()
     try:
@@ -102,6 +111,9 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
     except subprocess.TimeoutExpired as e:  # recorded, and the next job runs
         run = subprocess.CompletedProcess(cmd, -9, "", f"timed out after {job_timeout}s\n" + (
             e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""))
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{job_id}.log").write_text(run.stdout + run.stderr)
     doc_file = root / "firestore" / "training_jobs" / f"{job_id}.json"
     doc = json.loads(doc_file.read_text()) if doc_file.is_file() else {}
     metrics = doc.get("metrics") or {}
@@ -122,6 +134,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--job-timeout", type=float, help="seconds one job may take before it is stopped")
+    parser.add_argument("--logs", type=Path, help="a folder for each job's whole output, <job>.log")
     args = parser.parse_args()
     from artifacts import library_versions
 
@@ -134,11 +147,14 @@ def main() -> None:
         root = make_tiny_fixtures(Path(tmp))
         results = []
         for job in args.only:
-            results.append(run_job(root, job, args.epochs, gguf, args.job_timeout))
+            results.append(run_job(root, job, args.epochs, gguf, args.job_timeout, args.logs))
             print(json.dumps({k: results[-1][k] for k in ("job", "exit_code", "status", "error", "seconds")}),
                   flush=True)
             # after every job: a run stopped by its time limit still leaves what it finished
             out.write_text(json.dumps({"date": date.today().isoformat(), "device": device, "gguf": gguf,
+                                       "unsloth_compile_disable": os.environ.get(
+                                           "UNSLOTH_COMPILE_DISABLE", image_env("UNSLOTH_COMPILE_DISABLE")),
+                                       "epochs": args.epochs,
                                        "versions": library_versions(), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 

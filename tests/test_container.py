@@ -46,3 +46,15 @@ def test_build_context_keeps_tests_and_local_files_out_but_the_converter_fetcher
     lines = (ROOT / name).read_text().splitlines()
     assert {"tests/", ".venv/", ".local/", ".gpu-site/", ".git"} <= set(lines)
     assert "!scripts/fetch_llama_convert.py" in lines  # the Dockerfile copies it
+
+
+def test_the_gpu_check_runs_unsloth_as_the_image_does():
+    """UNSLOTH_COMPILE_DISABLE=1 is what scripts/gpu_check.py verified on a GPU; the check reads it from
+    the Dockerfile, so the two cannot drift apart."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert re.search(r"^ENV UNSLOTH_COMPILE_DISABLE=1$", DOCKERFILE, re.M)
+    assert gpu_check.image_env("UNSLOTH_COMPILE_DISABLE") == "1"
