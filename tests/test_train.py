@@ -141,6 +141,30 @@ def test_token_accuracy_recomputed_when_the_trainer_reports_none(trained):
     assert job.timings["eval_token_accuracy"] > 0
 
 
+def test_token_accuracy_takes_its_labels_off_the_gpu(trained, monkeypatch):
+    """On a GPU the eval dataloader leaves the labels there, and numpy refuses them (this failed every Unsloth
+    job on the H100, benchmarks/results/gpu-check-h100.md): stood in for by a tensor that refuses the same way."""
+    import torch
+
+    from evaluation import eval_token_accuracy
+
+    class OnGpu(torch.Tensor):
+        def numpy(self, *args, **kwargs):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def cpu(self, *args, **kwargs):
+            return self.as_subclass(torch.Tensor)
+
+    trainer, loader = trained["trainer"], trained["trainer"].get_eval_dataloader
+
+    def on_gpu():
+        for batch in loader():
+            yield {**batch, "labels": batch["labels"].as_subclass(OnGpu)}
+
+    monkeypatch.setattr(trainer, "get_eval_dataloader", on_gpu)
+    assert eval_token_accuracy(trainer) == pytest.approx(trained["metrics"]["accuracy"], abs=1e-6)
+
+
 def test_cast_saved_rewrites_a_saved_model_in_the_asked_dtype(tiny_root, tmp_path):
     """Unsloth's merge keeps the dtype the base is stored in; the job then rewrites it as merged_dtype asks."""
     from safetensors.torch import load_file
