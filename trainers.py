@@ -63,7 +63,7 @@ def progress_callback(tracker: JobTracker, log_every_s: float = 30.0, clock=time
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             logger.info("eval at step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps,
                         state.epoch or 0.0, describe({k: v for k, v in (metrics or {}).items()
-                                                      if not k.endswith(("_runtime", "_per_second"))}))
+                                                      if k != "epoch" and not k.endswith(("_runtime", "_per_second"))}))
 
         def on_train_end(self, args, state, control, **kwargs):
             tracker.progress(state.global_step, state.max_steps, state.epoch, None, force=True)

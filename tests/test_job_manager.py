@@ -79,7 +79,8 @@ def test_progress_reaches_the_log_every_30_s(tmp_path, caplog):
             callback.on_log(None, SimpleNamespace(global_step=step, max_steps=120, epoch=step / 60), None,
                             logs={"loss": 100.0 / step, "learning_rate": 1e-4})
         callback.on_evaluate(None, SimpleNamespace(global_step=120, max_steps=120, epoch=2.0), None,
-                             metrics={"eval_loss": 1.25, "eval_runtime": 0.5, "eval_samples_per_second": 9.0})
+                             metrics={"eval_loss": 1.25, "eval_runtime": 0.5, "eval_samples_per_second": 9.0,
+                                      "epoch": 2.0})
         callback.on_train_end(None, SimpleNamespace(global_step=120, max_steps=120, epoch=2.0), None)
     assert [r.getMessage() for r in caplog.records if r.name == "trainers"] == [
         "step 1/120 (1%), epoch 0.02, loss 100",  # no time left to tell from one step
