@@ -67,6 +67,11 @@ def image_env(name: str) -> str:
     return found.group(1)
 
 
+def unsloth_compile_disable() -> str:
+    """Unsloth as the image runs it (the Dockerfile's value), unless this environment sets it."""
+    return os.environ.get("UNSLOTH_COMPILE_DISABLE", image_env("UNSLOTH_COMPILE_DISABLE"))
+
+
 def has_gguf() -> bool:
     from export import converter
 
@@ -102,8 +107,8 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
         tc["export_config"].update(include_gguf=True, gguf_quantization="q4_k_m")
     (root / "gemma-train-config").mkdir(exist_ok=True)
     (root / "gemma-train-config" / f"{job_id}.json").write_text(json.dumps(request))
-    env = {"UNSLOTH_COMPILE_DISABLE": image_env("UNSLOTH_COMPILE_DISABLE"), **os.environ, "BACKEND": "local",
-           "LOCAL_DIR": str(root), "JOB_ID": job_id}  # Unsloth as the image runs it, unless set here
+    env = {**os.environ, "UNSLOTH_COMPILE_DISABLE": unsloth_compile_disable(), "BACKEND": "local",
+           "LOCAL_DIR": str(root), "JOB_ID": job_id}
     cmd = [sys.executable, "-c", OPEN_GATE] if job in CANDIDATES else [sys.executable, str(ROOT / "main.py")]
     t = time.perf_counter()
     try:
@@ -152,8 +157,7 @@ def main() -> None:
                   flush=True)
             # after every job: a run stopped by its time limit still leaves what it finished
             out.write_text(json.dumps({"date": date.today().isoformat(), "device": device, "gguf": gguf,
-                                       "unsloth_compile_disable": os.environ.get(
-                                           "UNSLOTH_COMPILE_DISABLE", image_env("UNSLOTH_COMPILE_DISABLE")),
+                                       "unsloth_compile_disable": unsloth_compile_disable(),
                                        "epochs": args.epochs,
                                        "versions": library_versions(), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
