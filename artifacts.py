@@ -47,6 +47,38 @@ def copy_sentencepiece_model(out: Path, base_model_id: str, token: str | None) -
         logger.info("%s has no tokenizer.model", base_model_id)
 
 
+# The adapter_config.json keys PEFT 0.14.0 knows (PeftConfigMixin, PeftConfig and LoraConfig's fields in
+# peft-0.14.0's wheel): the platform's inference service pins it (inference/uv.lock). PEFT 0.21 writes more
+# keys; 0.14 cannot take an unknown key, drops the keys it does know along with it, and then fails with
+# "Please specify `target_modules`". tests/test_consumers.py loads our adapters there.
+PEFT_014_KEYS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
+    "alpha_pattern", "bias", "eva_config", "exclude_modules", "fan_in_fan_out", "init_lora_weights",
+    "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias",
+    "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "r", "rank_pattern", "runtime_config",
+    "target_modules", "use_dora", "use_rslora"})
+METADATA_KEYS = frozenset({"peft_version"})  # says who wrote the file; nothing loads by it
+
+
+def write_portable_adapter_config(folder: Path) -> dict[str, Any]:
+    """adapter_config.json with only the keys PEFT 0.14.0 knows, so that the platform's inference service
+    loads it as well as the PEFT the job trains with. A key dropped must be at its default (or metadata):
+    one that changes what the adapter computes is an error here, not a silently different model there.
+    Returns the keys dropped with their values."""
+    from peft import LoraConfig
+
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    defaults = LoraConfig().to_dict()
+    dropped = {k: v for k, v in config.items() if k not in PEFT_014_KEYS}
+    meaningful = {k: v for k, v in dropped.items() if k not in METADATA_KEYS and v != defaults.get(k)}
+    if meaningful:
+        raise RuntimeError(f"adapter_config.json sets {sorted(meaningful)}, which PEFT 0.14 (the inference "
+                           "service's) cannot read; the adapter would load there as a different model")
+    path.write_text(json.dumps({k: v for k, v in config.items() if k in PEFT_014_KEYS}, indent=2, sort_keys=True))
+    return dropped
+
+
 def save_4bit(merged16: Path, out: Path) -> Path:
     """The 16-bit merge saved 4-bit (NF4, double quantization) with bitsandbytes: quantized once from
     the merged weights, never merged into 4-bit weights."""

@@ -27,7 +27,7 @@ from schema import TrainRequest
 from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger
-from trainers import import_libraries, progress_callback, trl_classes
+from trainers import check_attention, import_libraries, progress_callback, trl_classes
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class BaseTrainingJob:
             artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics, prep)
             ok = True
         finally:
-            self.services.run_logger.finish(ok)
+            self.finish_tracking(ok)
         self.timings["state_writes"] = round(self.tracker.write_s, 3)
         self.tracker.complete(metrics, {**artifacts, "timings": self.timings})
         try:
@@ -112,6 +112,25 @@ class BaseTrainingJob:
             logger.warning("could not delete the checkpoints (%s); they can be removed by hand", e)
         logger.info("completed: %s; timings %s", artifacts.get("adapter_path"), self.timings)
         return {"metrics": metrics, **artifacts}
+
+    def finish_tracking(self, ok: bool) -> None:
+        """End the W&B run; an offline run's folder goes to the bucket for `wandb sync`, and what went wrong
+        with W&B to the job document. Tracking never fails the job."""
+        runs = self.services.run_logger
+        folder = runs.finish(ok)
+        fields: dict[str, Any] = {}
+        if folder is not None and folder.is_dir():
+            uri = f"gs://{self.settings.export_bucket}/wandb/{self.settings.job_id}/{folder.name}/"
+            try:
+                self.services.blobs.upload_dir(folder, uri)
+                fields["wandb_offline_path"] = uri
+                logger.info("W&B offline run uploaded to %s: replay it with `wandb sync`", uri)
+            except Exception as e:
+                runs.warnings.append(f"the W&B offline run could not be uploaded ({type(e).__name__}: {e})")
+        if runs.warnings:
+            fields["warnings"] = list(runs.warnings)
+        if fields:
+            self.tracker.write(fields)
 
     def timed(self, name: str, fn, *args):
         t = time.perf_counter()
@@ -135,6 +154,7 @@ class BaseTrainingJob:
         self.check_hub_access()
         splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
+        check_attention(self.cfg.hyperparameters.use_fa2)
         tokenizer = self.timed("load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(),
                                self.cfg.trust_remote_code)
         check_memory(self.cfg, self.settings, self.token())  # memory.py: refuse what cannot fit
@@ -143,11 +163,11 @@ class BaseTrainingJob:
 
         def fit(rows):
             return tokenize(rows, tokenizer, hp.max_length, hp.assistant_only_loss) if sft else \
-                fit_prompts(rows, tokenizer, hp.max_prompt_length)
+                fit_prompts(rows, tokenizer, hp.prompt_length)
 
         train = self.timed("prepare_data", fit, splits["train"])
         if not train.rows:
-            limit = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.max_prompt_length}"
+            limit = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.prompt_length}"
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
                                f"hyperparameters.{limit.split()[0]} or shorten the rows.")
         evald = self.timed("prepare_eval_data", fit, splits["eval"]) if "eval" in splits else None
@@ -195,6 +215,8 @@ class BaseTrainingJob:
 
         kwargs: dict[str, Any] = {"dtype": self.compute_dtype(), "token": self.token(), "use_safetensors": True,
                                   "trust_remote_code": self.cfg.trust_remote_code}
+        if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
+            kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -213,14 +235,20 @@ class BaseTrainingJob:
         hp, ev, kind = self.cfg.hyperparameters, self.cfg.eval_config, self.cfg.trainer_type
         gpu = torch.cuda.is_available()
         bf16 = gpu and torch.cuda.is_bf16_supported()
+        optimizer = hp.optimizer_values(kind)
+        # transformers 5 reads a warmup_steps below 1 as a ratio of the total steps (warmup_ratio is deprecated)
+        optimizer["warmup_steps"] = optimizer.pop("warmup_ratio")
         evaluate_during = prep.eval is not None and ev.eval_strategy != "no"
+        # GRPO scores each prompt's num_generations completions as one group, in evaluation too: its eval
+        # batch is the smallest multiple of num_generations that holds batch_size rows.
+        eval_batch = -(-hp.batch_size // hp.num_generations) * hp.num_generations if kind == "grpo" \
+            else hp.batch_size
         common = dict(
             output_dir=str(self.workdir / "checkpoints"), run_name=self.settings.job_id, seed=hp.seed,
-            per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=hp.batch_size,
+            per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=eval_batch,
             gradient_accumulation_steps=hp.gradient_accumulation_steps, num_train_epochs=hp.epochs,
             max_steps=hp.max_steps, learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_ratio, max_grad_norm=hp.max_grad_norm, adam_beta1=hp.adam_beta1,
-            adam_beta2=hp.adam_beta2, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
+            **optimizer, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
             save_strategy=hp.save_strategy, save_steps=hp.save_steps, save_total_limit=hp.save_total_limit,
             eval_strategy=ev.eval_strategy if evaluate_during else "no", eval_steps=ev.eval_steps,
             report_to=self.services.run_logger.report_to,
@@ -232,9 +260,11 @@ class BaseTrainingJob:
             # AdamW's state in 8 bits (bitsandbytes): 6 bytes per parameter in all with bf16 weights and
             # gradients, which is what lets a 1B Gemma fine-tune fully on an L4 (memory.py).
             common["optim"] = "adamw_8bit"
-        completion = hp.max_length - hp.max_prompt_length
+        completion = hp.max_length - hp.prompt_length
         specific = {
-            "sft": dict(max_length=hp.max_length, packing=hp.packing, padding_free=hp.padding_free,
+            # padding_free alone: TRL refuses to truncate, and needs not, the job's rows are cut to max_length
+            "sft": dict(max_length=None if hp.padding_free and not hp.packing else hp.max_length,
+                        packing=hp.packing, padding_free=hp.padding_free,
                         label_names=["labels"], batch_eval_metrics=False),
             "dpo": dict(beta=hp.beta, max_length=hp.max_length, padding_free=hp.padding_free),
             "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),
@@ -256,7 +286,7 @@ class BaseTrainingJob:
             eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker), checkpoint_callback(
                 self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
-                self.cfg.hyperparameters.save_strategy)])
+                self.cfg.hyperparameters.save_strategy, self.services.run_logger)])
         if kind == "grpo":
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
         trainer = trainer_cls(**kwargs)

@@ -145,7 +145,8 @@ class Guard:
         return self.reason
 
 
-def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: float, save_strategy: str):
+def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: float, save_strategy: str,
+                        run_logger=None):
     from transformers import TrainerCallback
 
     class Checkpoints(TrainerCallback):
@@ -176,7 +177,10 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
         def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero or self.uploaded == state.global_step:
                 return
-            uri = store.upload(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            uri = store.upload(folder)
+            if run_logger is not None:  # log_model: checkpoint
+                run_logger.log_model(folder, f"checkpoint-{tracker.job_id}", "checkpoint")
             self.uploaded, self.last_save = state.global_step, time.monotonic()
             self.save_s = max(self.save_s, self.last_save - self.step_ended)  # writing it locally, then uploading
             tracker.defer({"checkpoint": {"step": state.global_step, "uri": uri}})  # no write of its own

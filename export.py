@@ -44,7 +44,7 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
                      prep: Prepared) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
     goes once it is uploaded (the container's disk is memory)."""
-    from artifacts import complete_tokenizer_files, save_4bit
+    from artifacts import complete_tokenizer_files, save_4bit, write_portable_adapter_config
     from verification import greedy_reference, probe_prompts, stop_ids
 
     fmt, ex = job.cfg.export_format, job.cfg.export_config
@@ -63,7 +63,10 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
     if fmt == "adapter":
         out = root / "adapter"
-        trainer.model.save_pretrained(str(out))
+        # The trained adapter alone: DPO and GRPO give the PeftModel a second adapter, TRL's reference
+        # copy, which save_pretrained would write as `ref/`, and which no consumer loads.
+        trainer.model.save_pretrained(str(out), selected_adapters=[trainer.model.active_adapter])
+        write_portable_adapter_config(out)
         tokenizer.save_pretrained(str(out))
         complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token())
         verified["adapter"] = job.timed("verify_adapter", verify_adapter, job, out, ref, trainer.model)
@@ -89,6 +92,7 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
     for folder, artifact in ready:
         write_manifest(job, folder, artifact, metrics, verified)
+        job.services.run_logger.log_model(folder, f"{artifact}-{job.settings.job_id}", "end")  # log_model: end
         uri = publish(job, folder, artifact)
         result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
     if ex.wants_gguf:
@@ -187,7 +191,7 @@ def publish(job: BaseTrainingJob, folder: Path, artifact: str) -> str:
         job.services.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
         uri = ex.hf_repo_id
     else:
-        uri = f"gs://{job.settings.export_bucket}/{FOLDERS[artifact]}/{job.settings.job_id}/"
+        uri = f"gs://{job.settings.bucket_for(artifact)}/{FOLDERS[artifact]}/{job.settings.job_id}/"
         job.services.blobs.upload_dir(folder, uri)
     logger.info("uploaded %s to %s", artifact, uri)
     shutil.rmtree(folder, ignore_errors=True)

@@ -86,7 +86,7 @@ def parse_settings(values: dict[str, Any], names: dict[str, str]) -> Settings:
         raise RequestError("; ".join(problems) + "; correct the variable, or unset it for its default.") from None
 
 
-SECRET_KEYS = frozenset({"hf_token", "api_key"})
+SECRET_KEYS = frozenset({"hf_token", "api_key", "gemini_api_key"})
 
 
 def strip_secrets(raw: Any) -> tuple[Any, int]:

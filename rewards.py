@@ -143,8 +143,7 @@ def similarity(text: str, reference: Any, metric: str) -> float:
 
 def build_reward(grader: Grader) -> RewardFn:
     """The grader as a TRL reward function named after it (TRL logs rewards/<name>/mean)."""
-    params = {"think": grader.parameters.get("think_tag", "think"),
-              "answer": grader.parameters.get("answer_tag", "answer")}
+    params = {"think": grader.parameters.think_tag, "answer": grader.parameters.answer_tag}
     ref_field = grader.reference_field or "answer"
 
     def references(kwargs: dict[str, Any], n: int) -> list[Any]:

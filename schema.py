@@ -22,6 +22,20 @@ HF_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unset_blanks(cls, data: Any) -> Any:
+        """`null`, and `""` for a field that is not required, mean "not set": the training service writes
+        its request with `json.dumps(model.model_dump())`, so every option it leaves unset arrives as
+        `null` (and the web UI's `hf_repo_id` as `""`). Dropping them lets this model's default apply."""
+        if not isinstance(data, dict):
+            return data
+
+        def unset(key: str, value: Any) -> bool:
+            field = cls.model_fields.get(key)
+            return value is None or (value == "" and field is not None and not field.is_required())
+        return {k: v for k, v in data.items() if not unset(k, v)}
+
 
 class Hyperparameters(StrictModel):
     learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
@@ -29,9 +43,12 @@ class Hyperparameters(StrictModel):
     gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
     epochs: float = Field(3, gt=0, le=100, description="Training epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: off.")
-    packing: bool = Field(False, description="Pack several rows into one sequence (needs use_fa2).")
-    padding_free: bool = Field(False, description="Concatenate a batch without padding (needs use_fa2).")
-    use_fa2: bool = Field(False, description="Use FlashAttention 2 (GPU only).")
+    packing: bool = Field(False, description="SFT: pack several rows into one sequence; rows never attend "
+                          "across each other (position ids mark where each row starts).")
+    padding_free: bool = Field(False, description="SFT, DPO: concatenate a batch without padding; rows never "
+                               "attend across each other.")
+    use_fa2: bool = Field(False, description="Attention with FlashAttention 2 (provider huggingface, an NVIDIA GPU "
+                          "and the flash-attn package); refused where it cannot run.")
     max_length: int = Field(1024, ge=16, le=131072, validation_alias=AliasChoices("max_length", "max_seq_length"),
                             description="Maximum tokens per row; longer rows are truncated.")
     lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -47,41 +64,54 @@ class Hyperparameters(StrictModel):
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: int = Field(16, ge=1, le=4096)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    max_prompt_length: int = Field(512, ge=1)
-    num_generations: int = Field(4, ge=2)
-    max_grad_norm: float = Field(0.1, gt=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.99, ge=0, lt=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    beta: float = Field(0.1, ge=0, description="KL / preference strength (GRPO, DPO, ORPO).")
+    # Read by some trainer types only (the platform's training service sends them with every request):
+    # None means "this trainer type's default" (RL_DEFAULTS / TRL_DEFAULTS below), never a value for all.
+    max_prompt_length: int | None = Field(None, ge=1, description="GRPO, DPO, ORPO: tokens kept of each prompt "
+                                          "(default min(512, max_length / 2)); an SFT job does not read it.")
+    num_generations: int = Field(4, ge=2, description="GRPO: completions per prompt; other trainer types do not "
+                                 "read it.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Gradient clipping; default 0.1 for GRPO, "
+                                        "TRL's 1.0 for the others.")
+    adam_beta1: float | None = Field(None, ge=0, lt=1, description="Default 0.9 for every trainer type.")
+    adam_beta2: float | None = Field(None, ge=0, lt=1, description="Default 0.99 for GRPO, TRL's 0.999 for "
+                                     "the others.")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction of steps spent warming up; "
+                                       "default 0.1 for GRPO, TRL's 0 for the others.")
+    beta: float = Field(0.1, ge=0, description="KL / preference strength (GRPO, DPO, ORPO); SFT does not read it.")
     weight_decay: float = Field(0.0, ge=0, le=1)
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
     seed: int = Field(42, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> Hyperparameters:
-        if (self.packing or self.padding_free) and not self.use_fa2:
-            name = "packing" if self.packing else "padding_free"
-            raise ValueError(f"`{name}=true` needs `use_fa2=true` (rows would attend across each other "
-                             f"otherwise); set `use_fa2: true` on a GPU or `{name}: false`.")
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
-                             f"({self.max_length}); lower it or raise max_length.")
         return self
+
+    def optimizer_values(self, trainer_type: str) -> dict[str, float]:
+        """max_grad_norm, adam_beta1/2 and warmup_ratio as the request sets them, else the trainer type's
+        defaults: the platform's own job applies 0.1 / 0.9 / 0.99 / 0.1 to GRPO alone."""
+        defaults = RL_DEFAULTS if trainer_type == "grpo" else TRL_DEFAULTS
+        return {name: default if getattr(self, name) is None else getattr(self, name)
+                for name, default in defaults.items()}
+
+    @property
+    def prompt_length(self) -> int:
+        """The prompt budget of GRPO, DPO and ORPO: max_prompt_length, else min(512, max_length / 2)."""
+        return self.max_prompt_length if self.max_prompt_length is not None else min(512, self.max_length // 2)
+
+
+# The defaults of the optimizer fields: GRPO's are the platform's (form 3), the others' are TRL's.
+RL_DEFAULTS = {"max_grad_norm": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99, "warmup_ratio": 0.1}
+TRL_DEFAULTS = {"max_grad_norm": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "warmup_ratio": 0.0}
 
 
 class EvalConfig(StrictModel):
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to evaluate during training; a final evaluation runs whenever an eval split exists.")
-    eval_steps: int | None = Field(50, ge=1, description="Steps between evaluations with eval_strategy=steps.")
+    eval_steps: int = Field(50, ge=1, description="Steps between evaluations with eval_strategy=steps.")
     compute_eval_metrics: bool = Field(True, description="Compute eval loss, perplexity and token accuracy.")
-    batch_eval_metrics: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
-        if self.eval_strategy == "steps" and self.eval_steps is None:
-            raise ValueError("eval_strategy 'steps' needs eval_steps; set eval_steps to a positive number.")
-        return self
+    batch_eval_metrics: bool = Field(False, description="Accepted for the training service's form; a no-op "
+                                     "alias: the job's metrics (loss, perplexity, token accuracy) are always "
+                                     "accumulated over the eval set batch by batch, which is what it asks for.")
 
 
 GgufQuant = Literal["none", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q2_k"]
@@ -94,7 +124,7 @@ class ExportConfig(StrictModel):
     hf_repo_id: str | None = Field(None, pattern=HF_REPO_ID, description="owner/name, needed for destination hfhub.")
     hf_private: bool = True
     include_gguf: bool = False
-    gguf_quantization: GgufQuant = "none"
+    gguf_quantization: GgufQuant = Field("none", description="none (or unset): q8_0 when a GGUF is exported.")
     merged_dtype: Literal["bf16", "fp16", "q4"] = Field(
         "bf16", description="merged weights: bf16; fp16 (Gemma's activations can overflow it); q4, the bf16 merge "
                             "saved 4-bit (NF4) with bitsandbytes, which its loader then needs.")
@@ -113,9 +143,16 @@ class ExportConfig(StrictModel):
     def _check(self) -> ExportConfig:
         if self.destination == "hfhub" and not self.hf_repo_id:
             raise ValueError("destination 'hfhub' needs hf_repo_id ('owner/name'); set it or use destination 'gcs'.")
-        if (self.include_gguf or self.format == "gguf") and self.gguf_quantization == "none":
-            raise ValueError("a GGUF export needs gguf_quantization (f16, bf16, q8_0, q4_k_m, q5_k_m or q2_k).")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_default(cls, data: Any) -> Any:
+        """A GGUF export with no quantization (absent, null or "none") is q8_0, in every form of the request."""
+        if isinstance(data, dict) and (data.get("include_gguf") or data.get("format") == "gguf") \
+                and data.get("gguf_quantization") in (None, "none"):
+            return {**data, "gguf_quantization": "q8_0"}
+        return data
 
     @property
     def wants_gguf(self) -> bool:
@@ -133,6 +170,11 @@ class WandbConfig(StrictModel):
         return str(v).lower() if isinstance(v, bool) else v
 
 
+class BuiltInParameters(StrictModel):
+    think_tag: str = Field("think", min_length=1, description="The reasoning tag built-in graders look for.")
+    answer_tag: str = Field("answer", min_length=1, description="The answer tag built-in graders look for.")
+
+
 class Grader(StrictModel):
     name: str = Field(min_length=1)
     type: Literal["string_check", "text_similarity", "built_in", "score_model", "label_model", "ruler", "python"]
@@ -141,9 +183,12 @@ class Grader(StrictModel):
     operation: Literal["eq", "ne", "like", "ilike"] | None = None
     evaluation_metric: Literal["fuzzy_match", "bleu", "gleu", "meteor", "cosine", "rouge_1", "rouge_2", "rouge_3",
                                "rouge_4", "rouge_5", "rouge_l"] | None = None
-    embedding_model: str | None = None
+    embedding_model: str | None = Field(None, description="Read only by evaluation_metric 'cosine', which is "
+                                        "refused; the training service sends its default with every grader.")
+    gemini_api_key: SecretStr | None = Field(None, description="Judges and 'cosine' only, which are refused: "
+                                             "null or unset.")
     function_name: Literal["format_reward", "count_xml", "expression_accuracy", "numerical_accuracy"] | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: BuiltInParameters = Field(default_factory=BuiltInParameters)
     model: str | None = None
     prompt: str | None = None
     range: list[float] | None = None
@@ -161,6 +206,9 @@ class Grader(StrictModel):
             raise ValueError(f"grader '{self.name}': type '{self.type}' calls an outside model (an LLM judge), which "
                              "this job cannot reach or vouch for during training; use a string_check, "
                              "text_similarity or built_in grader.")
+        if self.gemini_api_key is not None:
+            raise ValueError(f"grader '{self.name}': gemini_api_key is set, but this job calls no Gemini model "
+                             "(judges and the 'cosine' metric are refused); remove the key or set it to null.")
         if self.evaluation_metric in ("meteor", "cosine"):
             raise ValueError(f"grader '{self.name}': evaluation_metric '{self.evaluation_metric}' needs a model or "
                              "corpus downloaded at run time; use fuzzy_match, bleu, gleu, rouge_1..rouge_5 or rouge_l.")
@@ -183,7 +231,7 @@ class TrainingConfig(StrictModel):
     eval_config: EvalConfig = Field(default_factory=EvalConfig)
     export_config: ExportConfig = Field(default_factory=ExportConfig)
     wandb_config: WandbConfig | None = None
-    reward_config: list[Grader] = Field(default_factory=list)
+    reward_config: list[Grader] = Field(default_factory=list, description="GRPO's graders; null or [] otherwise.")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -196,6 +244,17 @@ class TrainingConfig(StrictModel):
             raise ValueError("modality 'vision' is not supported yet: image+text training is not built; "
                              "send a text dataset with modality 'text'.")
         hp = self.hyperparameters
+        if self.provider == "unsloth" and (hp.use_fa2 or hp.packing or hp.padding_free):
+            name = next(n for n in ("use_fa2", "packing", "padding_free") if getattr(hp, n))
+            raise ValueError(f"provider 'unsloth' with `{name}: true`: Unsloth chooses its own attention kernels, "
+                             "and that they keep packed rows apart has not been shown for this job; set "
+                             f"`{name}: false`, or provider 'huggingface'.")
+        if hp.packing and self.trainer_type != "sft":
+            raise ValueError(f"packing is an SFT option; trainer_type '{self.trainer_type}' does not pack rows: set "
+                             "`packing: false`.")
+        if hp.padding_free and self.trainer_type not in ("sft", "dpo"):
+            raise ValueError(f"padding_free is an SFT and DPO option, not '{self.trainer_type}': set "
+                             "`padding_free: false`.")
         if self.trainer_type == "grpo":
             if not self.reward_config:
                 raise ValueError("trainer_type 'grpo' needs reward_config (a list of graders) to score completions.")
@@ -204,11 +263,11 @@ class TrainingConfig(StrictModel):
                 raise ValueError(f"trainer_type 'grpo': batch_size x gradient_accumulation_steps ({batch}) must be "
                                  f"divisible by num_generations ({hp.num_generations}), because each prompt's "
                                  "completions are scored as one group; change batch_size or num_generations.")
-            if self.eval_config.eval_strategy != "no" and hp.batch_size % hp.num_generations:
-                raise ValueError(f"trainer_type 'grpo' with evaluation during training: batch_size ({hp.batch_size}) "
-                                 f"must be divisible by num_generations ({hp.num_generations}); change one, or set "
-                                 "eval_strategy 'no' (a final evaluation still runs).")
-        elif self.reward_config:
+        if self.trainer_type != "sft" and hp.max_prompt_length is not None and hp.max_prompt_length >= hp.max_length:
+            raise ValueError(f"trainer_type '{self.trainer_type}': max_prompt_length ({hp.max_prompt_length}) must be "
+                             f"below max_length ({hp.max_length}), or no completion fits; lower max_prompt_length, "
+                             "raise max_length, or leave max_prompt_length unset (min(512, max_length / 2)).")
+        if self.reward_config and self.trainer_type != "grpo":
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")
         return self
@@ -234,7 +293,8 @@ class TrainRequest(StrictModel):
     def secrets(self) -> list[str]:
         """Secret values in the request, for log redaction."""
         wb = self.training_config.wandb_config
-        found = [self.hf_token, wb.api_key if wb else None]
+        found = [self.hf_token, wb.api_key if wb else None,
+                 *(g.gemini_api_key for g in self.training_config.reward_config)]
         return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
 
 
@@ -260,9 +320,16 @@ def normalise(data: dict[str, Any]) -> dict[str, Any]:
             ev["compute_eval_metrics"] = bool(metrics)
     if "export_config" in data:  # flat form: export_config at top level
         ex = {_FLAT_EXPORT_KEYS.get(k, k): v for k, v in dict(data.pop("export_config") or {}).items()}
-        if ex.get("format") == "gguf" and ex.get("gguf_quantization") in (None, "none"):
-            ex["gguf_quantization"] = "q8_0"
         tc["export_config"] = {**ex, **dict(tc.get("export_config") or {})}
+    # The predecessor's service (gemma-fine-tuning/services training/schema.py): the destination as
+    # `export`, and `hf_repo_id` and `wandb_config`, at top level.
+    moved = {"destination": data.pop("export", None), "hf_repo_id": data.pop("hf_repo_id", None)}
+    if any(v is not None for v in moved.values()):
+        tc["export_config"] = {**{k: v for k, v in moved.items() if v is not None},
+                               **dict(tc.get("export_config") or {})}
+    if data.get("wandb_config") is not None:
+        tc.setdefault("wandb_config", data["wandb_config"])
+    data.pop("wandb_config", None)
     if hp:
         tc["hyperparameters"] = hp
     if ev:

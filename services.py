@@ -37,7 +37,10 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
     hub = LocalModelHub(settings.local_dir) if local else HfModelHub(
         token.get_secret_value() if token else None, settings.hf_endpoint)
     wb = request.training_config.wandb_config
-    key = (wb.api_key or settings.wandb_api_key) if wb else None
-    runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
-                          Path(settings.local_dir) / "wandb") if wb else NullRunLogger()
+    runs = NullRunLogger()
+    if wb and settings.wandb_mode != "disabled":
+        key, key_name = (wb.api_key, "wandb_config.api_key") if wb.api_key else (settings.wandb_api_key, "WANDB_API_KEY")
+        runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
+                              Path(settings.local_dir) / "wandb", settings.wandb_mode, key_name)
+        runs.check()  # a malformed key: exit 2 now, not after the model has loaded
     return Services(blobs, hub, tracker, runs, guard)

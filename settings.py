@@ -24,9 +24,14 @@ class Settings(StrictModel):
     config_uri: str | None = Field(None, pattern=r"^gs://[^/]+/.+$")
     data_bucket: str = "gemma-dataset-bucket"
     export_bucket: str = "gemma-export-bucket"
+    export_files_bucket: str | None = Field(None, description="The platform's public files bucket: the GGUF goes "
+                                            "here, where the web UI downloads it (default: export_bucket).")
     hf_token: SecretStr | None = None
     hf_endpoint: str | None = None
     wandb_api_key: SecretStr | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="WANDB_MODE: online, offline (no network; the run's folder is uploaded for `wandb "
+        "sync`) or disabled; default online with a key, offline without.")
     attempt: int = Field(0, ge=0)
     task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Check the memory estimate against this GPU "
@@ -46,6 +51,11 @@ class Settings(StrictModel):
             raise ValueError(f"the job trains in one process on one GPU, not {v}: under torchrun or accelerate "
                              "launch every process would write the job document and upload; run `python main.py`")
         return v
+
+    def bucket_for(self, artifact: str) -> str:
+        """The bucket an artifact goes to: a single file the UI opens as a public URL (the GGUF) goes to the
+        files bucket, a folder a service loads to the export bucket."""
+        return (self.export_files_bucket or self.export_bucket) if artifact == "gguf" else self.export_bucket
 
     @property
     def request_uri(self) -> str:

@@ -1,7 +1,13 @@
 """Experiment tracking: Weights & Biases when the request asks for it, nothing otherwise.
 
-W&B runs online with a key (the request's, else WANDB_API_KEY) and offline without one; the run's
-config is the request with secrets masked.
+W&B runs online with a key (the request's, else WANDB_API_KEY) and offline without one, or as
+WANDB_MODE says; the run's config is the request with secrets masked. Tracking never costs a run:
+- a key W&B itself rejects as malformed is a permanent error at pre-flight (`check`), before any model;
+- W&B unreachable or failing at start: the run continues offline (`init_timeout_s` bounds the wait), the
+  job document gets a warning, and the offline folder is uploaded for `wandb sync` (base.py);
+- W&B failing later (logging, an artifact, finishing): a warning, and training goes on.
+`log_model`: `end` logs the exported, verified model folder as a W&B artifact; `checkpoint` logs each
+checkpoint as it is uploaded to the bucket.
 """
 
 from __future__ import annotations
@@ -10,47 +16,114 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from errors import PermanentError
+
 logger = logging.getLogger(__name__)
 
 
 class RunLogger(Protocol):
     report_to: list[str]
+    warnings: list[str]
 
     def start(self, job_id: str, config: dict[str, Any]) -> str | None:
         """Start the run; return its URL (None offline)."""
-    def finish(self, ok: bool) -> None: ...
+    def log_model(self, folder: Path, name: str, kind: str) -> None:
+        """Log a model folder as an artifact, if the request's log_model asks for that kind (end|checkpoint)."""
+    def finish(self, ok: bool) -> Path | None:
+        """End the run; the run's folder if it ran offline (to upload for `wandb sync`), else None."""
 
 
 class NullRunLogger:
     report_to: list[str] = []
+    warnings: list[str] = []
 
     def start(self, job_id: str, config: dict[str, Any]) -> str | None:
         return None
 
-    def finish(self, ok: bool) -> None:
+    def log_model(self, folder: Path, name: str, kind: str) -> None:
+        return None
+
+    def finish(self, ok: bool) -> Path | None:
         return None
 
 
 class WandbRunLogger:
-    report_to = ["wandb"]
-
-    def __init__(self, project: str, api_key: str | None, log_model: str, directory: Path):
-        self.project, self.api_key, self.log_model, self.dir = project, api_key, log_model, directory
+    def __init__(self, project: str, api_key: str | None, log_model: str, directory: Path,
+                 mode: str | None = None, key_name: str = "wandb_config.api_key", init_timeout_s: float = 20.0):
+        self.project, self.api_key, self.log_model_when, self.dir = project, api_key, log_model, directory
+        self.mode = mode or ("online" if api_key else "offline")
+        self.key_name, self.init_timeout_s = key_name, init_timeout_s
         self.run = None
+        self.warnings: list[str] = []
+
+    @property
+    def report_to(self) -> list[str]:
+        return ["wandb"] if self.run is not None else []
+
+    def check(self) -> None:
+        """Pre-flight: a key that W&B's own format check rejects can never log in; say so now (exit 2)."""
+        if self.mode != "online":
+            return
+        from wandb.sdk.lib.wbauth.validation import check_api_key
+
+        problem = check_api_key(self.api_key or "")
+        if problem:
+            raise PermanentError(f"{self.key_name}: W&B rejects this key: {problem} Copy the key from "
+                                 "https://wandb.ai/authorize, or remove wandb_config to train without W&B.")
 
     def start(self, job_id: str, config: dict[str, Any]) -> str | None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run = self._init(job_id, config, self.mode)
+        except Exception as e:
+            if self.mode == "disabled":
+                raise
+            self.warn(f"W&B could not start online ({type(e).__name__}: {str(e)[:200]}); the run continues "
+                      "offline and its folder is uploaded for `wandb sync`")
+            try:
+                self.run = self._init(job_id, config, "offline")
+                self.mode = "offline"
+            except Exception as e2:
+                self.warn(f"W&B could not start offline either ({type(e2).__name__}: {str(e2)[:200]}); "
+                          "training goes on without W&B")
+                self.run = None
+                return None
+        logger.info("W&B run %s (%s)", self.run.id, self.mode)
+        return self.run.url if self.mode == "online" else None
+
+    def _init(self, job_id: str, config: dict[str, Any], mode: str):
         import wandb
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        mode = "online" if self.api_key else "offline"
-        settings = wandb.Settings(api_key=self.api_key, silent=True) if self.api_key else wandb.Settings(silent=True)
+        settings = wandb.Settings(silent=True, init_timeout=self.init_timeout_s,
+                                  **({"api_key": self.api_key} if self.api_key and mode == "online" else {}))
         # id=job_id with resume="allow": a retried attempt continues the same run.
-        self.run = wandb.init(project=self.project, name=job_id, id=job_id, resume="allow", mode=mode,
-                              config=config, dir=str(self.dir), settings=settings)
-        logger.info("W&B run %s (%s)", self.run.id, mode)
-        return self.run.url if mode == "online" else None
+        return wandb.init(project=self.project, name=job_id, id=job_id, resume="allow", mode=mode,
+                          config=config, dir=str(self.dir), settings=settings)
 
-    def finish(self, ok: bool) -> None:
-        if self.run is not None:
+    def warn(self, message: str) -> None:
+        logger.warning("%s", message)
+        self.warnings.append(message)
+
+    def log_model(self, folder: Path, name: str, kind: str) -> None:
+        if self.run is None or self.log_model_when != kind:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name=name, type="model")
+            artifact.add_dir(str(folder))
+            self.run.log_artifact(artifact)
+            logger.info("logged %s to W&B as artifact %s", folder.name, name)
+        except Exception as e:
+            self.warn(f"W&B could not log the model artifact {name} ({type(e).__name__}: {str(e)[:200]})")
+
+    def finish(self, ok: bool) -> Path | None:
+        if self.run is None:
+            return None
+        folder = Path(self.run.dir).parent if self.mode == "offline" else None
+        try:
             self.run.finish(exit_code=0 if ok else 1)
-            self.run = None
+        except Exception as e:
+            self.warn(f"W&B could not finish the run ({type(e).__name__}: {str(e)[:200]})")
+        self.run = None
+        return folder

@@ -10,6 +10,7 @@ import logging
 import math
 import time
 
+from errors import PermanentError
 from job_manager import JobTracker
 from logs import route_transformers_logs
 
@@ -24,6 +25,22 @@ def import_libraries() -> None:
     import trl  # noqa: F401
 
     route_transformers_logs()
+
+
+def check_attention(use_fa2: bool) -> None:
+    """use_fa2 is refused (exit 2) where FlashAttention 2 cannot run: no NVIDIA GPU, or no flash-attn."""
+    if not use_fa2:
+        return
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PermanentError("hyperparameters.use_fa2: FlashAttention 2 needs an NVIDIA GPU and none is visible; "
+                             "set `use_fa2: false` (packing and padding_free keep rows apart without it: tests/test_packing.py).")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise PermanentError("hyperparameters.use_fa2: the flash-attn package is not installed in this image; "
+                             "set `use_fa2: false` (packing and padding_free keep rows apart without it: tests/test_packing.py).")
 
 
 def trl_classes(trainer_type: str):

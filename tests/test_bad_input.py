@@ -46,8 +46,11 @@ CASES = {
     "out of range": (hp(lora_rank=0), "training_config.hyperparameters.lora_rank"),
     "negative epochs": (hp(epochs=-1), "training_config.hyperparameters.epochs"),
     "unknown key": (hp(learning_rte=1e-4), "unknown key 'learning_rte'; did you mean 'learning_rate'"),
-    "packing without FA2": (hp(packing=True), "`packing=true` needs `use_fa2=true`"),
-    "prompt longer than max": (hp(max_prompt_length=256, max_length=128), "max_prompt_length (256) must be below"),
+    "fa2 on a cpu": (hp(use_fa2=True), "use_fa2: FlashAttention 2 needs an NVIDIA GPU"),
+    "packing for dpo": (lambda req, d: req["training_config"].update(trainer_type="dpo", hyperparameters={
+        "packing": True}), "packing is an SFT option"),
+    "prompt longer than max": (lambda req, d: req["training_config"].update(trainer_type="dpo", hyperparameters={
+        "max_prompt_length": 256, "max_length": 128}), "max_prompt_length (256) must be below"),
     "hub without repo": (export(destination="hfhub"), "hf_repo_id"),
     "missing dataset": (top(processed_dataset_id="no-such-data"),
                         "gs://gemma-dataset-bucket/processed_datasets/no-such-data/train.parquet"),

@@ -99,26 +99,29 @@ def test_dataset_id_cannot_escape_prefix(bad):
         parse_request(json.dumps({**with_tc(), "processed_dataset_id": bad}))
 
 
-@pytest.mark.parametrize("ok,bad,match", [
-    ({"eval_strategy": "steps", "eval_steps": 10}, {"eval_strategy": "steps", "eval_steps": None}, "needs eval_steps"),
-])
-def test_eval_steps_rule(ok, bad, match):
-    assert TrainRequest.model_validate(with_tc(eval_config=ok)).training_config.eval_config.eval_steps == 10
-    with pytest.raises(RequestError, match=match):
-        parse_request(json.dumps(with_tc(eval_config=bad)))
+def test_eval_steps_null_is_the_default():
+    cfg = TrainRequest.model_validate(with_tc(eval_config={"eval_strategy": "steps", "eval_steps": None}))
+    assert cfg.training_config.eval_config.eval_steps == 50
 
 
-def test_packing_needs_fa2():
-    hp = TrainRequest.model_validate(with_tc(hyperparameters={"packing": True, "use_fa2": True}))
-    assert hp.training_config.hyperparameters.packing
-    with pytest.raises(RequestError, match=r"`packing=true` needs `use_fa2=true`"):
-        parse_request(json.dumps(with_tc(hyperparameters={"packing": True})))
+def test_packing_without_fa2_is_accepted_for_sft_only():
+    hp = TrainRequest.model_validate(with_tc(hyperparameters={"packing": True})).training_config.hyperparameters
+    assert hp.packing and not hp.use_fa2  # rows are kept apart without FA2: tests/test_packing.py
+    with pytest.raises(RequestError, match=r"packing is an SFT option"):
+        parse_request(json.dumps(with_tc(trainer_type="dpo", hyperparameters={"packing": True})))
+    with pytest.raises(RequestError, match=r"provider 'unsloth' with `packing: true`"):
+        parse_request(json.dumps(with_tc(provider="unsloth", hyperparameters={"packing": True})))
 
 
-def test_prompt_length_below_max_length():
-    assert TrainRequest.model_validate(with_tc(hyperparameters={"max_length": 256, "max_prompt_length": 128}))
-    with pytest.raises(RequestError, match=r"max_prompt_length \(512\) must be below max_length \(256\)"):
-        parse_request(json.dumps(with_tc(hyperparameters={"max_length": 256})))
+def test_prompt_length_rule_is_for_rl_trainer_types_only():
+    sft = TrainRequest.model_validate(with_tc(hyperparameters={"max_length": 256, "max_prompt_length": 512}))
+    assert sft.training_config.hyperparameters.max_length == 256
+    dpo = TrainRequest.model_validate(with_tc(trainer_type="dpo", hyperparameters={"max_length": 256}))
+    assert dpo.training_config.hyperparameters.prompt_length == 128  # unset: min(512, max_length / 2)
+    with pytest.raises(RequestError, match=r"trainer_type 'dpo': max_prompt_length \(512\) must be below max_length "
+                                           r"\(256\)"):
+        parse_request(json.dumps(with_tc(trainer_type="dpo", hyperparameters={"max_length": 256,
+                                                                              "max_prompt_length": 512})))
 
 
 def test_hfhub_needs_repo_id():
@@ -130,11 +133,14 @@ def test_hfhub_needs_repo_id():
         parse_request(json.dumps(with_tc(export_config={"destination": "hfhub", "hf_repo_id": "../x"})))
 
 
-def test_gguf_needs_quantization():
-    ok = with_tc(export_config={"include_gguf": True, "gguf_quantization": "q8_0"})
-    assert TrainRequest.model_validate(ok).training_config.export_config.wants_gguf
-    with pytest.raises(RequestError, match="needs gguf_quantization"):
-        parse_request(json.dumps(with_tc(export_config={"include_gguf": True})))
+@pytest.mark.parametrize("quant", [{}, {"gguf_quantization": None}, {"gguf_quantization": "none"}])
+def test_gguf_without_quantization_is_q8_0_in_every_form(quant):
+    grouped = TrainRequest.model_validate(with_tc(export_config={"include_gguf": True, **quant}))
+    assert grouped.training_config.export_config.gguf_quantization == "q8_0"
+    flat = TrainRequest.model_validate({**with_tc(), "export_config": {"format": "gguf", **quant}})
+    assert flat.training_config.export_config.gguf_quantization == "q8_0"
+    plain = TrainRequest.model_validate(with_tc(export_config=quant))
+    assert plain.training_config.export_config.gguf_quantization == "none"  # no GGUF: nothing to quantize
 
 
 def test_vision_refused():
