@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LOCAL_DIR ?= .local
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup fixtures demo test validate lint
+.PHONY: setup consumer fixtures demo test validate lint
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt scripts/fetch_llama_convert.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt scripts/fetch_llama_con
 	touch $@
 
 setup: $(BIN)/.installed
+
+# A second environment with the inference service's pinned PEFT and transformers, in which
+# tests/test_consumers.py loads what the job exports.
+CONSUMER := .venv-consumer
+$(CONSUMER)/.installed: requirements-consumer.txt
+	$(PYTHON) -m venv $(CONSUMER)
+	$(CONSUMER)/bin/pip install -q -r requirements-consumer.txt
+	touch $@
+
+consumer: $(CONSUMER)/.installed
 
 $(LOCAL_DIR)/models/tiny-gemma3/model.safetensors: scripts/make_tiny.py $(BIN)/.installed
 	$(BIN)/python scripts/make_tiny.py --out $(LOCAL_DIR)
@@ -28,7 +38,7 @@ demo: fixtures
 validate: fixtures
 	BACKEND=local LOCAL_DIR=$(LOCAL_DIR) $(BIN)/python main.py --validate
 
-test: setup
+test: setup consumer
 	$(BIN)/python -m pytest -q tests
 
 # The Dockerfile linted, and the image's pins (requirements.txt + requirements-gpu.txt) resolved

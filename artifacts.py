@@ -19,15 +19,30 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "
              "llama_cpp_python")
 
 
+# Keys transformers 5 writes into tokenizer_config.json that describe the machine that saved it (an absolute
+# `vocab_file` path, whether it loaded from disk), not the tokenizer: a consumer elsewhere must not read them.
+MACHINE_KEYS = ("vocab_file", "is_local", "local_files_only")
+
+
 def complete_tokenizer_files(out: Path, tokenizer, base_model_id: str, token: str | None) -> None:
-    """transformers 5 saves neither `tokenizer.model` nor the special-token table in tokenizer_config.json;
-    llama.cpp's converter reads both, and without the table Gemma's <start_of_turn>/<end_of_turn> become
-    ordinary text tokens in the GGUF (no stop token, a broken chat template)."""
+    """tokenizer_config.json as the export's consumers read it.
+
+    - transformers 5 saves neither `tokenizer.model` nor the special-token table; llama.cpp's converter reads
+      both, and without the table Gemma's <start_of_turn>/<end_of_turn> become ordinary text tokens in the
+      GGUF (no stop token, a broken chat template).
+    - transformers 5 writes the additional special tokens as a list under `extra_special_tokens`, which
+      transformers 4.x (the inference service's 4.56, vLLM's) reads as a name -> token map and fails on
+      ("'list' object has no attribute 'keys'"). Under their older name, `additional_special_tokens`, both
+      read them: 5 converts the name on load (tests/test_consumers.py)."""
     copy_sentencepiece_model(out, base_model_id, token)
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
     config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in
                                       sorted(tokenizer.added_tokens_decoder.items())}
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    for key in MACHINE_KEYS:
+        config.pop(key, None)
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 

@@ -103,6 +103,9 @@ def test_grpo_raises_an_easy_reward(local_dir, tiny_root, capfd):
     m = doc["metrics"]
     assert {"reward_mean", "reward_std", "eval_rewards/says/mean"} <= set(m) and 0 <= m["reward_mean"] <= 1
     assert doc["status"] == "completed" and doc["step"] == 30
+    adapter = local_dir / "gemma-export-bucket" / "trained_adapters" / "grpo"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not [p.name for p in adapter.iterdir() if p.is_dir()]  # no ref/: TRL's reference copy stays out
     with capfd.disabled():
         print(f"\ngrpo: reward {early:.2f} (steps 1-10) -> {late:.2f} (steps 21-30); whole job {took:.1f}s")
 

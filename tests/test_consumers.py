@@ -1,0 +1,103 @@
+"""What the job exports loads in the platform's inference service: its pinned peft 0.14.0 and transformers
+4.56.0 (`make consumer` builds that environment in .venv-consumer), with the same logits as in the job's
+own libraries, and no training-only folder (TRL's `ref/`) rides along."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+import main
+from conftest import ROOT, env_for, need, put_request, read_doc, sample_request
+
+CONSUMER = ROOT / ".venv-consumer" / "bin" / "python"
+EXPORT = "gemma-export-bucket"
+
+
+def consumer() -> str:
+    if not CONSUMER.is_file():
+        need("the consumer environment is missing: run `make consumer`")
+    return str(CONSUMER)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_root, tmp_path_factory):
+    """An SFT adapter, a DPO adapter and an SFT merged model, each exported by a whole job."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("consumers")
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", root / "gemma-dataset-bucket")
+    jobs = {
+        "sft-adapter": ("sft", "tiny-animals", {"format": "adapter"}),
+        "dpo-adapter": ("dpo", "tiny-animals-pref", {"format": "adapter"}),
+        "sft-merged": ("sft", "tiny-animals", {"format": "merged"}),
+    }
+    folders = {}
+    for job_id, (trainer_type, dataset, export) in jobs.items():
+        req = sample_request(tiny_root, trainer_type=trainer_type, export_config=export)
+        req["processed_dataset_id"] = dataset
+        req["training_config"]["hyperparameters"].update(epochs=1, max_steps=6 if trainer_type == "sft" else 2)
+        put_request(root, job_id, req)
+        assert main.main([], env_for(root, job_id)) == 0, read_doc(root, job_id).get("error")
+        doc = read_doc(root, job_id)
+        kind = "trained_adapters" if export["format"] == "adapter" else "merged_models"
+        folders[job_id] = root / EXPORT / kind / job_id
+        assert folders[job_id].is_dir(), doc
+    return folders
+
+
+def load_in_consumer(folder, tmp_path) -> dict:
+    out = tmp_path / "consumer.json"
+    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), str(folder), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def our_logits(folder, input_ids) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([input_ids])).logits[0]
+
+
+@pytest.mark.parametrize("job_id", ["sft-adapter", "dpo-adapter", "sft-merged"])
+def test_export_loads_in_the_inference_services_pinned_libraries(job_id, exported, tmp_path):
+    folder = exported[job_id]
+    got = load_in_consumer(folder, tmp_path)
+    assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What does the cat say?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert tokenizer(text, add_special_tokens=False).input_ids == got["input_ids"]  # one tokenizer in both
+    # the service decodes with skip_special_tokens: the turn markers must be special tokens there too
+    assert "What does the cat say?" in got["decoded"] and "_of_turn>" not in got["decoded"]
+    ours = our_logits(folder, got["input_ids"])
+    theirs = torch.tensor(got["auto_logits"])
+    assert theirs.shape == ours.shape and len(got["input_ids"]) > 5
+    assert torch.allclose(theirs, ours, atol=1e-4), (theirs - ours).abs().max()
+    if job_id.endswith("adapter"):
+        assert got["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"])
+        assert torch.allclose(torch.tensor(got["peft_logits"]), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("job_id", ["sft-adapter", "dpo-adapter"])
+def test_adapter_folder_holds_only_what_consumers_load(job_id, exported):
+    folder = exported[job_id]
+    assert not [p.name for p in folder.iterdir() if p.is_dir()]  # no ref/ (TRL's reference copy) or other
+    config = json.loads((folder / "adapter_config.json").read_text())
+    from artifacts import PEFT_014_KEYS
+
+    assert set(config) <= PEFT_014_KEYS and config["r"] == 16 and config["peft_type"] == "LORA"
+    from safetensors import safe_open
+
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if ".ref." in k]  # the reference adapter's weights stay out too

@@ -1,0 +1,156 @@
+"""Contract tests: the requests the platform's training service (gemma-facet/cloud-services `POST /train`)
+and its predecessor (gemma-fine-tuning/services, grouped and flat forms) write, exactly as they serialise
+them (tests/platform_requests.py), validate and reach TRL's configuration as they say, for every
+max_length the web UI offers and every trainer type."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from base import Prepared
+from conftest import put_request, read_doc
+from errors import RequestError
+from lifecycle import local_job
+from platform_requests import facet_request, grader, predecessor_flat, predecessor_grouped
+from request import parse_request
+from schema import RL_DEFAULTS, TRL_DEFAULTS
+from trainers import trl_classes
+
+LENGTHS = [128, 256, 512, 1024, 4096]
+GRADERS = [grader("built_in", name="format", function_name="format_reward"),
+           grader("string_check", name="exact", reference_field="answer", operation="eq"),
+           grader("text_similarity", name="close", reference_field="answer", evaluation_metric="rouge_l")]
+
+
+def serialised(request: dict) -> str:
+    """What the service uploads: json.dumps of model_dump(), nulls included."""
+    return json.dumps(request)
+
+
+def trl_config(request, tmp_path, evaluate: bool = False):
+    """The TRL configuration object the job builds for `request` (TRL's own checks run in it)."""
+    job = local_job(json.loads(serialised(request)), tmp_path)
+    config_cls, _ = trl_classes(job.cfg.trainer_type)
+    prep = Prepared(None, None, object() if evaluate else None, 10)
+    return config_cls(**(job.trainer_kwargs(prep) | job.sft_overrides()))
+
+
+def test_the_fixture_is_what_model_dump_writes():
+    """The nulls the issue lists are all in the fixture, so the tests below see them."""
+    tc = facet_request("sft")["training_config"]
+    assert tc["reward_config"] is None and tc["export_config"]["hf_repo_id"] is None
+    assert tc["export_config"]["gguf_quantization"] is None and tc["eval_config"] is None
+    assert facet_request(wandb_config={"api_key": "k" * 40})["training_config"]["wandb_config"]["project"] is None
+    assert GRADERS[0]["parameters"] is None and GRADERS[2]["gemini_api_key"] is None
+    assert predecessor_grouped()["training_config"]["hyperparameters"]["max_seq_length"] is None
+    assert predecessor_flat()["training_config"]["max_seq_length"] is None
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_facet_sft_request_trains_at_every_length(length, tmp_path):
+    request = facet_request("sft", hyperparameters={"max_length": length},
+                            export_config={"hf_repo_id": ""})  # the web UI's default
+    req = parse_request(serialised(request))
+    hp = req.training_config.hyperparameters
+    assert hp.max_length == length and req.training_config.reward_config == []
+    args = trl_config(request, tmp_path)
+    assert args.max_length == length and not hasattr(args, "max_prompt_length")
+    # the service serialises its optimiser defaults in every request: sent values are applied as sent
+    assert (args.max_grad_norm, args.adam_beta1, args.adam_beta2, args.warmup_steps) == (0.1, 0.9, 0.99, 0.1)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("trainer_type", ["dpo", "orpo", "grpo"])
+def test_facet_rl_request_at_every_length(trainer_type, length, tmp_path):
+    """The service always sends max_prompt_length 512: a completion must fit after it."""
+    request = facet_request(trainer_type, hyperparameters={"max_length": length},
+                            reward_config=GRADERS if trainer_type == "grpo" else None)
+    if length <= 512:
+        with pytest.raises(RequestError) as err:
+            parse_request(serialised(request))
+        assert f"max_prompt_length (512) must be below max_length ({length})" in str(err.value)
+        assert "training_config" in str(err.value)
+        return
+    args = trl_config(request, tmp_path)
+    if trainer_type == "dpo":
+        assert args.max_length == length
+    else:
+        assert args.max_completion_length == length - 512
+    assert args.beta == 0.1
+
+
+@pytest.mark.parametrize("length", [*LENGTHS, None])
+def test_predecessor_grouped_request_at_every_length(length, tmp_path):
+    request = predecessor_grouped(hyperparameters={"max_seq_length": length})
+    args = trl_config(request, tmp_path)
+    assert args.max_length == (length or 1024)  # null: the default
+    # the predecessor never sends the optimiser fields: an SFT job trains with TRL's defaults
+    assert (args.max_grad_norm, args.adam_beta2, args.warmup_steps) == \
+           (TRL_DEFAULTS["max_grad_norm"], TRL_DEFAULTS["adam_beta2"], TRL_DEFAULTS["warmup_ratio"])
+
+
+@pytest.mark.parametrize("length", [*LENGTHS, None])
+def test_predecessor_flat_request_at_every_length(length, tmp_path):
+    request = predecessor_flat(max_seq_length=length, packing=False)
+    args = trl_config(request, tmp_path)
+    assert args.max_length == (length or 1024) and args.per_device_train_batch_size == 4
+    # its form's default is packing: true, which the job honours with rows kept apart (test_packing.py)
+    packed = trl_config(predecessor_flat(max_seq_length=length), tmp_path / "packed")
+    assert packed.packing is True
+
+
+def test_rl_defaults_reach_grpo_only(tmp_path):
+    """A request that leaves the optimiser fields unset: GRPO gets the platform's values, SFT TRL's."""
+    def unset(trainer_type):
+        hp = {"max_length": 1024, "max_grad_norm": None, "adam_beta1": None, "adam_beta2": None,
+              "warmup_ratio": None}
+        return facet_request(trainer_type, hyperparameters=hp,
+                             reward_config=GRADERS if trainer_type == "grpo" else None)
+    grpo, sft = trl_config(unset("grpo"), tmp_path / "g"), trl_config(unset("sft"), tmp_path / "s")
+    for values, args in ((RL_DEFAULTS, grpo), (TRL_DEFAULTS, sft)):
+        assert (args.max_grad_norm, args.adam_beta1, args.adam_beta2, args.warmup_steps) == tuple(values.values())
+
+
+def test_grpo_with_evaluation_and_the_forms_default_batch(tmp_path):
+    """2 x 4 with num_generations 4 and eval during training: TRL accepts the eval batch the job sets."""
+    request = facet_request("grpo", hyperparameters={"max_length": 1024}, reward_config=GRADERS,
+                            eval_config={"eval_strategy": "steps"})
+    args = trl_config(request, tmp_path, evaluate=True)
+    assert args.eval_strategy == "steps" and args.per_device_eval_batch_size % args.num_generations == 0
+    assert args.per_device_eval_batch_size >= 2
+
+
+def test_include_gguf_without_quantization_in_the_grouped_form():
+    for request in (facet_request(export_config={"include_gguf": True}),
+                    predecessor_grouped(export_config={"include_gguf": True})):
+        export = parse_request(serialised(request)).training_config.export_config
+        assert export.include_gguf and export.gguf_quantization == "q8_0"
+
+
+def test_wandb_project_and_grader_nulls_are_unset():
+    request = facet_request("grpo", reward_config=GRADERS, wandb_config={"api_key": "a" * 40})
+    tc = parse_request(serialised(request)).training_config
+    assert tc.wandb_config.project == "gemma-fine-tuning" and tc.wandb_config.log_model == "end"  # the default
+    assert tc.reward_config[0].parameters.think_tag == "think"  # parameters: null -> the defaults
+    assert tc.reward_config[2].gemini_api_key is None
+
+
+def test_platform_sft_request_runs_end_to_end(local_dir, tiny_root):
+    """The service's upload, nulls and all, with only the model, data and size made local: exit 0."""
+    import main
+
+    request = facet_request("sft", base_model_id=str(tiny_root / "models" / "tiny-gemma3"),
+                            dataset="tiny-animals", method="LoRA",
+                            hyperparameters={"max_length": 128, "max_steps": 4, "batch_size": 4,
+                                             "gradient_accumulation_steps": 1, "logging_steps": 2},
+                            export_config={"hf_repo_id": ""})
+    request["hf_token"] = None
+    put_request(local_dir, "platform-sft", serialised(request))
+    env = {"BACKEND": "local", "LOCAL_DIR": str(local_dir), "JOB_ID": "platform-sft"}
+    assert main.main([], env) == 0
+    doc = read_doc(local_dir, "platform-sft")
+    assert doc["status"] == "completed" and doc["step"] == 4
+    assert doc["adapter_path"] == "gs://gemma-export-bucket/trained_adapters/platform-sft/"
+    assert (local_dir / "gemma-export-bucket" / "trained_adapters" / "platform-sft" / "adapter_config.json").is_file()
