@@ -26,7 +26,7 @@ from rewards import build_reward, reference_fields
 from schema import TrainRequest
 from settings import Settings
 from storage import BlobStore, ModelHub
-from tracking import RunLogger
+from tracking import RunLogger, Tolerant
 from trainers import check_attention, import_libraries, progress_callback, trl_classes
 
 logger = logging.getLogger(__name__)
@@ -291,6 +291,11 @@ class BaseTrainingJob:
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
         trainer = trainer_cls(**kwargs)
         trainer.remove_callback(PrinterCallback)
+        runs = self.services.run_logger
+        for callback in list(trainer.callback_handler.callbacks):
+            if type(callback).__name__ == "WandbCallback":  # tracking never costs a run (tracking.py)
+                trainer.remove_callback(callback)
+                trainer.add_callback(Tolerant(callback, runs.warn))
         return trainer
 
     def train(self, trainer) -> dict[str, Any]:

@@ -36,7 +36,7 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "data_bucket": "GCS_DATA_BUCKET_NAME", "export_bucket": "GCS_EXPORT_BUCKET_NAME",
        "export_files_bucket": "GCS_EXPORT_FILES_BUCKET_NAME", "hf_token": "HF_TOKEN",
        "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY", "wandb_mode": "WANDB_MODE",
-       "local_dir": "LOCAL_DIR",
+       "wandb_init_timeout_s": "WANDB_INIT_TIMEOUT", "local_dir": "LOCAL_DIR",
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
        "world_size": "WORLD_SIZE", "host_memory_gib": "HOST_MEMORY_GIB"}

@@ -41,6 +41,7 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
     if wb and settings.wandb_mode != "disabled":
         key, key_name = (wb.api_key, "wandb_config.api_key") if wb.api_key else (settings.wandb_api_key, "WANDB_API_KEY")
         runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
-                              Path(settings.local_dir) / "wandb", settings.wandb_mode, key_name)
+                              Path(settings.local_dir) / "wandb", settings.wandb_mode, key_name,
+                              settings.wandb_init_timeout_s)
         runs.check()  # a malformed key: exit 2 now, not after the model has loaded
     return Services(blobs, hub, tracker, runs, guard)

@@ -32,6 +32,8 @@ class Settings(StrictModel):
     wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
         None, description="WANDB_MODE: online, offline (no network; the run's folder is uploaded for `wandb "
         "sync`) or disabled; default online with a key, offline without.")
+    wandb_init_timeout_s: float = Field(20.0, gt=0, le=300, description="WANDB_INIT_TIMEOUT: how long W&B may "
+                                        "take to start online before the run continues offline.")
     attempt: int = Field(0, ge=0)
     task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Check the memory estimate against this GPU "

@@ -5,7 +5,8 @@ WANDB_MODE says; the run's config is the request with secrets masked. Tracking n
 - a key W&B itself rejects as malformed is a permanent error at pre-flight (`check`), before any model;
 - W&B unreachable or failing at start: the run continues offline (`init_timeout_s` bounds the wait), the
   job document gets a warning, and the offline folder is uploaded for `wandb sync` (base.py);
-- W&B failing later (logging, an artifact, finishing): a warning, and training goes on.
+- W&B failing later (logging, an artifact, finishing): a warning, and training goes on (`Tolerant` wraps
+  the Trainer's W&B callback, whose first failure stops it for the rest of the run).
 `log_model`: `end` logs the exported, verified model folder as a W&B artifact; `checkpoint` logs each
 checkpoint as it is uploaded to the bucket.
 """
@@ -31,11 +32,18 @@ class RunLogger(Protocol):
         """Log a model folder as an artifact, if the request's log_model asks for that kind (end|checkpoint)."""
     def finish(self, ok: bool) -> Path | None:
         """End the run; the run's folder if it ran offline (to upload for `wandb sync`), else None."""
+    def warn(self, message: str) -> None:
+        """Record a tracking problem: logged, and written to the job document's `warnings`."""
 
 
 class NullRunLogger:
-    report_to: list[str] = []
-    warnings: list[str] = []
+    def __init__(self):
+        self.report_to: list[str] = []
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        logger.warning("%s", message)
+        self.warnings.append(message)
 
     def start(self, job_id: str, config: dict[str, Any]) -> str | None:
         return None
@@ -81,6 +89,11 @@ class WandbRunLogger:
             self.warn(f"W&B could not start online ({type(e).__name__}: {str(e)[:200]}); the run continues "
                       "offline and its folder is uploaded for `wandb sync`")
             try:
+                # The failed start still holds the run id in W&B's service process ("run ID ... is in use"):
+                # a fresh service takes the offline run.
+                import wandb
+
+                wandb.teardown()
                 self.run = self._init(job_id, config, "offline")
                 self.mode = "offline"
             except Exception as e2:
@@ -127,3 +140,29 @@ class WandbRunLogger:
             self.warn(f"W&B could not finish the run ({type(e).__name__}: {str(e)[:200]})")
         self.run = None
         return folder
+
+
+class Tolerant:
+    """A Trainer callback whose failures cost a warning, not the run: the first exception in any event
+    turns the wrapped callback off for the rest of training. For trackers only, never for callbacks the
+    job's correctness depends on (checkpoints, the stop guard)."""
+
+    def __init__(self, inner, warn):
+        self.inner, self.warn, self.failed = inner, warn, False
+
+    def __getattr__(self, name: str):
+        event = getattr(self.inner, name)
+        if not name.startswith("on_"):
+            return event
+
+        def guarded(*args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return event(*args, **kwargs)
+            except Exception as e:
+                self.failed = True
+                self.warn(f"{type(self.inner).__name__} failed in {name} ({type(e).__name__}: {str(e)[:200]}); "
+                          "training goes on without it")
+                return None
+        return guarded

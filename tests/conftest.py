@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,17 @@ def put_request(local_dir: Path, job_id: str, request: dict | str) -> None:
     path = local_dir / "gemma-train-config" / f"{job_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(request if isinstance(request, str) else json.dumps(request))
+
+
+def run_subprocess(local_dir: Path, job_id: str, *args: str, **env: str):
+    """main.py in a fresh interpreter on the local backend; prints whether any model library was imported."""
+    code = ("import sys, main; rc = main.main(sys.argv[1:]); "
+            "print('MODEL_LIBS_LOADED=' + str(any(m in sys.modules for m in ('torch', 'transformers', 'trl')))); "
+            "sys.exit(rc)")
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", **env_for(local_dir, job_id), **env})
+    return out, time.perf_counter() - t
 
 
 def read_doc(local_dir: Path, job_id: str) -> dict:

@@ -6,13 +6,12 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 
 import base
 import main
-from conftest import ROOT, env_for, put_request, read_doc, sample_request
+from conftest import ROOT, env_for, put_request, read_doc, run_subprocess, sample_request
 
 
 def test_job_completes_and_rerun_does_nothing(local_dir, tiny_root, capsys):
@@ -48,16 +47,6 @@ def test_crash_mid_training_exits_1_and_is_recorded(local_dir, tiny_root, monkey
     doc = read_doc(local_dir, "job-crash")
     assert doc["status"] == "failed" and doc["error_type"] == "retryable" and doc["phase"] == "training"
     assert "RuntimeError: simulated GPU fault at step 3" in doc["error"]
-
-
-def run_subprocess(local_dir, job_id, *args, **env):
-    code = ("import sys, main; rc = main.main(sys.argv[1:]); "
-            "print('MODEL_LIBS_LOADED=' + str(any(m in sys.modules for m in ('torch', 'transformers', 'trl')))); "
-            "sys.exit(rc)")
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", **env_for(local_dir, job_id), **env})
-    return out, time.perf_counter() - t
 
 
 def test_bad_request_exits_2_fast_without_model_libraries(local_dir, tiny_root):
