@@ -7,6 +7,7 @@ and the failure record written before the process exits.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ import os
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
@@ -73,14 +75,28 @@ class LocalJobStore:
         p = self.datasets / f"{dataset_id}.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
+    @contextmanager
+    def _locked(self, job_id: str):
+        """One writer at a time per document, across processes (the job, a cancel from a user or a test):
+        without it a read-modify-write loses what another process wrote in between, e.g. a
+        `cancel_requested` set while the job writes its progress. flock: released if a holder is killed."""
+        with open(self.dir / f".{job_id}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def create(self, job_id: str, fields: dict[str, Any]) -> bool:
-        if self.path(job_id).exists():
-            return False
-        self._write(job_id, fields)
-        return True
+        with self._locked(job_id):
+            if self.path(job_id).exists():
+                return False
+            self._write(job_id, fields)
+            return True
 
     def merge(self, job_id: str, fields: dict[str, Any]) -> None:
-        self._write(job_id, _deep_merge(self.get(job_id) or {}, fields))
+        with self._locked(job_id):
+            self._write(job_id, _deep_merge(self.get(job_id) or {}, fields))
 
     def _write(self, job_id: str, doc: dict[str, Any]) -> None:
         # Atomic replace: a reader never sees half a document, even if the job is killed mid-write.

@@ -5,6 +5,7 @@ every GGUF quantization, with special tokens, chat template and stop token as us
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -13,9 +14,15 @@ import pytest
 import main
 from conftest import env_for, make_job, put_request, read_doc, sample_request
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="GGUF tests need llama-cpp-python: make setup installs it")
+try:
+    import llama_cpp
+except ImportError:  # a developer's machine may lack it; CI must run these tests, not skip them
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("GGUF tests need llama-cpp-python: make setup installs it", allow_module_level=True)
 
 EXPORT = "gemma-export-bucket"
+FILES = "gemma-facet-files"  # the platform's public files bucket (GCS_EXPORT_FILES_BUCKET_NAME)
 # Top-1 agreement with the trained model that the issue asks of each form on this fixture.
 EXPECTED = {"f16": 1.0, "bf16": 1.0, "q8_0": 1.0, "q5_k_m": 0.98, "q4_k_m": 0.98, "q2_k": 0.98}
 FILE_TYPES = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_k_m": 17, "q4_k_m": 15, "q2_k": 10}  # llama_ftype
@@ -155,12 +162,23 @@ def test_greedy_chat_in_llama_cpp_matches_the_trained_model_and_stops_at_end_of_
         assert reply["message"]["content"].startswith("The ")
 
 
+def test_gguf_goes_to_the_files_bucket_and_only_there():
+    """GCS_EXPORT_FILES_BUCKET_NAME (the platform's public files bucket, which the web UI downloads from)
+    takes the GGUF; unset, the GGUF goes to the export bucket as before. Folders stay in the export bucket."""
+    from settings import Settings
+
+    plain, platform = Settings(job_id="j"), Settings(job_id="j", export_files_bucket="gemma-facet-files")
+    assert plain.bucket_for("gguf") == plain.bucket_for("merged") == plain.export_bucket
+    assert platform.bucket_for("gguf") == "gemma-facet-files"
+    assert {platform.bucket_for(a) for a in ("adapter", "merged")} == {platform.export_bucket}
+
+
 def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
     req = trained_request(tiny_root, format="merged", include_gguf=True, gguf_quantization="q8_0")
     put_request(local_dir, "gg8", req)
-    assert main.main([], env_for(local_dir, "gg8")) == 0
+    assert main.main([], env_for(local_dir, "gg8", GCS_EXPORT_FILES_BUCKET_NAME=FILES)) == 0
     doc = read_doc(local_dir, "gg8")
-    uri = f"gs://{EXPORT}/gguf_models/gg8/model-q8_0.gguf"
+    uri = f"gs://{FILES}/gguf_models/gg8/model-q8_0.gguf"
     assert doc["gguf_path"] == doc["artifacts"]["file"]["gguf"] == uri
     assert doc["adapter_path"] == doc["artifacts"]["raw"]["merged"] == f"gs://{EXPORT}/merged_models/gg8/"
     check = doc["verification"]
@@ -179,8 +197,9 @@ def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
     text = "<bos><start_of_turn>user\nWhat does the cow say?<end_of_turn>\n<start_of_turn>model\nThe cow says moo."
     exported, original = (AutoTokenizer.from_pretrained(str(p)) for p in (merged, tiny_root / "models" / "tiny-gemma3"))
     assert exported(text)["input_ids"] == original(text)["input_ids"]
-    gguf_dir = local_dir / EXPORT / "gguf_models" / "gg8"
+    gguf_dir = local_dir / FILES / "gguf_models" / "gg8"
     assert sorted(p.name for p in gguf_dir.iterdir()) == ["model-q8_0.gguf", "model-q8_0.manifest.json"]
+    assert not (local_dir / EXPORT / "gguf_models").exists()
     print(f"\ntimings {doc['timings']}")
     assert not (local_dir / "work" / "gg8").exists()  # no local copy left
 

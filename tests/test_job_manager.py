@@ -104,3 +104,27 @@ def test_exception_inside_tracker_is_recorded_and_reraised(tmp_path, exc, kind):
     doc = store.get("j")
     assert doc["status"] == "failed" and doc["error_type"] == kind and str(exc) in doc["error"]
     assert doc.get("cancelled", False) == (kind == "cancelled")
+
+
+def _write_many(root: str, prefix: str, n: int) -> None:
+    store = LocalJobStore(root)
+    for i in range(n):
+        store.merge("shared", {f"{prefix}{i}": i, "last_writer": prefix})
+
+
+def test_local_store_keeps_every_write_of_concurrent_processes(tmp_path):
+    """The job writes its progress while another process (a user's cancel) writes the same document:
+    each read-modify-write holds the document's lock, so no write is lost."""
+    import multiprocessing
+
+    LocalJobStore(tmp_path).create("shared", {"status": "training"})
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_write_many, args=(str(tmp_path), prefix, 150)) for prefix in ("job", "user")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    doc = LocalJobStore(tmp_path).get("shared")
+    lost = [f"{p}{i}" for p in ("job", "user") for i in range(150) if f"{p}{i}" not in doc]
+    assert lost == [] and doc["status"] == "training"
