@@ -4,7 +4,7 @@ service does (gemma-facet/cloud-services inference/providers.py: `AutoModelForCa
 on the folder, which reads adapter_config.json through PEFT), plus `PeftModel.from_pretrained` on the base,
 and writes the logits each gives for the same prompt.
 
-    .venv-consumer/bin/python tests/consumer_load.py FOLDER OUT.json
+    .venv-consumer/bin/python tests/consumer_load.py FOLDER OUT.json PROMPT
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-def main(folder: str, out: str) -> None:
+def main(folder: str, out: str, prompt: str) -> None:
     import peft
     import torch
     import transformers
@@ -22,7 +22,7 @@ def main(folder: str, out: str) -> None:
 
     path = Path(folder)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What does the cat say?"}],
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                          tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     result = {"peft": peft.__version__, "transformers": transformers.__version__, "input_ids": ids[0].tolist(),
@@ -40,4 +40,4 @@ def main(folder: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -15,6 +15,7 @@ from conftest import ROOT, env_for, need, put_request, read_doc, sample_request
 
 CONSUMER = ROOT / ".venv-consumer" / "bin" / "python"
 EXPORT = "gemma-export-bucket"
+PROMPT = "What does the cat say?"
 
 
 def consumer() -> str:
@@ -51,7 +52,7 @@ def exported(tiny_root, tmp_path_factory):
 
 def load_in_consumer(folder, tmp_path) -> dict:
     out = tmp_path / "consumer.json"
-    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), str(folder), str(out)],
+    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), str(folder), str(out), PROMPT],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(out.read_text())
@@ -73,11 +74,11 @@ def test_export_loads_in_the_inference_services_pinned_libraries(job_id, exporte
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What does the cat say?"}],
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
                                          tokenize=False, add_generation_prompt=True)
     assert tokenizer(text, add_special_tokens=False).input_ids == got["input_ids"]  # one tokenizer in both
     # the service decodes with skip_special_tokens: the turn markers must be special tokens there too
-    assert "What does the cat say?" in got["decoded"] and "_of_turn>" not in got["decoded"]
+    assert PROMPT in got["decoded"] and "_of_turn>" not in got["decoded"]
     ours = our_logits(folder, got["input_ids"])
     theirs = torch.tensor(got["auto_logits"])
     assert theirs.shape == ours.shape and len(got["input_ids"]) > 5
