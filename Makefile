@@ -5,17 +5,25 @@ BIN := $(VENV)/bin
 LOCAL_DIR ?= .local
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup consumer fixtures demo test validate lint
+.PHONY: setup setup-gguf consumer fixtures demo test validate lint
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt scripts/fetch_llama_convert.py
+# Wheels only: nothing here compiles, so a fresh machine is set up in about a minute.
+$(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# llama-cpp-python compiles llama.cpp (about 6 min on 2 cores): for any x86-64 CPU, not only this one.
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
-	$(BIN)/python scripts/fetch_llama_convert.py
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
 setup: $(BIN)/.installed
+
+# GGUF export only: llama-cpp-python compiles llama.cpp (about 6 min on 2 cores, once; pip keeps the
+# wheel), and its converter comes from the same sdist. A GGUF request without it is refused at pre-flight.
+$(BIN)/.gguf-installed: requirements-gguf.txt scripts/fetch_llama_convert.py $(BIN)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -r requirements-gguf.txt
+	$(BIN)/python scripts/fetch_llama_convert.py
+	touch $@
+
+setup-gguf: $(BIN)/.gguf-installed
 
 # A second environment with the inference service's pinned PEFT and transformers, in which
 # tests/test_consumers.py loads what the job exports.
@@ -38,11 +46,12 @@ demo: fixtures
 validate: fixtures
 	BACKEND=local LOCAL_DIR=$(LOCAL_DIR) $(BIN)/python main.py --validate
 
-test: setup consumer
+# Complete: the GGUF tests need llama.cpp, and the consumer tests the inference service's versions.
+test: setup setup-gguf consumer
 	$(BIN)/python -m pytest -q tests
 
-# The Dockerfile linted, and the image's pins (requirements.txt + requirements-gpu.txt) resolved
-# together against the package registry without installing anything.
+# The Dockerfile linted, and the image's pins (requirements.txt, -gguf and -gpu) resolved together
+# against the package registry without installing (nor compiling) anything.
 lint: setup
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/pip install --dry-run --ignore-installed --quiet -r requirements.txt -r requirements-gpu.txt
+	$(BIN)/pip install --dry-run --ignore-installed --quiet -r requirements.txt -r requirements-gguf.txt -r requirements-gpu.txt

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -203,16 +204,32 @@ def converter() -> Path:
     return Path(sys.prefix) / "share" / "llama.cpp" / "convert_hf_to_gguf.py"
 
 
-def check_installed() -> None:
-    """A permanent error, at pre-flight, if the converter or llama.cpp is missing from this install."""
+# What the build enables with -DGGML_NATIVE=OFF (x86-64-v3, ggml's default set): llama.cpp dies with
+# SIGILL, not an error, on a CPU without one of them.
+LLAMA_CPU_FLAGS = ("avx2", "fma", "f16c", "bmi2")
+SETUP_GGUF = ("run `make setup-gguf` (it compiles llama.cpp once, about 6 min) or use the job's image, "
+              "or export 'adapter' or 'merged'")
+
+
+def check_installed(cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
+    """A permanent error, at pre-flight, if the converter or llama.cpp is missing from this install, or
+    this CPU lacks what the build needs."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        raise PermanentError("export_config: GGUF export needs llama-cpp-python, which this installation lacks; "
-                             "run `make setup` (or use the job's image), or export 'adapter' or 'merged'.") from None
+        raise PermanentError(f"export_config: GGUF export needs llama-cpp-python, which this installation lacks; "
+                             f"{SETUP_GGUF}.") from None
     if not converter().is_file():
-        raise PermanentError(f"export_config: GGUF export needs llama.cpp's converter at {converter()}; run "
-                             "`python scripts/fetch_llama_convert.py`, or export 'adapter' or 'merged'.")
+        raise PermanentError(f"export_config: GGUF export needs llama.cpp's converter at {converter()}; "
+                             f"{SETUP_GGUF}.")
+    if platform.machine() in ("x86_64", "AMD64") and cpuinfo.is_file():
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+        missing = [f for f in LLAMA_CPU_FLAGS if f not in flags]
+        if flags and missing:
+            raise PermanentError(f"export_config: GGUF export runs llama.cpp built for x86-64-v3, and this CPU "
+                                 f"lacks {', '.join(missing)}; run the job on a newer machine (every Cloud Run "
+                                 f"host has them), or export 'adapter' or 'merged'.")
 
 
 def convert(merged_dir: Path, out: Path, outtype: str) -> Path:

@@ -3,6 +3,8 @@ written to the job document, exit 2, and no model loaded."""
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +12,7 @@ import pytest
 import main
 import providers
 from conftest import env_for, put_request, read_doc, sample_request
+from errors import PermanentError
 
 USER_ASSISTANT = [{"role": "user", "content": "What does a cow say?"}, {"role": "assistant", "content": "Moo."}]
 
@@ -113,3 +116,40 @@ def test_job_id_that_escapes_its_prefix(job_id, local_dir, capsys):
     assert "JOB_ID" in capsys.readouterr().err
     assert not (local_dir / "firestore").exists()  # nothing written anywhere
 
+
+
+def test_gguf_without_llama_cpp_is_refused_at_pre_flight_with_the_command(local_dir, tiny_root, monkeypatch):
+    """llama.cpp is an extra (make setup-gguf): where it is absent a GGUF request stops before any model
+    is loaded, and the message says what to run."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    monkeypatch.setattr(providers.HuggingFaceTrainingJob, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for job, fmt in (("no-llama-gguf", {"format": "gguf"}), ("no-llama-incl", {"include_gguf": True})):
+        req = sample_request(tiny_root)
+        req["training_config"]["export_config"].update(fmt)
+        put_request(local_dir, job, req)
+        assert main.main([], env_for(local_dir, job)) == 2
+        doc = read_doc(local_dir, job)
+        assert doc["status"] == "failed" and doc["error_type"] == "permanent"
+        assert "export_config: GGUF export needs llama-cpp-python" in doc["error"]
+        assert "`make setup-gguf`" in doc["error"] and "export 'adapter' or 'merged'" in doc["error"]
+
+
+@pytest.mark.parametrize("flags, missing", [("fpu sse4_2 avx avx2 fma f16c bmi2 avx512f", None),
+                                            ("fpu sse4_2 avx", "avx2, fma, f16c, bmi2"),
+                                            ("fpu sse4_2 avx avx2 f16c bmi2", "fma")])
+def test_gguf_on_a_cpu_the_llama_cpp_build_cannot_run_on(flags, missing, tmp_path, monkeypatch):
+    import platform
+    import types
+
+    import export
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
+    monkeypatch.setattr(export, "converter", lambda: tmp_path / "convert_hf_to_gguf.py")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    (tmp_path / "convert_hf_to_gguf.py").write_text("")
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    if missing is None:
+        export.check_installed(tmp_path / "cpuinfo")
+        return
+    with pytest.raises(PermanentError, match=f"this CPU lacks {missing}; run the job on a newer machine"):
+        export.check_installed(tmp_path / "cpuinfo")

@@ -46,7 +46,7 @@ def test_gpu_check_script_runs_the_whole_job_where_it_can(tmp_path):
     assert hf["exit_code"] == 0 and hf["status"] == "completed" and hf["metrics"]["eval_loss"] > 0
     assert hf["missing_metrics"] == [] and 0 < hf["metrics"]["accuracy"] <= 1
     assert hf["verification"]["merged"]["top1_agreement"] == 1.0
-    if report["gguf"]:  # where llama-cpp-python is installed (make setup installs it)
+    if report["gguf"]:  # where llama-cpp-python is installed (make setup-gguf installs it)
         assert hf["verification"]["gguf"]["top1_agreement"] == 1.0
     assert unsloth["exit_code"] == 2 and "needs an NVIDIA GPU" in unsloth["error"]
     assert unsloth["job"] == "unsloth:LoRA:sft:mm" and unsloth["base_model_id"].endswith("tiny-gemma3-mm")

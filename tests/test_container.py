@@ -23,10 +23,37 @@ def test_image_installs_the_tested_pins_with_cuda_torch_and_portable_llama_cpp()
     pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert re.search(r"--index-url https://download.pytorch.org/whl/cu12\d+ .*grep '\^torch=='", DOCKERFILE)
-    assert "torch" in pins and "-r /tmp/requirements.txt -r /tmp/requirements-gpu.txt" in DOCKERFILE
-    assert "-DGGML_NATIVE=OFF" in DOCKERFILE and "fetch_llama_convert.py" in DOCKERFILE
+    assert "torch" in pins and "llama-cpp-python" not in pins  # an extra: make demo never compiles it
+    assert "-r /tmp/requirements.txt -r /tmp/requirements-gguf.txt -r /tmp/requirements-gpu.txt" in DOCKERFILE
     assert re.search(r"^USER 1000:1000$", DOCKERFILE, re.M) and "PYTHONUNBUFFERED=1" in DOCKERFILE
     assert re.search(r'^ENTRYPOINT \["python", "main.py"\]$', DOCKERFILE, re.M)
+
+
+def stages() -> dict[str, str]:
+    """The Dockerfile's stages by name: the text from each FROM to the next."""
+    parts = re.split(r"^(?=FROM )", DOCKERFILE, flags=re.M)
+    return {(re.match(r"FROM \S+(?: AS (\S+))?", p).group(1) or "final"): p for p in parts if p.startswith("FROM")}
+
+
+def test_llama_cpp_is_compiled_once_in_a_stage_of_its_own_and_installed_from_its_wheel():
+    wheel, deps = stages()["llama-wheel"], stages()["deps"]
+    # the stage's only inputs: the base, requirements-gguf.txt and the converter fetcher (the layer cache key)
+    assert re.findall(r"^COPY (.*) /tmp/$", wheel, re.M) == ["requirements-gguf.txt scripts/fetch_llama_convert.py"]
+    assert "-DGGML_NATIVE=OFF" in wheel and "pip wheel --no-deps -r /tmp/requirements-gguf.txt -w /wheels" in wheel
+    assert "fetch_llama_convert.py --dest /opt/llama.cpp" in wheel
+    assert "COPY --from=llama-wheel /wheels /wheels" in deps
+    assert "COPY --from=llama-wheel /opt/llama.cpp /opt/venv/share/llama.cpp" in deps
+    assert "--only-binary llama-cpp-python --find-links /wheels" in deps  # compiling there would fail: no cmake
+    assert "build-essential" not in deps and "cmake" not in deps
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    steps = {s["id"]: s for s in build["steps"]}
+    cached = next(i for i in build["images"] if i.endswith("/llama-wheel:latest"))
+    assert cached in steps["pull-llama-wheel"]["args"][-1]
+    assert steps["llama-wheel"]["args"][:3] == ["build", "--target", "llama-wheel"]
+    for step in ("llama-wheel", "build"):
+        args = steps[step]["args"]
+        assert args[args.index("--cache-from") + 1] == cached
+    assert list(steps).index("llama-wheel") < list(steps).index("build")
 
 
 def test_cloud_run_job_has_an_l4_its_timeout_retries_and_secrets():
@@ -44,7 +71,7 @@ def test_cloud_run_job_has_an_l4_its_timeout_retries_and_secrets():
 @pytest.mark.parametrize("name", [".gcloudignore", ".dockerignore"])
 def test_build_context_keeps_tests_and_local_files_out_but_the_converter_fetcher_in(name):
     lines = (ROOT / name).read_text().splitlines()
-    assert {"tests/", ".venv/", ".local/", ".gpu-site/", ".git"} <= set(lines)
+    assert {"tests/", ".venv/", ".venv-consumer/", ".local/", ".gpu-site/", ".git"} <= set(lines)
     assert "!scripts/fetch_llama_convert.py" in lines  # the Dockerfile copies it
 
 

@@ -19,7 +19,7 @@ try:
 except ImportError:  # a developer's machine may lack it; CI must run these tests, not skip them
     if os.environ.get("CI"):
         raise
-    pytest.skip("GGUF tests need llama-cpp-python: make setup installs it", allow_module_level=True)
+    pytest.skip("GGUF tests need llama-cpp-python: make setup-gguf installs it", allow_module_level=True)
 
 EXPORT = "gemma-export-bucket"
 FILES = "gemma-facet-files"  # the platform's public files bucket (GCS_EXPORT_FILES_BUCKET_NAME)
