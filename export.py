@@ -46,7 +46,7 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
     goes once it is uploaded (the container's disk is memory)."""
     from artifacts import complete_tokenizer_files, save_4bit, write_portable_adapter_config
-    from verification import greedy_reference, probe_prompts, stop_ids
+    from verification import greedy_reference, pad_id, probe_prompts, stop_ids
 
     fmt, ex = job.cfg.export_format, job.cfg.export_config
     root = job.workdir / "export"
@@ -59,7 +59,7 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     # Full's are 4 bytes per parameter each.
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     ref = job.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
-                    stop_ids(trainer.model, tokenizer))
+                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer))
     verified: dict[str, dict] = {}
     ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
     if fmt == "adapter":

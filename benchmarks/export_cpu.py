@@ -48,10 +48,10 @@ def main() -> None:
     from transformers import set_seed
 
     from artifacts import complete_tokenizer_files, library_versions, save_4bit
-    from verification import probe_prompts, stop_ids
     from export import export_gguf, verify_adapter
     from lifecycle import demo_request, local_job, make_tiny_fixtures
-    from verification import check_gguf, greedy_reference
+    from verification import (check_gguf, greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts,
+                              stop_ids)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tiny_fixtures(Path(tmp))
@@ -63,7 +63,10 @@ def main() -> None:
         trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
         job.train(trainer)
         tok = prep.tokenizer
-        ref, ref_s = timed(greedy_reference, trainer.model, probe_prompts(prep), stop_ids(trainer.model, tok))
+        prompts, stops = probe_prompts(prep), stop_ids(trainer.model, tok)
+        ref, ref_s = timed(greedy_reference, trainer.model, prompts, stops, pad_id(tok))
+        old, old_s = timed(greedy_reference_unbatched, trainer.model, prompts, stops)
+        assert old.sequences == ref.sequences, "the batched reference differs from the unbatched one"
         rows = []
 
         def row(form, consumer, path, make_s, check):
@@ -88,7 +91,8 @@ def main() -> None:
             shutil.rmtree(path.parent)
     out = ROOT / "benchmarks" / "results" / "export_cpu.json"
     out.write_text(json.dumps({"date": date.today().isoformat(), "machine": platform.machine(),
-                               "cpu_count": os.cpu_count(), "reference_s": ref_s, "reference_tokens": ref.tokens,
+                               "cpu_count": os.cpu_count(), "reference_s": ref_s, "reference_unbatched_s": old_s,
+                               "reference_same_tokens": True, "reference_tokens": ref.tokens,
                                "reference_prompts": len(ref.sequences), "versions": library_versions(),
                                "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")

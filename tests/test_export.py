@@ -43,8 +43,7 @@ def trained(tiny_root, tmp_path_factory):
     from transformers import set_seed
 
     from artifacts import complete_tokenizer_files
-    from verification import probe_prompts, stop_ids
-    from verification import greedy_reference
+    from verification import greedy_reference, pad_id, probe_prompts, stop_ids
 
     root = tmp_path_factory.mktemp("export")
     shutil.copytree(tiny_root / "gemma-dataset-bucket", root / "gemma-dataset-bucket")
@@ -53,11 +52,38 @@ def trained(tiny_root, tmp_path_factory):
     prep = job.preflight()
     trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
     job.train(trainer)
-    ref = greedy_reference(trainer.model, probe_prompts(prep), stop_ids(trainer.model, prep.tokenizer))
+    ref = greedy_reference(trainer.model, probe_prompts(prep), stop_ids(trainer.model, prep.tokenizer),
+                           pad_id(prep.tokenizer))
     merged = root / "merged16"
     job.save_merged(trainer.model, prep.tokenizer, merged)
     complete_tokenizer_files(merged, prep.tokenizer, job.cfg.base_model_id, None)
     return dict(job=job, prep=prep, trainer=trainer, ref=ref, merged=merged, root=root)
+
+
+def test_batched_reference_is_the_unbatched_one_token_for_token(trained, tiny_root):
+    """The reference the job computes (batched, KV cache, left padding) against the definition (one full
+    forward pass per token, no cache): on the evaluation prompts of the trained model, and on random
+    prompts from 5 to 256 tokens, across the 64-token sliding window, for the trained model and the
+    untrained base, which never stops early (12 x 32 tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verification import greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts, stop_ids
+
+    tok, model = trained["prep"].tokenizer, trained["trainer"].model
+    prompts = probe_prompts(trained["prep"])
+    assert trained["ref"].sequences == greedy_reference_unbatched(model, prompts, stop_ids(model, tok)).sequences
+    g = torch.Generator().manual_seed(0)
+    lengths = (5, 40, 63, 64, 65, 70, 100, 129, 150, 200, 256, 17)
+    random_prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"), dtype=torch.float32)
+    assert base.config.sliding_window == 64 and "sliding_attention" in base.config.layer_types
+    for m in (model, base):
+        stops = stop_ids(m, tok)
+        batched = greedy_reference(m, random_prompts, stops, pad_id(tok), batch_size=5)  # 3 batches, one short
+        assert batched.sequences == greedy_reference_unbatched(m, random_prompts, stops).sequences
+        assert batched.starts == list(lengths)
+    assert batched.tokens == 12 * 32  # the base stops nowhere: every row decoded to the end
 
 
 @pytest.fixture(scope="module")
