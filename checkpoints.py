@@ -6,7 +6,7 @@ and every file it lists is present, so a checkpoint cut off mid-upload is never 
 
 `Guard` says when training must stop before its end: SIGTERM (Cloud Run gives 10 s before SIGKILL),
 the task timeout ahead, or `cancel_requested: true` in the job document. `checkpoint_callback` acts
-on it at each step's end: save, upload, stop; the workflow then raises `Interrupted` (exit 1, the
+on it at each step's end: save, upload (in the background while training goes on), stop; the workflow then raises `Interrupted` (exit 1, the
 next attempt resumes) or `Cancelled` (exit 0, no retry).
 """
 
@@ -147,6 +147,12 @@ class Guard:
 
 def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: float, save_strategy: str,
                         run_logger=None):
+    """Saves when the guard or the clock says, and uploads each checkpoint in a background thread while
+    training goes on. One upload at a time: the one in flight is waited for before the next save (the
+    Trainer's rotation, inside a save, may delete the folder being uploaded) and when training ends, and
+    its error is raised there, in the training thread."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from transformers import TrainerCallback
 
     class Checkpoints(TrainerCallback):
@@ -157,6 +163,20 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
             self.save_s = 0.0
             self.step_ended = time.monotonic()
             self.uploaded: int | None = None
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+            self.pending: tuple[int, Path, float, Future] | None = None
+
+        def finish_upload(self) -> None:
+            """Wait for the upload in flight, if any, and record it."""
+            if self.pending is None:
+                return
+            step, folder, local_s, future = self.pending
+            self.pending = None
+            uri, upload_s = future.result()
+            self.save_s = max(self.save_s, local_s + upload_s)  # writing it locally, then uploading
+            if run_logger is not None:  # log_model: checkpoint
+                run_logger.log_model(folder, f"checkpoint-{tracker.job_id}", "checkpoint")
+            tracker.defer({"checkpoint": {"step": step, "uri": uri}})  # no write of its own
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_started = time.monotonic()
@@ -172,17 +192,29 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
                 control.should_training_stop = True
                 if not guard.cancelled:
                     control.should_save = True
+            if control.should_save:
+                self.finish_upload()
             return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if control.should_save:  # an epoch's save, decided by the Trainer's flow callback before this one
+                self.finish_upload()
 
         def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero or self.uploaded == state.global_step:
                 return
+            self.finish_upload()
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            uri = store.upload(folder)
-            if run_logger is not None:  # log_model: checkpoint
-                run_logger.log_model(folder, f"checkpoint-{tracker.job_id}", "checkpoint")
+            local_s = time.monotonic() - self.step_ended
+
+            def upload() -> tuple[str, float]:
+                t = time.monotonic()
+                return store.upload(folder), time.monotonic() - t
+
+            self.pending = (state.global_step, folder, local_s, self.pool.submit(upload))
             self.uploaded, self.last_save = state.global_step, time.monotonic()
-            self.save_s = max(self.save_s, self.last_save - self.step_ended)  # writing it locally, then uploading
-            tracker.defer({"checkpoint": {"step": state.global_step, "uri": uri}})  # no write of its own
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.finish_upload()  # the last checkpoint is in the bucket before train() returns
 
     return Checkpoints()

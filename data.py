@@ -9,7 +9,9 @@ as prefixes (Gemma's do) without `{% generation %}` markers.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,34 +193,61 @@ class Tokenized:
     trained_tokens: int = 0
 
 
+# From this many rows, tokenising runs in one process per core (datasets.map(num_proc)); below it
+# starting the processes costs more than it saves (benchmarks/tokenize_cpu.py measured where it pays).
+PARALLEL_ROWS = 4000
+
+
+def encode(conv: list[dict[str, str]] | str, tokenizer, max_length: int, assistant_only: bool) -> dict[str, Any]:
+    """One row's input_ids and labels (-100 where no loss), truncated to max_length."""
+    if isinstance(conv, str):
+        text = (tokenizer.bos_token or "") + conv + (tokenizer.eos_token or "")
+        spans = [(0, len(text))]
+    else:
+        text = tokenizer.apply_chat_template(conv, tokenize=False)
+        spans = [(0, len(text))] if not assistant_only else []
+        for i, m in enumerate(conv):
+            if assistant_only and m["role"] == "assistant":
+                start = len(tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True))
+                spans.append((start, len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=False))))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
+
+
+def _encode_batch(batch: dict[str, list], tokenizer, max_length: int, assistant_only: bool) -> dict[str, list]:
+    encoded = [encode(json.loads(row), tokenizer, max_length, assistant_only) for row in batch["row"]]
+    return {key: [e[key] for e in encoded] for key in ("input_ids", "labels", "truncated")}
+
+
 def tokenize(conversations: list[list[dict[str, str]] | str], tokenizer, max_length: int,
-             assistant_only: bool) -> Tokenized:
-    """input_ids and labels (-100 where no loss), truncated to max_length; rows left with no
-    trained token are dropped and counted."""
+             assistant_only: bool, workers: int | None = None) -> Tokenized:
+    """input_ids and labels for every row, in order, truncated to max_length; rows left with no
+    trained token are dropped and counted. Many rows are split over `workers` processes (default: one
+    per core from PARALLEL_ROWS rows); each row travels as JSON, so its messages reach the template as
+    they were, not widened to one Arrow schema."""
+    workers = workers if workers is not None else (os.cpu_count() or 1) if len(conversations) >= PARALLEL_ROWS else 1
+    if workers > 1:
+        from datasets import Dataset, disable_progress_bars
+
+        disable_progress_bars()
+        table = Dataset.from_dict({"row": [json.dumps(c) for c in conversations]}).map(
+            _encode_batch, batched=True, batch_size=256, num_proc=min(workers, len(conversations)),
+            remove_columns=["row"], fn_kwargs={"tokenizer": tokenizer, "max_length": max_length,
+                                               "assistant_only": assistant_only})
+        encoded = table.to_list()
+    else:
+        encoded = [encode(conv, tokenizer, max_length, assistant_only) for conv in conversations]
     out = Tokenized()
-    for conv in conversations:
-        if isinstance(conv, str):
-            text = (tokenizer.bos_token or "") + conv + (tokenizer.eos_token or "")
-            spans = [(0, len(text))]
-        else:
-            text = tokenizer.apply_chat_template(conv, tokenize=False)
-            spans = [(0, len(text))] if not assistant_only else []
-            for i, m in enumerate(conv):
-                if assistant_only and m["role"] == "assistant":
-                    start = len(tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True))
-                    spans.append((start, len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=False))))
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
-        if len(ids) > max_length:
-            out.truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-        trained = sum(1 for x in labels if x != -100)
+    for row in encoded:
+        out.truncated += row["truncated"]
+        trained = sum(1 for x in row["labels"] if x != -100)
         if trained == 0:
             out.dropped += 1
             continue
-        out.rows.append({"input_ids": ids, "labels": labels})
-        out.tokens += len(ids)
+        out.rows.append({"input_ids": row["input_ids"], "labels": row["labels"]})
+        out.tokens += len(row["input_ids"])
         out.trained_tokens += trained
     return out
 

@@ -90,3 +90,19 @@ def test_split_uris_from_metadata():
         split_uris([], p, {"splits": [{"split_name": "test", "path": "x.parquet"}]})
     with pytest.raises(DatasetError, match=r"split 'train' has path 'gs://b/../../x'"):
         split_uris([], p, {"splits": [{"split_name": "train", "path": "../../x"}]})
+
+
+@pytest.mark.parametrize("assistant_only", [True, False])
+def test_tokenising_in_processes_gives_the_serial_rows_in_order(tok, assistant_only):
+    """datasets.map(num_proc=2) over rows sent as JSON: the same ids, labels, order and counts as one
+    process, for conversations, plain text, a truncated row and a row left with nothing to train."""
+    long = [{"role": "user", "content": "moo " * 200}, {"role": "assistant", "content": "ok"}]
+    rows = [[{"role": "system", "content": f"Be brief {i}."}] + CONV if i % 3 else f"text row {i}" if i % 2 else
+            [{"role": "user", "content": f"animal {i}?"}, {"role": "assistant", "content": "baa " * (i % 7 + 1)}]
+            for i in range(300)] + [long, CONV]
+    serial = tokenize(rows, tok, 32, assistant_only, workers=1)
+    parallel = tokenize(rows, tok, 32, assistant_only, workers=2)
+    assert parallel.rows == serial.rows and len(serial.rows) >= 250
+    assert (parallel.truncated, parallel.dropped, parallel.tokens, parallel.trained_tokens) == \
+        (serial.truncated, serial.dropped, serial.tokens, serial.trained_tokens)
+    assert serial.truncated >= 1 and serial.dropped == (1 if assistant_only else 0)

@@ -93,6 +93,60 @@ def test_checkpoint_store_keeps_the_newest_complete(tmp_path):
     assert store.complete() == [] and store.restore(tmp_path / "resume") is None
 
 
+def test_checkpoint_uploads_run_beside_training_one_at_a_time(tmp_path):
+    """The Trainer's order of callbacks, driven by hand with a store whose upload waits to be released:
+    the step after a save does not wait for its upload; the next save waits for it (the Trainer's rotation
+    then cannot delete a folder mid-upload); the end of training waits for the last; an upload's error is
+    raised in the training thread."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from checkpoints import checkpoint_callback
+
+    events, release = [], threading.Event()
+
+    class SlowStore:
+        def upload(self, local):
+            events.append(("upload starts", local.name))
+            assert release.wait(10)
+            assert local.is_dir(), "the folder went during its upload"
+            if local.name == "checkpoint-4":
+                raise OSError("bucket gone")
+            events.append(("uploaded", local.name))
+            return f"gs://b/c/{local.name}/"
+
+    tracker = SimpleNamespace(job_id="j", defer=lambda f: events.append(("recorded", f["checkpoint"]["step"])))
+    cb = checkpoint_callback(SlowStore(), Guard(), tracker, minutes=1e9, save_strategy="steps")
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(max_steps=10)
+
+    def step(n: int, save: bool) -> TrainerControl:
+        state.global_step = n
+        control = TrainerControl(should_save=save)
+        cb.on_step_begin(args, state, control)
+        cb.on_step_end(args, state, control)
+        if control.should_save:
+            (tmp_path / f"checkpoint-{n}").mkdir()
+            cb.on_save(args, state, control)
+        return control
+
+    step(1, save=True)
+    step(2, save=False)  # returns while checkpoint-1 is still uploading
+    assert events == [("upload starts", "checkpoint-1")]
+    waiting = threading.Thread(target=step, args=(3, True))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()  # the save at step 3 waits for checkpoint-1's upload
+    release.set()
+    waiting.join(10)
+    assert events[:3] == [("upload starts", "checkpoint-1"), ("uploaded", "checkpoint-1"), ("recorded", 1)]
+    cb.on_train_end(args, state, TrainerControl())  # waits for checkpoint-3
+    assert events[3:] == [("upload starts", "checkpoint-3"), ("uploaded", "checkpoint-3"), ("recorded", 3)]
+    step(4, save=True)
+    with pytest.raises(OSError, match="bucket gone"):
+        cb.on_train_end(args, state, TrainerControl())
+
+
 def test_guard_deadline_and_cancel():
     now = [100.0]
     doc = {}
