@@ -29,6 +29,6 @@ lora = LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=h
 trainer = SFTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                      processing_class=tok, peft_config=lora)
 trainer.train()
-print(json.dumps(trainer.evaluate()))
+print(json.dumps({**trainer.evaluate(), "global_step": trainer.state.global_step}))
 trainer.model.save_pretrained(f"{out}/adapter")
 tok.save_pretrained(f"{out}/adapter")

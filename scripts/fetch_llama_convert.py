@@ -3,7 +3,7 @@
 The converter (`convert_hf_to_gguf.py` with its `conversion/` package and `gguf-py/`) is not in the
 llama-cpp-python wheel, only in its sdist, under vendor/llama.cpp. This takes it from the sdist of
 the installed version, so converter and quantizer come from the same llama.cpp commit; nothing of
-llama.cpp is kept in this repository. Run at install time (make setup, the Dockerfile):
+llama.cpp is kept in this repository. Run at install time (make setup-gguf, the Dockerfile):
 
     python scripts/fetch_llama_convert.py [--dest PREFIX/share/llama.cpp]
 """

@@ -86,6 +86,17 @@ def test_batched_reference_is_the_unbatched_one_token_for_token(trained, tiny_ro
     assert batched.tokens == 12 * 32  # the base stops nowhere: every row decoded to the end
 
 
+def test_a_generate_that_fails_gives_the_unbatched_reference_and_a_warning(trained, monkeypatch, caplog):
+    from verification import greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts, stop_ids
+
+    tok, model = trained["prep"].tokenizer, trained["trainer"].model
+    monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(RuntimeError("patched generate")))
+    prompts, stops = probe_prompts(trained["prep"])[:4], stop_ids(model, tok)
+    ref = greedy_reference(model, prompts, stops, pad_id(tok))
+    assert ref.sequences == greedy_reference_unbatched(model, prompts, stops).sequences
+    assert "batched reference failed (RuntimeError: patched generate)" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def gguf_f16(trained):
     from export import export_gguf
