@@ -6,8 +6,8 @@ and every file it lists is present, so a checkpoint cut off mid-upload is never 
 
 `Guard` says when training must stop before its end: SIGTERM (Cloud Run gives 10 s before SIGKILL),
 the task timeout ahead, or `cancel_requested: true` in the job document. `checkpoint_callback` acts
-on it at each step's end: save, upload (in the background while training goes on), stop; the workflow then raises `Interrupted` (exit 1, the
-next attempt resumes) or `Cancelled` (exit 0, no retry).
+on it at each step's end: save, upload (in the background while training goes on), stop; the
+workflow then raises `Interrupted` (exit 1, the next attempt resumes) or `Cancelled` (exit 0, no retry).
 """
 
 from __future__ import annotations
