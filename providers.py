@@ -53,7 +53,8 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
             adapter = out_dir.parent / "adapter-for-merge"
             model.save_pretrained(str(adapter))
             base = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, dtype=dtype, token=self.token(),
-                                                        use_safetensors=True)
+                                                        use_safetensors=True,
+                                                        trust_remote_code=self.cfg.trust_remote_code)
             PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(out_dir))
             shutil.rmtree(adapter, ignore_errors=True)
         tokenizer.save_pretrained(str(out_dir))

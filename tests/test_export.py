@@ -97,6 +97,26 @@ def test_a_generate_that_fails_gives_the_unbatched_reference_and_a_warning(train
     assert "batched reference failed (RuntimeError: patched generate)" in caplog.text
 
 
+@pytest.mark.parametrize("trust", [True, False])
+def test_the_merge_reloads_the_base_as_training_loaded_it(trained, trust, tmp_path, monkeypatch):
+    """trust_remote_code reaches the 16-bit reload the merge goes into, as it reaches the training load."""
+    from transformers import AutoModelForCausalLM
+
+    job, seen = trained["job"], []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(job, "cfg", job.cfg.model_copy(update={"trust_remote_code": trust}))
+    assert job.base_model_kwargs()["trust_remote_code"] is trust
+    job.save_merged(trained["trainer"].model, trained["prep"].tokenizer, tmp_path / "merged")
+    assert [k["trust_remote_code"] for k in seen] == [trust]
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
 @pytest.fixture(scope="module")
 def gguf_f16(trained):
     from export import export_gguf
