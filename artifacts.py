@@ -94,14 +94,21 @@ def write_portable_adapter_config(folder: Path) -> dict[str, Any]:
     return dropped
 
 
+def nf4_config(compute_dtype):
+    """The one 4-bit form of the job: NF4 with double quantization, for QLoRA's base and the q4 merge."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def save_4bit(merged16: Path, out: Path) -> Path:
     """The 16-bit merge saved 4-bit (NF4, double quantization) with bitsandbytes: quantized once from
     the merged weights, never merged into 4-bit weights."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
+    config = nf4_config(torch.bfloat16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(merged16), quantization_config=config, device_map=device)
     model.save_pretrained(str(out))

@@ -211,16 +211,14 @@ class BaseTrainingJob:
 
     def base_model_kwargs(self) -> dict[str, Any]:
         """How transformers loads the base model: to train it (Hugging Face) and under an adapter to check it."""
-        from transformers import BitsAndBytesConfig
+        from artifacts import nf4_config
 
         kwargs: dict[str, Any] = {"dtype": self.compute_dtype(), "token": self.token(), "use_safetensors": True,
                                   "trust_remote_code": self.cfg.trust_remote_code}
         if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=self.compute_dtype())
+            kwargs["quantization_config"] = nf4_config(self.compute_dtype())
         return kwargs
 
     def lora_kwargs(self) -> dict[str, Any]:

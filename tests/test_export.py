@@ -117,6 +117,19 @@ def test_the_merge_reloads_the_base_as_training_loaded_it(trained, trust, tmp_pa
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def test_qlora_trains_on_the_same_4bit_form_the_q4_merge_is_saved_in(trained, monkeypatch):
+    import torch
+
+    from artifacts import nf4_config
+
+    job = trained["job"]
+    monkeypatch.setattr(job, "cfg", job.cfg.model_copy(update={"method": "QLoRA"}))
+    q = job.base_model_kwargs()["quantization_config"]
+    assert q.to_dict() == nf4_config(job.compute_dtype()).to_dict()
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert q.bnb_4bit_compute_dtype == torch.float32  # this CPU's compute dtype; bf16 on an L4
+
+
 @pytest.fixture(scope="module")
 def gguf_f16(trained):
     from export import export_gguf
@@ -319,6 +332,7 @@ def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     config = json.loads((repo / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitsandbytes"
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True  # QLoRA's own form (nf4_config)
     model = AutoModelForCausalLM.from_pretrained(str(repo))
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     # the size memory.py counts for the 4-bit files (its container-memory estimate), within 5 %
