@@ -83,7 +83,7 @@ class CheckpointStore:
         step = complete[-1]
         uri = f"{self.prefix}checkpoint-{step}/"
         local = dest / f"checkpoint-{step}"
-        names = [blob[len(uri):] for blob in self.blobs.list(uri) if blob[len(uri):] != MARKER]
+        names = [n for n in (blob[len(uri):] for blob in self.blobs.list(uri)) if n != MARKER]
         t = time.perf_counter()
         self.blobs.download_dir(uri, local, names)  # concurrently: Full's are GBs
         logger.info("restored checkpoint-%d from %s (%d files) in %.1fs", step, uri, len(names),

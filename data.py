@@ -227,7 +227,8 @@ def tokenize(conversations: list[list[dict[str, str]] | str], tokenizer, max_len
     trained token are dropped and counted. Many rows are split over `workers` processes (default: one
     per core from PARALLEL_ROWS rows); each row travels as JSON, so its messages reach the template as
     they were, not widened to one Arrow schema."""
-    workers = workers if workers is not None else (os.cpu_count() or 1) if len(conversations) >= PARALLEL_ROWS else 1
+    if workers is None:
+        workers = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_ROWS else 1
     if workers > 1:
         from datasets import Dataset, disable_progress_bars
 

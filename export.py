@@ -45,6 +45,8 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
                      prep: Prepared) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
     goes once it is uploaded (the container's disk is memory)."""
+    import torch
+
     from artifacts import complete_tokenizer_files, save_4bit, write_portable_adapter_config
     from verification import greedy_reference, pad_id, probe_prompts, stop_ids
 
@@ -55,7 +57,7 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     # Accelerate holds references too; free_memory drops them, collects and empties the CUDA cache. On a
     # CPU (the tiny models of tests and demos) the collection alone was 0.3 s of a 10 s job, for nothing.
     trainer.optimizer = trainer.lr_scheduler = None
-    if gpu_memory_in_use():
+    if torch.cuda.is_available():
         trainer.accelerator.free_memory()
     # The local checkpoints are in the bucket (a retry restores from there): on a disk that is memory,
     # Full's are 4 bytes per parameter each.
@@ -107,12 +109,6 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
         result["adapter_path"] = result["adapter_path"] or uri
     shutil.rmtree(root, ignore_errors=True)
     return result
-
-
-def gpu_memory_in_use() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.memory_allocated() > 0
 
 
 def drop_cached(model_id: str, cache_dir: Path | None = None) -> float:

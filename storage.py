@@ -40,6 +40,7 @@ class BlobStore(Protocol):
     def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
         """Upload every file under local_dir to prefix_uri/, then remove objects there that the
         folder does not have (a stale earlier run's files never mix with the new ones)."""
+
     def download_dir(self, prefix_uri: str, local_dir: Path, names: list[str]) -> list[Path]:
         """Download the objects prefix_uri/{name} to local_dir/{name}, concurrently where the store can."""
 
@@ -147,16 +148,13 @@ class GcsBlobStore:
         from google.cloud.storage import transfer_manager
 
         bucket_name, key = parse_gs_uri(prefix_uri.rstrip("/") + "/")
-        try:
-            results = transfer_manager.download_many_to_path(
+        try:  # raise_exception: the first failed download is raised here
+            transfer_manager.download_many_to_path(
                 self.client.bucket(bucket_name), names, destination_directory=str(local_dir), blob_name_prefix=key,
                 download_kwargs={"checksum": "crc32c"}, raise_exception=True, max_workers=self.workers,
                 worker_type=transfer_manager.THREAD)
         except NotFound:
             raise MissingObject(f"an object under {prefix_uri} is gone") from None
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
         return [Path(local_dir) / n for n in names]
 
     def write_bytes(self, uri: str, data: bytes) -> None:

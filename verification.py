@@ -69,7 +69,7 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad_id: int,
+def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
                      max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16) -> Reference:
     """Greedy decoding of all prompts at once with the KV cache (`generate`): left padding with its
     attention mask, which transformers turns into each layer's mask (Gemma 3's sliding-window layers
@@ -81,16 +81,16 @@ def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad_id: i
     model.eval()
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
-                              pad_token_id=pad_id, use_cache=True)
+                              pad_token_id=pad, use_cache=True)
     try:
-        sequences = _generate_batches(model, prompts, stops, pad_id, batch_size, config, device)
+        sequences = _generate_batches(model, prompts, stops, pad, batch_size, config, device)
     except Exception as e:  # noqa: BLE001 - a provider's patched generate (Unsloth's, not yet run on a GPU here)
         logger.warning("batched reference failed (%s: %s): one prompt at a time instead", type(e).__name__, e)
         return greedy_reference_unbatched(model, prompts, stops, max_new_tokens)
     return Reference(sequences, [len(p) for p in prompts])
 
 
-def _generate_batches(model, prompts, stops, pad_id, batch_size, config, device) -> list[list[int]]:
+def _generate_batches(model, prompts, stops, pad, batch_size, config, device) -> list[list[int]]:
     import torch
 
     sequences = []
@@ -98,12 +98,12 @@ def _generate_batches(model, prompts, stops, pad_id, batch_size, config, device)
         for first in range(0, len(prompts), batch_size):
             batch = prompts[first:first + batch_size]
             width = max(len(p) for p in batch)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in batch], device=device)
+            ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for prompt, row in zip(batch, out[:, width:].tolist()):
                 new = []
-                for token in row:  # finished rows are filled with pad_id after their stop token
+                for token in row:  # finished rows are filled with the pad id after their stop token
                     new.append(token)
                     if token in stops:
                         break
