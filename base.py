@@ -20,14 +20,17 @@ from checkpoints import CheckpointStore, Guard, checkpoint_callback
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
+from export import ExportJob, check_installed, export_artifacts
 from job_manager import JobStatus, JobTracker
+from libraries import check_attention, import_libraries, trl_classes
 from memory import check_memory
+from progress import progress_callback
 from rewards import build_reward, reference_fields
 from schema import TrainRequest
 from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger, Tolerant
-from trainers import check_attention, import_libraries, progress_callback, trl_classes
+from verification import probe_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class BaseTrainingJob:
         self.request, self.cfg, self.settings = request, request.training_config, settings
         self.services, self.tracker = services, services.tracker
         self.workdir = Path(workdir)
-        self.hf_token = (request.hf_token or settings.hf_token)
+        self.hf_token = settings.hub_token(request)
         self.timings: dict[str, float] = {}
         self.checkpoints = CheckpointStore(
             services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
@@ -147,8 +150,6 @@ class BaseTrainingJob:
                 f"supported by provider '{self.cfg.provider}' yet (methods {list(self.methods)}, trainer types "
                 f"{list(self.trainer_types)}); choose one of those.")
         if self.cfg.export_config.wants_gguf:
-            from export import check_installed
-
             check_installed()
         self.timed("check_environment", self.check_environment)  # Unsloth's import: about 35 s on a GPU
         self.check_hub_access()
@@ -200,7 +201,7 @@ class BaseTrainingJob:
             self.services.hub.prepare_repo(ex.hf_repo_id, ex.hf_private)
 
     def token(self) -> str | None:
-        return self.hf_token.get_secret_value() if self.hf_token else None
+        return self.hf_token
 
     def compute_dtype(self):
         import torch
@@ -234,8 +235,10 @@ class BaseTrainingJob:
         gpu = torch.cuda.is_available()
         bf16 = gpu and torch.cuda.is_bf16_supported()
         optimizer = hp.optimizer_values(kind)
-        # transformers 5 reads a warmup_steps below 1 as a ratio of the total steps (warmup_ratio is deprecated)
-        optimizer["warmup_steps"] = optimizer.pop("warmup_ratio")
+        # The request's warmup_ratio is a fraction (below 1: schema.py), and it goes to warmup_steps on
+        # purpose: transformers 5 has no warmup_ratio, and reads a warmup_steps below 1 as that fraction of
+        # the total steps (TrainingArguments.get_warmup_steps; tests/test_config_flow.py).
+        warmup_fraction = optimizer.pop("warmup_ratio")
         evaluate_during = prep.eval is not None and ev.eval_strategy != "no"
         # GRPO scores each prompt's num_generations completions as one group, in evaluation too: its eval
         # batch is the smallest multiple of num_generations that holds batch_size rows.
@@ -246,7 +249,7 @@ class BaseTrainingJob:
             per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=eval_batch,
             gradient_accumulation_steps=hp.gradient_accumulation_steps, num_train_epochs=hp.epochs,
             max_steps=hp.max_steps, learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler_type,
-            **optimizer, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
+            **optimizer, warmup_steps=warmup_fraction, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
             save_strategy=hp.save_strategy, save_steps=hp.save_steps, save_total_limit=hp.save_total_limit,
             eval_strategy=ev.eval_strategy if evaluate_during else "no", eval_steps=ev.eval_steps,
             report_to=self.services.run_logger.report_to,
@@ -328,6 +331,8 @@ class BaseTrainingJob:
 
     def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared) -> dict[str, Any]:
         """Each artifact made, verified in its consumer, then uploaded (export.py)."""
-        from export import export_artifacts
-
-        return export_artifacts(self, trainer, tokenizer, metrics, prep)
+        s = self.services
+        job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
+                        self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
+                        s.run_logger, self.timed, self.timings)
+        return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))

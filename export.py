@@ -25,30 +25,50 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from errors import PermanentError
-
-if TYPE_CHECKING:
-    from base import BaseTrainingJob, Prepared
+from schema import GGUF_DIRECT, TrainingConfig
+from settings import Settings
+from storage import BlobStore, ModelHub
+from tracking import RunLogger
 
 logger = logging.getLogger(__name__)
 
 FOLDERS = {"adapter": "trained_adapters", "merged": "merged_models", "gguf": "gguf_models"}
-DIRECT = {"f16": "f16", "bf16": "bf16", "q8_0": "q8_0"}
 K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
             "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
-def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str, Any],
-                     prep: Prepared) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportJob:
+    """What the export step needs from the job, passed down by `BaseTrainingJob.export`."""
+    job_id: str
+    cfg: TrainingConfig
+    request: dict[str, Any]  # the request as JSON (secrets masked), for the manifests
+    settings: Settings
+    workdir: Path
+    token: str | None
+    base_kwargs: dict[str, Any]  # how transformers loads the base: under the adapter, to verify it
+    save_merged: Callable[[Any, Any, Path], None]  # the provider's merge into a 16-bit base
+    blobs: BlobStore
+    hub: ModelHub
+    run_logger: RunLogger
+    timed: Callable[..., Any]  # the job's step timer
+    timings: dict[str, float]  # the job's timings so far (the manifests carry them)
+
+
+def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
+                     prompts: list[list[int]]) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
-    goes once it is uploaded (the container's disk is memory)."""
+    goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes."""
     import torch
 
     from artifacts import complete_tokenizer_files, save_4bit, write_portable_adapter_config
-    from verification import greedy_reference, pad_id, probe_prompts, stop_ids
+    from verification import greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf, verify_merged
 
     fmt, ex = job.cfg.export_format, job.cfg.export_config
     root = job.workdir / "export"
@@ -62,7 +82,7 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
     # The local checkpoints are in the bucket (a retry restores from there): on a disk that is memory,
     # Full's are 4 bytes per parameter each.
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
-    ref = job.timed("verify_reference", greedy_reference, trainer.model, probe_prompts(prep),
+    ref = job.timed("verify_reference", greedy_reference, trainer.model, prompts,
                     stop_ids(trainer.model, tokenizer), pad_id(tokenizer))
     verified: dict[str, dict] = {}
     ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
@@ -73,31 +93,34 @@ def export_artifacts(job: BaseTrainingJob, trainer, tokenizer, metrics: dict[str
         trainer.model.save_pretrained(str(out), selected_adapters=[trainer.model.active_adapter])
         write_portable_adapter_config(out)
         tokenizer.save_pretrained(str(out))
-        complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token())
-        verified["adapter"] = job.timed("verify_adapter", verify_adapter, job, out, ref, trainer.model)
+        complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token)
+        verified["adapter"] = job.timed("verify_adapter", verify_adapter, out, ref, trainer.model,
+                                      job.cfg.base_model_id, job.base_kwargs)
         ready.append((out, "adapter"))
     if fmt == "merged" or ex.wants_gguf:
         merged16 = root / "merged16"
         job.timed("merge", job.save_merged, trainer.model, tokenizer, merged16)
-        complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token())
+        complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token)
         if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here
             drop_cached(job.cfg.base_model_id)
         if ex.wants_gguf:
             gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
                              fmt != "merged")
-            verified["gguf"] = job.timed("verify_gguf", verify_gguf, job, gguf, ref)
+            verified["gguf"] = job.timed("verify_gguf", verify_gguf, gguf, ref, ex.gguf_quantization,
+                                       job.cfg.method)
         if fmt == "merged":
             out = merged16
             if ex.merged_dtype == "q4":
                 out = job.timed("quantize_4bit", save_4bit, merged16, root / "merged")
-            verified["merged"] = job.timed("verify_merged", verify_merged, job, out, ref)
+            verified["merged"] = job.timed("verify_merged", verify_merged, out, ref, ex.merged_dtype,
+                                         job.cfg.method)
             ready.append((out, "merged"))
         if merged16 not in [f for f, _ in ready]:
             shutil.rmtree(merged16, ignore_errors=True)
     result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
     for folder, artifact in ready:
         write_manifest(job, folder, artifact, metrics, verified)
-        job.services.run_logger.log_model(folder, f"{artifact}-{job.settings.job_id}", "end")  # log_model: end
+        job.run_logger.log_model(folder, f"{artifact}-{job.job_id}", "end")  # log_model: end
         uri = publish(job, folder, artifact)
         result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
     if ex.wants_gguf:
@@ -129,75 +152,28 @@ def drop_cached(model_id: str, cache_dir: Path | None = None) -> float:
     return float(strategy.expected_freed_size)
 
 
-# ---- verification: each artifact in the program that will load it ---------------------------------
-def required(job: BaseTrainingJob, form: str) -> float:
-    from verification import REQUIRED
-
-    # QLoRA trained on a 4-bit base; its merge is into the 16-bit base, which rounds differently
-    return min(REQUIRED[form], REQUIRED["q4"]) if job.cfg.method == "QLoRA" else REQUIRED[form]
-
-
-def verify_adapter(job: BaseTrainingJob, folder: Path, ref, trained) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from verification import REQUIRED, check_transformers, record
-
-    def load(device: str):
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(job.cfg.base_model_id, device_map=device,
-                                                    **job.base_model_kwargs())
-        return PeftModel.from_pretrained(base, str(folder))
-
-    size = sum(p.numel() * p.element_size() for p in trained.parameters())
-    found = check_transformers(ref, load, size)
-    return record("adapter", "adapter", "PEFT", found, ref, REQUIRED["adapter"])
-
-
-def verify_merged(job: BaseTrainingJob, folder: Path, ref) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from artifacts import weight_bytes
-    from verification import check_transformers, record
-
-    form = job.cfg.export_config.merged_dtype
-
-    def load(device: str):
-        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
-
-    found = check_transformers(ref, load, weight_bytes(folder))
-    return record("merged model", form, "transformers", found, ref, required(job, form))
-
-
-def verify_gguf(job: BaseTrainingJob, gguf: Path, ref) -> dict:
-    from verification import check_gguf, record
-
-    form = job.cfg.export_config.gguf_quantization
-    return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(job, form))
-
-
 # ---- manifests and uploads --------------------------------------------------------------------------
-def write_manifest(job: BaseTrainingJob, out: Path, artifact: str, metrics: dict[str, Any],
+def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, Any],
                    verified: dict[str, dict], name: str = "manifest.json") -> None:
     from artifacts import write_manifest as write
 
     ex = job.cfg.export_config
-    custom = {"job_id": job.settings.job_id, "base_model_id": job.cfg.base_model_id,
+    custom = {"job_id": job.job_id, "base_model_id": job.cfg.base_model_id,
               "provider": job.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}
-    write(out, custom, {"metrics": metrics, "request": job.request.model_dump(mode="json"),
+    write(out, custom, {"metrics": metrics, "request": job.request,
                         "verification": verified, "timings": job.timings},
           name=name, contract=name == "manifest.json")
 
 
-def publish(job: BaseTrainingJob, folder: Path, artifact: str) -> str:
+def publish(job: ExportJob, folder: Path, artifact: str) -> str:
     """Upload one artifact folder, then delete the local copy."""
     ex = job.cfg.export_config
     if ex.destination == "hfhub":
-        job.services.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
+        job.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
         uri = ex.hf_repo_id
     else:
-        uri = f"gs://{job.settings.bucket_for(artifact)}/{FOLDERS[artifact]}/{job.settings.job_id}/"
-        job.services.blobs.upload_dir(folder, uri)
+        uri = f"gs://{job.settings.bucket_for(artifact)}/{FOLDERS[artifact]}/{job.job_id}/"
+        job.blobs.upload_dir(folder, uri)
     logger.info("uploaded %s to %s", artifact, uri)
     shutil.rmtree(folder, ignore_errors=True)
     return uri
@@ -261,11 +237,11 @@ def export_gguf(merged_dir: Path, out_dir: Path, quant: str, drop_merged: bool =
     drop_merged: on a disk that is memory, the k-quant then never sits beside the merge and the f16)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"model-{quant}.gguf"
-    converted = convert(merged_dir, target if quant in DIRECT else out_dir.parent / "model-f16.tmp.gguf",
-                        DIRECT.get(quant, "f16"))
+    converted = convert(merged_dir, target if quant in GGUF_DIRECT else out_dir.parent / "model-f16.tmp.gguf",
+                        quant if quant in GGUF_DIRECT else "f16")
     if drop_merged:
         shutil.rmtree(merged_dir, ignore_errors=True)
-    if quant in DIRECT:
+    if quant in GGUF_DIRECT:
         return converted
     f16 = converted
     try:

@@ -8,13 +8,10 @@ main.py builds the services and turns what this raises into an exit code (DESIGN
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +26,6 @@ from settings import Settings
 from storage import BlobStore
 
 logger = logging.getLogger(__name__)
-
-HERE = Path(__file__).resolve().parent
 
 
 def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, request_file: Path | None,
@@ -120,33 +115,3 @@ def scrub_request(blobs: BlobStore, uri: str | None, text: str) -> None:
     if removed:
         blobs.write_bytes(uri, json.dumps(clean, indent=2).encode())
         logger.info("removed %d secret(s) from %s", removed, uri)
-
-
-def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
-    """A provider's job wired to the local services under `root`, for driving the workflow step by step
-    (tests and benchmarks): the same classes main() builds for BACKEND=local, without W&B."""
-    from base import Services
-    from providers import PROVIDERS
-    from services import make_blobs, open_store
-    from storage import LocalModelHub
-    from tracking import NullRunLogger
-
-    req, settings = TrainRequest.model_validate(request), Settings(job_id=job_id, local_dir=str(root))
-    services = Services(make_blobs(settings), LocalModelHub(root), JobTracker(open_store(settings), job_id),
-                        NullRunLogger())
-    return PROVIDERS[req.training_config.provider](req, settings, services, Path(root) / "work" / job_id)
-
-
-def make_tiny_fixtures(root: Path) -> Path:
-    """scripts/make_tiny.py's model and datasets under root (tests, benchmarks, the GPU check)."""
-    subprocess.run([sys.executable, str(HERE / "scripts" / "make_tiny.py"), "--out", str(root)], check=True,
-                   capture_output=True)
-    return Path(root)
-
-
-def demo_request(root: Path, **training: Any) -> dict[str, Any]:
-    """examples/local_default.json with its base model at root's tiny Gemma 3, and `training` merged into
-    its training_config."""
-    request = json.loads((HERE / "examples" / "local_default.json").read_text())
-    request["training_config"].update({"base_model_id": str(Path(root) / "models" / "tiny-gemma3"), **training})
-    return copy.deepcopy(request)

@@ -22,9 +22,8 @@ from errors import Cancelled, PermanentError, RequestError
 from job_manager import JobTracker
 from lifecycle import process_age, record_failure, run_attempt, summary
 from logs import setup_logging
-from request import parse_settings
 from schema import TrainRequest
-from settings import Settings, check_job_id
+from settings import Settings, check_job_id, parse_settings
 from services import make_blobs, make_services, open_store
 
 logger = logging.getLogger("main")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import PermanentError
+from schema import GGUF_DIRECT
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def nf4_bytes(total: int, embeddings: int) -> float:
 def estimate_bytes(total: int, embeddings: int, method: str, batch: int, length: int, config) -> dict[str, float]:
     cfg = text_config(config)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
-    inter, vocab = getattr(cfg, "intermediate_size", 4 * hidden), cfg.vocab_size
+    inter, vocab = cfg.intermediate_size, cfg.vocab_size
     weights = {"Full": 6.0 * total, "LoRA": 2.0 * total, "QLoRA": nf4_bytes(total, embeddings)}[method]
     tokens = batch * length
     activations = tokens * (hidden * layers + 20 * hidden + 3 * inter) * 2 + tokens * vocab * 2
@@ -128,7 +129,7 @@ def host_bytes(total: int, embeddings: int, cfg, cache_dropped: bool = False) ->
         # LoRA and QLoRA merge into the base reloaded in 16 bits on the CPU; Full saves from the GPU
         stages["merge"] = cache + 2.0 * total + (0 if cfg.method == "Full" else 2.0 * total)
     if ex.wants_gguf:
-        k_quant = ex.gguf_quantization not in ("f16", "bf16", "q8_0")
+        k_quant = ex.gguf_quantization not in GGUF_DIRECT
         stages["gguf"] = after_merge + (2.0 * total if fmt == "merged" else 0) + (2.0 * total if k_quant else 0) + \
             GGUF_BYTES[ex.gguf_quantization] * total
     if fmt == "merged" and ex.merged_dtype == "q4":

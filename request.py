@@ -1,7 +1,7 @@
 """Reading the request: JSON text to a validated `TrainRequest` (schema.py), with errors a user can
 act on (the field path, the value given, what is allowed, the nearest known key), and the raw request
-without its secrets, which is what stays in the config bucket once the job is over. The job's
-`Settings` are read the same way, their errors naming the environment variable.
+without its secrets, which is what stays in the config bucket once the job is over. (The job's
+environment is read into `Settings` by settings.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pydantic import BaseModel, ValidationError
 
 from errors import RequestError
 from schema import Hyperparameters, TrainRequest
-from settings import Settings
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
@@ -70,20 +69,6 @@ def parse_request(text: str | bytes) -> TrainRequest:
         return TrainRequest.model_validate(raw)
     except ValidationError as e:
         raise RequestError(explain(e)) from None
-
-
-def parse_settings(values: dict[str, Any], names: dict[str, str]) -> Settings:
-    """Settings from the environment's values; `names` maps each field to its variable, which the errors
-    name with the value given (never a secret's) and what is allowed."""
-    try:
-        return Settings(**values)
-    except ValidationError as e:
-        problems = []
-        for p in e.errors():
-            field = str(p["loc"][0]) if p["loc"] else "environment"
-            shown = "" if field in ("hf_token", "wandb_api_key") else f"={p.get('input')!r}"
-            problems.append(f"{names.get(field, field)}{shown}: {p['msg'].removeprefix('Value error, ')}")
-        raise RequestError("; ".join(problems) + "; correct the variable, or unset it for its default.") from None
 
 
 SECRET_KEYS = frozenset({"hf_token", "api_key", "gemini_api_key"})

@@ -33,7 +33,7 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
-def extract_answer(text: str, tag: str = "answer") -> str:
+def extract_answer(text: str, tag: str) -> str:
     """The last <tag>...</tag> block, or the whole text when there is none."""
     found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)
     return (found[-1] if found else text).strip()
@@ -45,12 +45,12 @@ def normalise(text: str) -> str:
 
 # ---- built-in functions -------------------------------------------------------------------------
 
-def format_score(text: str, think: str = "think", answer: str = "answer") -> float:
+def format_score(text: str, think: str, answer: str) -> float:
     pattern = rf"\s*<{think}>.*?</{think}>\s*<{answer}>.*?</{answer}>\s*"
     return 1.0 if re.fullmatch(pattern, text, flags=re.DOTALL) else 0.0
 
 
-def count_xml_score(text: str, think: str = "think", answer: str = "answer") -> float:
+def count_xml_score(text: str, think: str, answer: str) -> float:
     """0.25 for each of the four tags present exactly once, less 0.001 per character after </answer>."""
     score = sum(0.25 for tag in (f"<{think}>", f"</{think}>", f"<{answer}>", f"</{answer}>") if text.count(tag) == 1)
     closing = f"</{answer}>"
@@ -144,7 +144,7 @@ def similarity(text: str, reference: Any, metric: str) -> float:
 def build_reward(grader: Grader) -> RewardFn:
     """The grader as a TRL reward function named after it (TRL logs rewards/<name>/mean)."""
     params = {"think": grader.parameters.think_tag, "answer": grader.parameters.answer_tag}
-    ref_field = grader.reference_field or "answer"
+    ref_field = grader.reference_column
 
     def references(kwargs: dict[str, Any], n: int) -> list[Any]:
         if ref_field not in kwargs:
@@ -171,5 +171,4 @@ def build_reward(grader: Grader) -> RewardFn:
 
 def reference_fields(graders: list[Grader]) -> set[str]:
     """The dataset columns the graders read."""
-    return {g.reference_field or "answer" for g in graders
-            if not (g.type == "built_in" and g.function_name in ("format_reward", "count_xml"))}
+    return {g.reference_column for g in graders if g.reference_column}

@@ -115,6 +115,8 @@ class EvalConfig(StrictModel):
 
 
 GgufQuant = Literal["none", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q2_k"]
+# What llama.cpp's converter writes directly; the k-quants are quantized from an f16 conversion (export.py).
+GGUF_DIRECT = ("f16", "bf16", "q8_0")
 
 
 class ExportConfig(StrictModel):
@@ -179,7 +181,8 @@ class Grader(StrictModel):
     name: str = Field(min_length=1)
     type: Literal["string_check", "text_similarity", "built_in", "score_model", "label_model", "ruler", "python"]
     weight: float = 1.0
-    reference_field: str | None = None
+    reference_field: str | None = Field(None, description="The dataset column the completion is compared with "
+                                        "(built-in accuracy graders: 'answer' when unset).")
     operation: Literal["eq", "ne", "like", "ilike"] | None = None
     evaluation_metric: Literal["fuzzy_match", "bleu", "gleu", "meteor", "cosine", "rouge_1", "rouge_2", "rouge_3",
                                "rouge_4", "rouge_5", "rouge_l"] | None = None
@@ -218,6 +221,14 @@ class Grader(StrictModel):
         if missing:
             raise ValueError(f"grader '{self.name}' of type {self.type} needs {', '.join(missing)}.")
         return self
+
+    @property
+    def reference_column(self) -> str | None:
+        """The dataset column this grader compares completions with: reference_field, which the built-in
+        accuracy graders default to 'answer'; none for the format graders, which read the completion alone."""
+        if self.type == "built_in" and self.function_name in ("format_reward", "count_xml"):
+            return None
+        return self.reference_field or "answer"
 
 
 class TrainingConfig(StrictModel):

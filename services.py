@@ -33,14 +33,12 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
     from base import Services  # numpy and the workflow: not needed to reject a bad request
 
     local = settings.backend == "local"
-    token = request.hf_token or settings.hf_token
-    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(
-        token.get_secret_value() if token else None, settings.hf_endpoint)
+    hub = LocalModelHub(settings.local_dir) if local else HfModelHub(settings.hub_token(request), settings.hf_endpoint)
     wb = request.training_config.wandb_config
     runs = NullRunLogger()
     if wb and settings.wandb_mode != "disabled":
-        key, key_name = (wb.api_key, "wandb_config.api_key") if wb.api_key else (settings.wandb_api_key, "WANDB_API_KEY")
-        runs = WandbRunLogger(wb.project, key.get_secret_value() if key else None, wb.log_model,
+        key, key_name = settings.wandb_key(request)
+        runs = WandbRunLogger(wb.project, key, wb.log_model,
                               Path(settings.local_dir) / "wandb", settings.wandb_mode, key_name,
                               settings.wandb_init_timeout_s)
         runs.check()  # a malformed key: exit 2 now, not after the model has loaded

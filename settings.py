@@ -1,16 +1,17 @@
 """The job's settings: its environment (read by main.py alone, the only reader of os.environ) validated
-into one frozen object that is passed down with the request. Defaults live here.
+into one frozen object that is passed down with the request, with errors that name the variable.
+Defaults live here.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from errors import RequestError
-from schema import SAFE_ID, StrictModel
+from schema import SAFE_ID, StrictModel, TrainRequest
 
 
 class Settings(StrictModel):
@@ -59,6 +60,18 @@ class Settings(StrictModel):
         files bucket, a folder a service loads to the export bucket."""
         return (self.export_files_bucket or self.export_bucket) if artifact == "gguf" else self.export_bucket
 
+    def hub_token(self, request: TrainRequest) -> str | None:
+        """The Hugging Face token: the request's hf_token, else HF_TOKEN (decided here alone)."""
+        token = request.hf_token or self.hf_token
+        return token.get_secret_value() if token else None
+
+    def wandb_key(self, request: TrainRequest) -> tuple[str | None, str]:
+        """The W&B key and the name a message gives it: wandb_config.api_key, else WANDB_API_KEY."""
+        wb = request.training_config.wandb_config
+        if wb and wb.api_key:
+            return wb.api_key.get_secret_value(), "wandb_config.api_key"
+        return (self.wandb_api_key.get_secret_value() if self.wandb_api_key else None), "WANDB_API_KEY"
+
     @property
     def request_uri(self) -> str:
         return self.config_uri or f"gs://{self.config_bucket}/{self.job_id}.json"
@@ -69,3 +82,17 @@ def check_job_id(job_id: str) -> str:
         raise RequestError(f"JOB_ID {job_id!r} is not valid: use letters, digits, '.', '_' or '-' "
                            "(no slashes, not starting with '.'), at most 200 characters.")
     return job_id
+
+
+def parse_settings(values: dict[str, Any], names: dict[str, str]) -> Settings:
+    """Settings from the environment's values; `names` maps each field to its variable, which the errors
+    name with the value given (never a secret's) and what is allowed."""
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        problems = []
+        for p in e.errors():
+            field = str(p["loc"][0]) if p["loc"] else "environment"
+            shown = "" if field in ("hf_token", "wandb_api_key") else f"={p.get('input')!r}"
+            problems.append(f"{names.get(field, field)}{shown}: {p['msg'].removeprefix('Value error, ')}")
+        raise RequestError("; ".join(problems) + "; correct the variable, or unset it for its default.") from None

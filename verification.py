@@ -221,3 +221,43 @@ def record(artifact: str, form: str, consumer: str, found: float, ref: Reference
                "Choose merged_dtype 'bf16'." if form in ("q4", "fp16") else
                "A 16-bit or 8-bit form should not disagree: report this with the job id."))
     return entry
+
+
+# ---- each artifact in the program that will load it -------------------------------------------------
+def required(form: str, method: str) -> float:
+    """The least agreement an artifact of this form must reach."""
+    # QLoRA trained on a 4-bit base; its merge is into the 16-bit base, which rounds differently
+    return min(REQUIRED[form], REQUIRED["q4"]) if method == "QLoRA" else REQUIRED[form]
+
+
+def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, base_kwargs: dict[str, Any]) -> dict:
+    """The adapter in PEFT, on the base loaded as it was for training (base_kwargs)."""
+    from transformers import AutoModelForCausalLM
+
+    def load(device: str):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_model_id, device_map=device, **base_kwargs)
+        return PeftModel.from_pretrained(base, str(folder))
+
+    size = sum(p.numel() * p.element_size() for p in trained.parameters())
+    found = check_transformers(ref, load, size)
+    return record("adapter", "adapter", "PEFT", found, ref, REQUIRED["adapter"])
+
+
+def verify_merged(folder: Path, ref: Reference, form: str, method: str) -> dict:
+    """The merged model in transformers, as saved (form: the request's merged_dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    from artifacts import weight_bytes
+
+    def load(device: str):
+        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
+
+    found = check_transformers(ref, load, weight_bytes(folder))
+    return record("merged model", form, "transformers", found, ref, required(form, method))
+
+
+def verify_gguf(gguf: Path, ref: Reference, form: str, method: str) -> dict:
+    """The GGUF file in llama.cpp (form: its quantization)."""
+    return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(form, method))

@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from lifecycle import demo_request, make_tiny_fixtures
+    from scripts.testbed import demo_request, make_tiny_fixtures
 
     work = make_tiny_fixtures(Path(tempfile.mkdtemp()))
     demo = demo_request(work)

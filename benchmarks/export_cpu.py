@@ -48,8 +48,9 @@ def main() -> None:
     from transformers import set_seed
 
     from artifacts import complete_tokenizer_files, library_versions, save_4bit
-    from export import export_gguf, verify_adapter
-    from lifecycle import demo_request, local_job, make_tiny_fixtures
+    from export import export_gguf
+    from verification import verify_adapter
+    from scripts.testbed import demo_request, local_job, make_tiny_fixtures
     from verification import (check_gguf, greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts,
                               stop_ids)
 
@@ -78,7 +79,8 @@ def main() -> None:
         adapter = root / "adapter"
         _, s = timed(lambda: (trainer.model.save_pretrained(str(adapter)), tok.save_pretrained(str(adapter)),
                               complete_tokenizer_files(adapter, tok, job.cfg.base_model_id, None)))
-        row("adapter", "PEFT", adapter, s, lambda: verify_adapter(job, adapter, ref, trainer.model)["top1_agreement"])
+        row("adapter", "PEFT", adapter, s, lambda: verify_adapter(
+            adapter, ref, trainer.model, job.cfg.base_model_id, job.base_model_kwargs())["top1_agreement"])
         merged = root / "merged16"
         _, s = timed(lambda: (job.save_merged(trainer.model, tok, merged),
                               complete_tokenizer_files(merged, tok, job.cfg.base_model_id, None)))

@@ -144,7 +144,7 @@ def run_variant(variant: str, method: str, model_dir: Path, shape: str, seq: int
     else:
         from base import Prepared
 
-        from lifecycle import local_job
+        from scripts.testbed import local_job
 
         request["training_config"]["provider"] = "huggingface" if variant == "job" else "unsloth"
         job = local_job(request, work, f"bench-{variant}")

@@ -26,7 +26,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from data import PARALLEL_ROWS, tokenize
-    from lifecycle import make_tiny_fixtures
+    from scripts.testbed import make_tiny_fixtures
 
     root = make_tiny_fixtures(Path(tempfile.mkdtemp()))
     tok = AutoTokenizer.from_pretrained(str(root / "models" / "tiny-gemma3"))

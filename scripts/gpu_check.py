@@ -87,7 +87,7 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
     parts = job.split(":")
     provider, method, trainer_type, model = parts + ["sft", "text"][len(parts) - 2:]
     job_id = re.sub(r"[^a-z0-9-]", "-", job.lower())
-    from lifecycle import demo_request
+    from scripts.testbed import demo_request
 
     request = demo_request(root, provider=provider, method=method, trainer_type=trainer_type)
     if model == "mm":  # Gemma 3's image+text architecture (4B and up), trained on text
@@ -147,7 +147,7 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"gpu-check-{re.sub(r'[^a-z0-9]+', '-', device.lower())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        from lifecycle import make_tiny_fixtures
+        from scripts.testbed import make_tiny_fixtures
 
         root = make_tiny_fixtures(Path(tmp))
         results = []

@@ -24,7 +24,7 @@ EXAMPLES = ROOT / "examples"
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    from lifecycle import make_tiny_fixtures
+    from scripts.testbed import make_tiny_fixtures
 
     return make_tiny_fixtures(tmp_path_factory.mktemp("tiny"))
 
@@ -37,7 +37,7 @@ def local_dir(tmp_path, tiny_root) -> Path:
 
 
 def sample_request(tiny_root: Path, **training) -> dict:
-    from lifecycle import demo_request
+    from scripts.testbed import demo_request
 
     return demo_request(tiny_root, **training)
 
@@ -69,7 +69,7 @@ def read_doc(local_dir: Path, job_id: str) -> dict:
 
 def make_job(local_dir: Path, request: dict, job_id: str = "unit"):
     """A provider job wired to local services, for driving the workflow step by step."""
-    from lifecycle import local_job
+    from scripts.testbed import local_job
 
     return local_job(request, local_dir, job_id)
 

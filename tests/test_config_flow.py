@@ -4,13 +4,15 @@ provider changes only what its `sft_overrides()` names (STYLE.md)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from base import Prepared
 from conftest import sample_request
-from lifecycle import local_job
+from scripts.testbed import local_job
 from providers import PROVIDERS
-from trainers import trl_classes
+from libraries import trl_classes
 
 HP = {"learning_rate": 3e-5, "batch_size": 4, "gradient_accumulation_steps": 3, "epochs": 2, "max_steps": 7,
       "lr_scheduler_type": "cosine", "max_grad_norm": 0.5, "adam_beta1": 0.8, "adam_beta2": 0.95,
@@ -46,6 +48,8 @@ def test_request_values_reach_the_trl_config(provider, trainer_type, tmp_path, t
     assert all(getattr(args, name) == HP[name] for name in specific)
     if trainer_type in ("orpo", "grpo"):  # what the prompt leaves of max_length
         assert args.max_completion_length == HP["max_length"] - HP["max_prompt_length"]
+    # the ratio is read as a ratio: 20 % of 40 steps warm up, not 0.2 steps
+    assert args.get_warmup_steps(40) == math.ceil(40 * HP["warmup_ratio"]) == 8
 
 
 @pytest.mark.parametrize("trainer_type", ["sft", "dpo", "orpo", "grpo"])

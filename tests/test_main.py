@@ -111,7 +111,7 @@ def test_unsloth_is_imported_first_and_failing_to_import_is_permanent(local_dir,
     code = f"""import sys, torch
 sys.path.insert(0, {str(local_dir / "fake")!r})
 torch.cuda.real_is_available, torch.cuda.is_available = torch.cuda.is_available, lambda: True
-from lifecycle import demo_request, local_job
+from scripts.testbed import demo_request, local_job
 job = local_job(demo_request({str(tiny_root)!r}, provider="unsloth"), {str(local_dir)!r}, "order")
 prep = job.preflight()
 print(sys.modules["unsloth"].LOADED_BEFORE, all(m in sys.modules for m in ("transformers", "peft", "trl")))
@@ -124,6 +124,7 @@ print(sys.modules["unsloth"].LOADED_BEFORE, all(m in sys.modules for m in ("tran
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert "PermanentError: training_config.provider: 'unsloth' cannot be imported in this image (ImportError: " \
            "unsloth_zoo is too old)" in out.stderr
+
 
 def test_validate_checks_without_training(local_dir, tiny_root, capsys):
     config = local_dir / "req.json"
@@ -168,6 +169,7 @@ def test_invalid_environment_exits_2_and_says_so_in_the_document(local_dir, caps
     assert main.main([], env_for(local_dir, "job-env4", WORLD_SIZE="2")) == 2
     assert "WORLD_SIZE='2': the job trains in one process" in capsys.readouterr().err
     assert "one process on one GPU, not 2" in read_doc(local_dir, "job-env4")["error"]
+
 
 def test_missing_base_model_exits_2(local_dir, tiny_root):
     put_request(local_dir, "job-nomodel", sample_request(tiny_root, base_model_id=str(local_dir / "no-model")))

@@ -12,11 +12,11 @@ import pytest
 from base import Prepared
 from conftest import put_request, read_doc
 from errors import RequestError
-from lifecycle import local_job
+from scripts.testbed import local_job
 from platform_requests import facet_request, grader, predecessor_flat, predecessor_grouped
 from request import parse_request
 from schema import RL_DEFAULTS, TRL_DEFAULTS
-from trainers import trl_classes
+from libraries import trl_classes
 
 LENGTHS = [128, 256, 512, 1024, 4096]
 GRADERS = [grader("built_in", name="format", function_name="format_reward"),

@@ -19,9 +19,9 @@ def test_completion_text_and_answer_extraction():
     assert completion_text("plain") == "plain"
     assert completion_text([{"role": "assistant", "content": "last"}]) == "last"
     assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "parts"}]}]) == "parts"
-    assert extract_answer(GOOD) == "4"
-    assert extract_answer("<answer>1</answer> then <answer> 7 </answer>") == "7"
-    assert extract_answer("no tags 12") == "no tags 12"
+    assert extract_answer(GOOD, "answer") == "4"
+    assert extract_answer("<answer>1</answer> then <answer> 7 </answer>", "answer") == "7"
+    assert extract_answer("no tags 12", "answer") == "no tags 12"
     assert extract_answer("<sol>x</sol>", "sol") == "x"
 
 
@@ -34,7 +34,7 @@ def test_completion_text_and_answer_extraction():
     ("<think>x</think><answer>4</answer> trailing", 0.0),
 ])
 def test_format_reward(text, score):
-    assert format_score(text) == score
+    assert format_score(text, "think", "answer") == score
 
 
 def test_format_reward_custom_tags():
@@ -50,7 +50,7 @@ def test_format_reward_custom_tags():
     ("nothing", 0.0),
 ])
 def test_count_xml(text, score):
-    assert count_xml_score(text) == pytest.approx(score)
+    assert count_xml_score(text, "think", "answer") == pytest.approx(score)
 
 
 def test_arithmetic_is_safe_and_exact():

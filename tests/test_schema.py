@@ -178,3 +178,34 @@ def test_schema_flag_prints_json_schema():
                          check=True)
     schema = json.loads(out.stdout)
     assert "training_config" in schema["properties"] and "Hyperparameters" in schema["$defs"]
+
+
+def test_the_request_s_secrets_win_over_the_environment_s_decided_in_one_place():
+    from settings import Settings
+
+    def req(tc=None, **top):
+        return TrainRequest.model_validate({"processed_dataset_id": "d", **top, "training_config": {
+            "base_model_id": "m", **(tc or {})}})
+
+    env = Settings(job_id="j", hf_token="hf_env", wandb_api_key="wb_env")
+    bare = Settings(job_id="j")
+    with_both = req(hf_token="hf_req", tc={"wandb_config": {"api_key": "wb_req"}})
+    assert env.hub_token(with_both) == "hf_req"
+    assert env.wandb_key(with_both) == ("wb_req", "wandb_config.api_key")
+    assert env.hub_token(req()) == "hf_env"
+    assert env.wandb_key(req(tc={"wandb_config": {}})) == ("wb_env", "WANDB_API_KEY")
+    assert bare.hub_token(req()) is None and bare.wandb_key(req()) == (None, "WANDB_API_KEY")
+
+
+def test_grader_reference_column_is_the_schema_s():
+    def grader(**kw):
+        return TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+            "base_model_id": "m", "trainer_type": "grpo", "hyperparameters": {"batch_size": 2, "num_generations": 2},
+            "reward_config": [{"name": "g", **kw}]}}).training_config.reward_config[0]
+
+    assert grader(type="built_in", function_name="expression_accuracy").reference_column == "answer"
+    assert grader(type="built_in", function_name="numerical_accuracy", reference_field="sol").reference_column == "sol"
+    assert grader(type="built_in", function_name="format_reward").reference_column is None
+    assert grader(type="string_check", reference_field="label", operation="eq").reference_column == "label"
+    tags = grader(type="built_in", function_name="count_xml").parameters
+    assert (tags.think_tag, tags.answer_tag) == ("think", "answer")

@@ -1,7 +1,5 @@
-"""TRL and transformers glue that the workflow (base.py) uses: which TRL classes a trainer type
-trains with, the callback that reports progress to the job document and the log, and the one timed import of
-the heavy libraries once a request is known to be valid. The request-to-TRL mapping itself stays
-in `BaseTrainingJob.trainer_kwargs`.
+"""Training progress, where people follow it: the Trainer callback that writes step, loss and ETA to the
+job document (throttled by the tracker) and a readable line to the log.
 """
 
 from __future__ import annotations
@@ -10,52 +8,9 @@ import logging
 import math
 import time
 
-from errors import PermanentError
 from job_manager import JobTracker
-from logs import route_transformers_logs
 
 logger = logging.getLogger(__name__)
-
-
-def import_libraries() -> None:
-    """torch, transformers, PEFT and TRL, imported once the request is known to be valid (timed apart)."""
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-
-    route_transformers_logs()
-
-
-def check_attention(use_fa2: bool) -> None:
-    """use_fa2 is refused (exit 2) where FlashAttention 2 cannot run: no NVIDIA GPU, or no flash-attn."""
-    if not use_fa2:
-        return
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available():
-        raise PermanentError("hyperparameters.use_fa2: FlashAttention 2 needs an NVIDIA GPU and none is visible; "
-                             "set `use_fa2: false` (packing and padding_free keep rows apart without it: tests/test_packing.py).")
-    if importlib.util.find_spec("flash_attn") is None:
-        raise PermanentError("hyperparameters.use_fa2: the flash-attn package is not installed in this image; "
-                             "set `use_fa2: false` (packing and padding_free keep rows apart without it: tests/test_packing.py).")
-
-
-def trl_classes(trainer_type: str):
-    """TRL's (config, trainer) for a trainer type; ORPO lives in trl.experimental in TRL 1.x."""
-    if trainer_type == "sft":
-        from trl import SFTConfig, SFTTrainer
-        return SFTConfig, SFTTrainer
-    if trainer_type == "dpo":
-        from trl import DPOConfig, DPOTrainer
-        return DPOConfig, DPOTrainer
-    if trainer_type == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-        return GRPOConfig, GRPOTrainer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOConfig, ORPOTrainer
 
 
 def progress_callback(tracker: JobTracker, log_every_s: float = 30.0, clock=time.monotonic):
