@@ -74,9 +74,11 @@ class UnslothTrainingJob(BaseTrainingJob):
                                  "run on a GPU machine or set provider 'huggingface'.")
         try:
             import unsloth  # noqa: F401  (must come before transformers, peft and trl)
-        except Exception as e:  # this image's library set, not this attempt: every retry would fail the same
+        except ImportError as e:  # this image's library set: every retry would fail the same
             raise PermanentError(f"training_config.provider: 'unsloth' cannot be imported in this image "
                                  f"({type(e).__name__}: {e}); set provider 'huggingface'.") from e
+        # Anything else (a CUDA error while Unsloth probes the GPU, a full disk while it compiles its
+        # kernels) belongs to this attempt and goes up as it is: exit 1, and the retry runs.
 
     def load_model(self, tokenizer) -> Any:
         from unsloth import FastLanguageModel

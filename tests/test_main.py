@@ -126,6 +126,22 @@ print(sys.modules["unsloth"].LOADED_BEFORE, all(m in sys.modules for m in ("tran
            "unsloth_zoo is too old)" in out.stderr
 
 
+def test_an_unsloth_import_that_fails_for_this_attempt_only_is_retried(local_dir, tiny_root, monkeypatch):
+    """A CUDA error while Unsloth probes the GPU is not the image's library set: exit 1, retryable."""
+    import torch
+
+    fake = local_dir / "fake"
+    fake.mkdir()
+    (fake / "unsloth.py").write_text("raise RuntimeError('CUDA error: initialization error')")
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    put_request(local_dir, "flaky", sample_request(tiny_root, provider="unsloth"))
+    assert main.main([], env_for(local_dir, "flaky")) == 1
+    doc = read_doc(local_dir, "flaky")
+    assert doc["error_type"] == "retryable" and doc["status"] == "failed"
+    assert doc["error"] == "RuntimeError: CUDA error: initialization error"
+
 def test_validate_checks_without_training(local_dir, tiny_root, capsys):
     config = local_dir / "req.json"
     config.write_text(json.dumps(sample_request(tiny_root)))
