@@ -65,9 +65,9 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared
         except (PermanentError, Cancelled) as e:
             tracker.fail(e)  # recorded before the request loses its secrets
-            scrub_request(blobs, uri, text)
+            scrub_request(blobs, uri, text, tracker)
             raise
-    scrub_request(blobs, uri, text)
+    scrub_request(blobs, uri, text, tracker)
     return result
 
 
@@ -104,14 +104,24 @@ def process_age() -> float:
         return 0.0
 
 
-def scrub_request(blobs: BlobStore, uri: str | None, text: str) -> None:
-    """Rewrite the request object without its secrets, once no retry can need them."""
+def scrub_request(blobs: BlobStore, uri: str | None, text: str, tracker: JobTracker) -> None:
+    """Rewrite the request object without its secrets, once no retry can need them. If that fails, the job
+    still ends as it ended, but the secrets left in the bucket are said, in the log and in the job document
+    (`request_scrub_error`), by where they are and never by what they are."""
     if uri is None:
         return
     try:
-        clean, removed = strip_secrets(json.loads(text))
-    except ValueError:
-        return
-    if removed:
-        blobs.write_bytes(uri, json.dumps(clean, indent=2).encode())
-        logger.info("removed %d secret(s) from %s", removed, uri)
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            raise ValueError("the request is not JSON, so its secrets cannot be found") from None
+        clean, removed = strip_secrets(raw)
+        if removed:
+            blobs.write_bytes(uri, json.dumps(clean, indent=2).encode())
+            logger.info("removed %d secret(s) from %s", removed, uri)
+    except Exception as e:
+        message = tracker.redact(f"the request object {uri} may still hold secrets (hf_token, api_key): it could not "
+                                 f"be rewritten without them ({type(e).__name__}: {e}); delete them from it by hand, "
+                                 "or delete the object")
+        logger.error("%s", message)
+        tracker.write({"request_scrub_error": message[:1000]})  # never raises: the log line stays the record

@@ -118,3 +118,38 @@ def offline_start(self, job_id, config):
         return ORIGINAL_START(self, job_id, config)
     finally:
         self.api_key = key
+
+
+def test_a_request_whose_secrets_cannot_be_removed_says_so_without_them(local_dir, tiny_root, capfd, monkeypatch):
+    """The bucket refuses the rewrite (with the token in its message): the job ends as it would have, and
+    the document and the log say that the request object still holds secrets, naming it, masking them."""
+    from storage import LocalBlobStore
+
+    req = sample_request(tiny_root)
+    req["hf_token"] = HF_SECRET
+    req["processed_dataset_id"] = "no-such-data"  # a permanent failure at pre-flight: over for good
+    put_request(local_dir, "unscrubbed", req)
+    written = LocalBlobStore.write_bytes
+
+    def refuse(self, uri, data):
+        if uri.startswith("gs://gemma-train-config/"):
+            raise PermissionError(f"403 Forbidden: PUT {uri}?access_token={HF_SECRET}")
+        return written(self, uri, data)
+
+    monkeypatch.setattr(LocalBlobStore, "write_bytes", refuse)
+    assert main.main([], env_for(local_dir, "unscrubbed")) == 2
+    doc = read_doc(local_dir, "unscrubbed")
+    uri = "gs://gemma-train-config/unscrubbed.json"
+    assert doc["request_scrub_error"].startswith(f"the request object {uri} may still hold secrets")
+    assert "PermissionError: 403 Forbidden" in doc["request_scrub_error"]
+    assert doc["error_type"] == "permanent" and "processed_dataset_id" in doc["error"]  # the failure is kept
+    logs = "".join(capfd.readouterr())
+    assert f"the request object {uri} may still hold secrets" in logs
+    assert HF_SECRET not in logs and HF_SECRET not in json.dumps(doc)
+    assert HF_SECRET in (local_dir / "gemma-train-config" / "unscrubbed.json").read_text()  # it is there, as said
+
+    put_request(local_dir, "not-json", '{"hf_token": "' + HF_SECRET + '", oops}')
+    assert main.main([], env_for(local_dir, "not-json")) == 2
+    doc = read_doc(local_dir, "not-json")
+    assert "the request is not JSON, so its secrets cannot be found" in doc["request_scrub_error"]
+    assert doc["error"].startswith("the request is not valid JSON")
