@@ -144,6 +144,16 @@ class FirestoreJobStore:
         self._ref(job_id).set(fields, merge=True, **self.call)
 
 
+def transient(error: BaseException) -> bool:
+    """Whether a failed write can pass on a retry: what google.api_core retries (unavailable, internal,
+    too many requests, a dropped connection), the store's own retry running out of time, a deadline, a
+    network error. Not InvalidArgument, PermissionDenied, NotFound and the like."""
+    from google.api_core import exceptions, retry  # imported on the first failure only: start-up stays light
+
+    return retry.if_transient_error(error) or isinstance(
+        error, (exceptions.RetryError, exceptions.DeadlineExceeded, ConnectionError, TimeoutError))
+
+
 def copy_maps(fields: dict[str, Any]) -> dict[str, Any]:
     """A copy deep enough that later changes to nested maps do not change what was recorded."""
     return {k: copy_maps(v) if isinstance(v, dict) else v for k, v in fields.items()}
@@ -162,9 +172,9 @@ class JobTracker:
 
     def __init__(self, store: JobStore, job_id: str, attempt: int = 0, min_interval: float = 5.0,
                  clock=time.monotonic, final_retry_s: float = 300.0, outage_backoff_s: float = 30.0,
-                 redact=lambda text: text):
-        self.store, self.job_id, self.attempt = store, job_id, attempt
-        self.min_interval, self.clock, self.final_retry_s = min_interval, clock, final_retry_s
+                 redact=lambda text: text, sleep=time.sleep, execution: str | None = None):
+        self.store, self.job_id, self.attempt, self.execution = store, job_id, attempt, execution
+        self.min_interval, self.clock, self.final_retry_s, self.sleep = min_interval, clock, final_retry_s, sleep
         self.outage_backoff_s, self.redact = outage_backoff_s, redact
         self.writes = 0
         self.write_s = 0.0  # time spent writing the document, for the benchmark's breakdown
@@ -183,7 +193,8 @@ class JobTracker:
         """Merge fields into the document. If the store is unreachable, training goes on: the fields are
         kept and the next write that gets through carries everything written so far (the document
         catches up, even if the store lost it). A final write (completed/failed) is retried with
-        backoff for up to final_retry_s before giving up."""
+        backoff for up to final_retry_s before giving up, if what failed can pass on a retry (`transient`);
+        a permanent error (a field Firestore refuses, a missing permission) is raised at once."""
         stamp = now()
         fields = {**self._deferred, **fields, "updated_at": stamp, "heartbeat_at": stamp}
         self._deferred = {}
@@ -197,14 +208,15 @@ class JobTracker:
                 self.store.merge(self.job_id, self._shadow if self._behind else fields)
                 break
             except Exception as e:
-                if time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline or (final and not transient(e)):
                     self._behind, self._retry_at = True, time.monotonic() + self.outage_backoff_s
                     if final:
                         raise
                     logger.warning("job document not written (%s: %s); it will catch up on the next write",
                                    type(e).__name__, e)
                     return False
-                time.sleep(delay)
+                logger.warning("job document not written (%s: %s); retrying in %.0f s", type(e).__name__, e, delay)
+                self.sleep(delay)
                 delay = min(delay * 2, 30.0)
         self.write_s += time.perf_counter() - started
         if self._behind:
@@ -243,6 +255,8 @@ class JobTracker:
                  existing: dict[str, Any]) -> None:
         fields: dict[str, Any] = {"processed_dataset_id": processed_dataset_id, "base_model_id": base_model_id,
                                   "attempt": self.attempt}
+        if self.execution:  # Cloud Run's execution name: `gcloud run jobs executions describe` and its logs
+            fields["execution"] = self.execution
         if job_name and existing.get("job_name") in (None, "", self.job_id):
             fields["job_name"] = job_name  # never overwrite a name the training service set
         self.write(fields)

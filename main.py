@@ -38,7 +38,8 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "wandb_init_timeout_s": "WANDB_INIT_TIMEOUT", "local_dir": "LOCAL_DIR",
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
-       "world_size": "WORLD_SIZE", "host_memory_gib": "HOST_MEMORY_GIB"}
+       "world_size": "WORLD_SIZE", "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
+       "execution": "CLOUD_RUN_EXECUTION"}
 STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB", "LOCAL_DIR")
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     redact = setup_logging(settings.job_id, json_lines, level=env.get("LOG_LEVEL", "INFO").upper())
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     store = open_store(settings, dry_run=args.validate)
-    tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact)
+    tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact, execution=settings.execution)
     guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)
     blobs = make_blobs(settings)
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (

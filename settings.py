@@ -46,6 +46,9 @@ class Settings(StrictModel):
     disk_is_memory: bool = Field(False, description="The container's disk is its memory (Cloud Run): its "
                                  "limit bounds the job's files as well as its process.")
     world_size: int = Field(1, ge=1, description="Processes in the run (WORLD_SIZE, set by torchrun).")
+    task_count: int = Field(1, ge=1, description="Tasks of the Cloud Run execution (CLOUD_RUN_TASK_COUNT).")
+    execution: str | None = Field(None, max_length=200, description="The Cloud Run execution running this attempt "
+                                  "(CLOUD_RUN_EXECUTION), recorded in the job document.")
 
     @field_validator("world_size")
     @classmethod
@@ -53,6 +56,15 @@ class Settings(StrictModel):
         if v > 1:  # DESIGN.md: then only the main process may write the document and upload; not built yet
             raise ValueError(f"the job trains in one process on one GPU, not {v}: under torchrun or accelerate "
                              "launch every process would write the job document and upload; run `python main.py`")
+        return v
+
+    @field_validator("task_count")
+    @classmethod
+    def _one_task(cls, v: int) -> int:
+        if v > 1:  # Cloud Run's parallel tasks are independent: they cannot train one model together
+            raise ValueError(f"the execution has {v} tasks, and each would run this same job, racing on its "
+                             "document, its checkpoints and its exports; execute the job with `--tasks 1` (one "
+                             "job per execution: start another execution with its own JOB_ID for another job)")
         return v
 
     def bucket_for(self, artifact: str) -> str:

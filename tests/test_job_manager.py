@@ -128,3 +128,52 @@ def test_local_store_keeps_every_write_of_concurrent_processes(tmp_path):
     doc = LocalJobStore(tmp_path).get("shared")
     lost = [f"{p}{i}" for p in ("job", "user") for i in range(150) if f"{p}{i}" not in doc]
     assert lost == [] and doc["status"] == "training"
+
+
+class FlakyStore(LocalJobStore):
+    """A store whose merges raise the given errors, one per call, then work."""
+
+    def __init__(self, root, errors):
+        super().__init__(root)
+        self.errors, self.calls = list(errors), 0
+
+    def merge(self, job_id, fields):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        super().merge(job_id, fields)
+
+
+def test_final_write_retries_transient_errors_and_fails_at_once_on_permanent_ones(tmp_path):
+    from google.api_core import exceptions
+
+    sleeps: list[float] = []
+    transient = [exceptions.ServiceUnavailable("firestore down"), exceptions.RetryError("gave up", None),
+                 exceptions.DeadlineExceeded("slow"), ConnectionResetError("reset")]
+    store = FlakyStore(tmp_path, transient)
+    tracker = JobTracker(store, "t", sleep=sleeps.append)
+    tracker.complete({"eval_loss": 1.0}, {})
+    assert store.calls == 5 and sleeps == [1.0, 2.0, 4.0, 8.0]  # backoff, then written
+    assert store.get("t")["status"] == "completed"
+
+    for permanent in (exceptions.InvalidArgument("bad field"), exceptions.PermissionDenied("no IAM role"),
+                      ValueError("cannot encode")):
+        store = FlakyStore(tmp_path / type(permanent).__name__, [permanent])
+        tracker = JobTracker(store, "p", sleep=sleeps.append)
+        sleeps.clear()
+        with pytest.raises(type(permanent)):
+            tracker.fail(PermanentError("x"))
+        assert store.calls == 1 and sleeps == []  # not retried, not waited for
+
+    store = FlakyStore(tmp_path / "out", [exceptions.ServiceUnavailable("down")] * 3)
+    with pytest.raises(exceptions.ServiceUnavailable):  # transient, but past final_retry_s
+        JobTracker(store, "o", final_retry_s=2.5, sleep=lambda s: None).complete({}, {})
+
+
+def test_progress_writes_never_raise_whatever_the_error(tmp_path):
+    from google.api_core import exceptions
+
+    store = FlakyStore(tmp_path, [exceptions.InvalidArgument("bad")])
+    tracker = JobTracker(store, "n", outage_backoff_s=0, sleep=lambda s: pytest.fail("a progress write waited"))
+    assert tracker.write({"phase": "training"}) is False  # training goes on; the fields are kept
+    assert tracker.write({"step": 1}) is True and store.get("n")["phase"] == "training"

@@ -187,6 +187,23 @@ def test_invalid_environment_exits_2_and_says_so_in_the_document(local_dir, caps
     assert "one process on one GPU, not 2" in read_doc(local_dir, "job-env4")["error"]
 
 
+def test_parallel_tasks_are_refused_and_the_execution_is_recorded(local_dir, tiny_root, capsys):
+    """`gcloud run jobs execute --tasks 2` would run the same job twice, racing on one document: exit 2,
+    said in the document. The execution's name (CLOUD_RUN_EXECUTION) is recorded for the logs."""
+    env = env_for(local_dir, "tasks2", CLOUD_RUN_TASK_COUNT="2", CLOUD_RUN_EXECUTION="train-x7k2p")
+    assert main.main([], env) == 2
+    assert "CLOUD_RUN_TASK_COUNT='2': the execution has 2 tasks, and each would run this same job" \
+        in capsys.readouterr().err
+    doc = read_doc(local_dir, "tasks2")
+    assert doc["status"] == "failed" and doc["error_type"] == "permanent" and "--tasks 1" in doc["error"]
+    req = sample_request(tiny_root)
+    req["processed_dataset_id"] = "no-such-data"  # fails at pre-flight, after the document is described
+    put_request(local_dir, "tasks1", req)
+    assert main.main([], env_for(local_dir, "tasks1", CLOUD_RUN_TASK_COUNT="1",
+                                 CLOUD_RUN_EXECUTION="train-x7k2p")) == 2
+    doc = read_doc(local_dir, "tasks1")
+    assert doc["execution"] == "train-x7k2p" and doc["attempt"] == 0
+
 def test_missing_base_model_exits_2(local_dir, tiny_root):
     put_request(local_dir, "job-nomodel", sample_request(tiny_root, base_model_id=str(local_dir / "no-model")))
     assert main.main([], env_for(local_dir, "job-nomodel")) == 2
