@@ -112,10 +112,6 @@ def run_variant(variant: str, method: str, model_dir: Path, shape: str, seq: int
     from trl import SFTConfig, SFTTrainer
 
     gpu = torch.cuda.is_available()
-    if variant == "unsloth" and not gpu:
-        return {"skipped": "Unsloth needs an NVIDIA GPU"}
-    if method == "QLoRA" and not gpu and variant != "job":
-        return {"skipped": "QLoRA through TRL's defaults is measured on a GPU only"}
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -180,6 +176,15 @@ def job_request(model_dir: Path, method: str, seq: int, batch: int, steps: int) 
                             "lora_dropout": 0.0}}}
 
 
+def skipped(variant: str, method: str, gpu: bool) -> str | None:
+    """Why a variant is not measured on this machine, decided before a child is started for it."""
+    if variant == "unsloth" and not gpu:
+        return "Unsloth needs an NVIDIA GPU"
+    if method == "QLoRA" and not gpu and variant != "job":
+        return "QLoRA through TRL's defaults is measured on a GPU only"
+    return None
+
+
 def run_in_child(args, shape: str, method: str, variant: str, model_dir: Path, work: Path) -> dict:
     """One variant in a fresh interpreter (Unsloth, where it runs, imported first as it requires)."""
     import subprocess
@@ -239,7 +244,8 @@ def main() -> None:
         for method in args.methods.split(","):
             for variant in args.variants.split(","):
                 row = {"shape": shape, "method": method, "variant": variant, "seq": args.seq, "batch": args.batch}
-                row |= run_in_child(args, shape, method, variant, model_dir, work)
+                why = skipped(variant, method, torch.cuda.is_available())
+                row |= {"skipped": why} if why else run_in_child(args, shape, method, variant, model_dir, work)
                 print(json.dumps(row), flush=True)
                 results.append(row)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \

@@ -353,7 +353,9 @@ def test_an_artifact_that_disagrees_fails_the_job_and_nothing_is_uploaded(local_
         tokenizer.save_pretrained(str(out_dir))
 
     monkeypatch.setattr(HuggingFaceTrainingJob, "save_merged", unmerged)
-    put_request(local_dir, "bad", trained_request(tiny_root, format="gguf", gguf_quantization="f16"))
+    req = trained_request(tiny_root, format="gguf", gguf_quantization="f16")
+    req["training_config"]["hyperparameters"]["epochs"] = 2  # a few steps: enough to differ from the base
+    put_request(local_dir, "bad", req)
     assert main.main([], env_for(local_dir, "bad")) == 2
     doc = read_doc(local_dir, "bad")
     assert doc["status"] == "failed" and doc["error_type"] == "permanent"

@@ -180,8 +180,9 @@ def test_guard_handles_sigterm_only_inside_its_block():
 # ---- real interruptions ----------------------------------------------------------------------------
 
 def test_kill_9_at_random_points_then_rerun(local_dir, tiny_root):
-    """Three trials, each killed twice at random moments (fixed seeds), then run to the end: every
-    trial completes with the uninterrupted run's step count and loss curve, resuming, not restarting."""
+    """Three trials, each killed twice (fixed seeds): first at a random moment, start-up included, then at
+    a random moment just after the next checkpoint; then run to the end. Every trial completes with the
+    uninterrupted run's step count and loss curve, resuming, not restarting."""
     put_request(local_dir, "ref", short_request(tiny_root))
     t = time.monotonic()
     ref = Job(local_dir, "ref", 0)
@@ -196,7 +197,11 @@ def test_kill_9_at_random_points_then_rerun(local_dir, tiny_root):
         attempt = 0
         for _ in range(2):
             job = Job(local_dir, job_id, attempt)
-            time.sleep(rng.uniform(1.0, 0.7 * duration))  # a resumed attempt is shorter than a whole run
+            if attempt == 0:  # anywhere, start-up included
+                time.sleep(rng.uniform(1.0, 0.7 * duration))
+            else:  # soon after its next checkpoint, wherever the machine's load has put it
+                wait_for_checkpoint(local_dir, job_id, job)
+                time.sleep(rng.uniform(0.0, 0.5))
             if job.proc.poll() is None:
                 job.proc.kill()
                 kills += 1
@@ -225,6 +230,19 @@ def test_kill_9_at_random_points_then_rerun(local_dir, tiny_root):
     assert kills >= 3  # at least half the kills landed on a running job
     assert resumes >= 1  # the seeds are fixed: at least one trial's final attempt resumed (the point of the test)
     print(f"kill -9: {kills} kills, {resumes} final attempts resumed from a checkpoint")
+
+
+def wait_for_checkpoint(local_dir, job_id: str, job: Job, timeout: float = 60) -> None:
+    """Until a complete checkpoint newer than those in the bucket now is uploaded, or the job ends."""
+    store, deadline = checkpoint_store(local_dir, job_id), time.monotonic() + timeout
+    before = max(store.complete(), default=0)
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        try:
+            if max(store.complete(), default=0) > before:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # a checkpoint being written or rotated out
+            pass
+        time.sleep(0.05)
 
 
 def problems_local(doc: dict) -> list[str]:
