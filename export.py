@@ -11,6 +11,9 @@ program that will load it and compared with the trained model, then uploaded (DE
 - Verification (verification.py): each artifact predicts the trained model's greedy continuation of
   evaluation prompts; agreement below what its form explains fails the job with exit 2, and nothing is
   uploaded until every artifact has passed.
+- Beside the weights (cards.py): a model card, README.md, in every folder, and an Ollama Modelfile
+  beside the GGUF. Each folder is published as a mirror (GCS: upload_dir; the Hub: one commit with
+  delete_patterns, the GGUF in the same folder as the adapter or merge, under one card).
 
 The converter comes from the pinned llama-cpp-python's sdist (scripts/fetch_llama_convert.py, run by
 `make setup-gguf` and the Dockerfile) into PREFIX/share/llama.cpp; the quantizer and the loader are
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cards import CardFacts, base_license, model_card, modelfile
 from errors import PermanentError
 from schema import GGUF_DIRECT, TrainingConfig
 from settings import Settings
@@ -118,20 +122,43 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         if merged16 not in [f for f, _ in ready]:
             shutil.rmtree(merged16, ignore_errors=True)
     result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
+    # On the Hub one repo holds the folder and the GGUF beside it: one card for both, one commit that mirrors it.
+    together = ex.destination == "hfhub" and bool(ready) and ex.wants_gguf
+    license_ = base_license(job.cfg.base_model_id, job.hub)
+    if ex.wants_gguf:
+        (gguf.parent / "Modelfile").write_text(job.timed("modelfile", modelfile, gguf))
+        if not together:
+            write_card(job, gguf.parent, {"gguf": ex.gguf_quantization}, metrics, verified, license_, gguf.name)
+        write_manifest(job, gguf.parent, "gguf", metrics, verified, name=f"{gguf.stem}.manifest.json")
     for folder, artifact in ready:
+        form = ex.merged_dtype if artifact == "merged" else "adapter"
+        write_card(job, folder, {artifact: form, **({"gguf": ex.gguf_quantization} if together else {})}, metrics,
+                   verified, license_, gguf.name if together else None)
         write_manifest(job, folder, artifact, metrics, verified)
         job.run_logger.log_model(folder, f"{artifact}-{job.job_id}", "end")  # log_model: end
+        if together:  # the GGUF, its manifest and its Modelfile join the folder (no name is shared)
+            for path in gguf.parent.iterdir():
+                shutil.move(str(path), folder / path.name)
         uri = publish(job, folder, artifact)
         result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
     if ex.wants_gguf:
-        write_manifest(job, gguf.parent, "gguf", metrics, verified, name=f"{gguf.stem}.manifest.json")
-        folder_uri = publish(job, gguf.parent, "gguf")
+        folder_uri = destination(job, "gguf") if together else publish(job, gguf.parent, "gguf")
         uri = folder_uri + gguf.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf.name}"
         result["gguf_path"] = uri
         result["artifacts"]["file"] = {"gguf": uri}
         result["adapter_path"] = result["adapter_path"] or uri
     shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def write_card(job: ExportJob, folder: Path, artifacts: dict[str, str], metrics: dict[str, Any],
+               verified: dict[str, dict], license_: str | None, gguf_file: str | None) -> None:
+    """README.md, the model card (cards.py), for the folder's artifacts; it replaces PEFT's placeholder."""
+    facts = CardFacts(job.job_id, job.request.get("job_name"), job.cfg.base_model_id,
+                      job.request["processed_dataset_id"], job.cfg.provider, job.cfg.method, job.cfg.trainer_type,
+                      job.cfg.hyperparameters.model_dump(mode="json"), metrics, verified, license_,
+                      destination(job, next(iter(artifacts))))
+    (folder / "README.md").write_text(model_card(facts, artifacts, gguf_file))
 
 
 def drop_cached(model_id: str, cache_dir: Path | None = None) -> float:
@@ -165,14 +192,22 @@ def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, 
           name=name, contract=name == "manifest.json")
 
 
-def publish(job: ExportJob, folder: Path, artifact: str) -> str:
-    """Upload one artifact folder, then delete the local copy."""
+def destination(job: ExportJob, artifact: str) -> str:
+    """Where an artifact's folder is published: the Hub repo, or its bucket folder (DESIGN.md's layout)."""
     ex = job.cfg.export_config
     if ex.destination == "hfhub":
+        return ex.hf_repo_id
+    return f"gs://{job.settings.bucket_for(artifact)}/{FOLDERS[artifact]}/{job.job_id}/"
+
+
+def publish(job: ExportJob, folder: Path, artifact: str) -> str:
+    """Upload one artifact folder, mirrored (what an earlier attempt left there and this one lacks goes),
+    then delete the local copy."""
+    ex = job.cfg.export_config
+    uri = destination(job, artifact)
+    if ex.destination == "hfhub":
         job.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
-        uri = ex.hf_repo_id
     else:
-        uri = f"gs://{job.settings.bucket_for(artifact)}/{FOLDERS[artifact]}/{job.job_id}/"
         job.blobs.upload_dir(folder, uri)
     logger.info("uploaded %s to %s", artifact, uri)
     shutil.rmtree(folder, ignore_errors=True)

@@ -196,7 +196,11 @@ class ModelHub(Protocol):
     def prepare_repo(self, repo_id: str, private: bool) -> None:
         """Create the destination repo if needed; a PermanentError unless the token can write to it."""
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
-        """Upload the folder under path_in_repo of an existing repo; return the commit's URL."""
+        """Make path_in_repo of an existing repo the folder, in one commit: its files added or replaced, and
+        the files an earlier run left there that it lacks deleted (as upload_dir mirrors a bucket folder);
+        return the commit's URL."""
+    def license(self, repo_id: str) -> str | None:
+        """The licence in a Hub model's card metadata, if it has one."""
 
 
 class LocalModelHub:
@@ -213,8 +217,15 @@ class LocalModelHub:
 
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
         dest = self.root / repo_id / path_in_repo
-        shutil.copytree(local_dir, dest, dirs_exist_ok=True)  # adds and replaces files, as upload_folder does
+        wanted = {p.relative_to(local_dir) for p in local_dir.rglob("*") if p.is_file()}
+        for old in [p for p in dest.rglob("*") if p.is_file()] if dest.is_dir() else []:
+            if old.relative_to(dest) not in wanted and old.name != ".gitattributes":
+                old.unlink()  # a mirror, as HfModelHub's delete_patterns make the Hub repo
+        shutil.copytree(local_dir, dest, dirs_exist_ok=True)
         return f"file://{dest.resolve()}"
+
+    def license(self, repo_id: str) -> str | None:
+        return None  # the local backend never reaches the Hub
 
 
 class HfModelHub:
@@ -262,6 +273,12 @@ class HfModelHub:
             raise self._access_error(e, repo_id, field, "write to") or e from None
 
     def push_folder(self, local_dir: Path, repo_id: str, path_in_repo: str, private: bool) -> str:
+        # delete_patterns: in the same commit, the repo's files under path_in_repo that this folder lacks
+        # go (relative to path_in_repo; the Hub keeps .gitattributes whatever the pattern)
         info = self.api.upload_folder(repo_id=repo_id, folder_path=str(local_dir), path_in_repo=path_in_repo or None,
-                                      commit_message=f"Upload {path_in_repo or 'model'}")
+                                      commit_message=f"Upload {path_in_repo or 'model'}", delete_patterns="*")
         return str(getattr(info, "commit_url", f"https://huggingface.co/{repo_id}"))
+
+    def license(self, repo_id: str) -> str | None:
+        card = self.api.model_info(repo_id).card_data
+        return card.license if card else None

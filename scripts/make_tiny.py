@@ -95,6 +95,12 @@ def make_model(out: Path) -> None:
     model.save_pretrained(str(out))
 
 
+def write_card(out: Path) -> None:
+    """A model card with the metadata a Hub model's has: the job's cards read the base's licence from it."""
+    (out / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n# tiny-gemma3\n\n"
+                                   "Gemma 3's architecture at a tiny size, random weights: a test fixture.\n")
+
+
 def make_multimodal_model(out: Path, tokenizer_dir: Path) -> None:
     """The same language model inside Gemma 3's image+text architecture (Gemma3ForConditionalGeneration,
     what google/gemma-3-4b-it and larger are), with a one-layer SigLIP vision tower."""
@@ -157,6 +163,7 @@ def main() -> None:
     corpus = ["user", "model"] + [m["content"] for row in conversations() for m in row["messages"]] * 4
     make_tokenizer(model_dir, corpus)
     make_model(model_dir)
+    write_card(model_dir)
     print(f"model:   {model_dir}")
     make_multimodal_model(root / "models" / "tiny-gemma3-mm", model_dir)
     print(f"model:   {root / 'models' / 'tiny-gemma3-mm'}")

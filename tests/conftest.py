@@ -145,6 +145,9 @@ def gcp(tmp_path, firestore_emulator, gcs_emulator, monkeypatch) -> Gcp:
 
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator.host)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
+    # huggingface_hub sends LFS files through Xet where hf_xet is installed; tests/hub_stub.py speaks the
+    # Hub's classic LFS batch API only
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_DISABLE_XET", True)
     suffix = uuid.uuid4().hex[:10]
     project = f"test-{suffix}"
     gcs = storage.Client(project=project)

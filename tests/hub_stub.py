@@ -1,8 +1,16 @@
 """A small local server speaking the parts of the Hugging Face Hub's HTTP API the job uses, for
 huggingface_hub pointed at it with `endpoint=`/`HF_ENDPOINT`: create_repo, auth_check (read and
-write), validate-yaml, preupload and the NDJSON commit of upload_folder (every file sent inline, base64).
+write), model_info, validate-yaml, the tree listing, preupload, the LFS batch API with its basic
+transfer (upload and verify) and the NDJSON commit of upload_folder: files inline (base64), LFS files
+by their sha256, deleted files.
 
-It keeps what it receives in memory: `hub.repos[repo_id]` is `{"private": bool, "files": {path: bytes}}`.
+As the Hub does, preupload asks for LFS for weights (`*.safetensors`, `*.gguf`, `*.bin`, the patterns of
+a new repo's .gitattributes) and for any file of 10 MiB or more; the rest are regular. huggingface_hub
+sends LFS files through Xet where hf_xet is installed, which this stub does not speak: the tests that
+push set HF_HUB_DISABLE_XET, so the classic LFS path is the one taken.
+
+It keeps what it receives in memory: `hub.repos[repo_id]` is `{"private": bool, "files": {path: bytes}}`
+(a new repo starts with `.gitattributes`); `hub.lfs_uploads` lists the paths committed as LFS files.
 Tokens: `HubStub(token=...)` is the only one accepted; `readable` repos may be read but not written.
 """
 
@@ -15,6 +23,11 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote, urlparse
+
+LFS_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".model")
+LFS_SIZE = 10 * 1024 * 1024
+GITATTRIBUTES = b"".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n".encode() for s in LFS_SUFFIXES)
 
 
 class HubStub:
@@ -23,6 +36,9 @@ class HubStub:
         self.repos: dict[str, dict[str, Any]] = {r: {"private": False, "files": {}, "writable": False}
                                                  for r in readable}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through the LFS batch API
+        self.lfs_uploads: list[str] = []  # paths committed as LFS files
+        self.license: str | None = "gemma"  # what model_info's cardData says of every readable repo
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -64,6 +80,23 @@ class HubStub:
 
             def do_GET(self) -> None:
                 hub.requests.append(("GET", self.path, self.headers.get("Authorization")))
+                path = urlparse(self.path).path
+                tree = re.fullmatch(r"/api/models/(.+?/.+?)/tree/([^/]+)(/.*)?", path)
+                if tree:
+                    repo = hub.repos.get(tree[1])
+                    if repo is None or not self.authorised():
+                        return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+                    under = unquote(tree[3] or "").strip("/")
+                    return self.reply(200, [{"type": "file", "path": p, "size": len(b),
+                                             "oid": hashlib.sha1(b).hexdigest()}
+                                            for p, b in sorted(repo["files"].items()) if p.startswith(under)])
+                info = re.fullmatch(r"/api/models/(.+?/.+?)(/revision/[^/]+)?", path)
+                if info and "/auth-check" not in path:
+                    repo = hub.repos.get(info[1])
+                    if repo is None:
+                        return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+                    return self.reply(200, {"id": info[1], "private": repo["private"],
+                                            "cardData": {"license": hub.license} if hub.license else None})
                 m = re.fullmatch(r"/api/models/(.+?/.+?)/auth-check(/write)?", self.path)
                 if not m:
                     return self.reply(404, {"error": f"stub: no route GET {self.path}"})
@@ -74,11 +107,35 @@ class HubStub:
                     return self.reply(403, {"error": "no write access"})
                 return self.reply(200, {})
 
+            def do_PUT(self) -> None:  # an LFS object, to the href the batch API gave (no token on it)
+                hub.requests.append(("PUT", self.path, self.headers.get("Authorization")))
+                m = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", self.path)
+                data = self.body()
+                if not m or hashlib.sha256(data).hexdigest() != m[1]:
+                    return self.reply(400, {"error": "stub: content does not match its oid"})
+                hub.lfs_objects[m[1]] = data
+                return self.reply(200, {})
+
             def do_POST(self) -> None:
                 hub.requests.append(("POST", self.path, self.headers.get("Authorization")))
                 data = self.body()
+                if self.path == "/lfs-verify":
+                    item = json.loads(data)
+                    ok = len(hub.lfs_objects.get(item["oid"], b"")) == item["size"]
+                    return self.reply(200 if ok else 404, {})
                 if not self.authorised():
                     return self.reply(401, {"error": "Invalid credentials"})
+                batch = re.fullmatch(r"/(.+?/.+?)\.git/info/lfs/objects/batch", self.path)
+                if batch:
+                    if batch[1] not in hub.repos or not hub.repos[batch[1]]["writable"]:
+                        return self.reply(403, {"message": "no write access"})
+                    objects = []
+                    for obj in json.loads(data)["objects"]:
+                        known = obj["oid"] in hub.lfs_objects
+                        objects.append({"oid": obj["oid"], "size": obj["size"], **({} if known else {"actions": {
+                            "upload": {"href": f"{hub.url}/lfs-upload/{obj['oid']}"},
+                            "verify": {"href": f"{hub.url}/lfs-verify"}}})})
+                    return self.reply(200, {"transfer": "basic", "objects": objects})
                 if self.path == "/api/validate-yaml":  # upload_folder checks a README.md's metadata first
                     return self.reply(200, {"errors": [], "warnings": []})
                 if self.path == "/api/repos/create":
@@ -88,7 +145,7 @@ class HubStub:
                     if repo_id in hub.repos:
                         return self.reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
                     hub.repos[repo_id] = {"private": payload.get("visibility", "public") != "public",
-                                          "files": {}, "writable": True}
+                                          "files": {".gitattributes": GITATTRIBUTES}, "writable": True}
                     return self.reply(200, {"url": f"{hub.url}/{repo_id}"})
                 m = re.fullmatch(r"/api/models/(.+?/.+?)/(preupload|commit)/([^/?]+)(\?.*)?", self.path)
                 if not m or m[1] not in hub.repos:
@@ -98,12 +155,24 @@ class HubStub:
                     return self.reply(403, {"error": "no write access"})
                 if m[2] == "preupload":
                     files = json.loads(data)["files"]
-                    return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                       "shouldIgnore": False} for f in files]})
+                    return self.reply(200, {"files": [{"path": f["path"], "uploadMode": "lfs" if (
+                        f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_SIZE) else "regular",
+                        "shouldIgnore": False} for f in files]})
                 for line in data.splitlines():
                     item = json.loads(line)
+                    value = item.get("value") or {}
                     if item["key"] == "file":
-                        repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                        repo["files"][value["path"]] = base64.b64decode(value["content"])
+                    elif item["key"] == "lfsFile":
+                        if value["oid"] not in hub.lfs_objects:
+                            return self.reply(400, {"error": f"stub: LFS object of {value['path']} never uploaded"})
+                        repo["files"][value["path"]] = hub.lfs_objects[value["oid"]]
+                        hub.lfs_uploads.append(value["path"])
+                    elif item["key"] == "deletedFile":
+                        repo["files"].pop(value["path"], None)
+                    elif item["key"] == "deletedFolder":
+                        for path in [p for p in repo["files"] if p.startswith(value["path"].rstrip("/") + "/")]:
+                            del repo["files"][path]
                     elif item["key"] != "header":
                         return self.reply(400, {"error": f"stub: unsupported commit item {item['key']}"})
                 oid = hashlib.sha1(data).hexdigest()

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -268,11 +269,47 @@ def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
     exported, original = (AutoTokenizer.from_pretrained(str(p)) for p in (merged, tiny_root / "models" / "tiny-gemma3"))
     assert exported(text)["input_ids"] == original(text)["input_ids"]
     gguf_dir = local_dir / FILES / "gguf_models" / "gg8"
-    assert sorted(p.name for p in gguf_dir.iterdir()) == ["model-q8_0.gguf", "model-q8_0.manifest.json"]
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["Modelfile", "README.md", "model-q8_0.gguf",
+                                                         "model-q8_0.manifest.json"]
+    assert {"Modelfile", "README.md"} <= set(json.loads((gguf_dir / "model-q8_0.manifest.json").read_text())["files"])
+    merged_card = (merged / "README.md").read_text()
+    assert "library_name: transformers" in merged_card and "| merged | bf16 | transformers | 1.000 |" in merged_card
+    assert 'AutoModelForCausalLM.from_pretrained("./model")' in merged_card and "llama-cli" not in merged_card
+    gguf_card = (gguf_dir / "README.md").read_text()
+    assert "library_name: gguf" in gguf_card and "| gguf | q8_0 | llama.cpp | 1.000 |" in gguf_card
+    assert "llama-cli -m model-q8_0.gguf -cnv" in gguf_card and "ollama create gg8 -f Modelfile" in gguf_card
+    check_modelfile(gguf_dir / "Modelfile", gguf_dir / "model-q8_0.gguf", merged)
     assert not (local_dir / EXPORT / "gguf_models").exists()
     print(f"\ntimings {doc['timings']}")
     assert not (local_dir / "work" / "gg8").exists()  # no local copy left
 
+
+
+def check_modelfile(modelfile: Path, gguf: Path, tokenizer_dir: Path) -> None:
+    """The Modelfile: FROM the GGUF beside it; a TEMPLATE that is the GGUF's own chat template in Ollama's
+    form (it renders every sample conversation as the GGUF's template does, which is the one transformers
+    renders from the exported tokenizer); the GGUF's end-of-turn token as a stop. Ollama's own parser is
+    not on this machine: the TEMPLATE's Go syntax is not parsed here."""
+    from transformers import AutoTokenizer
+
+    from cards import SAMPLES, gguf_chat, read_turns
+
+    lines = modelfile.read_text().splitlines()
+    assert lines[1] == f"FROM ./{gguf.name}"
+    text = modelfile.read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    carried, stops = gguf_chat(gguf)
+    turns = read_turns(carried)
+    assert turns is not None and template == turns.go_template()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    for messages in SAMPLES:
+        assert tok.bos_token + turns.render(messages) == tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+    stop_lines = [line for line in lines if line.startswith("PARAMETER stop ")]
+    # the end of the model's turn in the GGUF's template first, then the GGUF's own end-of-sequence token
+    assert stop_lines == ['PARAMETER stop "<end_of_turn>"'] + [f'PARAMETER stop "{s}"' for s in stops]
+    assert turns.assistant[1] == "<end_of_turn>\n" and stops == ["<eos>"]
+    assert template.count("{{ end }}") == template.count("{{ if") + template.count("{{ range")  # balanced blocks
 
 
 def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir, tiny_root, monkeypatch):
@@ -318,13 +355,20 @@ def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     req = trained_request(tiny_root, format="merged", merged_dtype="q4", include_gguf=True,
                           gguf_quantization="q4_k_m", destination="hfhub", hf_repo_id="me/tiny-animals")
     put_request(local_dir, "hub4", req)
+    repo = local_dir / "hub" / "me" / "tiny-animals"
+    (repo / "old-run").mkdir(parents=True)
+    (repo / "old-run" / "model-q2_k.gguf").write_bytes(b"an earlier run's")  # mirrored away, as on the Hub
     assert main.main([], env_for(local_dir, "hub4")) == 0
+    assert not (repo / "old-run" / "model-q2_k.gguf").exists()
+    card = (repo / "README.md").read_text()  # one card for the merge and the GGUF beside it
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-animals")' in card and "ollama create hub4" in card
+    assert "| merged | q4 | transformers |" in card and "| gguf | q4_k_m | llama.cpp |" in card
+    assert (repo / "Modelfile").read_text().splitlines()[1] == "FROM ./model-q4_k_m.gguf"
     doc = read_doc(local_dir, "hub4")
     assert doc["adapter_path"] == doc["artifacts"]["raw"]["merged"] == "me/tiny-animals"
     assert doc["gguf_path"] == "me/tiny-animals/model-q4_k_m.gguf"
     assert doc["verification"]["merged"]["form"] == "q4" and doc["verification"]["merged"]["top1_agreement"] >= 0.98
     assert doc["verification"]["gguf"]["top1_agreement"] >= 0.98
-    repo = local_dir / "hub" / "me" / "tiny-animals"
     # both artifacts in one repo: the merge's contract file and manifest, the GGUF beside with its own
     assert {"model.safetensors", "custom_config.json", "manifest.json", "model-q4_k_m.gguf",
             "model-q4_k_m.manifest.json"} <= {p.name for p in repo.iterdir()}

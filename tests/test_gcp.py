@@ -147,9 +147,14 @@ def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
         assert main([], {**gcp.env, "JOB_ID": job_id, "HF_TOKEN": SECRET_HF, "HF_ENDPOINT": hub.url}) == 0
     repo = hub.repos["acme/tiny-animals"]
     assert repo["private"] is True  # private unless the request says otherwise
-    manifest = manifest_matches(repo["files"])
+    manifest = manifest_matches({k: v for k, v in repo["files"].items() if k != ".gitattributes"})
     assert manifest["hf_repo_id"] == "acme/tiny-animals"
-    assert all(auth == f"Bearer {SECRET_HF}" for _, _, auth in hub.requests)
+    assert sorted(hub.lfs_uploads) == ["adapter_model.safetensors", "tokenizer.model"]  # as the Hub asks; the rest inline
+    card = repo["files"]["README.md"].decode()
+    assert card.startswith("---\n") and "\nlicense: apache-2.0\n" in card  # the (local) base's own card's
+    assert "AutoPeftModelForCausalLM.from_pretrained(\"acme/tiny-animals\")" in card
+    # every call to the Hub carries the token; the LFS content goes to the href the batch API gave (presigned)
+    assert all(auth == f"Bearer {SECRET_HF}" for _, path, auth in hub.requests if not path.startswith("/lfs-upload/"))
     # access to the destination was checked before training, the upload came after
     paths = [p for _, p, _ in hub.requests]
     assert paths.index("/api/models/acme/tiny-animals/auth-check/write") < paths.index(
@@ -157,6 +162,34 @@ def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
     doc = gcp.doc(job_id)
     assert (doc["status"], doc["adapter_path"], doc["artifacts"]["raw"]["adapter"]) == (
         "completed", "acme/tiny-animals", "acme/tiny-animals")
+
+
+def test_a_second_push_mirrors_the_repo_and_weights_take_the_lfs_path(gcp, tiny_root):
+    """A repo that an earlier run (or a person) filled: this job's files replace it in one commit, what it
+    lacks is deleted (the Hub's .gitattributes stays), and the weights go through the LFS batch API."""
+    job_id = "hub-job-2"
+    gcp.put_dataset(tiny_root)
+    request = sample_request(tiny_root)
+    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=2)
+    request["training_config"]["export_config"] = {"format": "adapter", "destination": "hfhub",
+                                                   "hf_repo_id": "acme/animals"}
+    gcp.put_request(job_id, request)
+    with HubStub(SECRET_HF) as hub:
+        hub.repos["acme/animals"] = {"private": True, "writable": True, "files": {
+            ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+            "checkpoint-500/adapter_model.safetensors": b"stale weights", "adapter_config.json": b"{}",
+            "notes.txt": b"an earlier run's"}}
+        assert main([], {**gcp.env, "JOB_ID": job_id, "HF_TOKEN": SECRET_HF, "HF_ENDPOINT": hub.url}) == 0
+    files = hub.repos["acme/animals"]["files"]
+    assert "checkpoint-500/adapter_model.safetensors" not in files and "notes.txt" not in files
+    assert files[".gitattributes"].startswith(b"*.safetensors filter=lfs")
+    manifest = manifest_matches({k: v for k, v in files.items() if k != ".gitattributes"})
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"  # this run's, not the stale one
+    assert sorted(hub.lfs_uploads) == ["adapter_model.safetensors", "tokenizer.model"]
+    assert files["adapter_model.safetensors"] == hub.lfs_objects[manifest["files"]["adapter_model.safetensors"]["sha256"]]
+    commits = [p for m, p, _ in hub.requests if m == "POST" and "/commit/" in p]
+    assert len(commits) == 1  # added and deleted in one commit: no moment with a half-mirrored repo
+    assert any(m == "PUT" and p.startswith("/lfs-upload/") for m, p, _ in hub.requests)
 
 
 @pytest.mark.parametrize("case", ["no-write-access", "base-model-not-found"])

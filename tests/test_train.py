@@ -114,6 +114,32 @@ def test_export_layout_and_manifest(trained):
     assert not (trained["job"].workdir / "export" / "adapter").exists()  # local copy deleted after upload
 
 
+def test_the_adapter_s_model_card_says_what_was_trained_and_how_to_load_it(trained):
+    """README.md in the adapter folder: the job's card, not PEFT's placeholder, with its values from this run."""
+    from huggingface_hub import ModelCard
+
+    folder = trained["blobs"].path(trained["artifacts"]["adapter_path"])
+    card = ModelCard.load(folder / "README.md")
+    job, m, check = trained["job"], trained["metrics"], trained["artifacts"]["verification"]["adapter"]
+    hp = job.cfg.hyperparameters
+    assert card.data.license == "apache-2.0"  # read from the base's own card (scripts/make_tiny.py writes it)
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert {"gemma", "lora", "sft"} <= set(card.data.tags)
+    text = card.text
+    assert "[More Information Needed]" not in text  # PEFT's placeholder is gone
+    assert f"of `{job.cfg.base_model_id}` on the dataset `{job.request.processed_dataset_id}`" in text
+    for name in ("lora_rank", "lora_alpha", "learning_rate", "epochs", "batch_size", "max_length"):
+        assert f"| {name} | {getattr(hp, name)} |" in text, name
+    assert f"| eval_loss | {m['eval_loss']:.4g} |" in text and f"| accuracy | {m['accuracy']:.4g} |" in text
+    assert f"| adapter | adapter | PEFT | {check['top1_agreement']:.3f} | {check['required']:.2f} | " \
+           f"{check['tokens']} |" in text
+    uri = trained["artifacts"]["adapter_path"]
+    assert f"gcloud storage cp -r {uri} ./model" in text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("./model")' in text
+    assert "llama-cli" not in text  # no GGUF in this folder
+    assert "README.md" in json.loads((folder / "manifest.json").read_text())["files"]  # checksummed like the rest
+
+
 def test_token_accuracy_recomputed_when_the_trainer_reports_none(trained):
     """Unsloth replaces TRL's SFT compute_loss by transformers' (its fused loss has no logits), so TRL logs no
     token accuracy; evaluate() must then compute the same figure itself. Done here on the real trainer, with
