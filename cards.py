@@ -82,7 +82,9 @@ def model_card(facts: CardFacts, artifacts: dict[str, str], gguf_file: str | Non
     names = ("method", "trainer_type") + (LORA if facts.method != "Full" else ()) + SHOWN + \
         BY_TRAINER.get(facts.trainer_type, ())
     values = {"method": facts.method, "trainer_type": facts.trainer_type, **hp}
-    lines += [f"| {name} | {values[name]} |" for name in names if values.get(name) is not None]
+    unset = {"max_steps": -1}  # epochs decide the length then
+    lines += [f"| {name} | {values[name]} |" for name in names
+              if values.get(name) is not None and values[name] != unset.get(name)]
     shown = {k: facts.metrics[k] for k in METRICS if isinstance(facts.metrics.get(k), (int, float))}
     if shown:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]

@@ -55,7 +55,7 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             from providers import PROVIDERS
 
             job = PROVIDERS[request.training_config.provider](
-                request, settings, make_services(request), Path(settings.local_dir) / "work" / settings.job_id)
+                request, settings, make_services(request), settings.workdir)
             job.timings.update(startup=round(startup_s, 3), validate_request=round(parse_s, 3))
             if validate:
                 job.preflight()

@@ -6,6 +6,7 @@ Defaults live here.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -83,6 +84,11 @@ class Settings(StrictModel):
         if wb and wb.api_key:
             return wb.api_key.get_secret_value(), "wandb_config.api_key"
         return (self.wandb_api_key.get_secret_value() if self.wandb_api_key else None), "WANDB_API_KEY"
+
+    @property
+    def workdir(self) -> Path:
+        """The job's own folder for downloads, checkpoints and exports, removed when the attempt ends."""
+        return Path(self.local_dir) / "work" / self.job_id
 
     @property
     def request_uri(self) -> str:

@@ -30,7 +30,7 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     req, settings = TrainRequest.model_validate(request), Settings(job_id=job_id, local_dir=str(root))
     services = Services(make_blobs(settings), LocalModelHub(root), JobTracker(open_store(settings), job_id),
                         NullRunLogger())
-    return PROVIDERS[req.training_config.provider](req, settings, services, Path(root) / "work" / job_id)
+    return PROVIDERS[req.training_config.provider](req, settings, services, settings.workdir)
 
 
 def make_tiny_fixtures(root: Path) -> Path:
