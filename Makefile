@@ -47,8 +47,11 @@ validate: fixtures
 	BACKEND=local LOCAL_DIR=$(LOCAL_DIR) $(BIN)/python main.py --validate
 
 # Complete: the GGUF tests need llama.cpp, and the consumer tests the inference service's versions.
+# TEST_WORKERS processes, each with one thread (the tiny model's ops are too small to split: two threads
+# in each worker would only contend), a test file to each at a time, the longest files first (conftest.py).
+TEST_WORKERS ?= 2
 test: setup setup-gguf consumer
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The Dockerfile linted, and the image's pins (requirements.txt, -gguf and -gpu) resolved together
 # against the package registry without installing (nor compiling) anything.

@@ -230,7 +230,11 @@ def gguf_chat(gguf: Path) -> tuple[str | None, list[str]]:
 
 def modelfile(gguf: Path) -> str:
     """An Ollama Modelfile for the GGUF beside it: FROM, the GGUF's chat template as a TEMPLATE, its stops."""
-    template, stops = gguf_chat(gguf)
+    try:
+        template, stops = gguf_chat(gguf)
+    except Exception as e:  # the GGUF itself was verified in llama.cpp already: its Modelfile is a help, no more
+        logger.warning("the GGUF's metadata could not be read for its Modelfile (%s: %s)", type(e).__name__, e)
+        template, stops = None, []
     turns = read_turns(template) if template else None
     if turns and turns.assistant[1].strip():  # what ends the model's turn in the template: Gemma's <end_of_turn>
         stops = [turns.assistant[1].strip()] + [s for s in stops if s != turns.assistant[1].strip()]

@@ -99,7 +99,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         tokenizer.save_pretrained(str(out))
         complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token)
         verified["adapter"] = job.timed("verify_adapter", verify_adapter, out, ref, trainer.model,
-                                      job.cfg.base_model_id, job.base_kwargs)
+                                        job.cfg.base_model_id, job.base_kwargs)
         ready.append((out, "adapter"))
     if fmt == "merged" or ex.wants_gguf:
         merged16 = root / "merged16"
@@ -111,13 +111,13 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
             gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
                              fmt != "merged")
             verified["gguf"] = job.timed("verify_gguf", verify_gguf, gguf, ref, ex.gguf_quantization,
-                                       job.cfg.method)
+                                         job.cfg.method)
         if fmt == "merged":
             out = merged16
             if ex.merged_dtype == "q4":
                 out = job.timed("quantize_4bit", save_4bit, merged16, root / "merged")
             verified["merged"] = job.timed("verify_merged", verify_merged, out, ref, ex.merged_dtype,
-                                         job.cfg.method)
+                                           job.cfg.method)
             ready.append((out, "merged"))
         if merged16 not in [f for f, _ in ready]:
             shutil.rmtree(merged16, ignore_errors=True)

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     """A provider's job wired to the local services under `root`, for driving the workflow step by step
-    (tests and benchmarks): the same classes main() builds for BACKEND=local, without W&B."""
+    (tests and benchmarks): the same classes main() builds for BACKEND=local, without W&B, and the
+    random generators seeded with the request's seed."""
     from base import Services
     from job_manager import JobTracker
     from providers import PROVIDERS
@@ -27,7 +28,12 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     from storage import LocalModelHub
     from tracking import NullRunLogger
 
+    from transformers import set_seed
+
     req, settings = TrainRequest.model_validate(request), Settings(job_id=job_id, local_dir=str(root))
+    # Seeded as run() seeds before the model is loaded: a job driven step by step starts from the same
+    # LoRA initialisation whatever ran before it in the process (under pytest-xdist, that varies).
+    set_seed(req.training_config.hyperparameters.seed)
     services = Services(make_blobs(settings), LocalModelHub(root), JobTracker(open_store(settings), job_id),
                         NullRunLogger())
     return PROVIDERS[req.training_config.provider](req, settings, services, settings.workdir)

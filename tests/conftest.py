@@ -21,6 +21,19 @@ sys.path.insert(0, str(ROOT))
 
 EXAMPLES = ROOT / "examples"
 
+# The longest files, started first so that none is left to run alone at the end (`make test` hands each
+# worker a whole file at a time: pytest-xdist's --dist loadfile).
+LONGEST_FIRST = ("test_reliability", "test_export", "test_benchmarks", "test_consumers", "test_gcp", "test_main",
+                 "test_logs", "test_rl")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order stays
+
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
