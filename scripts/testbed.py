@@ -28,12 +28,20 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     from storage import LocalModelHub
     from tracking import NullRunLogger
 
-    from transformers import set_seed
+    import random
+
+    import numpy
+    import torch
 
     req, settings = TrainRequest.model_validate(request), Settings(job_id=job_id, local_dir=str(root))
-    # Seeded as run() seeds before the model is loaded: a job driven step by step starts from the same
-    # LoRA initialisation whatever ran before it in the process (under pytest-xdist, that varies).
-    set_seed(req.training_config.hyperparameters.seed)
+    # Seeded as run() seeds before the model is loaded (transformers.set_seed: Python's, NumPy's and torch's
+    # generators), so that a job driven step by step starts from the same LoRA initialisation whatever ran
+    # before it in the process (under pytest-xdist, that varies). Not through transformers itself: Unsloth
+    # must be imported before it (tests/test_main.py).
+    seed = req.training_config.hyperparameters.seed
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
     services = Services(make_blobs(settings), LocalModelHub(root), JobTracker(open_store(settings), job_id),
                         NullRunLogger())
     return PROVIDERS[req.training_config.provider](req, settings, services, settings.workdir)
