@@ -2,9 +2,10 @@
 transformers 4.56.0), never by the job's: loads an exported folder the two ways the platform's inference
 service does (gemma-facet/cloud-services inference/providers.py: `AutoModelForCausalLM.from_pretrained`
 on the folder, which reads adapter_config.json through PEFT), plus `PeftModel.from_pretrained` on the base,
-and writes the logits each gives for the same prompt.
+and writes the logits each gives for the same prompt. Several folders in one run: the consumer's libraries
+are imported once.
 
-    .venv-consumer/bin/python tests/consumer_load.py FOLDER OUT.json PROMPT
+    .venv-consumer/bin/python tests/consumer_load.py PROMPT FOLDER OUT.json [FOLDER OUT.json ...]
 """
 
 from __future__ import annotations
@@ -40,4 +41,6 @@ def main(folder: str, out: str, prompt: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    prompt, pairs = sys.argv[1], sys.argv[2:]
+    for folder, out in zip(pairs[::2], pairs[1::2]):
+        main(folder, out, prompt)

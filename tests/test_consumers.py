@@ -50,12 +50,15 @@ def exported(tiny_root, tmp_path_factory):
     return folders
 
 
-def load_in_consumer(folder, tmp_path) -> dict:
-    out = tmp_path / "consumer.json"
-    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), str(folder), str(out), PROMPT],
+@pytest.fixture(scope="module")
+def consumed(exported, tmp_path_factory) -> dict[str, dict]:
+    """Each exported folder loaded in the consumer environment: one process for all of them."""
+    out = tmp_path_factory.mktemp("consumed")
+    args = [str(a) for job_id, folder in exported.items() for a in (folder, out / f"{job_id}.json")]
+    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), PROMPT, *args],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(out.read_text())
+    return {job_id: json.loads((out / f"{job_id}.json").read_text()) for job_id in exported}
 
 
 def our_logits(folder, input_ids) -> torch.Tensor:
@@ -67,9 +70,9 @@ def our_logits(folder, input_ids) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("job_id", ["sft-adapter", "dpo-adapter", "sft-merged"])
-def test_export_loads_in_the_inference_services_pinned_libraries(job_id, exported, tmp_path):
+def test_export_loads_in_the_inference_services_pinned_libraries(job_id, exported, consumed):
     folder = exported[job_id]
-    got = load_in_consumer(folder, tmp_path)
+    got = consumed[job_id]
     assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")
     from transformers import AutoTokenizer
 
