@@ -34,10 +34,6 @@ from verification import probe_prompts
 
 logger = logging.getLogger(__name__)
 
-# Every linear layer of a Gemma decoder block; both providers accept an explicit list.
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 @dataclass
 class Services:
     blobs: BlobStore
@@ -224,8 +220,10 @@ class BaseTrainingJob:
 
     def lora_kwargs(self) -> dict[str, Any]:
         hp = self.cfg.hyperparameters
+        targets = hp.lora_target_modules
         return {"r": hp.lora_rank, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
-                "target_modules": LORA_TARGETS, "bias": "none"}
+                "target_modules": targets if isinstance(targets, str) else list(targets), "bias": "none",
+                "use_rslora": hp.use_rslora, **({"use_dora": True} if hp.use_dora else {})}
 
     def trainer_kwargs(self, prep: Prepared) -> dict[str, Any]:
         """The only mapping from the request to TRL's configuration, for every trainer type."""
@@ -265,7 +263,7 @@ class BaseTrainingJob:
         specific = {
             # padding_free alone: TRL refuses to truncate, and needs not, the job's rows are cut to max_length
             "sft": dict(max_length=None if hp.padding_free and not hp.packing else hp.max_length,
-                        packing=hp.packing, padding_free=hp.padding_free,
+                        packing=hp.packing, padding_free=hp.padding_free, neftune_noise_alpha=hp.neftune_noise_alpha,
                         label_names=["labels"], batch_eval_metrics=False),
             "dpo": dict(beta=hp.beta, max_length=hp.max_length, padding_free=hp.padding_free),
             "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),

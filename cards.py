@@ -121,6 +121,9 @@ def how_to_load(facts: CardFacts, artifacts: dict[str, str], gguf_file: str | No
     source = "./model" if gcs else where
     lines = [f"Download the folder first: `gcloud storage cp -r {where} ./model`", ""] if gcs else []
     if "adapter" in artifacts:
+        if facts.hyperparameters.get("use_dora"):
+            lines += ["A DoRA adapter: load it through PEFT as below (transformers 4.x's `AutoModelForCausalLM` "
+                      "on the folder also does); transformers 5.17's own adapter loading gives it other outputs.", ""]
         lines += ["PEFT, on the base model:", "", "```python", "from peft import AutoPeftModelForCausalLM",
                   "from transformers import AutoTokenizer", "",
                   f'model = AutoPeftModelForCausalLM.from_pretrained("{source}")',

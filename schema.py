@@ -10,6 +10,7 @@ requests through `request.parse_request`, whose errors name the field, the value
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -64,6 +65,15 @@ class Hyperparameters(StrictModel):
     lora_rank: int = Field(16, ge=1, le=1024)
     lora_alpha: int = Field(16, ge=1, le=4096)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    use_dora: bool = Field(False, description="DoRA (PEFT's weight-decomposed LoRA): methods LoRA and QLoRA, "
+                           "provider huggingface.")
+    use_rslora: bool = Field(False, description="rsLoRA: the adapter scaled by lora_alpha / sqrt(lora_rank), not "
+                             "lora_alpha / lora_rank: methods LoRA and QLoRA.")
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(LORA_TARGETS), description="The layers LoRA adapts, by name (every linear "
+        "layer of a Gemma decoder block by default), or 'all-linear'; a vision tower is left out either way.")
+    neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise of this strength "
+                                              "on the input embeddings while training (5 in the paper); SFT only.")
     # Read by some trainer types only (the platform's training service sends them with every request):
     # None means "this trainer type's default" (RL_DEFAULTS / TRL_DEFAULTS below), never a value for all.
     max_prompt_length: int | None = Field(None, ge=1, description="GRPO, DPO, ORPO: tokens kept of each prompt "
@@ -82,9 +92,20 @@ class Hyperparameters(StrictModel):
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
     seed: int = Field(42, ge=0)
 
-    @model_validator(mode="after")
-    def _check(self) -> Hyperparameters:
-        return self
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _module_names(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError("name at least one module (e.g. [\"q_proj\", \"v_proj\"]), or 'all-linear'")
+        bad = [name for name in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name)]
+        if bad:
+            raise ValueError(f"{bad} are not module names (letters, digits, '_' and '.', as in 'q_proj' or "
+                             "'self_attn.q_proj')")
+        if len(set(v)) != len(v):
+            raise ValueError("a module is named twice")
+        return v
 
     def optimizer_values(self, trainer_type: str) -> dict[str, float]:
         """max_grad_norm, adam_beta1/2 and warmup_ratio as the request sets them, else the trainer type's
@@ -98,6 +119,9 @@ class Hyperparameters(StrictModel):
         """The prompt budget of GRPO, DPO and ORPO: max_prompt_length, else min(512, max_length / 2)."""
         return self.max_prompt_length if self.max_prompt_length is not None else min(512, self.max_length // 2)
 
+
+# Every linear layer of a Gemma decoder block: lora_target_modules' default, for both providers.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The defaults of the optimizer fields: GRPO's are the platform's (form 3), the others' are TRL's.
 RL_DEFAULTS = {"max_grad_norm": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99, "warmup_ratio": 0.1}
@@ -278,6 +302,21 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"trainer_type '{self.trainer_type}': max_prompt_length ({hp.max_prompt_length}) must be "
                              f"below max_length ({hp.max_length}), or no completion fits; lower max_prompt_length, "
                              "raise max_length, or leave max_prompt_length unset (min(512, max_length / 2)).")
+        adapter_options = [n for n in ("use_dora", "use_rslora") if getattr(hp, n)] + \
+            (["lora_target_modules"] if "lora_target_modules" in hp.model_fields_set else [])
+        if self.method == "Full" and adapter_options:
+            raise ValueError(f"{', '.join(adapter_options)}: LoRA options, and method 'Full' trains every weight "
+                             "without an adapter; remove them or use method 'LoRA' or 'QLoRA'.")
+        if self.provider == "unsloth" and hp.lora_target_modules == "all-linear":
+            raise ValueError("provider 'unsloth' with lora_target_modules 'all-linear': Unsloth takes module names; "
+                             "list them (its default is every linear layer of a decoder block).")
+        if self.provider == "unsloth" and hp.use_dora:
+            raise ValueError("provider 'unsloth' with `use_dora: true`: Unsloth passes DoRA to PEFT unoptimized, and "
+                             "that has not been shown for this job on a GPU; set `use_dora: false`, or provider "
+                             "'huggingface'.")
+        if hp.neftune_noise_alpha is not None and self.trainer_type != "sft":
+            raise ValueError(f"neftune_noise_alpha is an SFT option (TRL's SFT trainer adds the noise), not "
+                             f"'{self.trainer_type}': remove it or set trainer_type 'sft'.")
         if self.reward_config and self.trainer_type != "grpo":
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")

@@ -26,7 +26,8 @@ def consumer() -> str:
 
 @pytest.fixture(scope="module")
 def exported(tiny_root, tmp_path_factory):
-    """An SFT adapter, a DPO adapter and an SFT merged model, each exported by a whole job."""
+    """An SFT adapter, a DPO adapter, an SFT merged model and a DoRA + rsLoRA adapter, each exported by a whole
+    job."""
     import shutil
 
     root = tmp_path_factory.mktemp("consumers")
@@ -35,12 +36,15 @@ def exported(tiny_root, tmp_path_factory):
         "sft-adapter": ("sft", "tiny-animals", {"format": "adapter"}),
         "dpo-adapter": ("dpo", "tiny-animals-pref", {"format": "adapter"}),
         "sft-merged": ("sft", "tiny-animals", {"format": "merged"}),
+        "dora-adapter": ("sft", "tiny-animals", {"format": "adapter"}),  # DoRA and rsLoRA together
     }
     folders = {}
     for job_id, (trainer_type, dataset, export) in jobs.items():
         req = sample_request(tiny_root, trainer_type=trainer_type, export_config=export)
         req["processed_dataset_id"] = dataset
         req["training_config"]["hyperparameters"].update(epochs=1, max_steps=6 if trainer_type == "sft" else 2)
+        if job_id == "dora-adapter":
+            req["training_config"]["hyperparameters"].update(use_dora=True, use_rslora=True)
         put_request(root, job_id, req)
         assert main.main([], env_for(root, job_id)) == 0, read_doc(root, job_id).get("error")
         doc = read_doc(root, job_id)
@@ -62,14 +66,18 @@ def consumed(exported, tmp_path_factory) -> dict[str, dict]:
 
 
 def our_logits(folder, input_ids) -> torch.Tensor:
+    """The folder's logits in the job's own libraries: an adapter through PEFT (transformers 5.17's own adapter
+    loading gives a DoRA adapter other outputs: tests/test_lora_options.py), merged weights through transformers."""
+    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    auto = AutoPeftModelForCausalLM if (folder / "adapter_config.json").is_file() else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([input_ids])).logits[0]
 
 
-@pytest.mark.parametrize("job_id", ["sft-adapter", "dpo-adapter", "sft-merged"])
+@pytest.mark.parametrize("job_id", ["sft-adapter", "dpo-adapter", "sft-merged", "dora-adapter"])
 def test_export_loads_in_the_inference_services_pinned_libraries(job_id, exported, consumed):
     folder = exported[job_id]
     got = consumed[job_id]

@@ -1,0 +1,159 @@
+"""The LoRA options users reach for (issue 22): DoRA, rsLoRA, a choice of target modules, NEFTune. Each is a
+schema field that reaches PEFT or TRL through the one mapping, trains, and exports an adapter that PEFT loads
+with the option set and that reproduces the trained logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from conftest import ROOT, make_job, sample_request
+from errors import RequestError
+from request import parse_request
+
+
+def train(local_dir, tiny_root, job_id, export=None, **hp):
+    req = sample_request(tiny_root, **({"export_config": export} if export else {}))
+    req["training_config"]["hyperparameters"].update(epochs=2, **hp)
+    job = make_job(local_dir, req, job_id)
+    prep = job.preflight()
+    model = job.load_model(prep.tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = job.build_trainer(model, prep)
+    job.train(trainer)
+    return job, prep, trainer, before
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("option", ["use_dora", "use_rslora"])
+def test_dora_and_rslora_train_and_their_adapters_reproduce_the_trained_logits(option, local_dir, tiny_root):
+    """Trained with the option; the adapter loads in PEFT with it set and gives the trained logits; the job's
+    export (an adapter for rsLoRA, the merge for DoRA: see below) agrees with the trained model."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    export = {"format": "merged"} if option == "use_dora" else None
+    job, prep, trainer, before = train(local_dir, tiny_root, option, export, **{option: True})
+    peft_config = trainer.model.peft_config["default"]
+    assert getattr(peft_config, option) is True
+    if option == "use_dora":  # DoRA's magnitude vectors, trained beside lora_A and lora_B
+        assert any("lora_magnitude_vector" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    else:  # rsLoRA's scale: alpha / sqrt(r), not alpha / r
+        layer = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.scaling["default"] == pytest.approx(peft_config.lora_alpha / peft_config.r ** 0.5)
+    ids = prep.eval.rows[0]["input_ids"]
+    trained = logits(trainer.model.eval(), ids)
+    adapter = local_dir / f"{option}-adapter"
+    trainer.model.save_pretrained(str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())[option] is True
+    assert getattr(PeftConfig.from_pretrained(str(adapter)), option) is True
+    base = AutoModelForCausalLM.from_pretrained(job.cfg.base_model_id, dtype=torch.float32)
+    assert torch.allclose(logits(PeftModel.from_pretrained(base, str(adapter)).eval(), ids), trained, atol=1e-4)
+    artifacts = job.export(trainer, prep.tokenizer, {}, prep)
+    exported = "merged" if export else "adapter"
+    assert artifacts["verification"][exported]["top1_agreement"] == 1.0
+    folder = job.services.blobs.path(artifacts["adapter_path"])
+    if exported == "adapter":
+        assert json.loads((folder / "adapter_config.json").read_text())[option] is True
+
+
+def test_a_dora_adapter_serves_what_was_trained_in_the_inference_service(local_dir, tiny_root):
+    """The platform's inference service loads an adapter folder with `AutoModelForCausalLM.from_pretrained`
+    (transformers 4.56.0, peft 0.14.0): a DoRA adapter gives the trained logits there, and through PEFT in
+    the job's libraries. transformers 5.17's own adapter loading does not (a trap the card warns of):
+    should that part start failing, transformers has mended it and the card's warning can go."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from test_consumers import PROMPT, consumer
+
+    job, prep, trainer, _ = train(local_dir, tiny_root, "dora", use_dora=True)
+    artifacts = job.export(trainer, prep.tokenizer, {}, prep)
+    folder = job.services.blobs.path(artifacts["adapter_path"])
+    out = local_dir / "consumer.json"
+    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), PROMPT, str(folder), str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")
+    ours = logits(AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), got["input_ids"])
+    assert torch.allclose(torch.tensor(got["auto_logits"]), ours, atol=1e-4)  # the service's way
+    assert torch.allclose(torch.tensor(got["peft_logits"]), ours, atol=1e-4)
+    plain = logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), got["input_ids"])
+    assert (plain - ours).abs().max() > 1e-2
+    assert "AutoPeftModelForCausalLM" in (folder / "README.md").read_text()
+    assert "DoRA" in (folder / "README.md").read_text()
+
+
+def test_chosen_target_modules_are_the_only_ones_adapted(local_dir, tiny_root):
+    job, prep, trainer, before = train(local_dir, tiny_root, "qv", lora_target_modules=["q_proj", "v_proj"])
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, _ in trainer.model.named_parameters() if ".lora_" in n}
+    assert adapted == {"q_proj", "v_proj"}
+    changed = {n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert changed and all(".q_proj.lora_" in n or ".v_proj.lora_" in n for n in changed)
+    assert set(trainer.model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+
+
+def test_all_linear_adapts_every_linear_layer_of_the_decoder(local_dir, tiny_root):
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"]["lora_target_modules"] = "all-linear"
+    job = make_job(local_dir, req, "all")
+    model = job.load_model(job.preflight().tokenizer)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_neftune_reaches_trl_and_the_trainer(local_dir, tiny_root):
+    from libraries import trl_classes
+
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"]["neftune_noise_alpha"] = 5.0
+    job = make_job(local_dir, req, "neft")
+    prep = job.preflight()
+    config_cls, _ = trl_classes("sft")
+    assert config_cls(**job.trainer_kwargs(prep)).neftune_noise_alpha == 5.0
+    trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
+    assert trainer.args.neftune_noise_alpha == 5.0
+    assert make_job(local_dir, sample_request(tiny_root), "plain").trainer_kwargs(prep)["neftune_noise_alpha"] is None
+
+
+def request_with(tc: dict, **hp) -> str:
+    return json.dumps({"processed_dataset_id": "d", "training_config": {
+        "base_model_id": "m", **tc, "hyperparameters": hp}})
+
+
+@pytest.mark.parametrize("tc,hp", [
+    ({}, {"use_dora": True}), ({}, {"use_rslora": True, "lora_target_modules": ["q_proj", "self_attn.v_proj"]}),
+    ({}, {"lora_target_modules": "all-linear"}), ({}, {"neftune_noise_alpha": 5}),
+    ({"provider": "unsloth"}, {"use_rslora": True, "lora_target_modules": ["q_proj"]}),
+    ({"method": "QLoRA", "export_config": {"format": "gguf"}}, {"use_dora": True}),
+])
+def test_lora_options_accepted(tc, hp):
+    cfg = parse_request(request_with(tc, **hp)).training_config
+    assert all(getattr(cfg.hyperparameters, k) == v for k, v in hp.items())
+
+
+@pytest.mark.parametrize("tc,hp,message", [
+    ({"method": "Full"}, {"use_dora": True}, "use_dora: LoRA options, and method 'Full' trains every weight"),
+    ({"method": "Full"}, {"lora_target_modules": ["q_proj"]}, "lora_target_modules: LoRA options"),
+    ({"provider": "unsloth", "export_config": {"format": "merged"}}, {"use_dora": True},
+     "provider 'unsloth' with `use_dora: true`"),
+    ({"provider": "unsloth"}, {"lora_target_modules": "all-linear"}, "Unsloth takes module names"),
+    ({"trainer_type": "dpo"}, {"neftune_noise_alpha": 5}, "neftune_noise_alpha is an SFT option"),
+    ({}, {"neftune_noise_alpha": 0}, "neftune_noise_alpha: Input should be greater than 0"),
+    ({}, {"lora_target_modules": []}, "name at least one module"),
+    ({}, {"lora_target_modules": ["q_proj", "q proj;"]}, "are not module names"),
+    ({}, {"lora_target_modules": ["q_proj", "q_proj"]}, "a module is named twice"),
+    ({}, {"lora_target_modules": "every-linear"}, "lora_target_modules"),
+])
+def test_lora_options_refused_with_the_field_named(tc, hp, message):
+    with pytest.raises(RequestError) as err:
+        parse_request(request_with(tc, **hp))
+    assert message in str(err.value), str(err.value)
