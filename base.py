@@ -218,6 +218,19 @@ class BaseTrainingJob:
             kwargs["quantization_config"] = nf4_config(self.compute_dtype())
         return kwargs
 
+    def apply_lora(self, get_peft_model, model, *args, **kwargs):
+        """The provider's get_peft_model on the model, once every target module named is in it: PEFT refuses
+        a list none of whose names match, but ignores the names that do not when others do."""
+        targets = self.cfg.hyperparameters.lora_target_modules
+        if not isinstance(targets, str):
+            names = [name for name, _ in model.named_modules()]
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                raise PermanentError(f"hyperparameters.lora_target_modules: {missing} name no module of "
+                                     f"{self.cfg.base_model_id}; name its modules (e.g. q_proj, v_proj), or use "
+                                     "'all-linear'.")
+        return get_peft_model(model, *args, **kwargs)
+
     def lora_kwargs(self) -> dict[str, Any]:
         hp = self.cfg.hyperparameters
         targets = hp.lora_target_modules

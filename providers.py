@@ -38,7 +38,7 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         towers = any(re.fullmatch(NOT_LANGUAGE, name) for name, _ in model.named_modules())
         config = LoraConfig(task_type="CAUSAL_LM", exclude_modules=NOT_LANGUAGE if towers else None,
                             **self.lora_kwargs())
-        return get_peft_model(model, config)
+        return self.apply_lora(get_peft_model, model, config)
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
         from transformers import AutoModelForCausalLM
@@ -99,8 +99,8 @@ class UnslothTrainingJob(BaseTrainingJob):
                                  "'huggingface'.")
         if method == "Full":
             return model
-        return FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="unsloth",
-                                                random_state=hp.seed, **self.lora_kwargs())
+        return self.apply_lora(FastLanguageModel.get_peft_model, model, use_gradient_checkpointing="unsloth",
+                               random_state=hp.seed, **self.lora_kwargs())
 
     def sft_overrides(self) -> dict[str, Any]:
         return {"optim": "adamw_8bit"}

@@ -101,6 +101,19 @@ def test_chosen_target_modules_are_the_only_ones_adapted(local_dir, tiny_root):
     assert set(trainer.model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
 
 
+def test_a_module_the_model_lacks_is_a_permanent_error_naming_the_field(local_dir, tiny_root):
+    import main
+    from conftest import env_for, put_request, read_doc
+
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"]["lora_target_modules"] = ["q_proj", "qkv_proj"]
+    put_request(local_dir, "nomod", req)
+    assert main.main([], env_for(local_dir, "nomod")) == 2
+    doc = read_doc(local_dir, "nomod")
+    assert doc["error_type"] == "permanent" and doc["error"].startswith("hyperparameters.lora_target_modules: ")
+    assert "qkv_proj" in doc["error"] and "'all-linear'" in doc["error"]
+
+
 def test_all_linear_adapts_every_linear_layer_of_the_decoder(local_dir, tiny_root):
     req = sample_request(tiny_root)
     req["training_config"]["hyperparameters"]["lora_target_modules"] = "all-linear"
