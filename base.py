@@ -216,6 +216,10 @@ class BaseTrainingJob:
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
             kwargs["quantization_config"] = nf4_config(self.compute_dtype())
+        elif self.cfg.hyperparameters.load_in_8bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         return kwargs
 
     def apply_lora(self, get_peft_model, model, *args, **kwargs):

@@ -58,11 +58,19 @@ def nf4_bytes(total: int, embeddings: int) -> float:
     return 2.0 * embeddings + 0.52 * (total - embeddings)
 
 
-def estimate_bytes(total: int, embeddings: int, method: str, batch: int, length: int, config) -> dict[str, float]:
+def int8_bytes(total: int, embeddings: int) -> float:
+    """The weights with bitsandbytes' LLM.int8 linear layers: 1 B/param and a scale per row, the embeddings
+    in 16 bits."""
+    return 2.0 * embeddings + 1.0 * (total - embeddings)
+
+
+def estimate_bytes(total: int, embeddings: int, method: str, batch: int, length: int, config,
+                   load_in_8bit: bool = False) -> dict[str, float]:
     cfg = text_config(config)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter, vocab = cfg.intermediate_size, cfg.vocab_size
-    weights = {"Full": 6.0 * total, "LoRA": 2.0 * total, "QLoRA": nf4_bytes(total, embeddings)}[method]
+    weights = {"Full": 6.0 * total, "LoRA": int8_bytes(total, embeddings) if load_in_8bit else 2.0 * total,
+               "QLoRA": nf4_bytes(total, embeddings)}[method]
     tokens = batch * length
     activations = tokens * (hidden * layers + 20 * hidden + 3 * inter) * 2 + tokens * vocab * 2
     return {"weights_and_optimizer": weights, "activations": activations, "overhead": OVERHEAD,
@@ -102,7 +110,8 @@ def check_memory(cfg, settings, token: str | None) -> None:
     total, embeddings = count_params(config)
     if gpu:
         hp = cfg.hyperparameters
-        estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config)
+        estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config,
+                                  hp.load_in_8bit)
         logger.info("GPU memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
         message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
         if message:

@@ -31,7 +31,7 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
             return model
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        if self.cfg.method == "QLoRA":
+        if self.cfg.method == "QLoRA" or self.cfg.hyperparameters.load_in_8bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         # PEFT matches the target names anywhere: on Gemma 3 4B and up, the vision tower's q/k/v_proj too,
         # which a text job never runs (Unsloth scopes its list to the language model itself).

@@ -72,6 +72,8 @@ class Hyperparameters(StrictModel):
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(LORA_TARGETS), description="The layers LoRA adapts, by name (every linear "
         "layer of a Gemma decoder block by default), or 'all-linear'; a vision tower is left out either way.")
+    load_in_8bit: bool = Field(False, description="Method LoRA on the base loaded in 8 bits (bitsandbytes LLM.int8): "
+                               "about half the 16-bit weights' memory; provider huggingface.")
     neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise of this strength "
                                               "on the input embeddings while training (5 in the paper); SFT only.")
     # Read by some trainer types only (the platform's training service sends them with every request):
@@ -307,6 +309,13 @@ class TrainingConfig(StrictModel):
         if self.method == "Full" and adapter_options:
             raise ValueError(f"{', '.join(adapter_options)}: LoRA options, and method 'Full' trains every weight "
                              "without an adapter; remove them or use method 'LoRA' or 'QLoRA'.")
+        if hp.load_in_8bit and self.method != "LoRA":
+            raise ValueError(f"load_in_8bit is for method 'LoRA' (an adapter on an 8-bit base), not '{self.method}'"
+                             f"{': QLoRA loads the base in 4 bits already' if self.method == 'QLoRA' else ''}; set "
+                             "`load_in_8bit: false`, or method 'LoRA'.")
+        if self.provider == "unsloth" and hp.load_in_8bit:
+            raise ValueError("provider 'unsloth' with `load_in_8bit: true`: not shown for this job on a GPU yet; use "
+                             "method 'QLoRA', or provider 'huggingface'.")
         if self.provider == "unsloth" and hp.lora_target_modules == "all-linear":
             raise ValueError("provider 'unsloth' with lora_target_modules 'all-linear': Unsloth takes module names; "
                              "list them (its default is every linear layer of a decoder block).")

@@ -123,6 +123,29 @@ def test_all_linear_adapts_every_linear_layer_of_the_decoder(local_dir, tiny_roo
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_8bit_loads_linear8bitlt_layers_trains_and_exports_a_verified_adapter(local_dir, tiny_root):
+    import bitsandbytes as bnb
+    from transformers import AutoConfig
+
+    from memory import count_params, estimate_bytes, int8_bytes
+
+    job, prep, trainer, before = train(local_dir, tiny_root, "int8", {"format": "merged"}, load_in_8bit=True)
+    layers = [m for n, m in trainer.model.named_modules() if n.endswith("mlp.down_proj.base_layer")]
+    assert layers and all(isinstance(m, bnb.nn.Linear8bitLt) for m in layers)
+    changed = {n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)  # the 8-bit base stayed as it was
+    metrics = job.evaluate(trainer, prep, {})
+    assert metrics["eval_loss"] < 3.5  # it learned (the base starts at about 6.2)
+    artifacts = job.export(trainer, prep.tokenizer, metrics, prep)
+    check = artifacts["verification"]["merged"]  # merged into the 16-bit base, checked against the 8-bit model
+    assert check["top1_agreement"] >= check["required"]
+    config = AutoConfig.from_pretrained(job.cfg.base_model_id)
+    total, embeddings = count_params(config)
+    weights = estimate_bytes(total, embeddings, "LoRA", 2, 64, config, load_in_8bit=True)["weights_and_optimizer"]
+    assert weights == int8_bytes(total, embeddings) < estimate_bytes(total, embeddings, "LoRA", 2, 64,
+                                                                     config)["weights_and_optimizer"]
+
+
 def test_neftune_reaches_trl_and_the_trainer(local_dir, tiny_root):
     from libraries import trl_classes
 
@@ -147,6 +170,7 @@ def request_with(tc: dict, **hp) -> str:
     ({}, {"lora_target_modules": "all-linear"}), ({}, {"neftune_noise_alpha": 5}),
     ({"provider": "unsloth"}, {"use_rslora": True, "lora_target_modules": ["q_proj"]}),
     ({"method": "QLoRA", "export_config": {"format": "gguf"}}, {"use_dora": True}),
+    ({"method": "LoRA"}, {"load_in_8bit": True}),
 ])
 def test_lora_options_accepted(tc, hp):
     cfg = parse_request(request_with(tc, **hp)).training_config
@@ -160,6 +184,9 @@ def test_lora_options_accepted(tc, hp):
      "provider 'unsloth' with `use_dora: true`"),
     ({"provider": "unsloth"}, {"lora_target_modules": "all-linear"}, "Unsloth takes module names"),
     ({"trainer_type": "dpo"}, {"neftune_noise_alpha": 5}, "neftune_noise_alpha is an SFT option"),
+    ({"method": "QLoRA"}, {"load_in_8bit": True}, "QLoRA loads the base in 4 bits already"),
+    ({"method": "Full"}, {"load_in_8bit": True}, "load_in_8bit is for method 'LoRA'"),
+    ({"method": "LoRA", "provider": "unsloth"}, {"load_in_8bit": True}, "provider 'unsloth' with `load_in_8bit"),
     ({}, {"neftune_noise_alpha": 0}, "neftune_noise_alpha: Input should be greater than 0"),
     ({}, {"lora_target_modules": []}, "name at least one module"),
     ({}, {"lora_target_modules": ["q_proj", "q proj;"]}, "are not module names"),
