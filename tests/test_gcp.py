@@ -135,14 +135,18 @@ def test_missing_dataset_names_the_paths_looked_at(gcp, tiny_root):
     assert main([], {**gcp.env, "JOB_ID": job_id, "CLOUD_RUN_TASK_ATTEMPT": "1"}) == 2
 
 
-def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
-    job_id = "hub-job-1"
+def put_hub_job(gcp, tiny_root, job_id: str, repo_id: str, max_steps: int) -> str:
+    """A short adapter job whose export goes to the Hub repo, its dataset and request in the emulated buckets."""
     gcp.put_dataset(tiny_root)
     request = sample_request(tiny_root)
-    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=3)
-    request["training_config"]["export_config"] = {"format": "adapter", "destination": "hfhub",
-                                                   "hf_repo_id": "acme/tiny-animals"}
+    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=max_steps)
+    request["training_config"]["export_config"] = {"format": "adapter", "destination": "hfhub", "hf_repo_id": repo_id}
     gcp.put_request(job_id, request)
+    return job_id
+
+
+def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
+    job_id = put_hub_job(gcp, tiny_root, "hub-job-1", "acme/tiny-animals", max_steps=3)
     with HubStub(SECRET_HF) as hub:
         assert main([], {**gcp.env, "JOB_ID": job_id, "HF_TOKEN": SECRET_HF, "HF_ENDPOINT": hub.url}) == 0
     repo = hub.repos["acme/tiny-animals"]
@@ -167,13 +171,7 @@ def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
 def test_a_second_push_mirrors_the_repo_and_weights_take_the_lfs_path(gcp, tiny_root):
     """A repo that an earlier run (or a person) filled: this job's files replace it in one commit, what it
     lacks is deleted (the Hub's .gitattributes stays), and the weights go through the LFS batch API."""
-    job_id = "hub-job-2"
-    gcp.put_dataset(tiny_root)
-    request = sample_request(tiny_root)
-    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=2)
-    request["training_config"]["export_config"] = {"format": "adapter", "destination": "hfhub",
-                                                   "hf_repo_id": "acme/animals"}
-    gcp.put_request(job_id, request)
+    job_id = put_hub_job(gcp, tiny_root, "hub-job-2", "acme/animals", max_steps=2)
     with HubStub(SECRET_HF) as hub:
         hub.repos["acme/animals"] = {"private": True, "writable": True, "files": {
             ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
