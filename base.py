@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ from tracking import RunLogger, Tolerant
 from verification import probe_prompts
 
 logger = logging.getLogger(__name__)
+
+# The parts of a multimodal Gemma (3 at 4B and up, 3n) that are not its language model.
+NOT_LANGUAGE = r".*\.(vision_tower|audio_tower|multi_modal_projector)\..*"
+
 
 @dataclass
 class Services:
@@ -154,6 +159,7 @@ class BaseTrainingJob:
         check_attention(self.cfg.hyperparameters.use_fa2)
         tokenizer = self.timed("load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(),
                                self.cfg.trust_remote_code)
+        self.check_modules()
         check_memory(self.cfg, self.settings, self.token())  # memory.py: refuse what cannot fit
         hp = self.cfg.hyperparameters
         sft = self.cfg.trainer_type == "sft"
@@ -222,25 +228,53 @@ class BaseTrainingJob:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         return kwargs
 
-    def apply_lora(self, get_peft_model, model, *args, **kwargs):
-        """The provider's get_peft_model on the model, once every target module named is in it: PEFT refuses
-        a list none of whose names match, but ignores the names that do not when others do."""
-        targets = self.cfg.hyperparameters.lora_target_modules
-        if not isinstance(targets, str):
-            names = [name for name, _ in model.named_modules()]
-            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    def check_modules(self) -> None:
+        """Pre-flight, on an empty (meta-device) copy of the model built from its config: every module the
+        request names for LoRA is in the language model. PEFT refuses a target list none of whose names match
+        but ignores the names that do not when others do; it matches modules_to_save by the end of a name
+        ('norm' is every layer norm), so a name must end at a module boundary everywhere it matches."""
+        hp = self.cfg.hyperparameters
+        named = {"lora_target_modules": hp.lora_target_modules, "modules_to_save": hp.modules_to_save}
+        named = {field: names for field, names in named.items() if isinstance(names, list)}
+        if self.cfg.method == "Full" or not named:
+            return
+        from memory import meta_model
+
+        model = meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
+        modules = [n for n, _ in model.named_modules() if n and not re.fullmatch(NOT_LANGUAGE, n)]
+        base = self.cfg.base_model_id
+        for field, names in named.items():
+            missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
             if missing:
-                raise PermanentError(f"hyperparameters.lora_target_modules: {missing} name no module of "
-                                     f"{self.cfg.base_model_id}; name its modules (e.g. q_proj, v_proj), or use "
-                                     "'all-linear'.")
-        return get_peft_model(model, *args, **kwargs)
+                example = "q_proj, v_proj), or use 'all-linear'" if field == "lora_target_modules" else \
+                    "lm_head or model.norm)"
+                raise PermanentError(f"hyperparameters.{field}: {missing} name no module of {base}; name its "
+                                     f"modules (e.g. {example}.")
+        for t in hp.modules_to_save or ():
+            partial = [n for n in modules if n.endswith(t) and not (n == t or n.endswith("." + t))]
+            if partial:
+                raise PermanentError(f"hyperparameters.modules_to_save: '{t}' also matches {partial[:3]} (PEFT "
+                                     "matches the end of a module's name); give the name in full, e.g. "
+                                     f"'{min((n for n in modules if n.endswith('.' + t)), key=len, default=t)}'.")
+        merges = self.cfg.export_format in ("merged", "gguf") or self.cfg.export_config.wants_gguf
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+        if merges and outputs is not None and outputs.weight is inputs.weight:
+            tied = [n for n, m in model.named_modules() if m is inputs or m is outputs]
+            hit = [t for t in hp.modules_to_save or () if any(n == t or n.endswith("." + t) for n in tied)]
+            if hit:
+                raise PermanentError(f"hyperparameters.modules_to_save: {hit} in {base} is one weight shared by "
+                                     f"{' and '.join(tied)} (tie_word_embeddings); PEFT trains a copy for one of "
+                                     "them, which an adapter keeps but a merged or GGUF model cannot (its two "
+                                     "layers stay one weight); export format 'adapter' without include_gguf, or "
+                                     "leave the embeddings out.")
 
     def lora_kwargs(self) -> dict[str, Any]:
         hp = self.cfg.hyperparameters
         targets = hp.lora_target_modules
         return {"r": hp.lora_rank, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
                 "target_modules": targets if isinstance(targets, str) else list(targets), "bias": "none",
-                "use_rslora": hp.use_rslora, **({"use_dora": True} if hp.use_dora else {})}
+                "use_rslora": hp.use_rslora, **({"use_dora": True} if hp.use_dora else {}),
+                **({"modules_to_save": list(hp.modules_to_save)} if hp.modules_to_save else {})}
 
     def trainer_kwargs(self, prep: Prepared) -> dict[str, Any]:
         """The only mapping from the request to TRL's configuration, for every trainer type."""

@@ -5,7 +5,8 @@ download and the load.
     bytes = weights + gradients + optimizer state (per method) + activations + CUDA overhead
 
 - Full: bf16 weights (2 B/param) + bf16 gradients (2) + 8-bit AdamW state (2): 6 B/param.
-- LoRA: the frozen base in bf16 (2 B/param); the adapter (about 1 % of the base) is negligible.
+- LoRA: the frozen base in bf16 (2 B/param); the adapter (about 1 % of the base) is negligible; the
+  modules of modules_to_save, trained whole, 16 B/param more (Gemma's embeddings are a large share).
 - QLoRA: NF4 with double quantization (about 0.52 B/param) for the decoder's linear layers; the
   embeddings stay in bf16 (Gemma's 262k-token vocabulary makes them a large share).
 - Activations, with gradient checkpointing: each layer's input kept (batch x length x hidden x 2 B
@@ -36,19 +37,38 @@ OVERHEAD = 1.5 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 HEADROOM = 0.95
 
 
-def count_params(config) -> tuple[int, int]:
-    """(all parameters, embedding parameters) of the model a config describes, built on the meta device."""
+def meta_model(model_id: str, token: str | None, trust_remote_code: bool):
+    """The model as its config describes it, on the meta device: its modules and shapes, no weights."""
+    from transformers import AutoConfig
+
+    return empty_model(AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code),
+                       trust_remote_code)
+
+
+def empty_model(config, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def count_params(config, model=None) -> tuple[int, int]:
+    """(all parameters, embedding parameters) of the model a config describes, built on the meta device."""
+    model = empty_model(config) if model is None else model
     total = sum(p.numel() for p in model.parameters())
     return total, model.get_input_embeddings().weight.numel()
 
 
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def saved_params(model, names: list[str] | None) -> int:
+    """Parameters of the modules modules_to_save names (matched as PEFT matches them: the end of a name)."""
+    params = {id(p): p.numel() for n, m in model.named_modules() if n and any(n.endswith(t) for t in names or ())
+              for p in m.parameters()}
+    return sum(params.values())
 
 
 def nf4_bytes(total: int, embeddings: int) -> float:
@@ -65,12 +85,14 @@ def int8_bytes(total: int, embeddings: int) -> float:
 
 
 def estimate_bytes(total: int, embeddings: int, method: str, batch: int, length: int, config,
-                   load_in_8bit: bool = False) -> dict[str, float]:
+                   load_in_8bit: bool = False, saved: int = 0) -> dict[str, float]:
+    """saved: parameters of modules_to_save, trained whole beside the adapter: a copy, its gradient and AdamW's
+    two moments, in fp32 where the base is quantized (PEFT's k-bit preparation upcasts them), 16 B/param."""
     cfg = text_config(config)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter, vocab = cfg.intermediate_size, cfg.vocab_size
     weights = {"Full": 6.0 * total, "LoRA": int8_bytes(total, embeddings) if load_in_8bit else 2.0 * total,
-               "QLoRA": nf4_bytes(total, embeddings)}[method]
+               "QLoRA": nf4_bytes(total, embeddings)}[method] + 16.0 * saved
     tokens = batch * length
     activations = tokens * (hidden * layers + 20 * hidden + 3 * inter) * 2 + tokens * vocab * 2
     return {"weights_and_optimizer": weights, "activations": activations, "overhead": OVERHEAD,
@@ -107,11 +129,12 @@ def check_memory(cfg, settings, token: str | None) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(cfg.base_model_id, token=token, trust_remote_code=cfg.trust_remote_code)
-    total, embeddings = count_params(config)
+    model = empty_model(config, cfg.trust_remote_code)
+    total, embeddings = count_params(config, model)
     if gpu:
         hp = cfg.hyperparameters
         estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config,
-                                  hp.load_in_8bit)
+                                  hp.load_in_8bit, saved_params(model, hp.modules_to_save))
         logger.info("GPU memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
         message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
         if message:

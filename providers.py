@@ -13,14 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from artifacts import cast_saved
-from base import BaseTrainingJob
+from base import NOT_LANGUAGE, BaseTrainingJob
 from errors import PermanentError
 
 logger = logging.getLogger(__name__)
-
-# The parts of a multimodal Gemma (3 at 4B and up, 3n) that are not its language model.
-NOT_LANGUAGE = r".*\.(vision_tower|audio_tower|multi_modal_projector)\..*"
-
 
 class HuggingFaceTrainingJob(BaseTrainingJob):
     def load_model(self, tokenizer) -> Any:
@@ -38,7 +34,7 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         towers = any(re.fullmatch(NOT_LANGUAGE, name) for name, _ in model.named_modules())
         config = LoraConfig(task_type="CAUSAL_LM", exclude_modules=NOT_LANGUAGE if towers else None,
                             **self.lora_kwargs())
-        return self.apply_lora(get_peft_model, model, config)
+        return get_peft_model(model, config)  # the module names were checked at pre-flight
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
         from transformers import AutoModelForCausalLM
@@ -99,8 +95,8 @@ class UnslothTrainingJob(BaseTrainingJob):
                                  "'huggingface'.")
         if method == "Full":
             return model
-        return self.apply_lora(FastLanguageModel.get_peft_model, model, use_gradient_checkpointing="unsloth",
-                               random_state=hp.seed, **self.lora_kwargs())
+        return FastLanguageModel.get_peft_model(model, use_gradient_checkpointing="unsloth", random_state=hp.seed,
+                                                **self.lora_kwargs())
 
     def sft_overrides(self) -> dict[str, Any]:
         return {"optim": "adamw_8bit"}

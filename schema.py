@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 # A path component that cannot escape its prefix: no slash, no leading dot.
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -72,6 +72,10 @@ class Hyperparameters(StrictModel):
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(LORA_TARGETS), description="The layers LoRA adapts, by name (every linear "
         "layer of a Gemma decoder block by default), or 'all-linear'; a vision tower is left out either way.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained whole (not through LoRA) and saved with the adapter, by name as PEFT "
+        "matches it (the end of a module's name), e.g. ['lm_head'] or ['model.norm']: methods LoRA and QLoRA. A "
+        "tied embedding (Gemma's embed_tokens and lm_head) is for adapter exports only.")
     load_in_8bit: bool = Field(False, description="Method LoRA on the base loaded in 8 bits (bitsandbytes LLM.int8): "
                                "about half the 16-bit weights' memory; provider huggingface.")
     neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise of this strength "
@@ -94,13 +98,15 @@ class Hyperparameters(StrictModel):
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
     seed: int = Field(42, ge=0)
 
-    @field_validator("lora_target_modules")
+    @field_validator("lora_target_modules", "modules_to_save")
     @classmethod
-    def _module_names(cls, v: list[str] | str) -> list[str] | str:
-        if isinstance(v, str):
+    def _module_names(cls, v: list[str] | str | None, info: ValidationInfo) -> list[str] | str | None:
+        if v is None or isinstance(v, str):
             return v
         if not v:
-            raise ValueError("name at least one module (e.g. [\"q_proj\", \"v_proj\"]), or 'all-linear'")
+            raise ValueError("name at least one module (e.g. [\"q_proj\", \"v_proj\"]), or 'all-linear'"
+                             if info.field_name == "lora_target_modules" else "name at least one module (e.g. "
+                             "[\"lm_head\"]), or leave modules_to_save unset")
         bad = [name for name in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name)]
         if bad:
             raise ValueError(f"{bad} are not module names (letters, digits, '_' and '.', as in 'q_proj' or "
@@ -304,7 +310,7 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"trainer_type '{self.trainer_type}': max_prompt_length ({hp.max_prompt_length}) must be "
                              f"below max_length ({hp.max_length}), or no completion fits; lower max_prompt_length, "
                              "raise max_length, or leave max_prompt_length unset (min(512, max_length / 2)).")
-        adapter_options = [n for n in ("use_dora", "use_rslora") if getattr(hp, n)] + \
+        adapter_options = [n for n in ("use_dora", "use_rslora", "modules_to_save") if getattr(hp, n)] + \
             (["lora_target_modules"] if "lora_target_modules" in hp.model_fields_set else [])
         if self.method == "Full" and adapter_options:
             raise ValueError(f"{', '.join(adapter_options)}: LoRA options, and method 'Full' trains every weight "
@@ -319,6 +325,14 @@ class TrainingConfig(StrictModel):
         if self.provider == "unsloth" and hp.lora_target_modules == "all-linear":
             raise ValueError("provider 'unsloth' with lora_target_modules 'all-linear': Unsloth takes module names; "
                              "list them (its default is every linear layer of a decoder block).")
+        both = sorted(set(hp.modules_to_save or ()) & set(() if isinstance(hp.lora_target_modules, str)
+                                                           else hp.lora_target_modules))
+        if both:
+            raise ValueError(f"hyperparameters: {both} in both lora_target_modules and modules_to_save; a module "
+                             "is adapted by LoRA or trained whole, not both: remove it from one list.")
+        if self.provider == "unsloth" and hp.modules_to_save:
+            raise ValueError("provider 'unsloth' with modules_to_save: not shown for this job on a GPU yet (Unsloth "
+                             "trains saved embeddings its own way); remove it, or use provider 'huggingface'.")
         if self.provider == "unsloth" and hp.use_dora:
             raise ValueError("provider 'unsloth' with `use_dora: true`: Unsloth passes DoRA to PEFT unoptimized, and "
                              "that has not been shown for this job on a GPU; set `use_dora: false`, or provider "

@@ -37,6 +37,7 @@ def main(folder: str, out: str, prompt: str) -> None:
             model = peft.PeftModel.from_pretrained(base, path).eval()
             result["peft_logits"] = model(ids).logits[0].tolist()
             result["target_modules"] = sorted(config.target_modules)
+            result["modules_to_save"] = sorted(config.modules_to_save or [])
     Path(out).write_text(json.dumps(result))
 
 

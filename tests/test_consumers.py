@@ -26,8 +26,8 @@ def consumer() -> str:
 
 @pytest.fixture(scope="module")
 def exported(tiny_root, tmp_path_factory):
-    """An SFT adapter, a DPO adapter, an SFT merged model and a DoRA + rsLoRA adapter, each exported by a whole
-    job."""
+    """An SFT adapter, a DPO adapter, an SFT merged model and a DoRA + rsLoRA adapter with lm_head trained whole
+    (modules_to_save), each exported by a whole job."""
     import shutil
 
     root = tmp_path_factory.mktemp("consumers")
@@ -36,7 +36,7 @@ def exported(tiny_root, tmp_path_factory):
         "sft-adapter": ("sft", "tiny-animals", {"format": "adapter"}),
         "dpo-adapter": ("dpo", "tiny-animals-pref", {"format": "adapter"}),
         "sft-merged": ("sft", "tiny-animals", {"format": "merged"}),
-        "dora-adapter": ("sft", "tiny-animals", {"format": "adapter"}),  # DoRA and rsLoRA together
+        "dora-adapter": ("sft", "tiny-animals", {"format": "adapter"}),  # DoRA, rsLoRA, modules_to_save
     }
     folders = {}
     for job_id, (trainer_type, dataset, export) in jobs.items():
@@ -44,7 +44,8 @@ def exported(tiny_root, tmp_path_factory):
         req["processed_dataset_id"] = dataset
         req["training_config"]["hyperparameters"].update(epochs=1, max_steps=6 if trainer_type == "sft" else 2)
         if job_id == "dora-adapter":
-            req["training_config"]["hyperparameters"].update(use_dora=True, use_rslora=True)
+            req["training_config"]["hyperparameters"].update(use_dora=True, use_rslora=True,
+                                                             modules_to_save=["lm_head"])
         put_request(root, job_id, req)
         assert main.main([], env_for(root, job_id)) == 0, read_doc(root, job_id).get("error")
         doc = read_doc(root, job_id)
@@ -98,6 +99,7 @@ def test_export_loads_in_the_inference_services_pinned_libraries(job_id, exporte
         assert got["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"])
         assert torch.allclose(torch.tensor(got["peft_logits"]), ours, atol=1e-4)
+        assert got["modules_to_save"] == (["lm_head"] if job_id == "dora-adapter" else [])
 
 
 @pytest.mark.parametrize("job_id", ["sft-adapter", "dpo-adapter"])

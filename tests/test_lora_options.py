@@ -171,6 +171,7 @@ def request_with(tc: dict, **hp) -> str:
     ({"provider": "unsloth"}, {"use_rslora": True, "lora_target_modules": ["q_proj"]}),
     ({"method": "QLoRA", "export_config": {"format": "gguf"}}, {"use_dora": True}),
     ({"method": "LoRA"}, {"load_in_8bit": True}),
+    ({}, {"modules_to_save": ["lm_head", "model.norm"]}),
 ])
 def test_lora_options_accepted(tc, hp):
     cfg = parse_request(request_with(tc, **hp)).training_config
@@ -192,8 +193,77 @@ def test_lora_options_accepted(tc, hp):
     ({}, {"lora_target_modules": ["q_proj", "q proj;"]}, "are not module names"),
     ({}, {"lora_target_modules": ["q_proj", "q_proj"]}, "a module is named twice"),
     ({}, {"lora_target_modules": "every-linear"}, "lora_target_modules"),
+    ({}, {"modules_to_save": []}, "leave modules_to_save unset"),
+    ({"method": "Full"}, {"modules_to_save": ["lm_head"]}, "modules_to_save: LoRA options"),
+    ({"provider": "unsloth"}, {"modules_to_save": ["lm_head"]}, "provider 'unsloth' with modules_to_save"),
+    ({}, {"modules_to_save": ["q_proj"]}, "['q_proj'] in both lora_target_modules and modules_to_save"),
 ])
 def test_lora_options_refused_with_the_field_named(tc, hp, message):
     with pytest.raises(RequestError) as err:
         parse_request(request_with(tc, **hp))
     assert message in str(err.value), str(err.value)
+
+
+def test_modules_to_save_trains_them_whole_and_the_adapter_carries_them(local_dir, tiny_root):
+    """model.norm and lm_head (tied to embed_tokens in Gemma) trained whole beside LoRA: both change, the base's
+    embedding stays, and the exported adapter holds them and reproduces the trained logits in PEFT."""
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    job, prep, trainer, before = train(local_dir, tiny_root, "saved", modules_to_save=["model.norm", "lm_head"])
+    trained = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    copies = sorted(n for n in trained if ".modules_to_save." in n)
+    assert copies == ["base_model.model.lm_head.modules_to_save.default.weight",
+                      "base_model.model.model.norm.modules_to_save.default.weight"]
+    embedding = "base_model.model.model.embed_tokens.weight"  # lm_head's original weight: one tensor, tied
+    assert not torch.equal(trained[copies[0]], before[embedding])
+    assert not torch.equal(trained[copies[1]], before["base_model.model.model.norm.original_module.weight"])
+    assert torch.equal(dict(trainer.model.named_parameters())[embedding], before[embedding])
+    ids = prep.eval.rows[0]["input_ids"]
+    ours = logits(trainer.model.eval(), ids)
+    artifacts = job.export(trainer, prep.tokenizer, {}, prep)
+    assert artifacts["verification"]["adapter"]["top1_agreement"] == 1.0
+    folder = job.services.blobs.path(artifacts["adapter_path"])
+    assert sorted(json.loads((folder / "adapter_config.json").read_text())["modules_to_save"]) == \
+        ["lm_head", "model.norm"]
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.norm.weight"} <= set(saved)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert torch.allclose(logits(loaded, ids), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("saved,export,message", [
+    (["lm_head"], {"format": "merged"}, "is one weight shared by model.embed_tokens and lm_head"),
+    (["embed_tokens"], {"include_gguf": True}, "export format 'adapter' without include_gguf"),
+    (["norm"], None, "'norm' also matches ['model.layers.0.self_attn.q_norm'"),
+    (["final_norm"], None, "['final_norm'] name no module"),
+])
+def test_modules_to_save_refused_at_preflight_naming_the_field(saved, export, message, local_dir, tiny_root):
+    """Exit 2 before any weight is loaded: a tied embedding saved whole where the export merges, a name PEFT would
+    match elsewhere too, a name the model lacks."""
+    import main
+    from conftest import env_for, put_request, read_doc
+
+    req = sample_request(tiny_root, **({"export_config": export} if export else {}))
+    req["training_config"]["hyperparameters"]["modules_to_save"] = saved
+    put_request(local_dir, "saved", req)
+    assert main.main([], env_for(local_dir, "saved")) == 2
+    doc = read_doc(local_dir, "saved")
+    assert doc["error_type"] == "permanent" and doc["error"].startswith("hyperparameters.modules_to_save: ")
+    assert message in doc["error"], doc["error"]
+    assert doc["phase"] == "validating"
+
+
+def test_modules_to_save_are_in_the_memory_estimate(tiny_root):
+    from transformers import AutoConfig
+
+    from memory import count_params, empty_model, estimate_bytes, saved_params
+
+    config = AutoConfig.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))
+    model = empty_model(config)
+    assert saved_params(model, ["lm_head"]) == config.vocab_size * config.hidden_size
+    assert saved_params(model, ["lm_head", "embed_tokens"]) == config.vocab_size * config.hidden_size  # tied
+    assert saved_params(model, None) == 0
+    total, embeddings = count_params(config, model)
+    plain, saved = (estimate_bytes(total, embeddings, "QLoRA", 2, 64, config, saved=n)["total"] for n in (0, 1000))
+    assert saved - plain == 16 * 1000
