@@ -23,6 +23,7 @@ from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
 from export import ExportJob, check_installed, export_artifacts
 from job_manager import JobStatus, JobTracker
+from lineage import Parent, fetch_parent
 from libraries import check_attention, import_libraries, trl_classes
 from memory import check_memory
 from progress import progress_callback
@@ -70,6 +71,7 @@ class BaseTrainingJob:
             services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
             keep=self.cfg.hyperparameters.save_total_limit)
         self.guard = services.guard or Guard(read_doc=self.tracker.read)
+        self.parent: Parent | None = None  # the adapter this job continues (lineage.py), found at pre-flight
 
     # ---- provider hooks -------------------------------------------------------------------
     def check_environment(self) -> None:
@@ -154,6 +156,8 @@ class BaseTrainingJob:
             check_installed()
         self.timed("check_environment", self.check_environment)  # Unsloth's import: about 35 s on a GPU
         self.check_hub_access()
+        self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
+                                 self.settings.export_bucket, self.workdir)
         splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
         check_attention(self.cfg.hyperparameters.use_fa2)
@@ -185,7 +189,8 @@ class BaseTrainingJob:
         if stats["truncated_rows"]:
             logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
         logger.info("preflight ok: %s", stats)
-        self.tracker.phase("validated", dataset=stats, total_steps=total)
+        self.tracker.phase("validated", dataset=stats, total_steps=total,
+                           **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total)
 
     def load_data(self) -> dict[str, list]:
@@ -355,6 +360,11 @@ class BaseTrainingJob:
             step = int(last.name.rsplit("-", 1)[1])
             logger.info("resuming from checkpoint-%d", step)
             self.tracker.write({"resumed_from_step": step})
+        if self.parent and not last and trainer.eval_dataset is not None:
+            # Where the continued adapter starts: its parent's eval loss on this job's eval split
+            start = trainer.evaluate()
+            self.tracker.write({"init_eval_loss": start["eval_loss"]})
+            logger.info("starting from the parent adapter at eval_loss %.4f", start["eval_loss"])
         self.guard.training = True
         try:
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -383,5 +393,5 @@ class BaseTrainingJob:
         s = self.services
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
-                        s.run_logger, self.timed, self.timings)
+                        s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None)
         return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))

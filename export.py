@@ -63,6 +63,7 @@ class ExportJob:
     run_logger: RunLogger
     timed: Callable[..., Any]  # the job's step timer
     timings: dict[str, float]  # the job's timings so far (the manifests carry them)
+    parent: dict[str, Any] | None = None  # the adapter this job continued (lineage.py), for the manifests
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
@@ -187,8 +188,8 @@ def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, 
     ex = job.cfg.export_config
     custom = {"job_id": job.job_id, "base_model_id": job.cfg.base_model_id,
               "provider": job.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}
-    write(out, custom, {"metrics": metrics, "request": job.request,
-                        "verification": verified, "timings": job.timings},
+    write(out, custom, {"metrics": metrics, "request": job.request, "verification": verified,
+                        "timings": job.timings, **({"parent": job.parent} if job.parent else {})},
           name=name, contract=name == "manifest.json")
 
 

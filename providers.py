@@ -25,10 +25,14 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         model = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, **self.base_model_kwargs())
         if self.cfg.method == "Full":
             return model
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         if self.cfg.method == "QLoRA" or self.cfg.hyperparameters.load_in_8bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if self.parent:  # continue its adapter, its shape as it is (lineage.py); the dropout is this job's
+            config = LoraConfig.from_pretrained(str(self.parent.folder))
+            config.lora_dropout, config.inference_mode = self.cfg.hyperparameters.lora_dropout, False
+            return PeftModel.from_pretrained(model, str(self.parent.folder), config=config, is_trainable=True)
         # PEFT matches the target names anywhere: on Gemma 3 4B and up, the vision tower's q/k/v_proj too,
         # which a text job never runs (Unsloth scopes its list to the language model itself).
         towers = any(re.fullmatch(NOT_LANGUAGE, name) for name, _ in model.named_modules())

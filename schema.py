@@ -275,6 +275,11 @@ class TrainingConfig(StrictModel):
     export_config: ExportConfig = Field(default_factory=ExportConfig)
     wandb_config: WandbConfig | None = None
     reward_config: list[Grader] = Field(default_factory=list, description="GRPO's graders; null or [] otherwise.")
+    init_from_job_id: str | None = Field(None, pattern=SAFE_ID, description="Continue training the adapter this "
+                                         "job exported (trained_adapters/{id}/ in the export bucket): methods LoRA "
+                                         "and QLoRA on the same base_model_id; its LoRA shape is kept.")
+    init_adapter: str | None = Field(None, pattern=HF_REPO_ID, description="Continue training a LoRA adapter "
+                                     "from the Hub ('owner/name'), as init_from_job_id does.")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -340,6 +345,15 @@ class TrainingConfig(StrictModel):
         if hp.neftune_noise_alpha is not None and self.trainer_type != "sft":
             raise ValueError(f"neftune_noise_alpha is an SFT option (TRL's SFT trainer adds the noise), not "
                              f"'{self.trainer_type}': remove it or set trainer_type 'sft'.")
+        parent = "init_from_job_id" if self.init_from_job_id else "init_adapter" if self.init_adapter else None
+        if self.init_from_job_id and self.init_adapter:
+            raise ValueError("init_from_job_id and init_adapter are both set; a job continues one adapter: keep one.")
+        if parent and self.method == "Full":
+            raise ValueError(f"{parent}: method 'Full' trains the base's own weights and continues no adapter; use "
+                             "method 'LoRA' or 'QLoRA', or remove it.")
+        if parent and self.provider == "unsloth":
+            raise ValueError(f"provider 'unsloth' with {parent}: continuing an adapter with Unsloth has not been "
+                             "shown for this job on a GPU yet; use provider 'huggingface'.")
         if self.reward_config and self.trainer_type != "grpo":
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")

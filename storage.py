@@ -201,6 +201,9 @@ class ModelHub(Protocol):
         return the commit's URL."""
     def license(self, repo_id: str) -> str | None:
         """The licence in a Hub model's card metadata, if it has one."""
+    def download_adapter(self, repo_id: str, local_dir: Path, names: list[str]) -> None:
+        """An adapter's files from the root of a Hub repo into local_dir; a PermanentError if the repo or a
+        file is missing or the token cannot read it."""
 
 
 class LocalModelHub:
@@ -226,6 +229,15 @@ class LocalModelHub:
 
     def license(self, repo_id: str) -> str | None:
         return None  # the local backend never reaches the Hub
+
+    def download_adapter(self, repo_id: str, local_dir: Path, names: list[str]) -> None:
+        missing = [n for n in names if not (self.root / repo_id / n).is_file()]
+        if missing:
+            raise PermanentError(f"training_config.init_adapter: {repo_id!r} has no {', '.join(missing)} (local "
+                                 f"backend: {self.root / repo_id}); name a repo holding a PEFT adapter.")
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            shutil.copyfile(self.root / repo_id / n, Path(local_dir) / n)
 
 
 class HfModelHub:
@@ -282,3 +294,16 @@ class HfModelHub:
     def license(self, repo_id: str) -> str | None:
         card = self.api.model_info(repo_id).card_data
         return card.license if card else None
+
+    def download_adapter(self, repo_id: str, local_dir: Path, names: list[str]) -> None:
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+        field = "training_config.init_adapter"
+        for name in names:
+            try:
+                self.api.hf_hub_download(repo_id, name, local_dir=str(local_dir))
+            except EntryNotFoundError:
+                raise PermanentError(f"{field}: {repo_id!r} has no {name} at its root; name a repo holding a PEFT "
+                                     "adapter (adapter_config.json and adapter_model.safetensors).") from None
+            except HfHubHTTPError as e:
+                raise self._access_error(e, repo_id, field, "read") or e from None

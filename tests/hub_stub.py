@@ -1,6 +1,6 @@
 """A small local server speaking the parts of the Hugging Face Hub's HTTP API the job uses, for
 huggingface_hub pointed at it with `endpoint=`/`HF_ENDPOINT`: create_repo, auth_check (read and
-write), model_info, validate-yaml, the tree listing, preupload, the LFS batch API with its basic
+write), model_info, file downloads (resolve, HEAD and GET), validate-yaml, the tree listing, preupload, the LFS batch API with its basic
 transfer (upload and verify) and the NDJSON commit of upload_folder: files inline (base64), LFS files
 by their sha256, deleted files.
 
@@ -70,7 +70,8 @@ class HubStub:
                     self.send_header("X-Error-Code", error_code)
                     self.send_header("X-Error-Message", error_code)
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
             def body(self) -> bytes:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -78,8 +79,37 @@ class HubStub:
             def authorised(self) -> bool:
                 return self.headers.get("Authorization") == f"Bearer {hub.token}"
 
+            def do_HEAD(self) -> None:  # hf_hub_download asks for a file's metadata first
+                hub.requests.append(("HEAD", self.path, self.headers.get("Authorization")))
+                if not self.resolve():
+                    self.reply(404, {"error": f"stub: no route HEAD {self.path}"})
+
+            def resolve(self) -> bool:
+                """A file of a repo, as /{repo_id}/resolve/{revision}/{path} serves it; False if not such a path."""
+                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", urlparse(self.path).path)
+                if not m:
+                    return False
+                repo = hub.repos.get(m[1])
+                if repo is None or (repo["private"] and not self.authorised()):
+                    self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+                    return True
+                data = repo["files"].get(unquote(m[3]))
+                if data is None:
+                    self.reply(404, {"error": "Entry not found"}, "EntryNotFound")
+                    return True
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("X-Repo-Commit", hashlib.sha1(m[1].encode()).hexdigest())
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                return True
+
             def do_GET(self) -> None:
                 hub.requests.append(("GET", self.path, self.headers.get("Authorization")))
+                if self.resolve():
+                    return
                 path = urlparse(self.path).path
                 tree = re.fullmatch(r"/api/models/(.+?/.+?)/tree/([^/]+)(/.*)?", path)
                 if tree:
