@@ -150,3 +150,23 @@ def test_the_hub_client_downloads_an_adapter_and_names_what_is_missing(parent, t
             client.download_adapter("someone/empty", tmp_path / "empty", names)
         with pytest.raises(PermanentError, match="training_config.init_adapter: 'someone/animals' was not found"):
             HfModelHub(None, hub.url).download_adapter("someone/animals", tmp_path / "anon", names)
+
+
+def test_dpo_on_a_continued_adapter_keeps_the_parent_as_its_reference(parent, tiny_root):
+    """SFT then DPO: TRL copies a pretrained adapter as the frozen reference ("ref"), so the reference is
+    the parent, not the base."""
+    import torch
+    from safetensors.torch import load_file
+
+    req = continued(tiny_root, trainer_type="dpo", init_from_job_id="parent")
+    req["processed_dataset_id"] = "tiny-animals-pref"
+    job = make_job(parent, req, "dpo-child")
+    prep = job.preflight()
+    trainer = job.build_trainer(job.load_model(prep.tokenizer), prep)
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+    saved = load_file(str(parent / EXPORT / "trained_adapters" / "parent" / "adapter_model.safetensors"))
+    params = dict(trainer.model.named_parameters())
+    for name, weight in saved.items():  # base_model.model....lora_A.weight -> ...lora_A.ref.weight
+        ref = name.replace(".weight", ".ref.weight")
+        assert torch.equal(params[ref].detach().float(), weight.float()), ref
+        assert not params[ref].requires_grad
