@@ -31,7 +31,7 @@ from rewards import build_reward, reference_fields
 from schema import TrainRequest
 from settings import Settings
 from storage import BlobStore, ModelHub
-from tracking import RunLogger, Tolerant
+from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import probe_prompts
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ class Services:
     tracker: JobTracker
     run_logger: RunLogger
     guard: Guard | None = None
+    tensorboard: TensorBoardLog | None = None
+    integrations: tuple[str, ...] = ()  # report_to's comet_ml, mlflow: the Trainer's own integrations
 
 
 @dataclass
@@ -120,11 +122,21 @@ class BaseTrainingJob:
         return {"metrics": metrics, **artifacts}
 
     def finish_tracking(self, ok: bool) -> None:
-        """End the W&B run; an offline run's folder goes to the bucket for `wandb sync`, and what went wrong
-        with W&B to the job document. Tracking never fails the job."""
+        """End the W&B run; an offline run's folder goes to the bucket for `wandb sync`, TensorBoard's event
+        files beside the artifacts, and what went wrong with a tracker to the job document. Tracking never
+        fails the job."""
         runs = self.services.run_logger
         folder = runs.finish(ok)
         fields: dict[str, Any] = {}
+        events = self.services.tensorboard.close() if self.services.tensorboard else None
+        if events is not None:
+            logdir = f"gs://{self.settings.export_bucket}/tensorboard/{self.settings.job_id}/"
+            try:
+                self.services.blobs.upload_dir(events, f"{logdir}attempt-{self.settings.attempt}/")
+                fields["tensorboard_path"] = logdir
+                logger.info("TensorBoard event files uploaded: tensorboard --logdir %s", logdir)
+            except Exception as e:
+                runs.warn(f"the TensorBoard event files could not be uploaded ({type(e).__name__}: {e})")
         if folder is not None and folder.is_dir():
             uri = f"gs://{self.settings.export_bucket}/wandb/{self.settings.job_id}/{folder.name}/"
             try:
@@ -306,7 +318,7 @@ class BaseTrainingJob:
             **optimizer, warmup_steps=warmup_fraction, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
             save_strategy=hp.save_strategy, save_steps=hp.save_steps, save_total_limit=hp.save_total_limit,
             eval_strategy=ev.eval_strategy if evaluate_during else "no", eval_steps=ev.eval_steps,
-            report_to=self.services.run_logger.report_to,
+            report_to=self.services.run_logger.report_to + list(self.services.integrations),
             # On a CPU, bf16 autocast and gradient checkpointing make training 10-30x slower: off there.
             bf16=bf16, fp16=gpu and not bf16, use_cpu=not gpu, gradient_checkpointing=gpu,
             dataloader_pin_memory=gpu, disable_tqdm=True, logging_first_step=True,
@@ -348,9 +360,15 @@ class BaseTrainingJob:
         trainer.remove_callback(PrinterCallback)
         runs = self.services.run_logger
         for callback in list(trainer.callback_handler.callbacks):
-            if type(callback).__name__ == "WandbCallback":  # tracking never costs a run (tracking.py)
-                trainer.remove_callback(callback)
+            if type(callback).__name__ in ("WandbCallback", "CometCallback", "MLflowCallback"):
+                trainer.remove_callback(callback)  # tracking never costs a run (tracking.py)
                 trainer.add_callback(Tolerant(callback, runs.warn))
+        if self.services.tensorboard:
+            try:
+                trainer.add_callback(Tolerant(self.services.tensorboard.make_callback(), runs.warn))
+            except Exception as e:
+                runs.warn(f"TensorBoard could not start ({type(e).__name__}: {str(e)[:200]}); training goes on "
+                          "without it")
         return trainer
 
     def train(self, trainer) -> dict[str, Any]:

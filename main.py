@@ -40,6 +40,7 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
        "world_size": "WORLD_SIZE", "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
        "execution": "CLOUD_RUN_EXECUTION"}
+TRACKER_SECRETS = ("COMET_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB", "LOCAL_DIR")
 
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     json_lines = bool(env.get("CLOUD_RUN_JOB"))
     redact = setup_logging(settings.job_id, json_lines, level=env.get("LOG_LEVEL", "INFO").upper())
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
+    redact.add(*(env.get(name, "") for name in TRACKER_SECRETS))  # read by comet_ml's and mlflow's own clients
     store = open_store(settings, dry_run=args.validate)
     tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact, execution=settings.execution)
     guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)

@@ -274,6 +274,10 @@ class TrainingConfig(StrictModel):
     eval_config: EvalConfig = Field(default_factory=EvalConfig)
     export_config: ExportConfig = Field(default_factory=ExportConfig)
     wandb_config: WandbConfig | None = None
+    report_to: list[Literal["wandb", "tensorboard", "comet_ml", "mlflow"]] | None = Field(
+        None, description="Trackers: wandb (with wandb_config, or its defaults), tensorboard (event files "
+        "uploaded to the export bucket's tensorboard/{job_id}/), comet_ml and mlflow (where their packages are "
+        "installed; this image has neither). Unset: wandb if wandb_config is set, else none.")
     reward_config: list[Grader] = Field(default_factory=list, description="GRPO's graders; null or [] otherwise.")
     init_from_job_id: str | None = Field(None, pattern=SAFE_ID, description="Continue training the adapter this "
                                          "job exported (trained_adapters/{id}/ in the export bucket): methods LoRA "
@@ -345,6 +349,11 @@ class TrainingConfig(StrictModel):
         if hp.neftune_noise_alpha is not None and self.trainer_type != "sft":
             raise ValueError(f"neftune_noise_alpha is an SFT option (TRL's SFT trainer adds the noise), not "
                              f"'{self.trainer_type}': remove it or set trainer_type 'sft'.")
+        if self.report_to is not None and len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("report_to names a tracker twice; name each once.")
+        if self.report_to is not None and self.wandb_config is not None and "wandb" not in self.report_to:
+            raise ValueError(f"wandb_config is set but report_to {self.report_to} leaves out 'wandb'; add 'wandb' "
+                             "to report_to, or remove wandb_config.")
         parent = "init_from_job_id" if self.init_from_job_id else "init_adapter" if self.init_adapter else None
         if self.init_from_job_id and self.init_adapter:
             raise ValueError("init_from_job_id and init_adapter are both set; a job continues one adapter: keep one.")
@@ -358,6 +367,13 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")
         return self
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers the job reports to: report_to, else W&B where wandb_config is set (the older forms)."""
+        if self.report_to is not None:
+            return list(self.report_to)
+        return ["wandb"] if self.wandb_config is not None else []
 
     @property
     def export_format(self) -> Literal["adapter", "merged", "gguf"]:

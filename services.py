@@ -6,14 +6,20 @@ Google, Hugging Face and W&B clients.
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from pathlib import Path
 
+from errors import PermanentError
 from job_manager import FirestoreJobStore, LocalJobStore
-from schema import TrainRequest
+from schema import TrainRequest, WandbConfig
 from settings import Settings
 from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
-from tracking import NullRunLogger, WandbRunLogger
+from tracking import NullRunLogger, TensorBoardLog, WandbRunLogger
+
+# Trackers handed to the Trainer's own integration where their package is installed (this image has neither):
+# the package's pip name.
+INTEGRATIONS = {"comet_ml": "comet_ml", "mlflow": "mlflow"}
 
 
 def open_store(settings: Settings, dry_run: bool = False):
@@ -34,12 +40,20 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
 
     local = settings.backend == "local"
     hub = LocalModelHub(settings.local_dir) if local else HfModelHub(settings.hub_token(request), settings.hf_endpoint)
-    wb = request.training_config.wandb_config
+    trackers = request.training_config.trackers
+    for name in trackers:
+        if name in INTEGRATIONS and importlib.util.find_spec(name) is None:
+            raise PermanentError(f"training_config.report_to: '{name}' needs the {INTEGRATIONS[name]} package, "
+                                 f"which this image does not have; add `{INTEGRATIONS[name]}` to requirements.txt "
+                                 "and rebuild the image (pip install " + INTEGRATIONS[name] + "), or remove "
+                                 f"'{name}' from report_to.")
+    wb = request.training_config.wandb_config or WandbConfig()
     runs = NullRunLogger()
-    if wb and settings.wandb_mode != "disabled":
+    if "wandb" in trackers and settings.wandb_mode != "disabled":
         key, key_name = settings.wandb_key(request)
         runs = WandbRunLogger(wb.project, key, wb.log_model,
                               Path(settings.local_dir) / "wandb", settings.wandb_mode, key_name,
                               settings.wandb_init_timeout_s)
         runs.check()  # a malformed key: exit 2 now, not after the model has loaded
-    return Services(blobs, hub, tracker, runs, guard)
+    tensorboard = TensorBoardLog(settings.workdir / "tensorboard") if "tensorboard" in trackers else None
+    return Services(blobs, hub, tracker, runs, guard, tensorboard, tuple(t for t in trackers if t in INTEGRATIONS))

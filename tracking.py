@@ -1,4 +1,11 @@
-"""Experiment tracking: Weights & Biases when the request asks for it, nothing otherwise.
+"""Experiment tracking: the trackers `training_config.report_to` names (W&B where only wandb_config is set).
+
+TensorBoard: transformers' TensorBoardCallback writing to the job's own folder, uploaded when the attempt ends
+to `gs://{export bucket}/tensorboard/{job_id}/attempt-{n}/` (one run per attempt under one logdir); the
+document's `tensorboard_path` is that logdir. comet_ml and mlflow go to the Trainer's own integrations,
+where their packages are installed (services.py refuses them otherwise), with their keys from the
+environment (COMET_API_KEY, MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_PASSWORD), masked in every log line.
+Every tracker's callback is wrapped in `Tolerant`: its failure is a warning, never the job's.
 
 W&B runs online with a key (the request's, else WANDB_API_KEY) and offline without one, or as
 WANDB_MODE says; the run's config is the request with secrets masked. Tracking never costs a run:
@@ -140,6 +147,32 @@ class WandbRunLogger:
             self.warn(f"W&B could not finish the run ({type(e).__name__}: {str(e)[:200]})")
         self.run = None
         return folder
+
+
+class TensorBoardLog:
+    """The run's TensorBoard event files, in `directory` until they are uploaded."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.callback = None
+
+    def make_callback(self):
+        """transformers' TensorBoardCallback, writing to this folder (its default is under output_dir)."""
+        from transformers.integrations import TensorBoardCallback
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.callback = TensorBoardCallback()
+        self.callback.logging_dir = str(self.dir)
+        return self.callback
+
+    def close(self) -> Path | None:
+        """Flush and close the writer (the final evaluation comes after training's end); the folder if it holds
+        event files."""
+        writer = getattr(self.callback, "tb_writer", None)
+        if writer is not None:
+            writer.close()
+            self.callback.tb_writer = None
+        return self.dir if self.dir.is_dir() and any(self.dir.rglob("events.out.tfevents.*")) else None
 
 
 class Tolerant:

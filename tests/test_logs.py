@@ -67,17 +67,22 @@ def test_on_cloud_run_every_line_is_json_and_training_can_be_followed(local_dir,
 
 
 WANDB_SECRET = "wandbFAKEkey0123456789abcdefghijklmnopqrstu"
+# The other trackers' keys, from the environment (their own clients read them there; this image has neither)
+TRACKER_SECRETS = {"COMET_API_KEY": "cometFAKEkey0123456789", "MLFLOW_TRACKING_TOKEN": "mlflowFAKEtoken0123456789",
+                   "MLFLOW_TRACKING_PASSWORD": "mlflowFAKEpassword0123"}
 
 
 @pytest.mark.parametrize("outcome", ["completed", "permanent failure", "crash"])
 def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatch):
-    """Recognizable fake secrets (the request's token, the environment's W&B key) through a job that
-    completes, one that fails permanently and one that crashes with the token in its exception: zero
-    hits in every log line, the document, the W&B offline files, the artifacts and, once the job is
-    over for good, the request object itself (a retry still needs it after a crash)."""
+    """Recognizable fake secrets (the request's token, the environment's W&B key, every other tracker's key)
+    through a job reporting to W&B and TensorBoard that completes, one that fails permanently and one that
+    crashes with the token in its exception: zero hits in every log line, the document, the W&B offline
+    files, the TensorBoard event files, the artifacts and, once the job is over for good, the request object
+    itself (a retry still needs it after a crash)."""
     req = sample_request(tiny_root)
     req["hf_token"] = HF_SECRET
     req["training_config"]["wandb_config"] = {"project": "leak-test", "api_key": WANDB_SECRET}
+    req["training_config"]["report_to"] = ["wandb", "tensorboard"]
     req["training_config"]["hyperparameters"].update(epochs=1, max_steps=2)
     if outcome == "permanent failure":
         req["processed_dataset_id"] = "no-such-data"
@@ -89,7 +94,7 @@ def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatc
     job = f"secret-{outcome.split()[0]}"
     put_request(local_dir, job, req)
     expected = {"completed": 0, "permanent failure": 2, "crash": 1}[outcome]
-    assert main.main([], env_for(local_dir, job, WANDB_API_KEY=WANDB_SECRET)) == expected
+    assert main.main([], env_for(local_dir, job, WANDB_API_KEY=WANDB_SECRET, **TRACKER_SECRETS)) == expected
     out = capfd.readouterr()
     logs = out.out + out.err
     assert "**********" in logs  # the request was logged, masked
@@ -97,7 +102,9 @@ def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatc
     files = [p for p in local_dir.rglob("*") if p.is_file() and p != request_file]
     if outcome != "permanent failure":  # (that one stops at pre-flight, before W&B starts)
         assert any("wandb" in p.parts for p in files), "the offline W&B run wrote nothing"
-    for secret in (HF_SECRET, WANDB_SECRET):
+    if outcome == "completed":  # (the crash comes before the first step)
+        assert any(p.name.startswith("events.out.tfevents") for p in files), "TensorBoard wrote nothing"
+    for secret in (HF_SECRET, WANDB_SECRET, *TRACKER_SECRETS.values()):
         assert secret not in logs
         hits = [p for p in files if secret.encode() in p.read_bytes()]
         assert hits == [], hits

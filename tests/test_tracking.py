@@ -104,3 +104,107 @@ def test_log_model_end_logs_the_exported_adapter(log_model, local_dir, tiny_root
         assert logged == [f"logged adapter to W&B as artifact adapter-{job}"] and in_run
     else:
         assert logged == [] and not in_run
+
+
+# ---- report_to: TensorBoard, and the trackers this image lacks (issue 22) -------------------------------
+
+def events(logdir):
+    """Every scalar in the TensorBoard event files under logdir, read with TensorBoard's own reader: {tag:
+    [(step, value)]} per run folder."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    return {run: {tag: [(e.step, e.value) for e in mux.Scalars(run, tag)] for tag in tags["scalars"]}
+            for run, tags in mux.Runs().items()}
+
+
+def test_tensorboard_event_files_are_uploaded_and_readable(local_dir, tiny_root):
+    req = sample_request(tiny_root, report_to=["tensorboard"])
+    req["training_config"]["hyperparameters"].update(epochs=2, logging_steps=4)
+    put_request(local_dir, "tb", req)
+    assert main.main([], env_for(local_dir, "tb")) == 0
+    doc = read_doc(local_dir, "tb")
+    assert doc["tensorboard_path"] == f"gs://{EXPORT}/tensorboard/tb/"
+    assert "warnings" not in doc and "wandb_url" not in doc  # no W&B: report_to names TensorBoard alone
+    runs = events(local_dir / EXPORT / "tensorboard" / "tb")
+    assert list(runs) == ["attempt-0"]
+    scalars = runs["attempt-0"]
+    losses = scalars["train/loss"]
+    assert [step for step, _ in losses] == [1, 4, 8, 12, 16, 20, 24]  # logging_first_step, then every 4
+    assert losses[-1][1] < losses[0][1]
+    evals = scalars["eval/loss"]  # each epoch's, then the final evaluation's, which the document holds
+    assert [step for step, _ in evals] == [12, 24, 24]
+    assert evals[-1][1] == pytest.approx(doc["metrics"]["eval_loss"], rel=1e-6)
+
+
+def test_a_failing_tensorboard_writer_costs_a_warning_not_the_job(local_dir, tiny_root, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def broken(self, *args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(SummaryWriter, "add_scalar", broken)
+    req = sample_request(tiny_root, report_to=["tensorboard"])
+    req["training_config"]["hyperparameters"].update(epochs=1, max_steps=3)
+    put_request(local_dir, "tb-broken", req)
+    assert main.main([], env_for(local_dir, "tb-broken")) == 0
+    doc = read_doc(local_dir, "tb-broken")
+    assert doc["status"] == "completed"
+    assert any(w.startswith("TensorBoardCallback failed in on_log (OSError: No space left on device)")
+               for w in doc["warnings"]), doc["warnings"]
+
+
+@pytest.mark.parametrize("tracker", ["comet_ml", "mlflow"])
+def test_a_tracker_this_image_lacks_is_refused_with_the_install_line(tracker, local_dir, tiny_root):
+    req = sample_request(tiny_root, report_to=["tensorboard", tracker])
+    put_request(local_dir, f"no-{tracker}", req)
+    out, _ = run_subprocess(local_dir, f"no-{tracker}")
+    assert out.returncode == 2
+    assert "MODEL_LIBS_LOADED=False" in out.stdout
+    doc = read_doc(local_dir, f"no-{tracker}")
+    assert doc["error"] == (f"training_config.report_to: '{tracker}' needs the {tracker} package, which this "
+                            f"image does not have; add `{tracker}` to requirements.txt and rebuild the image (pip "
+                            f"install {tracker}), or remove '{tracker}' from report_to.")
+
+
+def test_report_to_wandb_without_wandb_config_uses_its_defaults(local_dir, tiny_root):
+    from request import parse_request
+    from scripts.testbed import local_job
+    from services import make_services
+
+    req = sample_request(tiny_root, report_to=["wandb"])
+    parsed = parse_request(__import__("json").dumps(req))
+    assert parsed.training_config.trackers == ["wandb"]
+    job = local_job(req, local_dir, "wb-default")
+    services = make_services(job.settings, parsed, job.tracker, job.services.blobs)
+    assert type(services.run_logger).__name__ == "WandbRunLogger"
+    assert services.run_logger.project == "gemma-fine-tuning" and services.tensorboard is None
+
+
+@pytest.mark.parametrize("tc,message", [
+    ({"report_to": ["tensorboard", "tensorboard"]}, "report_to names a tracker twice"),
+    ({"report_to": ["tensorboard"], "wandb_config": {"project": "p"}}, "leaves out 'wandb'"),
+    ({"report_to": ["neptune"]}, "report_to.0: Input should be 'wandb', 'tensorboard', 'comet_ml' or 'mlflow'"),
+])
+def test_report_to_refused_naming_the_field(tc, message):
+    import json
+
+    from errors import RequestError
+    from request import parse_request
+
+    with pytest.raises(RequestError) as err:
+        parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {"base_model_id": "m", **tc}}))
+    assert message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("tc,trackers", [
+    ({}, []), ({"wandb_config": {"project": "p"}}, ["wandb"]), ({"report_to": []}, []),
+    ({"report_to": ["tensorboard", "wandb"], "wandb_config": {"project": "p"}}, ["tensorboard", "wandb"]),
+])
+def test_report_to_accepted(tc, trackers):
+    import json
+
+    from request import parse_request
+
+    parsed = parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {"base_model_id": "m", **tc}}))
+    assert parsed.training_config.trackers == trackers
