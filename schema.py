@@ -269,6 +269,8 @@ class TrainingConfig(StrictModel):
     method: Literal["QLoRA", "LoRA", "Full"] = "QLoRA"
     trainer_type: Literal["sft", "dpo", "grpo", "orpo"] = "sft"
     modality: Literal["text", "vision"] = "text"
+    peft_method: Literal["lora", "adalora"] = Field("lora", description="The adapter: LoRA (with use_dora / "
+                                                    "use_rslora for its variants); 'adalora' is refused, with why.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; off unless asked.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     eval_config: EvalConfig = Field(default_factory=EvalConfig)
@@ -295,6 +297,14 @@ class TrainingConfig(StrictModel):
         if self.modality == "vision":
             raise ValueError("modality 'vision' is not supported yet: image+text training is not built; "
                              "send a text dataset with modality 'text'.")
+        if self.peft_method == "adalora":
+            # Measured on the pinned versions (transformers 5.17, TRL 1.14, PEFT 0.21): see the README.
+            raise ValueError("peft_method 'adalora': AdaLoRA reallocates its ranks only when the training loop "
+                             "calls PEFT's update_and_allocate after every step, which neither transformers' "
+                             "Trainer nor TRL does, and its allocator's state is not in a checkpoint, so a "
+                             "resumed attempt would allocate from nothing; it would train as a fixed-rank "
+                             "adapter under AdaLoRA's name. Use peft_method 'lora' (use_rslora for rank-stable "
+                             "scaling, use_dora for DoRA).")
         hp = self.hyperparameters
         if self.provider == "unsloth" and (hp.use_fa2 or hp.packing or hp.padding_free):
             name = next(n for n in ("use_fa2", "packing", "padding_free") if getattr(hp, n))

@@ -172,6 +172,7 @@ def request_with(tc: dict, **hp) -> str:
     ({"method": "QLoRA", "export_config": {"format": "gguf"}}, {"use_dora": True}),
     ({"method": "LoRA"}, {"load_in_8bit": True}),
     ({}, {"modules_to_save": ["lm_head", "model.norm"]}),
+    ({"peft_method": "lora"}, {"use_rslora": True}),
 ])
 def test_lora_options_accepted(tc, hp):
     cfg = parse_request(request_with(tc, **hp)).training_config
@@ -197,6 +198,8 @@ def test_lora_options_accepted(tc, hp):
     ({"method": "Full"}, {"modules_to_save": ["lm_head"]}, "modules_to_save: LoRA options"),
     ({"provider": "unsloth"}, {"modules_to_save": ["lm_head"]}, "provider 'unsloth' with modules_to_save"),
     ({}, {"modules_to_save": ["q_proj"]}, "['q_proj'] in both lora_target_modules and modules_to_save"),
+    ({"peft_method": "adalora"}, {}, "peft_method 'adalora': AdaLoRA reallocates its ranks only when"),
+    ({"peft_method": "ia3"}, {}, "peft_method: Input should be 'lora' or 'adalora'"),
 ])
 def test_lora_options_refused_with_the_field_named(tc, hp, message):
     with pytest.raises(RequestError) as err:
@@ -267,3 +270,18 @@ def test_modules_to_save_are_in_the_memory_estimate(tiny_root):
     total, embeddings = count_params(config, model)
     plain, saved = (estimate_bytes(total, embeddings, "QLoRA", 2, 64, config, saved=n)["total"] for n in (0, 1000))
     assert saved - plain == 16 * 1000
+
+
+def test_no_trainer_of_the_pinned_versions_calls_adalora_s_allocator():
+    """The reason peft_method 'adalora' is refused, kept true: should transformers' Trainer or TRL start
+    calling update_and_allocate, this fails and AdaLoRA can be built."""
+    import inspect
+
+    import transformers.trainer
+    import trl
+
+    from libraries import trl_classes
+
+    sources = [inspect.getsource(transformers.trainer)] + [inspect.getsource(inspect.getmodule(trl_classes(kind)[1]))
+                                                           for kind in ("sft", "dpo", "orpo", "grpo")]
+    assert trl.__version__ == "1.14.2" and all("update_and_allocate" not in src for src in sources)
