@@ -21,6 +21,7 @@ from checkpoints import CheckpointStore, Guard, checkpoint_callback
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
+from generation import answers, cases as generation_cases, compare
 from export import ExportJob, check_installed, export_artifacts
 from job_manager import JobStatus, JobTracker
 from lineage import Parent, fetch_parent
@@ -57,6 +58,7 @@ class Prepared:
     train: Tokenized
     eval: Tokenized | None
     total_steps: int
+    cases: Any = None  # generation.Cases: the eval prompts both models answer, or None
 
 
 class BaseTrainingJob:
@@ -103,23 +105,30 @@ class BaseTrainingJob:
             set_seed(self.cfg.hyperparameters.seed)  # before LoRA's random init, not only before training
             model = self.timed("load_model", self.load_model, prep.tokenizer)
             trainer = self.timed("build_trainer", self.build_trainer, model, prep)
+            before = self.timed("generate_base", self.generate, trainer, prep)  # the model training starts from
             self.tracker.phase("training", JobStatus.TRAINING)
             train_metrics = self.timed("train", self.train, trainer)
             self.tracker.phase("evaluating")
             metrics = self.timed("evaluate", self.evaluate, trainer, prep, train_metrics)
+            comparison = self.compare(trainer, prep, before)
             self.tracker.phase("exporting", metrics=metrics)
-            artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics, prep)
+            artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics, prep, comparison)
             ok = True
         finally:
             self.finish_tracking(ok)
+        self.require_improvement(comparison, artifacts)
         self.timings["state_writes"] = round(self.tracker.write_s, 3)
         self.tracker.complete(metrics, {**artifacts, "timings": self.timings})
-        try:
-            self.checkpoints.clear()  # the job is done: its checkpoints are only storage cost now
-        except Exception as e:  # completed is completed: a leftover checkpoint is not a failure
-            logger.warning("could not delete the checkpoints (%s); they can be removed by hand", e)
+        self.clear_checkpoints()
         logger.info("completed: %s; timings %s", artifacts.get("adapter_path"), self.timings)
         return {"metrics": metrics, **artifacts}
+
+    def clear_checkpoints(self) -> None:
+        """The job is done: its checkpoints are only storage cost now. A leftover one is not a failure."""
+        try:
+            self.checkpoints.clear()
+        except Exception as e:
+            logger.warning("could not delete the checkpoints (%s); they can be removed by hand", e)
 
     def finish_tracking(self, ok: bool) -> None:
         """End the W&B run; an offline run's folder goes to the bucket for `wandb sync`, TensorBoard's event
@@ -190,6 +199,12 @@ class BaseTrainingJob:
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
                                f"hyperparameters.{limit.split()[0]} or shorten the rows.")
         evald = self.timed("prepare_eval_data", fit, splits["eval"]) if "eval" in splits else None
+        found = generation_cases(self.cfg, splits["eval"], tokenizer, self.cfg.eval_config.generation_rows) \
+            if "eval" in splits and self.cfg.eval_config.generation_rows else None
+        if self.cfg.eval_config.require_improvement and not (found and found.prompts):
+            raise DatasetError("eval_config.require_improvement: no eval row to compare the models on (it needs an "
+                               "eval split whose rows end with an answer); add one, or set require_improvement "
+                               "false.")
         # GRPO trains on num_generations completions of each prompt
         samples = len(train.rows) * (hp.num_generations if self.cfg.trainer_type == "grpo" else 1)
         per_epoch = math.ceil(math.ceil(samples / hp.batch_size) / hp.gradient_accumulation_steps)
@@ -203,7 +218,8 @@ class BaseTrainingJob:
         logger.info("preflight ok: %s", stats)
         self.tracker.phase("validated", dataset=stats, total_steps=total,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
-        return Prepared(tokenizer, train, evald if evald and evald.rows else None, total)
+        return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
+                        found if found and found.prompts else None)
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id
@@ -406,10 +422,60 @@ class BaseTrainingJob:
             raw["eval_mean_token_accuracy"] = self.timed("eval_token_accuracy", eval_token_accuracy, trainer)
         return reader_metrics(raw, train_metrics, self.cfg.trainer_type)
 
-    def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared) -> dict[str, Any]:
+    def generate(self, trainer, prep: Prepared) -> list[str] | None:
+        """The current model's answers to the comparison's prompts (generation.py); None without them. A
+        failure costs the comparison (a warning), not the run."""
+        if prep.cases is None:
+            return None
+        try:
+            return answers(trainer.model, prep.tokenizer, prep.cases, self.cfg.eval_config.max_new_tokens,
+                           self.cfg.hyperparameters.batch_size * 4)
+        except Exception as e:  # noqa: BLE001 - an evaluation aid: never the reason a paid run is lost
+            self.services.run_logger.warn(f"the answers for the base/tuned comparison could not be generated "
+                                          f"({type(e).__name__}: {str(e)[:200]}); no generation metrics")
+            return None
+
+    def compare(self, trainer, prep: Prepared, before: list[str] | None) -> dict[str, Any] | None:
+        """The tuned model's answers beside the starting model's, scored: the document's `generation` and
+        `samples`, and eval_generations.jsonl for the export folders."""
+        if before is None:
+            return None
+        tuned = self.timed("generate_tuned", self.generate, trainer, prep)
+        if tuned is None:
+            return None
+        result, samples, lines = compare(self.cfg, prep.cases, before, tuned)
+        logger.info("generation: %s", result)
+        self.tracker.write({"generation": result, "samples": samples})
+        return {"generation": result, "jsonl": lines}
+
+    def require_improvement(self, comparison: dict[str, Any] | None, artifacts: dict[str, Any]) -> None:
+        """eval_config.require_improvement: a tuned model that is not better than where it started fails the
+        job (exit 2), its artifacts uploaded and marked promoted: false."""
+        if not self.cfg.eval_config.require_improvement:
+            return
+        found = (comparison or {}).get("generation")
+        if found and found["verdict"] == "better":
+            artifacts["promoted"] = True
+            return
+        self.tracker.write({**{k: artifacts[k] for k in ("adapter_path", "gguf_path", "artifacts") if k in artifacts},
+                            "promoted": False})
+        self.clear_checkpoints()  # the export is done and uploaded: no retry will train again
+        if not found:
+            raise PermanentError("eval_config.require_improvement: the models' answers could not be compared (see "
+                                 "warnings); the artifacts are uploaded, marked promoted: false.")
+        m = found[found["metric"]]
+        raise PermanentError(
+            f"eval_config.require_improvement: the tuned model is {found['verdict']}, not better, than the model "
+            f"it started from on {found['metric']} (base {m['base']}, tuned {m['tuned']}, delta {m['delta']:+}; "
+            f"'better' needs more than +{found['margin']}) over {found['rows']} eval rows; the artifacts are "
+            f"uploaded ({artifacts.get('adapter_path')}), marked promoted: false.")
+
+    def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared,
+               comparison: dict[str, Any] | None = None) -> dict[str, Any]:
         """Each artifact made, verified in its consumer, then uploaded (export.py)."""
         s = self.services
+        extra = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
-                        s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None)
+                        s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra)
         return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))

@@ -64,6 +64,7 @@ class ExportJob:
     timed: Callable[..., Any]  # the job's step timer
     timings: dict[str, float]  # the job's timings so far (the manifests carry them)
     parent: dict[str, Any] | None = None  # the adapter this job continued (lineage.py), for the manifests
+    extra_files: dict[str, str] | None = None  # written into every export folder (eval_generations.jsonl)
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
@@ -185,6 +186,10 @@ def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, 
                    verified: dict[str, dict], name: str = "manifest.json") -> None:
     from artifacts import write_manifest as write
 
+    # Before the manifest, which lists and checksums them; not beside a GGUF alone, whose bucket is public
+    # (the web UI links the file), and eval_generations.jsonl holds the user's eval rows.
+    for file, text in (job.extra_files or {}).items() if name == "manifest.json" else ():
+        (out / file).write_text(text)
     ex = job.cfg.export_config
     custom = {"job_id": job.job_id, "base_model_id": job.cfg.base_model_id,
               "provider": job.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator,
+                      model_validator)
 
 # A path component that cannot escape its prefix: no slash, no leading dot.
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -144,6 +145,22 @@ class EvalConfig(StrictModel):
     batch_eval_metrics: bool = Field(False, description="Accepted for the training service's form; a no-op "
                                      "alias: the job's metrics (loss, perplexity, token accuracy) are always "
                                      "accumulated over the eval set batch by batch, which is what it asks for.")
+    generation_rows: int = Field(64, ge=0, le=1024, description="Eval rows the starting model and the tuned "
+                                 "model both answer, scored against the reference (generation.py); 0: off.")
+    max_new_tokens: int = Field(128, ge=1, le=2048, description="The longest answer generated for that "
+                                "comparison, in tokens.")
+    improvement_metric: Literal["exact_match", "rouge_l", "bleu"] = Field(
+        "rouge_l", description="The metric the verdict (better, same, worse) is taken on; GRPO's is always its "
+        "graders' reward.")
+    require_improvement: bool = Field(False, description="Fail the job (exit 2) unless the verdict is 'better'; "
+                                      "the artifacts are still uploaded, marked promoted: false.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.require_improvement and self.generation_rows == 0:
+            raise ValueError("require_improvement needs the comparison it is judged on: set generation_rows "
+                             "above 0, or require_improvement false.")
+        return self
 
 
 GgufQuant = Literal["none", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q2_k"]

@@ -1,7 +1,7 @@
 """A small local server speaking the parts of the Hugging Face Hub's HTTP API the job uses, for
 huggingface_hub pointed at it with `endpoint=`/`HF_ENDPOINT`: create_repo, auth_check (read and
-write), model_info, file downloads (resolve, HEAD and GET), validate-yaml, the tree listing, preupload, the LFS batch API with its basic
-transfer (upload and verify) and the NDJSON commit of upload_folder: files inline (base64), LFS files
+write), model_info, file downloads (resolve, HEAD and GET), validate-yaml, the tree listing,
+preupload, the LFS batch API with its basic transfer (upload and verify) and the NDJSON commit of upload_folder: files inline (base64), LFS files
 by their sha256, deleted files.
 
 As the Hub does, preupload asks for LFS for weights (`*.safetensors`, `*.gguf`, `*.bin`, the patterns of

@@ -1,0 +1,147 @@
+"""Did the fine-tune help (issue 19, first part)? The starting model and the tuned model answer the same eval
+prompts; exact match, ROUGE-L and BLEU against the reference; a verdict; `require_improvement`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import main
+from conftest import env_for, make_job, put_request, read_doc, sample_request
+from errors import RequestError
+from generation import Cases, answers, compare, exact_match
+from request import parse_request
+from rewards import similarity
+from schema import TrainRequest
+
+EXPORT = "gemma-export-bucket"
+
+
+@pytest.mark.parametrize("answer,reference,expected", [
+    ("The cat says meow.", "the cat  says meow", 1.0), ("The cat says meow.", "The cat says woof.", 0.0),
+    ("", "", 1.0), ("meow", "meow meow", 0.0)])
+def test_exact_match(answer, reference, expected):
+    assert exact_match(answer, reference) == expected
+
+
+def test_rouge_l_and_bleu_literal_cases():
+    assert similarity("the cat says meow", "the cat says meow", "rouge_l") == 1.0
+    # longest common subsequence 3 of 4 tokens each way: precision = recall = F = 0.75
+    assert similarity("the cat says woof", "the cat says meow", "rouge_l") == pytest.approx(0.75)
+    assert similarity("dogs bark loudly", "the cat says meow", "rouge_l") == 0.0
+    assert similarity("the cat says meow", "the cat says meow", "bleu") == pytest.approx(1.0)
+    assert similarity("dogs bark loudly", "the cat says meow", "bleu") == 0.0
+
+
+def config(**eval_config):
+    return TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+        "base_model_id": "m", "eval_config": eval_config}}).training_config
+
+
+def cases(n: int) -> Cases:
+    return Cases([[1]] * n, [f"q{i}" for i in range(n)], [f"The cat says meow {i}." for i in range(n)], [{}] * n)
+
+
+def test_the_verdict_rule():
+    found = cases(4)
+    right, wrong = list(found.references), ["The dog says woof."] * 4
+    better, samples, lines = compare(config(), found, wrong, right)
+    assert better["verdict"] == "better" and better["metric"] == "rouge_l" and better["rows"] == 4
+    assert better["exact_match"] == {"base": 0.0, "tuned": 1.0, "delta": 1.0}
+    assert compare(config(), found, right, wrong)[0]["verdict"] == "worse"
+    assert compare(config(), found, right, right)[0]["verdict"] == "same"
+    one_better = wrong[:3] + right[3:]  # exact match +0.25 over 4 rows: above the 0.02 margin
+    assert compare(config(improvement_metric="exact_match"), found, wrong, one_better)[0]["verdict"] == "better"
+    assert samples[0] == {"prompt": "q0", "reference": "The cat says meow 0.", "base": "The dog says woof.",
+                          "tuned": "The cat says meow 0."}
+    rows = [json.loads(line) for line in lines.splitlines()]
+    assert len(rows) == 4 and rows[1]["scores"]["tuned"]["exact_match"] == 1.0
+
+
+def test_eval_config_fields_accepted_and_refused():
+    assert config().eval_config.generation_rows == 64 and config().eval_config.max_new_tokens == 128
+    assert config(generation_rows=0).eval_config.generation_rows == 0
+    for ev, message in [({"require_improvement": True, "generation_rows": 0}, "require_improvement needs"),
+                        ({"improvement_metric": "meteor"}, "improvement_metric"),
+                        ({"generation_rows": -1}, "generation_rows"), ({"max_new_tokens": 0}, "max_new_tokens")]:
+        with pytest.raises(RequestError) as err:
+            parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {
+                "base_model_id": "m", "eval_config": ev}}))
+        assert message in str(err.value), str(err.value)
+
+
+def test_batched_answers_are_the_one_at_a_time_answers(local_dir, tiny_root):
+    job = make_job(local_dir, sample_request(tiny_root), "batch")
+    prep = job.preflight()
+    model = job.load_model(prep.tokenizer)
+    assert len(prep.cases.prompts) == 18  # every eval row ends with an answer
+    assert answers(model, prep.tokenizer, prep.cases, 24, batch_size=8) == \
+        answers(model, prep.tokenizer, prep.cases, 24, batch_size=1)
+
+
+def test_the_tuned_model_beats_the_base_and_says_so(local_dir, tiny_root):
+    req = sample_request(tiny_root)
+    req["training_config"]["eval_config"].update(generation_rows=16, max_new_tokens=16)
+    put_request(local_dir, "better", req)
+    assert main.main([], env_for(local_dir, "better")) == 0
+    doc = read_doc(local_dir, "better")
+    found = doc["generation"]
+    assert found["verdict"] == "better" and found["rows"] == 16
+    assert found["exact_match"]["delta"] >= 0.3  # the base never answers right (0.44 measured)
+    assert found["rouge_l"]["delta"] >= 0.5 and found["bleu"]["delta"] >= 0.3  # (0.80, 0.61)
+    assert any(exact_match(s["base"], s["reference"]) == 0 and exact_match(s["tuned"], s["reference"]) == 1
+               for s in doc["samples"]), doc["samples"]
+    assert {"generate_base", "generate_tuned"} <= set(doc["timings"])
+    folder = local_dir / EXPORT / "trained_adapters" / "better"
+    rows = [json.loads(line) for line in (folder / "eval_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and rows[0]["tuned"] == doc["samples"][0]["tuned"]
+    assert "eval_generations.jsonl" in json.loads((folder / "manifest.json").read_text())["files"]
+    assert "promoted" not in doc
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_an_untrained_job_is_the_same_and_fails_if_improvement_is_required(require, local_dir, tiny_root):
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(learning_rate=1e-12, max_steps=1)
+    req["training_config"]["eval_config"].update(generation_rows=8, max_new_tokens=8, require_improvement=require)
+    job_id = f"same-{require}"
+    put_request(local_dir, job_id, req)
+    assert main.main([], env_for(local_dir, job_id)) == (2 if require else 0)
+    doc = read_doc(local_dir, job_id)
+    assert doc["generation"]["verdict"] == "same" and doc["generation"]["rouge_l"]["delta"] == 0
+    folder = local_dir / EXPORT / "trained_adapters" / job_id
+    assert (folder / "adapter_model.safetensors").is_file()  # uploaded either way: the user paid for it
+    if require:
+        assert doc["status"] == "failed" and doc["error_type"] == "permanent" and doc["promoted"] is False
+        assert doc["error"].startswith("eval_config.require_improvement: the tuned model is same, not better, "
+                                       "than the model it started from on rouge_l")
+        assert doc["adapter_path"] == f"gs://{EXPORT}/trained_adapters/{job_id}/"
+        assert not (local_dir / EXPORT / "checkpoints" / job_id).exists()
+
+
+def test_preference_rows_compare_with_the_chosen_answer_and_grpo_with_its_graders(tiny_root):
+    from transformers import AutoTokenizer
+
+    from generation import cases as find_cases, scores
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))
+    prompt = [{"role": "user", "content": "What does the cat say?"}]
+    dpo = TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+        "base_model_id": "m", "trainer_type": "dpo"}}).training_config
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "The cat says meow."}],
+             "rejected": [{"role": "assistant", "content": "The cat says woof."}]}]
+    found = find_cases(dpo, rows, tokenizer, 8)
+    assert found.references == ["The cat says meow."] and found.texts == ["What does the cat say?"]
+    assert tokenizer.decode(found.prompts[0]).endswith("<start_of_turn>model\n")
+    assert scores(dpo, found, ["The cat says meow."])[0]["exact_match"] == 1.0
+    grpo = TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+        "base_model_id": "m", "trainer_type": "grpo", "hyperparameters": {"batch_size": 4},
+        "reward_config": [{"name": "has", "type": "string_check", "reference_field": "answer", "operation": "like",
+                           "weight": 2.0}]}}).training_config
+    found = find_cases(grpo, [{"prompt": prompt, "answer": "meow"}, {"prompt": prompt, "answer": "woof"}],
+                       tokenizer, 8)
+    assert found.references == ["meow", "woof"]
+    assert scores(grpo, found, ["it says meow", "it says meow"]) == [{"reward": 2.0}, {"reward": 0.0}]
+    verdict = compare(grpo, found, ["", ""], ["meow", "woof"])[0]
+    assert verdict["metric"] == "reward" and verdict["reward"] == {"base": 0.0, "tuned": 2.0, "delta": 2.0}
