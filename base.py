@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints import CheckpointStore, Guard, checkpoint_callback
+from curves import curve_png, history_json
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
@@ -470,11 +471,26 @@ class BaseTrainingJob:
             f"'better' needs more than +{found['margin']}) over {found['rows']} eval rows; the artifacts are "
             f"uploaded ({artifacts.get('adapter_path')}), marked promoted: false.")
 
+    def curves(self, trainer) -> dict[str, str | bytes]:
+        """log_history.json and training_curve.png for the export folders (curves.py); the figure to W&B too.
+        A figure that cannot be drawn costs a warning."""
+        history = list(trainer.state.log_history)
+        files: dict[str, str | bytes] = {"log_history.json": history_json(history)}
+        try:
+            png = curve_png(history, self.cfg.trainer_type, f"{self.settings.job_id}: {self.cfg.method} "
+                            f"{self.cfg.trainer_type} on {Path(self.cfg.base_model_id).name}")
+        except Exception as e:  # noqa: BLE001 - a picture is never worth a paid run
+            self.services.run_logger.warn(f"the training curve could not be drawn ({type(e).__name__}: {e})")
+            return files
+        self.services.run_logger.log_image("training_curve", png)
+        return files | {"training_curve.png": png}
+
     def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared,
                comparison: dict[str, Any] | None = None) -> dict[str, Any]:
         """Each artifact made, verified in its consumer, then uploaded (export.py)."""
         s = self.services
-        extra = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
+        extra: dict[str, str | bytes] = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
+        extra.update(self.curves(trainer))
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
                         s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra)

@@ -64,7 +64,8 @@ class ExportJob:
     timed: Callable[..., Any]  # the job's step timer
     timings: dict[str, float]  # the job's timings so far (the manifests carry them)
     parent: dict[str, Any] | None = None  # the adapter this job continued (lineage.py), for the manifests
-    extra_files: dict[str, str] | None = None  # written into every export folder (eval_generations.jsonl)
+    extra_files: dict[str, str | bytes] | None = None  # into the adapter/merged folder: eval_generations.jsonl,
+    # log_history.json, training_curve.png
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
@@ -189,7 +190,7 @@ def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, 
     # Before the manifest, which lists and checksums them; not beside a GGUF alone, whose bucket is public
     # (the web UI links the file), and eval_generations.jsonl holds the user's eval rows.
     for file, text in (job.extra_files or {}).items() if name == "manifest.json" else ():
-        (out / file).write_text(text)
+        (out / file).write_bytes(text if isinstance(text, bytes) else text.encode())
     ex = job.cfg.export_config
     custom = {"job_id": job.job_id, "base_model_id": job.cfg.base_model_id,
               "provider": job.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}

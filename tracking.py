@@ -41,6 +41,8 @@ class RunLogger(Protocol):
         """End the run; the run's folder if it ran offline (to upload for `wandb sync`), else None."""
     def warn(self, message: str) -> None:
         """Record a tracking problem: logged, and written to the job document's `warnings`."""
+    def log_image(self, name: str, png: bytes) -> None:
+        """Log a figure (PNG bytes) to the run, where there is one."""
 
 
 class NullRunLogger:
@@ -56,6 +58,9 @@ class NullRunLogger:
         return None
 
     def log_model(self, folder: Path, name: str, kind: str) -> None:
+        return None
+
+    def log_image(self, name: str, png: bytes) -> None:
         return None
 
     def finish(self, ok: bool) -> Path | None:
@@ -136,6 +141,19 @@ class WandbRunLogger:
             logger.info("logged %s to W&B as artifact %s", folder.name, name)
         except Exception as e:
             self.warn(f"W&B could not log the model artifact {name} ({type(e).__name__}: {str(e)[:200]})")
+
+    def log_image(self, name: str, png: bytes) -> None:
+        if self.run is None:
+            return
+        try:
+            import io
+
+            import wandb
+            from PIL import Image
+
+            self.run.log({name: wandb.Image(Image.open(io.BytesIO(png)))})
+        except Exception as e:
+            self.warn(f"W&B could not log the figure {name} ({type(e).__name__}: {str(e)[:200]})")
 
     def finish(self, ok: bool) -> Path | None:
         if self.run is None:

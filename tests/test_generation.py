@@ -96,8 +96,19 @@ def test_the_tuned_model_beats_the_base_and_says_so(local_dir, tiny_root):
     folder = local_dir / EXPORT / "trained_adapters" / "better"
     rows = [json.loads(line) for line in (folder / "eval_generations.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and rows[0]["tuned"] == doc["samples"][0]["tuned"]
-    assert "eval_generations.jsonl" in json.loads((folder / "manifest.json").read_text())["files"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"eval_generations.jsonl", "log_history.json", "training_curve.png"} <= set(manifest["files"])
     assert "promoted" not in doc
+    # The training curve: every logged training step (logging_first_step, then every 5 of 144), each epoch's
+    # evaluation and the final one, and the figure drawn from them
+    history = json.loads((folder / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, *range(5, 145, 5)]
+    assert [e["step"] for e in history if "eval_loss" in e] == [*range(12, 145, 12), 144]
+    assert history[-1]["eval_loss"] == pytest.approx(doc["metrics"]["eval_loss"])
+    from PIL import Image
+
+    with Image.open(folder / "training_curve.png") as png:
+        assert png.format == "PNG" and png.size == (800, 400)
 
 
 @pytest.mark.parametrize("require", [False, True])
@@ -145,3 +156,17 @@ def test_preference_rows_compare_with_the_chosen_answer_and_grpo_with_its_grader
     assert scores(grpo, found, ["it says meow", "it says meow"]) == [{"reward": 2.0}, {"reward": 0.0}]
     verdict = compare(grpo, found, ["", ""], ["meow", "woof"])[0]
     assert verdict["metric"] == "reward" and verdict["reward"] == {"base": 0.0, "tuned": 2.0, "delta": 2.0}
+
+
+def test_a_preference_curve_draws_the_margin_under_the_losses(tmp_path):
+    from PIL import Image
+
+    from curves import curve_png
+
+    history = [{"step": s, "loss": 1 / s, "rewards/margins": 0.1 * s} for s in range(1, 11)] + \
+        [{"step": 10, "eval_loss": 0.2, "eval_rewards/margins": 0.8}]
+    (tmp_path / "dpo.png").write_bytes(curve_png(history, "dpo", "dpo job"))
+    with Image.open(tmp_path / "dpo.png") as png:
+        assert png.size == (800, 650)  # the losses, and the margin below them
+    with Image.open(__import__("io").BytesIO(curve_png(history, "sft", "sft job"))) as png:
+        assert png.size == (800, 400)

@@ -51,6 +51,8 @@ def test_wandb_mode_offline_takes_any_key_and_uploads_the_run(local_dir, tiny_ro
     run = offline_run(local_dir, "wb-offline")
     assert any(name.endswith(".wandb") for name in run), sorted(run)  # what `wandb sync` replays
     assert not any(SHORT_KEY.encode() in data for data in run.values())
+    # the training curve, as in the export folder
+    assert any("media/images/training_curve" in name and name.endswith(".png") for name in run), sorted(run)
 
 
 def test_wandb_mode_disabled_runs_without_wandb(local_dir, tiny_root):
