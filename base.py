@@ -200,6 +200,10 @@ class BaseTrainingJob:
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
                                f"hyperparameters.{limit.split()[0]} or shorten the rows.")
         evald = self.timed("prepare_eval_data", fit, splits["eval"]) if "eval" in splits else None
+        if self.cfg.eval_config.picks_best and not (evald and evald.rows):
+            raise DatasetError("eval_config: early_stopping_patience and load_best_model_at_end judge checkpoints on "
+                               "the eval split, and this dataset has none; add one (test, validation or eval), or "
+                               "unset them.")
         found = generation_cases(self.cfg, splits["eval"], tokenizer, self.cfg.eval_config.generation_rows) \
             if "eval" in splits and self.cfg.eval_config.generation_rows else None
         if self.cfg.eval_config.require_improvement and not (found and found.prompts):
@@ -340,6 +344,13 @@ class BaseTrainingJob:
             bf16=bf16, fp16=gpu and not bf16, use_cpu=not gpu, gradient_checkpointing=gpu,
             dataloader_pin_memory=gpu, disable_tqdm=True, logging_first_step=True,
         )
+        if ev.picks_best and evaluate_during:  # the schema made saves and evaluations coincide
+            metric = ev.metric_for_best_model
+            common.update(metric_for_best_model=metric, load_best_model_at_end=ev.load_best_model_at_end,
+                          greater_is_better=ev.greater_is_better if ev.greater_is_better is not None
+                          else not metric.endswith("loss"),
+                          # early stopping's count of evaluations without improvement survives a resume
+                          restore_callback_states_from_checkpoint=ev.early_stopping_patience is not None)
         if gpu and self.cfg.method == "Full":
             # AdamW's state in 8 bits (bitsandbytes): 6 bytes per parameter in all with bf16 weights and
             # gradients, which is what lets a 1B Gemma fine-tune fully on an L4 (memory.py).
@@ -373,6 +384,11 @@ class BaseTrainingJob:
                 self.cfg.hyperparameters.save_strategy, self.services.run_logger)])
         if kind == "grpo":
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
+        ev = self.cfg.eval_config
+        if ev.early_stopping_patience and args.metric_for_best_model:
+            from transformers import EarlyStoppingCallback
+
+            kwargs["callbacks"].append(EarlyStoppingCallback(ev.early_stopping_patience, ev.early_stopping_threshold))
         trainer = trainer_cls(**kwargs)
         trainer.remove_callback(PrinterCallback)
         runs = self.services.run_logger
@@ -406,12 +422,31 @@ class BaseTrainingJob:
         finally:
             self.guard.training = False
         step = trainer.state.global_step
+        self.record_best(trainer)
         if self.guard.cancelled:
             raise Cancelled(f"{self.guard.reason} at step {step} of {trainer.state.max_steps}; nothing exported.")
         if self.guard.reason:
             raise Interrupted(f"{self.guard.reason}: stopped at step {step} of {trainer.state.max_steps} with a "
                               f"checkpoint saved; the next attempt resumes from it.")
         return dict(result.metrics)
+
+    def record_best(self, trainer) -> None:
+        """best_step, best_metric and stop_reason in the document, where the request picks a best checkpoint."""
+        ev, state = self.cfg.eval_config, trainer.state
+        if not trainer.args.metric_for_best_model:
+            return
+        found = re.search(r"checkpoint-(\d+)$", state.best_model_checkpoint or "")
+        stopper = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"),
+                       None)
+        early = stopper is not None and stopper.early_stopping_patience_counter >= ev.early_stopping_patience
+        reason = (f"early stopping: {ev.metric_for_best_model} did not improve by more than "
+                  f"{ev.early_stopping_threshold} for {ev.early_stopping_patience} evaluations, at step "
+                  f"{state.global_step} of {state.max_steps}") if early else "completed"
+        fields = {"best_step": int(found[1]) if found else None, "best_metric": state.best_metric,
+                  "stop_reason": reason, "exported_step": int(found[1]) if found and ev.load_best_model_at_end
+                  else state.global_step}
+        logger.info("best checkpoint: %s", fields)
+        self.tracker.write(fields)
 
     def evaluate(self, trainer, prep: Prepared, train_metrics: dict[str, Any]) -> dict[str, Any]:
         if trainer.eval_dataset is None:

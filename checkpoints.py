@@ -29,6 +29,20 @@ MARKER = "_COMPLETE.json"
 CANCEL = "cancel_requested"
 
 
+def best_step(folder: Path) -> int | None:
+    """The step of the best checkpoint as the Trainer's state in a checkpoint folder names it, if any."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return None
+    try:
+        best = json.loads(state.read_text()).get("best_model_checkpoint")
+    except (ValueError, AttributeError) as e:  # not the Trainer's: no best to keep (the resume will say more)
+        logger.warning("%s is not a trainer state (%s): no best checkpoint read from it", state, e)
+        return None
+    found = re.search(r"checkpoint-(\d+)$", best or "")
+    return int(found[1]) if found else None
+
+
 class CheckpointStore:
     def __init__(self, blobs: BlobStore, prefix_uri: str, keep: int = 2):
         self.blobs, self.prefix, self.keep = blobs, prefix_uri.rstrip("/") + "/", keep
@@ -63,13 +77,14 @@ class CheckpointStore:
         files = {p.relative_to(local).as_posix(): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
         self.blobs.write_bytes(uri + MARKER, json.dumps({"step": step, "files": files}).encode())
         logger.info("checkpoint-%d uploaded to %s in %.1fs", step, uri, time.perf_counter() - t)
-        self.prune(newest=step)
+        self.prune(newest=step, best=best_step(local))
         return uri
 
-    def prune(self, newest: int) -> None:
-        """Keep the newest `keep` complete checkpoints; drop older ones and incomplete leftovers below them."""
+    def prune(self, newest: int, best: int | None = None) -> None:
+        """Keep the newest `keep` complete checkpoints, and the best one (load_best_model_at_end exports it);
+        drop older ones and incomplete leftovers below them."""
         complete = self.complete()
-        keep = set(complete[-self.keep:]) | {newest}
+        keep = set(complete[-self.keep:]) | {newest} | ({best} if best is not None else set())
         for step in self._listing():
             if step not in keep and step < newest:
                 self.blobs.delete_prefix(f"{self.prefix}checkpoint-{step}/")
@@ -88,6 +103,12 @@ class CheckpointStore:
         self.blobs.download_dir(uri, local, names)  # concurrently: Full's are GBs
         logger.info("restored checkpoint-%d from %s (%d files) in %.1fs", step, uri, len(names),
                     time.perf_counter() - t)
+        best = best_step(local)
+        if best is not None and best != step and best in complete:  # the Trainer loads it at the end
+            uri = f"{self.prefix}checkpoint-{best}/"
+            names = [n for n in (blob[len(uri):] for blob in self.blobs.list(uri)) if n != MARKER]
+            self.blobs.download_dir(uri, dest / f"checkpoint-{best}", names)
+            logger.info("restored the best checkpoint, checkpoint-%d, beside it", best)
         return local
 
     def clear(self) -> None:
@@ -213,6 +234,10 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
 
             self.pending = (state.global_step, folder, local_s, self.pool.submit(upload))
             self.uploaded, self.last_save = state.global_step, time.monotonic()
+            if control.should_training_stop or state.global_step >= state.max_steps:
+                # Training's last save: the Trainer may delete this folder before on_train_end (after loading
+                # the best checkpoint with save_total_limit 1), so it is in the bucket before on_save returns.
+                self.finish_upload()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.finish_upload()  # the last checkpoint is in the bucket before train() returns

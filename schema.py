@@ -132,6 +132,12 @@ class Hyperparameters(StrictModel):
 # Every linear layer of a Gemma decoder block: lora_target_modules' default, for both providers.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+# The eval metrics each trainer type reports, the choices of metric_for_best_model (without "eval_").
+BEST_METRICS = {"sft": ("loss", "mean_token_accuracy", "entropy"),
+                "dpo": ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"),
+                "orpo": ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"),
+                "grpo": ("loss", "reward")}
+
 # The defaults of the optimizer fields: GRPO's are the platform's (form 3), the others' are TRL's.
 RL_DEFAULTS = {"max_grad_norm": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99, "warmup_ratio": 0.1}
 TRL_DEFAULTS = {"max_grad_norm": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "warmup_ratio": 0.0}
@@ -154,6 +160,20 @@ class EvalConfig(StrictModel):
         "graders' reward.")
     require_improvement: bool = Field(False, description="Fail the job (exit 2) unless the verdict is 'better'; "
                                       "the artifacts are still uploaded, marked promoted: false.")
+
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop training after this many "
+                                                "evaluations without improvement of metric_for_best_model.")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="The least change that counts as an "
+                                            "improvement for early stopping.")
+    metric_for_best_model: str = Field("eval_loss", description="The eval metric that decides the best checkpoint "
+                                       "and early stopping: eval_loss, or a metric the trainer type reports.")
+    greater_is_better: bool | None = Field(None, description="Unset: false for a loss, true otherwise.")
+    load_best_model_at_end: bool = Field(False, description="Export the best checkpoint (by metric_for_best_model), "
+                                         "not the last; it is kept in the bucket until the export.")
+
+    @property
+    def picks_best(self) -> bool:
+        return self.load_best_model_at_end or self.early_stopping_patience is not None
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -390,6 +410,25 @@ class TrainingConfig(StrictModel):
         if parent and self.provider == "unsloth":
             raise ValueError(f"provider 'unsloth' with {parent}: continuing an adapter with Unsloth has not been "
                              "shown for this job on a GPU yet; use provider 'huggingface'.")
+        ev = self.eval_config
+        if ev.picks_best:
+            name = "early_stopping_patience" if ev.early_stopping_patience else "load_best_model_at_end"
+            if ev.eval_strategy == "no":
+                raise ValueError(f"eval_config.{name} needs evaluations during training: set eval_strategy 'epoch' "
+                                 "or 'steps'.")
+            if hp.save_strategy != ev.eval_strategy:
+                raise ValueError(f"eval_config.{name}: the best checkpoint must be saved when it is evaluated, so "
+                                 f"hyperparameters.save_strategy ('{hp.save_strategy}') must equal "
+                                 f"eval_config.eval_strategy ('{ev.eval_strategy}'); set them alike.")
+            if ev.eval_strategy == "steps" and hp.save_steps % ev.eval_steps:
+                raise ValueError(f"eval_config.{name}: save_steps ({hp.save_steps}) must be a multiple of eval_steps "
+                                 f"({ev.eval_steps}), so that every save follows an evaluation.")
+            metric = ev.metric_for_best_model.removeprefix("eval_")
+            known = BEST_METRICS[self.trainer_type]
+            if metric not in known:
+                raise ValueError(f"eval_config.metric_for_best_model '{ev.metric_for_best_model}' is not an eval "
+                                 f"metric trainer_type '{self.trainer_type}' reports; use one of "
+                                 f"{['eval_' + m for m in known]}.")
         if self.reward_config and self.trainer_type != "grpo":
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")
