@@ -103,6 +103,8 @@ def test_grpo_raises_an_easy_reward(local_dir, tiny_root, capfd):
     m = doc["metrics"]
     assert {"reward_mean", "reward_std", "eval_rewards/says/mean"} <= set(m) and 0 <= m["reward_mean"] <= 1
     assert doc["status"] == "completed" and doc["step"] == 30
+    found = doc["generation"]  # the eval prompts answered before and after, scored by the request's grader
+    assert found["metric"] == "reward" and found["reward"]["tuned"] > found["reward"]["base"], found
     adapter = local_dir / "gemma-export-bucket" / "trained_adapters" / "grpo"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert not [p.name for p in adapter.iterdir() if p.is_dir()]  # no ref/: TRL's reference copy stays out
