@@ -204,8 +204,8 @@ class BaseTrainingJob:
             raise DatasetError("eval_config: early_stopping_patience and load_best_model_at_end judge checkpoints on "
                                "the eval split, and this dataset has none; add one (test, validation or eval), or "
                                "unset them.")
-        found = generation_cases(self.cfg, splits["eval"], tokenizer, self.cfg.eval_config.generation_rows) \
-            if "eval" in splits and self.cfg.eval_config.generation_rows else None
+        found = generation_cases(self.cfg, splits["eval"], tokenizer, self.cfg.comparison_rows) \
+            if "eval" in splits and self.cfg.comparison_rows else None
         if self.cfg.eval_config.require_improvement and not (found and found.prompts):
             raise DatasetError("eval_config.require_improvement: no eval row to compare the models on (it needs an "
                                "eval split whose rows end with an answer); add one, or set require_improvement "

@@ -151,8 +151,9 @@ class EvalConfig(StrictModel):
     batch_eval_metrics: bool = Field(False, description="Accepted for the training service's form; a no-op "
                                      "alias: the job's metrics (loss, perplexity, token accuracy) are always "
                                      "accumulated over the eval set batch by batch, which is what it asks for.")
-    generation_rows: int = Field(64, ge=0, le=1024, description="Eval rows the starting model and the tuned "
-                                 "model both answer, scored against the reference (generation.py); 0: off.")
+    generation_rows: int | None = Field(None, ge=0, le=1024, description="Eval rows the starting model and the "
+                                        "tuned model both answer, scored against the reference (generation.py); 0: "
+                                        "off. Unset: 64, and 0 with provider unsloth (not shown on a GPU yet).")
     max_new_tokens: int = Field(128, ge=1, le=2048, description="The longest answer generated for that "
                                 "comparison, in tokens.")
     improvement_metric: Literal["exact_match", "rouge_l", "bleu"] = Field(
@@ -411,6 +412,10 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"provider 'unsloth' with {parent}: continuing an adapter with Unsloth has not been "
                              "shown for this job on a GPU yet; use provider 'huggingface'.")
         ev = self.eval_config
+        if self.provider == "unsloth" and (ev.generation_rows or ev.require_improvement):
+            raise ValueError("provider 'unsloth' with eval_config.generation_rows or require_improvement: generating "
+                             "with an Unsloth model before and after training has not been shown for this job on a "
+                             "GPU yet; leave them unset, or use provider 'huggingface'.")
         if ev.picks_best:
             name = "early_stopping_patience" if ev.early_stopping_patience else "load_best_model_at_end"
             if ev.eval_strategy == "no":
@@ -433,6 +438,12 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")
         return self
+
+    @property
+    def comparison_rows(self) -> int:
+        """Eval rows both models answer (generation.py): generation_rows, else 64 (Unsloth: 0, not shown yet)."""
+        rows = self.eval_config.generation_rows
+        return rows if rows is not None else 0 if self.provider == "unsloth" else 64
 
     @property
     def trackers(self) -> list[str]:

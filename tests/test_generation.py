@@ -60,8 +60,14 @@ def test_the_verdict_rule():
 
 
 def test_eval_config_fields_accepted_and_refused():
-    assert config().eval_config.generation_rows == 64 and config().eval_config.max_new_tokens == 128
-    assert config(generation_rows=0).eval_config.generation_rows == 0
+    assert config().comparison_rows == 64 and config().eval_config.max_new_tokens == 128
+    assert config(generation_rows=0).comparison_rows == 0
+    unsloth = TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {
+        "base_model_id": "m", "provider": "unsloth"}}).training_config
+    assert unsloth.comparison_rows == 0  # not shown on a GPU yet
+    with pytest.raises(RequestError, match="provider 'unsloth' with eval_config.generation_rows"):
+        parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {
+            "base_model_id": "m", "provider": "unsloth", "eval_config": {"generation_rows": 8}}}))
     for ev, message in [({"require_improvement": True, "generation_rows": 0}, "require_improvement needs"),
                         ({"improvement_metric": "meteor"}, "improvement_metric"),
                         ({"generation_rows": -1}, "generation_rows"), ({"max_new_tokens": 0}, "max_new_tokens")]:
