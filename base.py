@@ -422,12 +422,12 @@ class BaseTrainingJob:
         finally:
             self.guard.training = False
         step = trainer.state.global_step
-        self.record_best(trainer)
         if self.guard.cancelled:
             raise Cancelled(f"{self.guard.reason} at step {step} of {trainer.state.max_steps}; nothing exported.")
         if self.guard.reason:
             raise Interrupted(f"{self.guard.reason}: stopped at step {step} of {trainer.state.max_steps} with a "
                               f"checkpoint saved; the next attempt resumes from it.")
+        self.record_best(trainer)  # training is over (a stopped attempt's best is the next one's to say)
         return dict(result.metrics)
 
     def record_best(self, trainer) -> None:

@@ -397,11 +397,22 @@ class TrainingConfig(StrictModel):
         if hp.neftune_noise_alpha is not None and self.trainer_type != "sft":
             raise ValueError(f"neftune_noise_alpha is an SFT option (TRL's SFT trainer adds the noise), not "
                              f"'{self.trainer_type}': remove it or set trainer_type 'sft'.")
+        if self.reward_config and self.trainer_type != "grpo":
+            raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
+                             "remove it or set trainer_type 'grpo'.")
+        return self
+
+    @model_validator(mode="after")
+    def _check_trackers(self) -> TrainingConfig:
         if self.report_to is not None and len(set(self.report_to)) != len(self.report_to):
             raise ValueError("report_to names a tracker twice; name each once.")
         if self.report_to is not None and self.wandb_config is not None and "wandb" not in self.report_to:
             raise ValueError(f"wandb_config is set but report_to {self.report_to} leaves out 'wandb'; add 'wandb' "
                              "to report_to, or remove wandb_config.")
+        return self
+
+    @model_validator(mode="after")
+    def _check_parent(self) -> TrainingConfig:
         parent = "init_from_job_id" if self.init_from_job_id else "init_adapter" if self.init_adapter else None
         if self.init_from_job_id and self.init_adapter:
             raise ValueError("init_from_job_id and init_adapter are both set; a job continues one adapter: keep one.")
@@ -411,6 +422,11 @@ class TrainingConfig(StrictModel):
         if parent and self.provider == "unsloth":
             raise ValueError(f"provider 'unsloth' with {parent}: continuing an adapter with Unsloth has not been "
                              "shown for this job on a GPU yet; use provider 'huggingface'.")
+        return self
+
+    @model_validator(mode="after")
+    def _check_evaluation(self) -> TrainingConfig:
+        hp = self.hyperparameters
         ev = self.eval_config
         if self.provider == "unsloth" and (ev.generation_rows or ev.require_improvement):
             raise ValueError("provider 'unsloth' with eval_config.generation_rows or require_improvement: generating "
@@ -434,9 +450,6 @@ class TrainingConfig(StrictModel):
                 raise ValueError(f"eval_config.metric_for_best_model '{ev.metric_for_best_model}' is not an eval "
                                  f"metric trainer_type '{self.trainer_type}' reports; use one of "
                                  f"{['eval_' + m for m in known]}.")
-        if self.reward_config and self.trainer_type != "grpo":
-            raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
-                             "remove it or set trainer_type 'grpo'.")
         return self
 
     @property
