@@ -184,7 +184,7 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
             self.save_s = 0.0
             self.step_ended = time.monotonic()
             self.uploaded: int | None = None
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+            self.pool: ThreadPoolExecutor | None = None  # started by the first upload, ended with training
             self.pending: tuple[int, Path, float, Future] | None = None
 
         def finish_upload(self) -> None:
@@ -232,7 +232,7 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
                 t = time.monotonic()
                 return store.upload(folder), time.monotonic() - t
 
-            self.pending = (state.global_step, folder, local_s, self.pool.submit(upload))
+            self.pending = (state.global_step, folder, local_s, self.submit(upload))
             self.uploaded, self.last_save = state.global_step, time.monotonic()
             if control.should_training_stop or state.global_step >= state.max_steps:
                 # Training's last save: the Trainer may delete this folder before on_train_end (after loading
@@ -241,5 +241,13 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
 
         def on_train_end(self, args, state, control, **kwargs):
             self.finish_upload()  # the last checkpoint is in the bucket before train() returns
+            if self.pool is not None:  # its thread ends with training
+                self.pool.shutdown(wait=True)
+                self.pool = None
+
+        def submit(self, upload) -> Future:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+            return self.pool.submit(upload)
 
     return Checkpoints()

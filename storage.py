@@ -174,15 +174,12 @@ class GcsBlobStore:
         bucket_name, key = parse_gs_uri(prefix_uri.rstrip("/") + "/")
         bucket = self.client.bucket(bucket_name)
         names = [p.relative_to(local_dir).as_posix() for p in _files(local_dir)]
-        results = transfer_manager.upload_many_from_filenames(
+        transfer_manager.upload_many_from_filenames(  # raise_exception: the first failed upload is raised here
             bucket, names, source_directory=str(local_dir), blob_name_prefix=key, max_workers=self.workers,
             # An explicit retry: uploads without a generation precondition are not retried by default, and
             # a resumable upload cut off mid-file resumes where it stopped. Same bytes, so it is idempotent.
             upload_kwargs={"checksum": "crc32c", "retry": DEFAULT_RETRY.with_timeout(300)}, raise_exception=True,
             worker_type=transfer_manager.THREAD)
-        for name, result in zip(names, results):
-            if isinstance(result, Exception):
-                raise result
         wanted = {key + n for n in names}
         for blob in self.client.list_blobs(bucket_name, prefix=key):
             if blob.name not in wanted:

@@ -153,7 +153,8 @@ def test_hub_destination_uploads_the_same_files(gcp, tiny_root):
     assert repo["private"] is True  # private unless the request says otherwise
     manifest = manifest_matches({k: v for k, v in repo["files"].items() if k != ".gitattributes"})
     assert manifest["hf_repo_id"] == "acme/tiny-animals"
-    assert sorted(hub.lfs_uploads) == ["adapter_model.safetensors", "tokenizer.model"]  # as the Hub asks; the rest inline
+    # LFS as the Hub asks for weights and tokenizer.model; the rest inline
+    assert sorted(hub.lfs_uploads) == ["adapter_model.safetensors", "tokenizer.model"]
     card = repo["files"]["README.md"].decode()
     assert card.startswith("---\n") and "\nlicense: apache-2.0\n" in card  # the (local) base's own card's
     assert "AutoPeftModelForCausalLM.from_pretrained(\"acme/tiny-animals\")" in card
@@ -184,7 +185,8 @@ def test_a_second_push_mirrors_the_repo_and_weights_take_the_lfs_path(gcp, tiny_
     manifest = manifest_matches({k: v for k, v in files.items() if k != ".gitattributes"})
     assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"  # this run's, not the stale one
     assert sorted(hub.lfs_uploads) == ["adapter_model.safetensors", "tokenizer.model"]
-    assert files["adapter_model.safetensors"] == hub.lfs_objects[manifest["files"]["adapter_model.safetensors"]["sha256"]]
+    weights = manifest["files"]["adapter_model.safetensors"]["sha256"]
+    assert files["adapter_model.safetensors"] == hub.lfs_objects[weights]
     commits = [p for m, p, _ in hub.requests if m == "POST" and "/commit/" in p]
     assert len(commits) == 1  # added and deleted in one commit: no moment with a half-mirrored repo
     assert any(m == "PUT" and p.startswith("/lfs-upload/") for m, p, _ in hub.requests)
