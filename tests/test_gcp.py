@@ -235,3 +235,28 @@ def test_checkpoints_round_trip_through_gcs_with_concurrent_transfers(gcp, tmp_p
     assert restored == tmp_path / "resume" / "checkpoint-10"
     got = {p.relative_to(restored).as_posix(): p.read_bytes() for p in restored.rglob("*") if p.is_file()}
     assert got == {name: data[:-1] + bytes([10]) for name, data in files.items()} and MARKER not in got
+
+
+def test_a_job_continues_another_jobs_adapter_through_gcs(gcp, tiny_root, tmp_path):
+    """init_from_job_id on the cloud backend: the parent's adapter found and downloaded through the real
+    client (list, then the transfer manager), the lineage in the document and the manifest."""
+    from artifacts import sha256
+
+    gcp.put_dataset(tiny_root)
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(epochs=1)
+    gcp.put_request("gcs-parent", req)
+    assert main([], {**gcp.env, "JOB_ID": "gcs-parent"}) == 0
+    parent = gcp.doc("gcs-parent")
+    req["training_config"]["init_from_job_id"] = "gcs-parent"
+    gcp.put_request("gcs-child", req)
+    assert main([], {**gcp.env, "JOB_ID": "gcs-child"}) == 0
+    doc = gcp.doc("gcs-child")
+    assert doc["init_eval_loss"] == pytest.approx(parent["metrics"]["eval_loss"], abs=1e-4)
+    assert doc["metrics"]["eval_loss"] < doc["init_eval_loss"]
+    weights = gcp.blobs(gcp.export_bucket, "trained_adapters/gcs-parent/")["adapter_model.safetensors"]
+    (local := tmp_path / "parent-weights").write_bytes(weights)
+    assert doc["init_from"]["adapter_sha256"] == sha256(local)
+    assert doc["init_from"]["uri"] == f"gs://{gcp.export_bucket}/trained_adapters/gcs-parent/"
+    manifest = json.loads(gcp.blobs(gcp.export_bucket, "trained_adapters/gcs-child/")["manifest.json"])
+    assert manifest["parent"] == doc["init_from"]
