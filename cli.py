@@ -1,0 +1,141 @@
+"""Run and follow jobs without the upstream training service: the first commands of issue 20.
+
+    python cli.py submit REQUEST.json --local [--job-id ID]   # validate, store the request, create the
+                                                             # document `queued`, run the job here
+    python cli.py status JOB_ID [--json]                     # one readable block, or the document as JSON
+    python cli.py cancel JOB_ID                              # cancel_requested: the job stops at its next step
+
+The same environment as main.py chooses the backend (BACKEND, LOCAL_DIR, PROJECT_ID, the bucket names):
+on `local` the buckets and the document store are folders; on `gcp` status and cancel read and write
+Firestore. Submitting to Cloud Run (`JobsClient.run_job`) is not built yet and is refused with that said.
+Exit codes: 0 done, 1 the job failed or is not there, 2 bad input (a request that does not validate, a
+job id that exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from errors import PermanentError
+from main import read_settings
+from request import parse_request
+from services import make_blobs, open_store
+
+ROOT = Path(__file__).resolve().parent
+
+
+def settings_for(job_id: str, env):
+    return read_settings({**env, "JOB_ID": job_id})
+
+
+def submit(args, env) -> int:
+    text = Path(args.request).read_text()
+    try:
+        request = parse_request(text)
+    except PermanentError as e:
+        print(f"{args.request}: {e}", file=sys.stderr)
+        return 2
+    job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
+    settings = settings_for(job_id, env)
+    if not args.local:
+        print("submit: starting the Cloud Run job is not built yet; run it here with --local, or store the request "
+              f"at {settings.request_uri} and `gcloud run jobs execute training-job --update-env-vars "
+              f"JOB_ID={job_id}`", file=sys.stderr)
+        return 2
+    store, blobs = open_store(settings), make_blobs(settings)
+    if store.get(job_id) is not None:
+        print(f"submit: job {job_id} exists already; a job id names one job: choose another --job-id",
+              file=sys.stderr)
+        return 2
+    blobs.write_bytes(settings.request_uri, text.encode())
+    from job_manager import JobStatus, now
+
+    stamp = now()
+    tc = request.training_config
+    store.create(job_id, {"job_id": job_id, "job_name": request.job_name or job_id, "status": JobStatus.QUEUED.value,
+                          "processed_dataset_id": request.processed_dataset_id,
+                          "base_model_id": tc.base_model_id, "created_at": stamp, "updated_at": stamp})
+    print(f"job {job_id} queued; follow it with `python cli.py status {job_id}`", flush=True)
+    run = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=ROOT,
+                         env={**env, "JOB_ID": job_id, "BACKEND": settings.backend,
+                              "LOCAL_DIR": str(Path(settings.local_dir).resolve())})
+    print(describe(store.get(job_id) or {}))
+    return 0 if run.returncode == 0 else 1
+
+
+def describe(doc: dict[str, Any]) -> str:
+    """The document as a person reads it."""
+    lines = [f"job {doc.get('job_id')}: {doc.get('status')} ({doc.get('phase', '-')})"]
+    if doc.get("total_steps"):
+        eta = f", about {doc['eta_seconds']:.0f}s left" if doc.get("eta_seconds") else ""
+        loss = f", loss {doc['loss']:.4g}" if isinstance(doc.get("loss"), (int, float)) else ""
+        lines.append(f"  step {doc.get('step', 0)}/{doc['total_steps']}{loss}{eta}")
+    metrics = doc.get("metrics") or {}
+    shown = {k: metrics[k] for k in ("eval_loss", "perplexity", "accuracy", "reward_mean") if k in metrics}
+    if shown:
+        lines.append("  metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None))
+    if doc.get("generation"):
+        g = doc["generation"]
+        lines.append(f"  against the base: {g['verdict']} on {g['metric']} ({g[g['metric']]['base']} -> "
+                     f"{g[g['metric']]['tuned']})")
+    for key in ("adapter_path", "gguf_path", "tensorboard_path"):
+        if doc.get(key):
+            lines.append(f"  {key}: {doc[key]}")
+    if doc.get("error"):
+        lines.append(f"  error ({doc.get('error_type')}): {doc['error']}")
+    return "\n".join(lines)
+
+
+def status(args, env) -> int:
+    doc = open_store(settings_for(args.job_id, env)).get(args.job_id)
+    if doc is None:
+        print(f"status: no job {args.job_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=2, default=str) if args.json else describe(doc))
+    return 1 if doc.get("status") == "failed" else 0
+
+
+def cancel(args, env) -> int:
+    store = open_store(settings_for(args.job_id, env))
+    doc = store.get(args.job_id)
+    if doc is None:
+        print(f"cancel: no job {args.job_id}", file=sys.stderr)
+        return 1
+    if doc.get("status") in ("completed", "failed"):
+        print(f"cancel: job {args.job_id} is {doc['status']} already; nothing to cancel", file=sys.stderr)
+        return 1
+    store.merge(args.job_id, {"cancel_requested": True})
+    print(f"job {args.job_id}: cancel requested; it stops at its next step (status failed, cancelled true)")
+    return 0
+
+
+def main(argv: list[str] | None = None, env=None) -> int:
+    parser = argparse.ArgumentParser(description="Run and follow fine-tuning jobs without the training service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("submit", help="validate a request, queue it and run it (--local)")
+    p.add_argument("request", help="the request JSON file")
+    p.add_argument("--local", action="store_true", help="run the job in a subprocess here")
+    p.add_argument("--job-id", help="the job's id (default: a new one)")
+    p = commands.add_parser("status", help="a job's state")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="the whole document as JSON")
+    p = commands.add_parser("cancel", help="ask a running job to stop")
+    p.add_argument("job_id")
+    args = parser.parse_args(argv)
+    env = dict(os.environ if env is None else env)
+    try:
+        return {"submit": submit, "status": status, "cancel": cancel}[args.command](args, env)
+    except PermanentError as e:  # an invalid JOB_ID or environment
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""cli.py (issue 20, first part): submit --local queues and runs a job as the training service would start
+it; status reads the document back; cancel asks a job to stop; bad input exits 2 and queues nothing."""
+
+from __future__ import annotations
+
+import json
+
+import cli
+from conftest import env_for, read_doc, sample_request
+
+
+def request_file(tmp_path, req) -> str:
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(req))
+    return str(path)
+
+
+def test_submit_local_runs_the_job_and_status_reads_it(local_dir, tiny_root, tmp_path, capfd):
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(epochs=1)
+    env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
+    assert cli.main(["submit", request_file(tmp_path, req), "--local", "--job-id", "cli-1"], env) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("job cli-1 queued; follow it with `python cli.py status cli-1`")
+    doc = read_doc(local_dir, "cli-1")
+    assert doc["status"] == "completed" and doc["job_name"] == req["job_name"]
+    assert (local_dir / "gemma-train-config" / "cli-1.json").is_file()
+    assert cli.main(["status", "cli-1"], env) == 0
+    text = capfd.readouterr().out
+    assert text.startswith("job cli-1: completed (completed)\n  step 12/12")
+    assert f"eval_loss {doc['metrics']['eval_loss']:.4g}" in text
+    assert "adapter_path: gs://gemma-export-bucket/trained_adapters/cli-1/" in text
+    assert "against the base: better on rouge_l" in text
+    assert cli.main(["status", "cli-1", "--json"], env) == 0
+    assert json.loads(capfd.readouterr().out)["status"] == "completed"
+    # the same id again: refused, the finished job untouched
+    assert cli.main(["submit", request_file(tmp_path, req), "--local", "--job-id", "cli-1"], env) == 2
+    assert "job cli-1 exists already" in capfd.readouterr().err
+    assert cli.main(["cancel", "cli-1"], env) == 1 and "completed already" in capfd.readouterr().err
+
+
+def test_bad_input_exits_2_and_queues_nothing(local_dir, tiny_root, tmp_path, capfd):
+    env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"]["learning_rte"] = 0.1
+    assert cli.main(["submit", request_file(tmp_path, req), "--local", "--job-id", "bad"], env) == 2
+    assert "did you mean 'learning_rate'" in capfd.readouterr().err
+    assert not (local_dir / "firestore" / "training_jobs" / "bad.json").exists()
+    good = request_file(tmp_path, sample_request(tiny_root))
+    assert cli.main(["submit", good, "--job-id", "remote"], env) == 2  # Cloud Run: not built, and said so
+    assert "starting the Cloud Run job is not built yet" in capfd.readouterr().err
+    assert cli.main(["status", "nosuch"], env) == 1
+    assert cli.main(["status", "../x"], env) == 2  # an id that could leave its folder
+
+
+def test_cancel_sets_the_flag_a_running_job_reads(local_dir, capfd):
+    from job_manager import LocalJobStore
+
+    store = LocalJobStore(local_dir)
+    store.create("running", {"job_id": "running", "status": "training"})
+    env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
+    assert cli.main(["cancel", "running"], env) == 0
+    assert read_doc(local_dir, "running")["cancel_requested"] is True
+    assert cli.main(["cancel", "nosuch"], env) == 1
