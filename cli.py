@@ -4,6 +4,8 @@
                                                              # document `queued`, run the job here
     python cli.py status JOB_ID [--json]                     # one readable block, or the document as JSON
     python cli.py cancel JOB_ID                              # cancel_requested: the job stops at its next step
+    python cli.py list [--limit N]                           # recent jobs: status, step, eval loss
+    python cli.py download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
 
 The same environment as main.py chooses the backend (BACKEND, LOCAL_DIR, PROJECT_ID, the bucket names):
 on `local` the buckets and the document store are folders; on `gcp` status and cancel read and write
@@ -116,6 +118,32 @@ def cancel(args, env) -> int:
     return 0
 
 
+def recent(args, env) -> int:
+    for doc in open_store(settings_for("cli", env)).recent(args.limit):
+        loss = (doc.get("metrics") or {}).get("eval_loss")
+        print(f"{doc.get('job_id', '?'):<32} {doc.get('status', '?'):<10} step {doc.get('step', 0)}/"
+              f"{doc.get('total_steps', '?'):<6} eval_loss {'-' if loss is None else f'{loss:.4g}'}  "
+              f"{doc.get('updated_at', '')}")
+    return 0
+
+
+def download(args, env) -> int:
+    from export import FOLDERS
+
+    settings = settings_for(args.job_id, env)
+    blobs = make_blobs(settings)
+    prefix = f"gs://{settings.bucket_for(args.what)}/{FOLDERS[args.what]}/{args.job_id}/"
+    names = [uri[len(prefix):] for uri in blobs.list(prefix)]
+    if not names:
+        print(f"download: nothing at {prefix}: job {args.job_id} exported no {args.what} (see `cli.py status "
+              f"{args.job_id}`)", file=sys.stderr)
+        return 1
+    dest = Path(args.to or f"{args.job_id}-{args.what}")
+    blobs.download_dir(prefix, dest, names)
+    print(f"{len(names)} files from {prefix} in {dest}")
+    return 0
+
+
 def main(argv: list[str] | None = None, env=None) -> int:
     parser = argparse.ArgumentParser(description="Run and follow fine-tuning jobs without the training service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,10 +156,17 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("--json", action="store_true", help="the whole document as JSON")
     p = commands.add_parser("cancel", help="ask a running job to stop")
     p.add_argument("job_id")
+    p = commands.add_parser("list", help="recent jobs, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    p = commands.add_parser("download", help="fetch a job's exported folder")
+    p.add_argument("job_id")
+    p.add_argument("--what", choices=("adapter", "merged", "gguf"), default="adapter")
+    p.add_argument("--to", help="the folder to write (default JOB_ID-WHAT)")
     args = parser.parse_args(argv)
     env = dict(os.environ if env is None else env)
     try:
-        return {"submit": submit, "status": status, "cancel": cancel}[args.command](args, env)
+        return {"submit": submit, "status": status, "cancel": cancel, "list": recent,
+                "download": download}[args.command](args, env)
     except PermanentError as e:  # an invalid JOB_ID or environment
         print(f"{args.command}: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,11 @@ class LocalJobStore:
         with self._locked(job_id):
             self._write(job_id, _deep_merge(self.get(job_id) or {}, fields))
 
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The most recently updated documents, newest first."""
+        docs = [json.loads(p.read_text()) for p in self.dir.glob("*.json")]
+        return sorted(docs, key=lambda d: str(d.get("updated_at", "")), reverse=True)[:limit]
+
     def _write(self, job_id: str, doc: dict[str, Any]) -> None:
         # Atomic replace: a reader never sees half a document, even if the job is killed mid-write.
         fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
@@ -142,6 +147,13 @@ class FirestoreJobStore:
 
     def merge(self, job_id: str, fields: dict[str, Any]) -> None:
         self._ref(job_id).set(fields, merge=True, **self.call)
+
+    def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The most recently updated documents, newest first."""
+        from google.cloud import firestore
+
+        query = self.client.collection(COLLECTION).order_by("updated_at", direction=firestore.Query.DESCENDING)
+        return [snap.to_dict() for snap in query.limit(limit).stream(**self.call)]
 
 
 def transient(error: BaseException) -> bool:

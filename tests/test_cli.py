@@ -62,3 +62,38 @@ def test_cancel_sets_the_flag_a_running_job_reads(local_dir, capfd):
     assert cli.main(["cancel", "running"], env) == 0
     assert read_doc(local_dir, "running")["cancel_requested"] is True
     assert cli.main(["cancel", "nosuch"], env) == 1
+
+
+def test_list_and_download_locally(local_dir, tiny_root, tmp_path, capfd):
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(max_steps=2)
+    env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
+    for job_id in ("older", "newer"):
+        assert cli.main(["submit", request_file(tmp_path, req), "--local", "--job-id", job_id], env) == 0
+    capfd.readouterr()
+    assert cli.main(["list"], env) == 0
+    rows = capfd.readouterr().out.splitlines()
+    assert [r.split()[0] for r in rows] == ["newer", "older"] and all(" completed " in r for r in rows)
+    assert cli.main(["download", "newer", "--to", str(tmp_path / "got")], env) == 0
+    exported = local_dir / "gemma-export-bucket" / "trained_adapters" / "newer"
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == sorted(p.name for p in exported.iterdir())
+    assert (tmp_path / "got" / "adapter_model.safetensors").read_bytes() == \
+        (exported / "adapter_model.safetensors").read_bytes()
+    assert cli.main(["download", "newer", "--what", "gguf"], env) == 1
+    assert "exported no gguf" in capfd.readouterr().err
+
+
+def test_list_reads_firestore_newest_first(gcp):
+    from datetime import datetime, timedelta, timezone
+
+    t = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    for i, job_id in enumerate(("a", "b", "c")):
+        gcp.fs.collection("training_jobs").document(job_id).set(
+            {"job_id": job_id, "status": "completed", "updated_at": t + timedelta(minutes=i)})
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["list", "--limit", "2"], gcp.env) == 0
+    assert [r.split()[0] for r in out.getvalue().splitlines()] == ["c", "b"]
