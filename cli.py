@@ -4,6 +4,7 @@
                                                              # document `queued`, run the job here
     python cli.py status JOB_ID [--json]                     # one readable block, or the document as JSON
     python cli.py cancel JOB_ID                              # cancel_requested: the job stops at its next step
+    python cli.py watch JOB_ID [--interval S]                # follow it until it ends (a bar on a terminal)
     python cli.py list [--limit N]                           # recent jobs: status, step, eval loss
     python cli.py download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
 
@@ -21,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,45 @@ def cancel(args, env) -> int:
     return 0
 
 
+def watch(args, env, clock=time.monotonic, sleep=time.sleep) -> int:
+    """Poll the document until the job ends: a progress bar on a terminal, else a line per change. Ends with
+    the summary; exit 0 completed or cancelled, 1 failed or gone, 2 when --timeout passes first."""
+    store = open_store(settings_for(args.job_id, env))
+    started, seen, bar = clock(), None, None
+    while True:
+        doc = store.get(args.job_id)
+        if doc is None:  # a job just started creates its document at its first step
+            if clock() - started < args.wait_start:
+                sleep(args.interval)
+                continue
+            print(f"watch: no job {args.job_id} after {args.wait_start:.0f}s", file=sys.stderr)
+            return 1
+        state = (doc.get("status"), doc.get("phase"), doc.get("step"))
+        if sys.stdout.isatty() and doc.get("total_steps"):
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=doc["total_steps"], desc=args.job_id, unit="step")
+            bar.n = doc.get("step") or 0
+            bar.set_postfix_str(f"{doc.get('phase')} loss {doc.get('loss')}", refresh=True)
+        elif state != seen:
+            print(describe(doc).splitlines()[0] + (f", step {doc.get('step')}/{doc.get('total_steps')}"
+                                                   if doc.get("total_steps") else ""), flush=True)
+        seen = state
+        if doc.get("status") in ("completed", "failed"):
+            if bar is not None:
+                bar.close()
+            print(describe(doc))
+            if doc.get("cancelled"):
+                print("cancelled on request: nothing exported, not retried")
+                return 0
+            return 0 if doc["status"] == "completed" else 1
+        if args.timeout and clock() - started > args.timeout:
+            print(f"watch: still {doc.get('status')} after {args.timeout:.0f}s", file=sys.stderr)
+            return 2
+        sleep(args.interval)
+
+
 def recent(args, env) -> int:
     for doc in open_store(settings_for("cli", env)).recent(args.limit):
         loss = (doc.get("metrics") or {}).get("eval_loss")
@@ -156,6 +197,12 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("--json", action="store_true", help="the whole document as JSON")
     p = commands.add_parser("cancel", help="ask a running job to stop")
     p.add_argument("job_id")
+    p = commands.add_parser("watch", help="follow a job until it ends")
+    p.add_argument("job_id")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between reads of the document")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 2)")
+    p.add_argument("--wait-start", type=float, default=60.0, help="how long a job may take to create its "
+                   "document")
     p = commands.add_parser("list", help="recent jobs, newest first")
     p.add_argument("--limit", type=int, default=20)
     p = commands.add_parser("download", help="fetch a job's exported folder")
@@ -165,7 +212,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ if env is None else env)
     try:
-        return {"submit": submit, "status": status, "cancel": cancel, "list": recent,
+        return {"submit": submit, "status": status, "cancel": cancel, "list": recent, "watch": watch,
                 "download": download}[args.command](args, env)
     except PermanentError as e:  # an invalid JOB_ID or environment
         print(f"{args.command}: {e}", file=sys.stderr)

@@ -97,3 +97,30 @@ def test_list_reads_firestore_newest_first(gcp):
     with redirect_stdout(out):
         assert cli.main(["list", "--limit", "2"], gcp.env) == 0
     assert [r.split()[0] for r in out.getvalue().splitlines()] == ["c", "b"]
+
+
+def test_watch_follows_a_running_job_to_its_end(local_dir, tiny_root, tmp_path, capfd):
+    """watch beside a job started in the background (not on a terminal: one line per change), to its end."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, put_request
+
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(epochs=2)
+    put_request(local_dir, "watched", req)
+    env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
+    job = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env={"PATH": "/usr/bin:/bin",
+                                                                      **env_for(local_dir, "watched")},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rc = cli.main(["watch", "watched", "--interval", "0.2", "--timeout", "300"], env)
+    finally:
+        job.wait(timeout=300)
+    assert rc == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert any(line.startswith("job watched: training (training), step ") for line in lines), lines
+    assert "job watched: completed (completed)" in lines
+    summary = lines.index("job watched: completed (completed)")
+    assert lines[summary + 1] == "  step 24/24" or lines[summary + 1].startswith("  step 24/24, loss")
+    assert cli.main(["watch", "nosuch", "--interval", "0.1", "--wait-start", "0.3"], env) == 1
