@@ -17,29 +17,31 @@ from request import parse_request
 EXPORT = "gemma-export-bucket"
 
 
-def best_request(tiny_root) -> dict:
+def best_request(tiny_root, batch_size: int = 8) -> dict:
     """Evaluated and saved each epoch (12 steps), of 12 epochs. `greater_is_better` on the eval loss makes the
     first evaluation the best and every later one "no improvement", since the loss only falls on this task:
     a best checkpoint that is not the last, known in advance. Patience 2 stops it after epoch 3 (step 36)."""
     req = sample_request(tiny_root)
-    req["training_config"]["hyperparameters"].update(save_total_limit=1)
+    req["training_config"]["hyperparameters"].update(save_total_limit=1, batch_size=batch_size)
     req["training_config"]["eval_config"].update(early_stopping_patience=2, greater_is_better=True,
                                                  load_best_model_at_end=True, generation_rows=0)
     return req
 
 
-def check_best(local_dir, job_id: str) -> dict:
+def check_best(local_dir, job_id: str, epoch: int = 12) -> dict:
+    """Stopped after epoch 3 of 12, the first epoch's checkpoint exported (`epoch`: steps per epoch)."""
     doc = read_doc(local_dir, job_id)
     assert doc["status"] == "completed", doc.get("error")
-    assert doc["step"] == 36 and doc["total_steps"] == 144  # stopped before its last epoch
+    assert doc["step"] == 3 * epoch and doc["total_steps"] == 12 * epoch  # stopped before its last epoch
     assert doc["stop_reason"] == ("early stopping: eval_loss did not improve by more than 0.0 for 2 evaluations, "
-                                  "at step 36 of 144")
-    assert doc["best_step"] == doc["exported_step"] == 12
+                                  f"at step {3 * epoch} of {12 * epoch}")
+    assert doc["best_step"] == doc["exported_step"] == epoch
     history = json.loads((local_dir / EXPORT / "trained_adapters" / job_id / "log_history.json").read_text())
     evals = {e["step"]: e["eval_loss"] for e in history if "eval_loss" in e and e is not history[-1]}
-    assert sorted(evals) == [12, 24, 36] and evals[12] > evals[24] > evals[36]
-    # the exported model is the best checkpoint's: its eval loss is step 12's, not step 36's
-    assert doc["metrics"]["eval_loss"] == pytest.approx(evals[12], rel=1e-5) == pytest.approx(doc["best_metric"])
+    assert sorted(evals) == [epoch, 2 * epoch, 3 * epoch] and evals[epoch] > evals[2 * epoch] > evals[3 * epoch]
+    # the exported model is the best checkpoint's: its eval loss is the first epoch's, not the third's
+    assert doc["metrics"]["eval_loss"] == pytest.approx(evals[epoch], rel=1e-5) == \
+        pytest.approx(doc["best_metric"])
     return doc
 
 
@@ -99,3 +101,25 @@ def test_best_checkpoint_options_accepted():
         "eval_config": {"load_best_model_at_end": True, "eval_strategy": "epoch",
                         "metric_for_best_model": "rewards/margins"}}}))
     assert dpo.training_config.eval_config.metric_for_best_model == "rewards/margins"
+
+
+def test_kill_9_between_the_best_step_and_the_stop_still_exports_the_best(local_dir, tiny_root):
+    """The job as its own process, killed with SIGKILL once epoch 2's checkpoint (step 90) is in the bucket:
+    before early stopping at step 135 (45 steps an epoch at batch size 2), after the best, step 45. The rerun
+    resumes from step 90 with checkpoint-45 restored beside it and exports step 45's model."""
+    from test_reliability import RESUMED, Job, wait_for_checkpoint
+
+    put_request(local_dir, "best-kill", best_request(tiny_root, batch_size=2))
+    job = Job(local_dir, "best-kill", 0)
+    wait_for_checkpoint(local_dir, "best-kill", job, timeout=120)  # checkpoint-45
+    wait_for_checkpoint(local_dir, "best-kill", job, timeout=120)  # checkpoint-90
+    assert job.proc.poll() is None, "the job ended before it could be killed"
+    job.proc.kill()
+    job.wait()
+    store = checkpoints.CheckpointStore(__import__("storage").LocalBlobStore(local_dir),
+                                        f"gs://{EXPORT}/checkpoints/best-kill/")
+    assert store.complete() == [45, 90]
+    final = Job(local_dir, "best-kill", 1)
+    assert final.wait(timeout=300) == 0, final.output[-3000:]
+    assert RESUMED.search(final.output)[1] == "90"
+    check_best(local_dir, "best-kill", epoch=45)
