@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from checkpoints import CheckpointStore, Guard, checkpoint_callback
+from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
@@ -435,16 +435,15 @@ class BaseTrainingJob:
         ev, state = self.cfg.eval_config, trainer.state
         if not trainer.args.metric_for_best_model:
             return
-        found = re.search(r"checkpoint-(\d+)$", state.best_model_checkpoint or "")
+        best = checkpoint_step(state.best_model_checkpoint)
         stopper = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "EarlyStoppingCallback"),
                        None)
         early = stopper is not None and stopper.early_stopping_patience_counter >= ev.early_stopping_patience
         reason = (f"early stopping: {ev.metric_for_best_model} did not improve by more than "
                   f"{ev.early_stopping_threshold} for {ev.early_stopping_patience} evaluations, at step "
                   f"{state.global_step} of {state.max_steps}") if early else "completed"
-        fields = {"best_step": int(found[1]) if found else None, "best_metric": state.best_metric,
-                  "stop_reason": reason, "exported_step": int(found[1]) if found and ev.load_best_model_at_end
-                  else state.global_step}
+        fields = {"best_step": best, "best_metric": state.best_metric, "stop_reason": reason,
+                  "exported_step": best if best is not None and ev.load_best_model_at_end else state.global_step}
         logger.info("best checkpoint: %s", fields)
         self.tracker.write(fields)
 

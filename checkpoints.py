@@ -29,6 +29,12 @@ MARKER = "_COMPLETE.json"
 CANCEL = "cancel_requested"
 
 
+def checkpoint_step(path: str | None) -> int | None:
+    """N of a path ending in checkpoint-N, else None."""
+    found = re.search(r"checkpoint-(\d+)$", path or "")
+    return int(found[1]) if found else None
+
+
 def best_step(folder: Path) -> int | None:
     """The step of the best checkpoint as the Trainer's state in a checkpoint folder names it, if any."""
     state = folder / "trainer_state.json"
@@ -39,8 +45,7 @@ def best_step(folder: Path) -> int | None:
     except (ValueError, AttributeError) as e:  # not the Trainer's: no best to keep (the resume will say more)
         logger.warning("%s is not a trainer state (%s): no best checkpoint read from it", state, e)
         return None
-    found = re.search(r"checkpoint-(\d+)$", best or "")
-    return int(found[1]) if found else None
+    return checkpoint_step(best)
 
 
 class CheckpointStore:
@@ -96,6 +101,13 @@ class CheckpointStore:
         if not complete:
             return None
         step = complete[-1]
+        local = self._download(step, dest)
+        best = best_step(local)
+        if best is not None and best != step and best in complete:  # the Trainer loads it at the end
+            self._download(best, dest)
+        return local
+
+    def _download(self, step: int, dest: Path) -> Path:
         uri = f"{self.prefix}checkpoint-{step}/"
         local = dest / f"checkpoint-{step}"
         names = [n for n in (blob[len(uri):] for blob in self.blobs.list(uri)) if n != MARKER]
@@ -103,12 +115,6 @@ class CheckpointStore:
         self.blobs.download_dir(uri, local, names)  # concurrently: Full's are GBs
         logger.info("restored checkpoint-%d from %s (%d files) in %.1fs", step, uri, len(names),
                     time.perf_counter() - t)
-        best = best_step(local)
-        if best is not None and best != step and best in complete:  # the Trainer loads it at the end
-            uri = f"{self.prefix}checkpoint-{best}/"
-            names = [n for n in (blob[len(uri):] for blob in self.blobs.list(uri)) if n != MARKER]
-            self.blobs.download_dir(uri, dest / f"checkpoint-{best}", names)
-            logger.info("restored the best checkpoint, checkpoint-%d, beside it", best)
         return local
 
     def clear(self) -> None:

@@ -137,6 +137,10 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         form = ex.merged_dtype if artifact == "merged" else "adapter"
         write_card(job, folder, {artifact: form, **({"gguf": ex.gguf_quantization} if together else {})}, metrics,
                    verified, license_, gguf.name if together else None)
+        # Before the manifest, which lists and checksums them. Not beside a GGUF alone: its bucket is public
+        # (the web UI links the file), and eval_generations.jsonl holds the user's eval rows.
+        for file, data in (job.extra_files or {}).items():
+            (folder / file).write_bytes(data if isinstance(data, bytes) else data.encode())
         write_manifest(job, folder, artifact, metrics, verified)
         job.run_logger.log_model(folder, f"{artifact}-{job.job_id}", "end")  # log_model: end
         if together:  # the GGUF, its manifest and its Modelfile join the folder (no name is shared)
@@ -187,10 +191,6 @@ def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, 
                    verified: dict[str, dict], name: str = "manifest.json") -> None:
     from artifacts import write_manifest as write
 
-    # Before the manifest, which lists and checksums them; not beside a GGUF alone, whose bucket is public
-    # (the web UI links the file), and eval_generations.jsonl holds the user's eval rows.
-    for file, text in (job.extra_files or {}).items() if name == "manifest.json" else ():
-        (out / file).write_bytes(text if isinstance(text, bytes) else text.encode())
     ex = job.cfg.export_config
     custom = {"job_id": job.job_id, "base_model_id": job.cfg.base_model_id,
               "provider": job.cfg.provider, "export_format": artifact, "hf_repo_id": ex.hf_repo_id}

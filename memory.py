@@ -22,6 +22,7 @@ Run `python memory.py` for the tables of Gemma 3 sizes on an L4 that the README 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -37,8 +38,10 @@ OVERHEAD = 1.5 * GIB  # CUDA context, cuBLAS workspaces, allocator fragmentation
 HEADROOM = 0.95
 
 
+@functools.lru_cache(maxsize=2)
 def meta_model(model_id: str, token: str | None, trust_remote_code: bool):
-    """The model as its config describes it, on the meta device: its modules and shapes, no weights."""
+    """The model as its config describes it, on the meta device: its modules and shapes, no weights. Built
+    once per job: pre-flight's module check and the memory estimate both read it."""
     from transformers import AutoConfig
 
     return empty_model(AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code),
@@ -126,10 +129,8 @@ def check_memory(cfg, settings, token: str | None) -> None:
         container_limit() if settings.disk_is_memory else None
     if gpu is None and host is None:
         return
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(cfg.base_model_id, token=token, trust_remote_code=cfg.trust_remote_code)
-    model = empty_model(config, cfg.trust_remote_code)
+    model = meta_model(cfg.base_model_id, token, cfg.trust_remote_code)
+    config = model.config
     total, embeddings = count_params(config, model)
     if gpu:
         hp = cfg.hyperparameters

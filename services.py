@@ -17,9 +17,9 @@ from settings import Settings
 from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
 from tracking import NullRunLogger, TensorBoardLog, WandbRunLogger
 
-# Trackers handed to the Trainer's own integration where their package is installed (this image has neither):
-# the package's pip name.
-INTEGRATIONS = {"comet_ml": "comet_ml", "mlflow": "mlflow"}
+# Trackers handed to the Trainer's own integration where their package (of the same name) is installed; this
+# image has neither.
+INTEGRATIONS = ("comet_ml", "mlflow")
 
 
 def open_store(settings: Settings, dry_run: bool = False):
@@ -43,10 +43,9 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
     trackers = request.training_config.trackers
     for name in trackers:
         if name in INTEGRATIONS and importlib.util.find_spec(name) is None:
-            raise PermanentError(f"training_config.report_to: '{name}' needs the {INTEGRATIONS[name]} package, "
-                                 f"which this image does not have; add `{INTEGRATIONS[name]}` to requirements.txt "
-                                 "and rebuild the image (pip install " + INTEGRATIONS[name] + "), or remove "
-                                 f"'{name}' from report_to.")
+            raise PermanentError(f"training_config.report_to: '{name}' needs the {name} package, which this image "
+                                 f"does not have; add `{name}` to requirements.txt and rebuild the image (pip "
+                                 f"install {name}), or remove '{name}' from report_to.")
     wb = request.training_config.wandb_config or WandbConfig()
     runs = NullRunLogger()
     if "wandb" in trackers and settings.wandb_mode != "disabled":

@@ -13,6 +13,7 @@ import main
 from conftest import env_for, put_request, read_doc, sample_request
 from errors import RequestError
 from request import parse_request
+from storage import LocalBlobStore
 
 EXPORT = "gemma-export-bucket"
 
@@ -66,7 +67,7 @@ def test_a_preempted_job_still_exports_its_best_checkpoint(local_dir, tiny_root,
     with monkeypatch.context() as m:
         m.setattr(checkpoints.Guard, "check", preempted_at_30)
         assert main.main([], env_for(local_dir, "best-pre")) == 1
-    kept = checkpoints.CheckpointStore(__import__("storage").LocalBlobStore(local_dir),
+    kept = checkpoints.CheckpointStore(LocalBlobStore(local_dir),
                                        f"gs://{EXPORT}/checkpoints/best-pre/").complete()
     assert kept == [12, 30]  # the newest, and the best, though save_total_limit is 1
     assert main.main([], env_for(local_dir, "best-pre", CLOUD_RUN_TASK_ATTEMPT="1")) == 0
@@ -116,7 +117,7 @@ def test_kill_9_between_the_best_step_and_the_stop_still_exports_the_best(local_
     assert job.proc.poll() is None, "the job ended before it could be killed"
     job.proc.kill()
     job.wait()
-    store = checkpoints.CheckpointStore(__import__("storage").LocalBlobStore(local_dir),
+    store = checkpoints.CheckpointStore(LocalBlobStore(local_dir),
                                         f"gs://{EXPORT}/checkpoints/best-kill/")
     assert store.complete() == [45, 90]
     final = Job(local_dir, "best-kill", 1)

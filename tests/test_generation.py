@@ -3,6 +3,7 @@ prompts; exact match, ROUGE-L and BLEU against the reference; a verdict; `requir
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -174,5 +175,5 @@ def test_a_preference_curve_draws_the_margin_under_the_losses(tmp_path):
     (tmp_path / "dpo.png").write_bytes(curve_png(history, "dpo", "dpo job"))
     with Image.open(tmp_path / "dpo.png") as png:
         assert png.size == (800, 650)  # the losses, and the margin below them
-    with Image.open(__import__("io").BytesIO(curve_png(history, "sft", "sft job"))) as png:
+    with Image.open(io.BytesIO(curve_png(history, "sft", "sft job"))) as png:
         assert png.size == (800, 400)

@@ -5,6 +5,7 @@ the unreachable W&B is a closed port on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -177,7 +178,7 @@ def test_report_to_wandb_without_wandb_config_uses_its_defaults(local_dir, tiny_
     from services import make_services
 
     req = sample_request(tiny_root, report_to=["wandb"])
-    parsed = parse_request(__import__("json").dumps(req))
+    parsed = parse_request(json.dumps(req))
     assert parsed.training_config.trackers == ["wandb"]
     job = local_job(req, local_dir, "wb-default")
     services = make_services(job.settings, parsed, job.tracker, job.services.blobs)
@@ -191,8 +192,6 @@ def test_report_to_wandb_without_wandb_config_uses_its_defaults(local_dir, tiny_
     ({"report_to": ["neptune"]}, "report_to.0: Input should be 'wandb', 'tensorboard', 'comet_ml' or 'mlflow'"),
 ])
 def test_report_to_refused_naming_the_field(tc, message):
-    import json
-
     from errors import RequestError
     from request import parse_request
 
@@ -206,8 +205,6 @@ def test_report_to_refused_naming_the_field(tc, message):
     ({"report_to": ["tensorboard", "wandb"], "wandb_config": {"project": "p"}}, ["tensorboard", "wandb"]),
 ])
 def test_report_to_accepted(tc, trackers):
-    import json
-
     from request import parse_request
 
     parsed = parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {"base_model_id": "m", **tc}}))
