@@ -94,29 +94,37 @@ def write_portable_adapter_config(folder: Path) -> dict[str, Any]:
     return dropped
 
 
-def nf4_config(compute_dtype):
+# Kept in 16 bits in an image+text model's 4-bit form: the SigLIP tower and the projector lose too much in
+# NF4 (Unsloth keeps them too), and the output head, which bitsandbytes keeps by default (a list replaces it).
+VISION_16BIT = ["vision_tower", "multi_modal_projector", "lm_head"]
+
+
+def nf4_config(compute_dtype, vision: bool = False):
     """The one 4-bit form of the job: NF4 with double quantization, for QLoRA's base and the q4 merge."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              **({"llm_int8_skip_modules": VISION_16BIT} if vision else {}))
 
 
-def save_4bit(merged16: Path, out: Path) -> Path:
+def save_4bit(merged16: Path, out: Path, vision: bool = False) -> Path:
     """The 16-bit merge saved 4-bit (NF4, double quantization) with bitsandbytes: quantized once from
     the merged weights, never merged into 4-bit weights."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    config = nf4_config(torch.bfloat16)
+    config = nf4_config(torch.bfloat16, vision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(merged16), quantization_config=config, device_map=device)
+    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(str(merged16), quantization_config=config, device_map=device)
     model.save_pretrained(str(out))
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    for p in merged16.iterdir():  # the tokenizer and its tables, as the 16-bit folder has them
-        if p.is_file() and (p.name.startswith("tokenizer") or p.name.endswith((".jinja", ".model"))):
+    for p in merged16.iterdir():  # the tokenizer, its tables and an image processor, as the 16-bit folder has them
+        if p.is_file() and (p.name.startswith(("tokenizer", "processor_config", "preprocessor_config"))
+                            or p.name.endswith((".jinja", ".model"))):
             shutil.copyfile(p, out / p.name)
     return out
 

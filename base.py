@@ -34,7 +34,9 @@ from schema import TrainRequest
 from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
-from verification import probe_prompts
+from verification import pad_id, probe_prompts
+from vision import VisionCollator, check_image_model, encode_vision, image_stats, load_processor, load_vision_splits, \
+    probe_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Prepared:
     eval: Tokenized | None
     total_steps: int
     cases: Any = None  # generation.Cases: the eval prompts both models answer, or None
+    processor: Any = None  # image+text jobs: the base's processor (vision.py)
 
 
 class BaseTrainingJob:
@@ -180,17 +183,23 @@ class BaseTrainingJob:
         self.check_hub_access()
         self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
                                  self.settings.export_bucket, self.workdir)
+        if self.cfg.vision:  # before the data: a text-only base is refused from its config alone
+            check_image_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
         splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
         check_attention(self.cfg.hyperparameters.use_fa2)
-        tokenizer = self.timed("load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(),
-                               self.cfg.trust_remote_code)
+        processor = self.timed("load_processor", load_processor, self.cfg.base_model_id, self.token(),
+                               self.cfg.trust_remote_code) if self.cfg.vision else None
+        tokenizer = processor.tokenizer if processor else self.timed(
+            "load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
         self.check_modules()
         check_memory(self.cfg, self.settings, self.token())  # memory.py: refuse what cannot fit
         hp = self.cfg.hyperparameters
         sft = self.cfg.trainer_type == "sft"
 
         def fit(rows):
+            if processor:
+                return encode_vision(rows, processor, hp.max_length, hp.assistant_only_loss)
             return tokenize(rows, tokenizer, hp.max_length, hp.assistant_only_loss) if sft else \
                 fit_prompts(rows, tokenizer, hp.prompt_length)
 
@@ -200,6 +209,7 @@ class BaseTrainingJob:
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
                                f"hyperparameters.{limit.split()[0]} or shorten the rows.")
         evald = self.timed("prepare_eval_data", fit, splits["eval"]) if "eval" in splits else None
+        images = image_stats(splits, {"train": train, **({"eval": evald} if evald else {})}) if processor else {}
         if self.cfg.eval_config.picks_best and not (evald and evald.rows):
             raise DatasetError("eval_config: early_stopping_patience and load_best_model_at_end judge checkpoints on "
                                "the eval split, and this dataset has none; add one (test, validation or eval), or "
@@ -217,17 +227,21 @@ class BaseTrainingJob:
         stats = {"train_rows": len(train.rows), "eval_rows": len(evald.rows) if evald else 0,
                  "train_tokens": train.tokens, "trained_tokens": train.trained_tokens,
                  "truncated_rows": train.truncated + (evald.truncated if evald else 0),
-                 "dropped_rows": train.dropped + (evald.dropped if evald else 0), "total_steps": total}
+                 "dropped_rows": train.dropped + (evald.dropped if evald else 0), "total_steps": total, **images}
         if stats["truncated_rows"]:
             logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
         logger.info("preflight ok: %s", stats)
         self.tracker.phase("validated", dataset=stats, total_steps=total,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
-                        found if found and found.prompts else None)
+                        found if found and found.prompts else None, processor)
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id
+        if self.cfg.vision:
+            return load_vision_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/"
+                                      f"{dataset_id}/", self.tracker.store.get_dataset(dataset_id),
+                                      self.workdir / "data")
         return load_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/",
                            self.tracker.store.get_dataset(dataset_id), self.workdir / "data", self.cfg.trainer_type,
                            tuple(sorted(reference_fields(self.cfg.reward_config))))
@@ -259,7 +273,7 @@ class BaseTrainingJob:
         if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
-            kwargs["quantization_config"] = nf4_config(self.compute_dtype())
+            kwargs["quantization_config"] = nf4_config(self.compute_dtype(), self.cfg.vision)
         elif self.cfg.hyperparameters.load_in_8bit:
             from transformers import BitsAndBytesConfig
 
@@ -360,7 +374,11 @@ class BaseTrainingJob:
             # padding_free alone: TRL refuses to truncate, and needs not, the job's rows are cut to max_length
             "sft": dict(max_length=None if hp.padding_free and not hp.packing else hp.max_length,
                         packing=hp.packing, padding_free=hp.padding_free, neftune_noise_alpha=hp.neftune_noise_alpha,
-                        label_names=["labels"], batch_eval_metrics=False),
+                        label_names=["labels"], batch_eval_metrics=False,
+                        # image+text rows are encoded here (vision.py) and batched by the job's collator, which
+                        # reads their image bytes: TRL neither prepares them nor drops that column
+                        **(dict(dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+                           if self.cfg.vision else {})),
             "dpo": dict(beta=hp.beta, max_length=hp.max_length, padding_free=hp.padding_free),
             "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),
             "grpo": dict(beta=hp.beta, num_generations=hp.num_generations, max_completion_length=completion,
@@ -377,13 +395,16 @@ class BaseTrainingJob:
         args = config_cls(**(self.trainer_kwargs(prep) | self.sft_overrides()))
         with_eval = prep.eval is not None and self.cfg.eval_config.compute_eval_metrics
         kwargs: dict[str, Any] = dict(
-            model=model, args=args, processing_class=prep.tokenizer, train_dataset=Dataset.from_list(prep.train.rows),
+            model=model, args=args, processing_class=prep.processor or prep.tokenizer,
+            train_dataset=Dataset.from_list(prep.train.rows),
             eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker), checkpoint_callback(
                 self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
                 self.cfg.hyperparameters.save_strategy, self.services.run_logger)])
         if kind == "grpo":
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
+        if prep.processor is not None:
+            kwargs["data_collator"] = VisionCollator(prep.processor, pad_id(prep.tokenizer))
         ev = self.cfg.eval_config
         if ev.early_stopping_patience and args.metric_for_best_model:
             from transformers import EarlyStoppingCallback
@@ -527,5 +548,9 @@ class BaseTrainingJob:
         extra.update(self.curves(trainer))
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
-                        s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra)
-        return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))
+                        s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra,
+                        prep.processor)
+        prompts = probe_prompts(prep)
+        return export_artifacts(job, trainer, tokenizer, metrics, prompts,
+                                probe_pixels(prep.processor, (prep.eval or prep.train).rows, prompts)
+                                if prep.processor is not None else None)

@@ -64,18 +64,25 @@ def split_uris(listing: list[str], prefix_uri: str, metadata: dict[str, Any] | N
     return splits
 
 
-def load_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path, trainer_type: str,
-                refs: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
-    """Each split's rows under `prefix` (see split_uris), checked for the trainer type, with the reward
-    graders' reference columns `refs` kept beside the row form's columns."""
+def read_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
+    """Each split under `prefix` (see split_uris) as a pyarrow table; the downloaded file is gone once read."""
     import pyarrow.parquet as pq
 
     uris = split_uris([] if metadata and metadata.get("splits") else blobs.list(prefix), prefix, metadata)
     out = {}
     for split, uri in uris.items():
         path = blobs.download(uri, folder / uri.rsplit("/", 1)[-1])
-        table = pq.read_table(path)
+        out[split] = pq.read_table(path)
         path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
+    return out
+
+
+def load_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path, trainer_type: str,
+                refs: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Each split's rows under `prefix` (see split_uris), checked for the trainer type, with the reward
+    graders' reference columns `refs` kept beside the row form's columns."""
+    out = {}
+    for split, table in read_splits(blobs, prefix, metadata, folder).items():
         form = row_form(table.column_names, trainer_type)
         missing = [c for c in refs if c not in table.column_names]
         if missing:
@@ -126,7 +133,8 @@ def text_of(content: Any) -> str:
             if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
                 raise ValueError(f"content part {part!r} is not {{type: text, text}}")
             if part["type"] == "image":
-                raise ValueError("an image part in a text job; use modality 'vision' once it is supported")
+                raise ValueError("an image part in a text job; set training_config.modality 'vision' to train "
+                                 "on the images")
             parts.append(part.get("text") or "")
         return "".join(parts)
     raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
@@ -198,18 +206,23 @@ class Tokenized:
 PARALLEL_ROWS = 4000
 
 
-def encode(conv: list[dict[str, str]] | str, tokenizer, max_length: int, assistant_only: bool) -> dict[str, Any]:
-    """One row's input_ids and labels (-100 where no loss), truncated to max_length."""
+def encode(conv: list[dict[str, Any]] | str, tokenizer, max_length: int, assistant_only: bool,
+           render=None) -> dict[str, Any]:
+    """One row's input_ids and labels (-100 where no loss), truncated to max_length. `render(messages,
+    add_generation_prompt)` is the text of a conversation: the chat template, unless given (vision.py)."""
+    if render is None:
+        def render(messages, add_generation_prompt=False):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if isinstance(conv, str):
         text = (tokenizer.bos_token or "") + conv + (tokenizer.eos_token or "")
         spans = [(0, len(text))]
     else:
-        text = tokenizer.apply_chat_template(conv, tokenize=False)
+        text = render(conv)
         spans = [(0, len(text))] if not assistant_only else []
         for i, m in enumerate(conv):
             if assistant_only and m["role"] == "assistant":
-                start = len(tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True))
-                spans.append((start, len(tokenizer.apply_chat_template(conv[: i + 1], tokenize=False))))
+                start = len(render(conv[:i], add_generation_prompt=True))
+                spans.append((start, len(render(conv[: i + 1]))))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]

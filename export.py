@@ -66,16 +66,19 @@ class ExportJob:
     parent: dict[str, Any] | None = None  # the adapter this job continued (lineage.py), for the manifests
     extra_files: dict[str, str | bytes] | None = None  # into the adapter/merged folder: eval_generations.jsonl,
     # log_history.json, training_curve.png
+    processor: Any = None  # image+text jobs: the base's processor, saved beside the tokenizer in every folder
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
-                     prompts: list[list[int]]) -> dict[str, Any]:
+                     prompts: list[list[int]], pixels: list[Any] | None = None) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
-    goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes."""
+    goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes, and
+    for an image+text job `pixels`, each probe's images."""
     import torch
 
     from artifacts import complete_tokenizer_files, save_4bit, write_portable_adapter_config
-    from verification import greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf, verify_merged
+    from verification import (MAX_NEW_TOKENS, greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf,
+                              verify_merged)
 
     fmt, ex = job.cfg.export_format, job.cfg.export_config
     root = job.workdir / "export"
@@ -89,8 +92,10 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     # The local checkpoints are in the bucket (a retry restores from there): on a disk that is memory,
     # Full's are 4 bytes per parameter each.
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token) if job.processor is not None else None
     ref = job.timed("verify_reference", greedy_reference, trainer.model, prompts,
-                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer))
+                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels, image_token)
+    saver = job.processor if job.processor is not None else tokenizer  # a processor saves its tokenizer too
     verified: dict[str, dict] = {}
     ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
     if fmt == "adapter":
@@ -99,14 +104,14 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         # copy, which save_pretrained would write as `ref/`, and which no consumer loads.
         trainer.model.save_pretrained(str(out), selected_adapters=[trainer.model.active_adapter])
         write_portable_adapter_config(out)
-        tokenizer.save_pretrained(str(out))
+        saver.save_pretrained(str(out))
         complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token)
         verified["adapter"] = job.timed("verify_adapter", verify_adapter, out, ref, trainer.model,
-                                        job.cfg.base_model_id, job.base_kwargs)
+                                        job.cfg.base_model_id, job.base_kwargs, job.cfg.vision)
         ready.append((out, "adapter"))
     if fmt == "merged" or ex.wants_gguf:
         merged16 = root / "merged16"
-        job.timed("merge", job.save_merged, trainer.model, tokenizer, merged16)
+        job.timed("merge", job.save_merged, trainer.model, saver, merged16)
         complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token)
         if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here
             drop_cached(job.cfg.base_model_id)
@@ -118,9 +123,9 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         if fmt == "merged":
             out = merged16
             if ex.merged_dtype == "q4":
-                out = job.timed("quantize_4bit", save_4bit, merged16, root / "merged")
+                out = job.timed("quantize_4bit", save_4bit, merged16, root / "merged", job.cfg.vision)
             verified["merged"] = job.timed("verify_merged", verify_merged, out, ref, ex.merged_dtype,
-                                           job.cfg.method)
+                                           job.cfg.method, job.cfg.vision)
             ready.append((out, "merged"))
         if merged16 not in [f for f, _ in ready]:
             shutil.rmtree(merged16, ignore_errors=True)

@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 
 class HuggingFaceTrainingJob(BaseTrainingJob):
     def load_model(self, tokenizer) -> Any:
-        from transformers import AutoModelForCausalLM
+        from verification import auto_class
 
-        model = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, **self.base_model_kwargs())
+        model = auto_class(self.cfg.vision).from_pretrained(self.cfg.base_model_id, **self.base_model_kwargs())
         if self.cfg.method == "Full":
             return model
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -34,14 +34,18 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
             config.lora_dropout, config.inference_mode = self.cfg.hyperparameters.lora_dropout, False
             return PeftModel.from_pretrained(model, str(self.parent.folder), config=config, is_trainable=True)
         # PEFT matches the target names anywhere: on Gemma 3 4B and up, the vision tower's q/k/v_proj too,
-        # which a text job never runs (Unsloth scopes its list to the language model itself).
+        # which a text job never runs (Unsloth scopes its list to the language model itself). An image+text
+        # job picks its towers (finetune_vision_layers / finetune_language_layers).
         towers = any(re.fullmatch(NOT_LANGUAGE, name) for name, _ in model.named_modules())
-        config = LoraConfig(task_type="CAUSAL_LM", exclude_modules=NOT_LANGUAGE if towers else None,
-                            **self.lora_kwargs())
-        return get_peft_model(model, config)  # the module names were checked at pre-flight
+        kwargs = self.lora_kwargs()
+        exclude = NOT_LANGUAGE if towers else None
+        if self.cfg.vision:
+            kwargs, exclude = vision_lora(kwargs, self.cfg.hyperparameters)
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", exclude_modules=exclude, **kwargs))
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
-        from transformers import AutoModelForCausalLM
+        """`tokenizer`: an image+text job's processor, which saves its tokenizer too."""
+        from verification import auto_class
 
         dtype = merge_dtype(self.cfg.export_config.merged_dtype)
         if self.cfg.method == "Full":
@@ -52,9 +56,9 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
             adapter = out_dir.parent / "adapter-for-merge"
             model.save_pretrained(str(adapter))
-            base = AutoModelForCausalLM.from_pretrained(self.cfg.base_model_id, dtype=dtype, token=self.token(),
-                                                        use_safetensors=True,
-                                                        trust_remote_code=self.cfg.trust_remote_code)
+            base = auto_class(self.cfg.vision).from_pretrained(self.cfg.base_model_id, dtype=dtype, token=self.token(),
+                                                               use_safetensors=True,
+                                                               trust_remote_code=self.cfg.trust_remote_code)
             PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(out_dir))
             shutil.rmtree(adapter, ignore_errors=True)
         tokenizer.save_pretrained(str(out_dir))
@@ -116,6 +120,25 @@ class UnslothTrainingJob(BaseTrainingJob):
                                          safe_serialization=None)
         # Unsloth writes the dtype the base is stored in; the request's merged_dtype decides here.
         cast_saved(out_dir, merge_dtype(self.cfg.export_config.merged_dtype))
+
+
+# SigLIP's linear layers (Gemma 3's vision tower), which LoRA adapts beside the language model's when
+# finetune_vision_layers is on; the projector is a weight, not a layer, and is trained whole.
+VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+LANGUAGE = r".*language_model\..*"
+
+
+def vision_lora(kwargs: dict[str, Any], hp) -> tuple[dict[str, Any], str | None]:
+    """LoRA's targets and exclusions for an image+text model: the language model's layers, the vision
+    tower's (finetune_vision_layers, with the projector in modules_to_save), or both."""
+    if not hp.finetune_vision_layers:
+        return kwargs, NOT_LANGUAGE
+    targets = kwargs["target_modules"]
+    if not isinstance(targets, str):
+        targets = sorted(set(targets) | set(VISION_TARGETS))
+    saved = sorted(set(kwargs.get("modules_to_save") or []) | {"multi_modal_projector"})
+    exclude = r".*audio_tower\..*" if hp.finetune_language_layers else f"({LANGUAGE}|.*audio_tower\\..*)"
+    return kwargs | {"target_modules": targets, "modules_to_save": saved}, exclude
 
 
 def merge_dtype(merged_dtype: str):

@@ -77,6 +77,12 @@ class Hyperparameters(StrictModel):
         None, description="Modules trained whole (not through LoRA) and saved with the adapter, by name as PEFT "
         "matches it (the end of a module's name), e.g. ['lm_head'] or ['model.norm']: methods LoRA and QLoRA. A "
         "tied embedding (Gemma's embed_tokens and lm_head) is for adapter exports only.")
+    finetune_vision_layers: bool = Field(
+        False, description="modality 'vision', methods LoRA and QLoRA: LoRA on the vision tower's layers too, and the "
+        "image projector trained whole (Unsloth's name).")
+    finetune_language_layers: bool = Field(
+        True, description="modality 'vision', methods LoRA and QLoRA: LoRA on the language model (Unsloth's name); "
+        "one of the two must be true.")
     load_in_8bit: bool = Field(False, description="Method LoRA on the base loaded in 8 bits (bitsandbytes LLM.int8): "
                                "about half the 16-bit weights' memory; provider huggingface.")
     neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise of this strength "
@@ -332,9 +338,6 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
-        if self.modality == "vision":
-            raise ValueError("modality 'vision' is not supported yet: image+text training is not built; "
-                             "send a text dataset with modality 'text'.")
         if self.peft_method == "adalora":
             # Measured on the pinned versions (transformers 5.17, TRL 1.14, PEFT 0.21): see the README.
             raise ValueError("peft_method 'adalora': AdaLoRA reallocates its ranks only when the training loop "
@@ -452,11 +455,53 @@ class TrainingConfig(StrictModel):
                                  f"{['eval_' + m for m in known]}.")
         return self
 
+    @model_validator(mode="after")
+    def _check_vision(self) -> TrainingConfig:
+        """Image+text training (vision.py) is built for SFT through the Hugging Face provider; the rest is
+        refused with what to do, never trained as something else."""
+        hp, ex, ev = self.hyperparameters, self.export_config, self.eval_config
+        towers = [n for n in ("finetune_vision_layers", "finetune_language_layers") if n in hp.model_fields_set]
+        if self.modality == "text":
+            if towers:
+                raise ValueError(f"hyperparameters.{towers[0]} is for modality 'vision' (which layers of an "
+                                 "image+text model LoRA adapts); remove it, or set modality 'vision'.")
+            return self
+        if self.provider == "unsloth":
+            raise ValueError("modality 'vision' with provider 'unsloth': Unsloth's FastVisionModel has not been shown "
+                             "for this job on a GPU yet; use provider 'huggingface'.")
+        if self.trainer_type != "sft":
+            raise ValueError(f"modality 'vision' with trainer_type '{self.trainer_type}': image+text training is "
+                             "built for trainer_type 'sft' only so far; use 'sft', or a text dataset.")
+        if ex.wants_gguf:
+            raise ValueError("modality 'vision' with a GGUF export: the image projector (llama.cpp's mmproj) is not "
+                             "exported yet, and a language-model GGUF alone would not see images; export 'adapter' "
+                             "or 'merged' (include_gguf: false).")
+        if hp.packing or hp.padding_free:
+            name = "packing" if hp.packing else "padding_free"
+            raise ValueError(f"modality 'vision' with `{name}: true`: rows carrying images are not packed or "
+                             f"concatenated (each image's tokens attend to each other); set `{name}: false`.")
+        if ev.generation_rows or ev.require_improvement:
+            raise ValueError("modality 'vision' with eval_config.generation_rows or require_improvement: the "
+                             "base-against-tuned comparison does not show the models images yet; set "
+                             "generation_rows 0 (or leave it unset) and require_improvement false.")
+        if self.method == "Full" and towers:
+            raise ValueError(f"hyperparameters.{towers[0]}: method 'Full' trains every layer, the vision tower "
+                             "included; remove it, or use method 'LoRA' or 'QLoRA'.")
+        if not (hp.finetune_vision_layers or hp.finetune_language_layers):
+            raise ValueError("hyperparameters: finetune_vision_layers and finetune_language_layers are both false, "
+                             "so LoRA would adapt nothing; set one of them true.")
+        return self
+
+    @property
+    def vision(self) -> bool:
+        return self.modality == "vision"
+
     @property
     def comparison_rows(self) -> int:
-        """Eval rows both models answer (generation.py): generation_rows, else 64 (Unsloth: 0, not shown yet)."""
+        """Eval rows both models answer (generation.py): generation_rows, else 64 (Unsloth and image+text: 0,
+        not shown yet)."""
         rows = self.eval_config.generation_rows
-        return rows if rows is not None else 0 if self.provider == "unsloth" else 64
+        return rows if rows is not None else 0 if self.provider == "unsloth" or self.vision else 64
 
     @property
     def trackers(self) -> list[str]:

@@ -28,13 +28,18 @@ REQUIRED = {"adapter": 0.95, "bf16": 0.95, "fp16": 0.95, "f16": 0.95, "q8_0": 0.
             "q5_k_m": 0.85, "q4_k_m": 0.8, "q4": 0.8, "q2_k": 0.5}
 MAX_NEW_TOKENS = 32
 
-Predict = Callable[[list[int]], list[int]]  # token ids -> the argmax next token at every position
+Predict = Callable[..., list[int]]  # (token ids, pixels or None) -> the argmax next token at every position
 
 
 @dataclass
 class Reference:
     sequences: list[list[int]]  # prompt + the trained model's greedy continuation
     starts: list[int]  # where each continuation begins
+    pixels: list[Any] | None = None  # image+text: each prompt's images as the processor's pixel tensor (or None)
+    image_token_id: int | None = None
+
+    def images(self, i: int):
+        return self.pixels[i] if self.pixels else None
 
     @property
     def tokens(self) -> int:
@@ -70,7 +75,8 @@ def pad_id(tokenizer) -> int:
 
 
 def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
-                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16) -> Reference:
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, images: list[Any] | None = None,
+                     image_token_id: int | None = None) -> Reference:
     """Greedy decoding of all prompts at once with the KV cache (`generate`): left padding with its
     attention mask, which transformers turns into each layer's mask (Gemma 3's sliding-window layers
     included); a row that reaches a stop token ends there. On a 12B model this is one prefill and up to
@@ -82,6 +88,8 @@ def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
                               pad_token_id=pad, use_cache=True)
+    if images is not None:
+        return _generate_with_images(model, prompts, stops, config, device, images, image_token_id)
     try:
         sequences = _generate_batches(model, prompts, stops, pad, batch_size, config, device)
     except Exception as e:  # noqa: BLE001 - a provider's patched generate (Unsloth's, not yet run on a GPU here)
@@ -111,6 +119,34 @@ def _generate_batches(model, prompts, stops, pad, batch_size, config, device) ->
     return sequences
 
 
+def image_inputs(ids, pixels, image_token_id: int | None) -> dict[str, Any]:
+    """What an image+text model reads beside the ids: the pixels, and token_type_ids marking the image tokens
+    (Gemma 3 attends over an image's tokens both ways)."""
+    if pixels is None:
+        return {}
+    return {"pixel_values": pixels.to(ids.device), "token_type_ids": (ids == image_token_id).long()}
+
+
+def _generate_with_images(model, prompts, stops, config, device, images, image_token_id) -> Reference:
+    """Image+text prompts one at a time (their images differ in number), with the KV cache."""
+    import torch
+
+    sequences = []
+    with torch.no_grad():
+        for prompt, pixels in zip(prompts, images):
+            ids = torch.tensor([list(prompt)], device=device)
+            extra = image_inputs(ids, None if pixels is None else pixels.to(model.dtype), image_token_id)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 **extra)
+            new = []
+            for token in out[0, len(prompt):].tolist():
+                new.append(token)
+                if token in stops:
+                    break
+            sequences.append(list(prompt) + new)
+    return Reference(sequences, [len(p) for p in prompts], list(images), image_token_id)
+
+
 def greedy_reference_unbatched(model, prompts: list[list[int]], stops: set[int],
                                max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
     """The reference by definition: one full forward pass per new token per prompt, no cache, no padding.
@@ -134,8 +170,8 @@ def greedy_reference_unbatched(model, prompts: list[list[int]], stops: set[int],
 
 def agreement(ref: Reference, predict: Predict) -> float:
     same = 0
-    for seq, start in zip(ref.sequences, ref.starts):
-        predicted = predict(seq)
+    for i, (seq, start) in enumerate(zip(ref.sequences, ref.starts)):
+        predicted = predict(seq, ref.images(i), ref.image_token_id)
         same += sum(predicted[i - 1] == seq[i] for i in range(start, len(seq)))
     return round(same / ref.tokens, 4)
 
@@ -146,9 +182,11 @@ def transformers_predict(model) -> Predict:
     model.eval()
     device = next(model.parameters()).device
 
-    def predict(ids: list[int]) -> list[int]:
+    def predict(ids: list[int], pixels=None, image_token_id: int | None = None) -> list[int]:
         with torch.no_grad():
-            return model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].argmax(-1).tolist()
+            tensor = torch.tensor([ids], device=device)
+            extra = image_inputs(tensor, None if pixels is None else pixels.to(model.dtype), image_token_id)
+            return model(input_ids=tensor, use_cache=False, **extra).logits[0].argmax(-1).tolist()
 
     return predict
 
@@ -156,7 +194,9 @@ def transformers_predict(model) -> Predict:
 def llama_predict(llm) -> Predict:
     import numpy as np
 
-    def predict(ids: list[int]) -> list[int]:
+    def predict(ids: list[int], pixels=None, image_token_id: int | None = None) -> list[int]:
+        if pixels is not None:  # schema.py refuses a GGUF export of an image+text job
+            raise ValueError("llama.cpp is given no images here")
         llm.reset()
         llm.eval(ids)
         return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
@@ -230,14 +270,21 @@ def required(form: str, method: str) -> float:
     return min(REQUIRED[form], REQUIRED["q4"]) if method == "QLoRA" else REQUIRED[form]
 
 
-def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, base_kwargs: dict[str, Any]) -> dict:
-    """The adapter in PEFT, on the base loaded as it was for training (base_kwargs)."""
-    from transformers import AutoModelForCausalLM
+def auto_class(vision: bool):
+    """The transformers class an artifact loads with: the image+text one for image+text jobs, as the
+    platform's inference service loads them."""
+    import transformers
 
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+
+
+def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, base_kwargs: dict[str, Any],
+                   vision: bool = False) -> dict:
+    """The adapter in PEFT, on the base loaded as it was for training (base_kwargs)."""
     def load(device: str):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(base_model_id, device_map=device, **base_kwargs)
+        base = auto_class(vision).from_pretrained(base_model_id, device_map=device, **base_kwargs)
         return PeftModel.from_pretrained(base, str(folder))
 
     size = sum(p.numel() * p.element_size() for p in trained.parameters())
@@ -245,14 +292,12 @@ def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, ba
     return record("adapter", "adapter", "PEFT", found, ref, REQUIRED["adapter"])
 
 
-def verify_merged(folder: Path, ref: Reference, form: str, method: str) -> dict:
+def verify_merged(folder: Path, ref: Reference, form: str, method: str, vision: bool = False) -> dict:
     """The merged model in transformers, as saved (form: the request's merged_dtype)."""
-    from transformers import AutoModelForCausalLM
-
     from artifacts import weight_bytes
 
     def load(device: str):
-        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device)
+        return auto_class(vision).from_pretrained(str(folder), device_map=device)
 
     found = check_transformers(ref, load, weight_bytes(folder))
     return record("merged model", form, "transformers", found, ref, required(form, method))

@@ -5,7 +5,10 @@ and a small processed dataset in the preprocessing service's layout.
                                                          # data in .local/gemma-dataset-bucket/processed_datasets/tiny-animals
 
 A language model of the same shape inside Gemma 3's image+text architecture (as at 4B and up) is in
-tiny-gemma3-mm.
+tiny-gemma3-mm, with a one-layer SigLIP tower, Gemma 3's image tokens and a processor; the image+text
+dataset tiny-shapes (coloured shapes drawn with Pillow, in the preprocessing service's parquet layout,
+with its processed_datasets metadata document) is what it learns: the answer is the shape's colour,
+which only the image tells.
 
 Random weights, Gemma's special tokens and chat template, dimensions that are multiples of 256
 (k-quants in GGUF need rows of 256). Takes a few seconds; nothing is downloaded.
@@ -101,25 +104,111 @@ def write_card(out: Path) -> None:
                                    "Gemma 3's architecture at a tiny size, random weights: a test fixture.\n")
 
 
+# Gemma 3's image+text tokens (its tokenizer's boi/eoi/image tokens) and the template's image branch.
+IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+MM_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}",
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}").replace(
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}",
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}")
+IMAGE_SIZE, IMAGE_TOKENS_PER_IMAGE = 28, 4
+
+
 def make_multimodal_model(out: Path, tokenizer_dir: Path) -> None:
     """The same language model inside Gemma 3's image+text architecture (Gemma3ForConditionalGeneration,
-    what google/gemma-3-4b-it and larger are), with a one-layer SigLIP vision tower."""
+    what google/gemma-3-4b-it and larger are): a one-layer SigLIP tower on 28x28 images, 4 image tokens per
+    image, and a Gemma3Processor saved beside it. Gemma 3 initialises its image projector to zeros, which
+    would make every picture look the same to a model made from a config (TRAPS.md): it is drawn at random."""
     import shutil
 
     import torch
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
+                              Gemma3Processor, SiglipVisionConfig)
 
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), extra_special_tokens=IMAGE_TOKENS)
+    tok.chat_template = MM_CHAT_TEMPLATE
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in IMAGE_TOKENS.items()}
     torch.manual_seed(0)
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=text_config().to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                image_size=IMAGE_SIZE, patch_size=14)
+    text = text_config()
+    text.vocab_size = 520  # the 512 pieces and the three image tokens, rounded up
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=IMAGE_TOKENS_PER_IMAGE, boi_token_id=ids["boi_token"],
+                          eoi_token_id=ids["eoi_token"], image_token_id=ids["image_token"],
                           eos_token_id=[1, 6], pad_token_id=0, bos_token_id=2)
-    model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        weight.normal_(0.0, weight.shape[0] ** -0.5)
+    model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = [1, 6]
     model.save_pretrained(str(out))
-    for f in tokenizer_dir.glob("*"):
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, out / f.name)
+    images = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                                  image_std=[0.5] * 3)
+    Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=MM_CHAT_TEMPLATE,
+                    image_seq_length=IMAGE_TOKENS_PER_IMAGE).save_pretrained(str(out))
+    shutil.copy(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")  # llama.cpp's converter reads it
+    write_card(out)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
+           "purple": (140, 40, 180), "white": (250, 250, 250)}
+SHAPE_QUESTIONS = ["What colour is the shape?", "Which colour do you see?", "Name the colour of the shape.",
+                   "What colour is it?"]
+
+
+def shape_image(colour: str, rng: random.Random):
+    """A 40x40 picture (the processor resizes it): a square or a disc of the colour, somewhere on grey."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (40, 40), (90, 90, 90))
+    draw = ImageDraw.Draw(image)
+    size = rng.randint(18, 30)
+    x, y = rng.randint(0, 40 - size), rng.randint(0, 40 - size)
+    (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([x, y, x + size, y + size], fill=COLOURS[colour])
+    return image
+
+
+def shapes(seed: int = 0, per_colour: int = 12) -> list[dict]:
+    """Image+text rows as the preprocessing service writes them: typed-part messages with an image
+    placeholder in the user turn, and the picture in the `images` column."""
+    rng = random.Random(seed)
+    rows = []
+    for colour in COLOURS:
+        for i in range(per_colour):
+            rows.append({"messages": [
+                {"role": "system", "content": [{"type": "text", "text": "You name colours."}]},
+                {"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": SHAPE_QUESTIONS[i % len(SHAPE_QUESTIONS)]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"It is {colour}."}]}],
+                "images": [shape_image(colour, rng)]})
+    rng.shuffle(rows)
+    return rows
+
+
+def make_vision_dataset(root: Path, dataset_id: str, rows: list[dict]) -> Path:
+    """The splits written as the preprocessing service writes them (datasets' to_parquet: each image a
+    {bytes, path} struct, an image part's text null), and its processed_datasets metadata document."""
+    import json
+
+    from datasets import Dataset
+
+    n_test = len(rows) // 6
+    folder = root / "gemma-dataset-bucket" / "processed_datasets" / dataset_id
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = []
+    for split, part in (("train", rows[n_test:]), ("test", rows[:n_test])):
+        Dataset.from_list(part).to_parquet(str(folder / f"{split}.parquet"))
+        splits.append({"split_name": split, "num_rows": len(part),
+                       "path": f"gs://gemma-dataset-bucket/processed_datasets/{dataset_id}/{split}.parquet"})
+    meta = root / "firestore" / "processed_datasets" / f"{dataset_id}.json"
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"processed_dataset_id": dataset_id, "dataset_name": dataset_id,
+                                "processing_mode": "language_modeling", "modality": "vision", "splits": splits}))
+    return folder
 
 
 def preferences(rows: list[dict]) -> list[dict]:
@@ -171,6 +260,7 @@ def main() -> None:
     print(f"dataset: {make_dataset(root, 'tiny-animals', rows)}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-prompts', prompts(rows))}")
+    print(f"dataset: {make_vision_dataset(root, 'tiny-shapes', shapes())}")
 
 
 if __name__ == "__main__":
