@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LOCAL_DIR ?= .local
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup setup-gguf consumer fixtures demo test validate lint
+.PHONY: setup setup-gguf consumer fixtures demo demo-vision test validate lint
 
 # Wheels only: nothing here compiles, so a fresh machine is set up in about a minute.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
@@ -42,6 +42,10 @@ fixtures: $(LOCAL_DIR)/models/tiny-gemma3/model.safetensors
 
 demo: fixtures
 	BACKEND=local LOCAL_DIR=$(LOCAL_DIR) $(BIN)/python main.py
+
+# An image+text job: the tiny Gemma 3 with its SigLIP tower learns to name the colour of the shape it is shown.
+demo-vision: fixtures
+	BACKEND=local LOCAL_DIR=$(LOCAL_DIR) $(BIN)/python main.py --config examples/local_vision.json
 
 validate: fixtures
 	BACKEND=local LOCAL_DIR=$(LOCAL_DIR) $(BIN)/python main.py --validate

@@ -33,7 +33,11 @@ def complete_tokenizer_files(out: Path, tokenizer, base_model_id: str, token: st
     - transformers 5 writes the additional special tokens as a list under `extra_special_tokens`, which
       transformers 4.x (the inference service's 4.56, vLLM's) reads as a name -> token map and fails on
       ("'list' object has no attribute 'keys'"). Under their older name, `additional_special_tokens`, both
-      read them: 5 converts the name on load (tests/test_consumers.py)."""
+      read them: 5 converts the name on load (tests/test_consumers.py).
+    - An image+text tokenizer's named tokens (Gemma 3's boi/eoi/image tokens) are written by transformers 5 as
+      `model_specific_special_tokens`, which 4.x does not read: its Gemma3Processor then fails ("no attribute
+      image_token_id"). 4.x reads them as the name -> token map `extra_special_tokens`, as Google's files have
+      them, and so does 5 (tests/test_vision.py)."""
     copy_sentencepiece_model(out, base_model_id, token)
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
@@ -41,6 +45,8 @@ def complete_tokenizer_files(out: Path, tokenizer, base_model_id: str, token: st
                                       sorted(tokenizer.added_tokens_decoder.items())}
     if isinstance(config.get("extra_special_tokens"), list):
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    if isinstance(config.get("model_specific_special_tokens"), dict):
+        config["extra_special_tokens"] = config.pop("model_specific_special_tokens")
     for key in MACHINE_KEYS:
         config.pop(key, None)
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
@@ -122,11 +128,45 @@ def save_4bit(merged16: Path, out: Path, vision: bool = False) -> Path:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    portable_vision_keys(out)
     for p in merged16.iterdir():  # the tokenizer, its tables and an image processor, as the 16-bit folder has them
         if p.is_file() and (p.name.startswith(("tokenizer", "processor_config", "preprocessor_config"))
                             or p.name.endswith((".jinja", ".model"))):
             shutil.copyfile(p, out / p.name)
     return out
+
+
+def portable_vision_keys(folder: Path) -> int:
+    """Gemma 3's vision tower saved where transformers 4.x looks for it; the number of tensors renamed.
+
+    transformers 5 writes the SigLIP tower as `vision_tower.encoder...`; 4.x (the inference service's 4.56)
+    reads `vision_tower.vision_model.encoder...`, as Google's checkpoints have it, and on the shorter names
+    silently initialises the tower at random: a merged image+text model would then see noise. 5 reads the
+    longer names too (tests/test_vision.py loads both ways with the same logits). One file at a time: the
+    peak is one shard, not the model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def portable(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key.removeprefix("vision_tower.")
+        return key
+
+    renamed = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            keys, metadata = list(f.keys()), f.metadata()
+            if all(portable(k) == k for k in keys):
+                continue
+            tensors = {portable(k): f.get_tensor(k) for k in keys}
+        renamed += sum(portable(k) != k for k in keys)
+        save_file(tensors, str(path), metadata=metadata)
+    index = folder / "model.safetensors.index.json"
+    if renamed and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {portable(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+    return renamed
 
 
 def cast_saved(folder: Path, dtype) -> bool:

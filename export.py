@@ -76,7 +76,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     for an image+text job `pixels`, each probe's images."""
     import torch
 
-    from artifacts import complete_tokenizer_files, save_4bit, write_portable_adapter_config
+    from artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
     from verification import (MAX_NEW_TOKENS, greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf,
                               verify_merged)
 
@@ -112,6 +112,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     if fmt == "merged" or ex.wants_gguf:
         merged16 = root / "merged16"
         job.timed("merge", job.save_merged, trainer.model, saver, merged16)
+        portable_vision_keys(merged16)  # Gemma 3 4B and up: the tower where transformers 4.x reads it
         complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token)
         if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here
             drop_cached(job.cfg.base_model_id)

@@ -121,6 +121,7 @@ def make_multimodal_model(out: Path, tokenizer_dir: Path) -> None:
     what google/gemma-3-4b-it and larger are): a one-layer SigLIP tower on 28x28 images, 4 image tokens per
     image, and a Gemma3Processor saved beside it. Gemma 3 initialises its image projector to zeros, which
     would make every picture look the same to a model made from a config (TRAPS.md): it is drawn at random."""
+    import json
     import shutil
 
     import torch
@@ -146,11 +147,25 @@ def make_multimodal_model(out: Path, tokenizer_dir: Path) -> None:
     model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = [1, 6]
     model.save_pretrained(str(out))
+    # The tower's tensors named as in Google's checkpoints (vision_tower.vision_model.*), which transformers
+    # 4.x reads; transformers 5 saves them one level shorter (artifacts.portable_vision_keys).
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
+               for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     images = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
                                   image_std=[0.5] * 3)
     Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=MM_CHAT_TEMPLATE,
                     image_seq_length=IMAGE_TOKENS_PER_IMAGE).save_pretrained(str(out))
     shutil.copy(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")  # llama.cpp's converter reads it
+    # The image tokens as Google's files name them (a name -> token map), which transformers 4.x reads too
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["extra_special_tokens"] = config.pop("model_specific_special_tokens")
+    for key in ("vocab_file", "is_local", "local_files_only"):
+        config.pop(key, None)
+    config_file.write_text(json.dumps(config, indent=2))
     write_card(out)
 
 

@@ -70,7 +70,16 @@ CASES = {
     "dataset id absolute": (top(processed_dataset_id="/etc/passwd"), "processed_dataset_id"),
     "repo id escapes": (export(destination="hfhub", hf_repo_id="../x"), "export_config.hf_repo_id"),
     "repo id absolute": (export(destination="hfhub", hf_repo_id="/abs/repo"), "export_config.hf_repo_id"),
-    "vision": (lambda req, d: req["training_config"].update(modality="vision"), "modality"),
+    "vision on a text-only base": (lambda req, d: req["training_config"].update(modality="vision"),
+                                   "training_config.base_model_id: "),
+    "vision with unsloth": (lambda req, d: req["training_config"].update(modality="vision", provider="unsloth"),
+                            "modality 'vision' with provider 'unsloth'"),
+    "vision with dpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="dpo"),
+                        "modality 'vision' with trainer_type 'dpo'"),
+    "vision with gguf": (lambda req, d: req["training_config"].update(modality="vision", export_config={
+        "include_gguf": True}), "modality 'vision' with a GGUF export"),
+    "vision layers on text": (hp(finetune_vision_layers=True), "hyperparameters.finetune_vision_layers is for "
+                              "modality 'vision'"),
     "grpo batch not divisible": (lambda req, d: req["training_config"].update(
         trainer_type="grpo", hyperparameters={"batch_size": 3, "gradient_accumulation_steps": 1, "num_generations": 4},
         reward_config=[{"name": "x", "type": "built_in", "function_name": "count_xml"}]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -143,10 +144,32 @@ def test_gguf_without_quantization_is_q8_0_in_every_form(quant):
     assert plain.training_config.export_config.gguf_quantization == "none"  # no GGUF: nothing to quantize
 
 
-def test_vision_refused():
-    assert TrainRequest.model_validate(with_tc(modality="text"))
-    with pytest.raises(RequestError, match="modality 'vision' is not supported yet"):
-        parse_request(json.dumps(with_tc(modality="vision")))
+VISION_REFUSED = {
+    "unsloth": ({"provider": "unsloth"}, "FastVisionModel has not been shown"),
+    "grpo": ({"trainer_type": "orpo"}, "trainer_type 'orpo'"),
+    "gguf": ({"export_config": {"format": "merged", "include_gguf": True}}, "mmproj"),
+    "packing": ({"hyperparameters": {"packing": True}}, "`packing: true`"),
+    "comparison": ({"eval_config": {"generation_rows": 8}}, "generation_rows"),
+    "full with towers": ({"method": "Full", "hyperparameters": {"finetune_vision_layers": True}}, "method 'Full'"),
+    "no tower": ({"hyperparameters": {"finetune_language_layers": False}}, "LoRA would adapt nothing"),
+}
+
+
+@pytest.mark.parametrize("case", list(VISION_REFUSED))
+def test_vision_refuses_what_is_not_built_naming_the_field(case):
+    change, message = VISION_REFUSED[case]
+    with pytest.raises(RequestError, match=re.escape(message)):
+        parse_request(json.dumps(with_tc(modality="vision", **change)))
+
+
+def test_vision_defaults_and_tower_options():
+    cfg = TrainRequest.model_validate(with_tc(modality="vision")).training_config
+    assert cfg.vision and cfg.comparison_rows == 0
+    assert cfg.hyperparameters.finetune_language_layers and not cfg.hyperparameters.finetune_vision_layers
+    both = TrainRequest.model_validate(with_tc(modality="vision", hyperparameters={"finetune_vision_layers": True}))
+    assert both.training_config.hyperparameters.finetune_vision_layers
+    with pytest.raises(RequestError, match="finetune_language_layers is for modality 'vision'"):
+        parse_request(json.dumps(with_tc(hyperparameters={"finetune_language_layers": True})))
 
 
 def test_grpo_needs_graders_and_python_graders_refused():
