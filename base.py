@@ -193,7 +193,8 @@ class BaseTrainingJob:
         tokenizer = processor.tokenizer if processor else self.timed(
             "load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
         self.check_modules()
-        check_memory(self.cfg, self.settings, self.token())  # memory.py: refuse what cannot fit
+        per_row = max((len(r["images"]) for r in splits["train"].rows), default=0) if processor else 0
+        check_memory(self.cfg, self.settings, self.token(), per_row)  # memory.py: refuse what cannot fit
         hp = self.cfg.hyperparameters
         sft = self.cfg.trainer_type == "sft"
 

@@ -87,17 +87,33 @@ def int8_bytes(total: int, embeddings: int) -> float:
     return 2.0 * embeddings + 1.0 * (total - embeddings)
 
 
+def vision_bytes(config, images: int, tower: int, method: str, tower_trains: bool) -> float:
+    """An image+text job's extra memory (vision.py): the processor's fp32 pixel tensors of a batch's `images`,
+    the SigLIP tower's activations (every layer's kept when the tower trains, about two layers' otherwise),
+    and, with QLoRA, the tower kept in 16 bits rather than 4 (artifacts.VISION_16BIT). Each image's tokens
+    in the language model (256 for Gemma 3) are inside max_length, which the activations count already."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None or not images:
+        return 0.0
+    patches = (vision.image_size // vision.patch_size) ** 2
+    pixels = images * 3 * vision.image_size ** 2 * 4
+    kept = vision.num_hidden_layers if tower_trains else 2
+    activations = images * patches * (vision.hidden_size * 6 + vision.intermediate_size) * 2 * kept
+    return pixels + activations + ((2.0 - 0.52) * tower if method == "QLoRA" else 0.0)
+
+
 def estimate_bytes(total: int, embeddings: int, method: str, batch: int, length: int, config,
-                   load_in_8bit: bool = False, saved: int = 0) -> dict[str, float]:
+                   load_in_8bit: bool = False, saved: int = 0, vision: float = 0.0) -> dict[str, float]:
     """saved: parameters of modules_to_save, trained whole beside the adapter: a copy, its gradient and AdamW's
-    two moments, in fp32 where the base is quantized (PEFT's k-bit preparation upcasts them), 16 B/param."""
+    two moments, in fp32 where the base is quantized (PEFT's k-bit preparation upcasts them), 16 B/param.
+    vision: an image+text batch's extra bytes (vision_bytes)."""
     cfg = text_config(config)
     hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter, vocab = cfg.intermediate_size, cfg.vocab_size
     weights = {"Full": 6.0 * total, "LoRA": int8_bytes(total, embeddings) if load_in_8bit else 2.0 * total,
                "QLoRA": nf4_bytes(total, embeddings)}[method] + 16.0 * saved
     tokens = batch * length
-    activations = tokens * (hidden * layers + 20 * hidden + 3 * inter) * 2 + tokens * vocab * 2
+    activations = tokens * (hidden * layers + 20 * hidden + 3 * inter) * 2 + tokens * vocab * 2 + vision
     return {"weights_and_optimizer": weights, "activations": activations, "overhead": OVERHEAD,
             "total": weights + activations + OVERHEAD}
 
@@ -116,7 +132,7 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
             "hyperparameters.batch_size / max_length.")
 
 
-def check_memory(cfg, settings, token: str | None) -> None:
+def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> None:
     """Refuse (exit 2), before anything big is loaded, a job that cannot fit the GPU (one of
     `settings.gpu_memory_gib`, else the visible one) or the container's memory where its disk is memory
     (`settings.host_memory_gib`, else the container's limit on Cloud Run). A CPU machine given neither
@@ -134,8 +150,11 @@ def check_memory(cfg, settings, token: str | None) -> None:
     total, embeddings = count_params(config, model)
     if gpu:
         hp = cfg.hyperparameters
+        tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+        extra = vision_bytes(config, hp.batch_size * images_per_row, tower, cfg.method,
+                             cfg.method == "Full" or hp.finetune_vision_layers)
         estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config,
-                                  hp.load_in_8bit, saved_params(model, hp.modules_to_save))
+                                  hp.load_in_8bit, saved_params(model, hp.modules_to_save), extra)
         logger.info("GPU memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
         message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
         if message:

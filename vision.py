@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from data import DatasetError, check_turns, encode, read_splits, row_form
+from data import DatasetError, check_turns, encode, read_splits
 from errors import PermanentError
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,12 @@ class ImageUrl(ValueError):
 
 
 def vision_form(columns: list[str]) -> tuple[str, ...]:
+    """The row form's columns, and the image column if there is one."""
     for needed in FORMS:
         if all(c in columns for c in needed):
             return needed + tuple(c for c in IMAGE_COLUMNS if c in columns)[:1]
-    return row_form(columns, "sft")  # raises, naming what was found and needed
+    raise DatasetError(f"the dataset's columns {sorted(columns)} do not fit modality 'vision': it needs messages or "
+                       "prompt+completion, with the pictures in an images (or image) column.")
 
 
 def image_bytes(value: Any) -> bytes | None:

@@ -244,13 +244,13 @@ def test_rows_with_bad_images_are_left_out_and_counted(tmp_path, tiny_root):
     assert stats["train_rows"] == len(prep.train.rows) == 6 and stats["images"] == 6 + 20
 
 
-@pytest.mark.parametrize("case", ["url", "no-images", "text-only-base", "audio", "inline-url"])
+@pytest.mark.parametrize("case", ["url", "no-images", "text-only-base", "audio", "inline-url", "text-rows"])
 def test_bad_vision_inputs_exit_2_naming_what_to_change(case, tmp_path, tiny_root):
     root = new_root(tiny_root, tmp_path)
     request = vision_request(tiny_root)
     expected = {"url": "give an image by URL", "inline-url": "give an image by URL",
                 "no-images": "train split has no images column", "text-only-base": "is a text-only model",
-                "audio": "audio"}[case]
+                "audio": "audio", "text-rows": "do not fit modality 'vision'"}[case]
     if case == "url":
         put_dataset(root, "d", [row([png()]), row([{"bytes": None, "path": "https://example.com/cat.png"}])])
     elif case == "inline-url":
@@ -266,7 +266,9 @@ def test_bad_vision_inputs_exit_2_naming_what_to_change(case, tmp_path, tiny_roo
         audio = row([png()])
         audio["messages"][0]["content"].append({"type": "audio", "text": None})
         put_dataset(root, "d", [audio])
-    if case in ("url", "inline-url", "audio"):
+    elif case == "text-rows":
+        put_dataset(root, "d", [{"text": "a plain line"}])
+    if case in ("url", "inline-url", "audio", "text-rows"):
         request["processed_dataset_id"] = "d"
     put_request(root, case, request)
     assert main.main([], env_for(root, case)) == 2
@@ -296,3 +298,20 @@ def test_tower_options_pick_the_layers_lora_adapts(vision_layers, language_layer
     assert any("language_model" in n for n in adapted) == language_layers
     projector = [n for n, p in model.named_parameters() if "multi_modal_projector" in n and p.requires_grad]
     assert bool(projector) == vision_layers
+
+
+def test_the_memory_estimate_counts_the_pictures_and_the_tower():
+    """Gemma 3 4B's SigLIP (896 px, patch 14, 27 layers of 1152): a batch of 2 rows of 1 image each."""
+    from types import SimpleNamespace
+
+    from memory import vision_bytes
+
+    tower = 417_000_000
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=896, patch_size=14, num_hidden_layers=27,
+                                                           hidden_size=1152, intermediate_size=4304))
+    pixels = 2 * 3 * 896 * 896 * 4  # the processor's fp32 tensors: 19.3 MB
+    frozen = 2 * 4096 * (1152 * 6 + 4304) * 2 * 2  # two layers' activations at a time
+    assert vision_bytes(config, 2, tower, "LoRA", False) == pixels + frozen
+    assert vision_bytes(config, 2, tower, "LoRA", True) == pixels + frozen / 2 * 27  # every layer kept
+    assert vision_bytes(config, 2, tower, "QLoRA", False) == pytest.approx(pixels + frozen + 1.48 * tower)
+    assert vision_bytes(SimpleNamespace(), 2, 0, "LoRA", False) == 0.0  # a text-only base
