@@ -315,3 +315,43 @@ def test_the_memory_estimate_counts_the_pictures_and_the_tower():
     assert vision_bytes(config, 2, tower, "LoRA", True) == pixels + frozen / 2 * 27  # every layer kept
     assert vision_bytes(config, 2, tower, "QLoRA", False) == pytest.approx(pixels + frozen + 1.48 * tower)
     assert vision_bytes(SimpleNamespace(), 2, 0, "LoRA", False) == 0.0  # a text-only base
+
+
+@pytest.mark.parametrize("method,export", [("QLoRA", "adapter"), ("Full", "merged")])
+def test_qlora_keeps_the_tower_in_16_bits_and_full_trains_everything(method, export, tmp_path, tiny_root,
+                                                                      monkeypatch):
+    """QLoRA on an image+text base: the language model's layers in NF4, the SigLIP tower, the projector and
+    the head in 16 bits; Full: every weight trains, the tower included. Both complete and verify their
+    export with the pictures."""
+    import torch
+
+    import base
+
+    seen = {}
+    build = base.BaseTrainingJob.build_trainer
+
+    def spy(self, model, prep):
+        seen["4bit"] = [n for n, m in model.named_modules()  # bitsandbytes' layers (PEFT's wrapper shares the name)
+                        if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+        seen["tower_trains"] = any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+        seen["tower_before"] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                if "vision_tower" in n and n.endswith("fc1.weight")}
+        seen["model"] = model
+        return build(self, model, prep)
+
+    monkeypatch.setattr(base.BaseTrainingJob, "build_trainer", spy)
+    root = new_root(tiny_root, tmp_path)
+    request = vision_request(tiny_root, method=method, export_config={"format": export})
+    request["training_config"]["hyperparameters"].update(max_steps=6, save_strategy="no")
+    request["training_config"]["eval_config"] = {"eval_strategy": "no"}
+    doc = run_job(root, f"vis-{method}", request)
+    assert doc["status"] == "completed"
+    (form, check), = doc["verification"].items()
+    assert check["top1_agreement"] >= check["required"]
+    if method == "QLoRA":
+        assert len(seen["4bit"]) == 2 * 7 and all(".language_model.layers." in n for n in seen["4bit"])
+        assert not seen["tower_trains"]
+    else:
+        assert seen["tower_trains"] and form == "merged"
+        after = dict(seen["model"].named_parameters())
+        assert any(not torch.equal(before, after[n].detach()) for n, before in seen["tower_before"].items())
