@@ -6,8 +6,9 @@ is imported first there as in production.
     python scripts/gpu_check.py                     # on a GPU: every job in JOBS, then the CANDIDATES
     python scripts/gpu_check.py --only huggingface:LoRA unsloth:LoRA:dpo --out /tmp/c.json
 
-A job is provider:method[:trainer_type[:mm]] (sft when left out; mm: the tiny model in Gemma 3's
-image+text architecture, Gemma3ForConditionalGeneration as at 4B and up, instead of the text-only one).
+A job is provider:method[:trainer_type[:mm|vision]] (sft when left out; mm: the tiny model in Gemma 3's
+image+text architecture, Gemma3ForConditionalGeneration as at 4B and up, instead of the text-only one;
+vision: that model trained on the image+text dataset tiny-shapes with modality 'vision', no GGUF).
 Each exports `merged` (bf16) and, where llama-cpp-python is installed, a q4_k_m GGUF beside it, so
 Unsloth's merge and the shared GGUF exporter are both checked by the job's verification before
 completion.
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 JOBS = ["huggingface:LoRA", "huggingface:QLoRA", "unsloth:LoRA", "unsloth:QLoRA", "huggingface:QLoRA:sft:mm",
-        "unsloth:LoRA:sft:mm", "unsloth:QLoRA:sft:mm"]
+        "unsloth:LoRA:sft:mm", "unsloth:QLoRA:sft:mm", "huggingface:LoRA:sft:vision", "huggingface:QLoRA:sft:vision"]
 CANDIDATES = ["unsloth:Full", "unsloth:LoRA:dpo", "unsloth:LoRA:orpo", "unsloth:QLoRA:grpo"]
 DATASETS = {"sft": "tiny-animals", "dpo": "tiny-animals-pref", "orpo": "tiny-animals-pref",
             "grpo": "tiny-animals-prompts"}
@@ -90,9 +91,12 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
     from scripts.testbed import demo_request
 
     request = demo_request(root, provider=provider, method=method, trainer_type=trainer_type)
-    if model == "mm":  # Gemma 3's image+text architecture (4B and up), trained on text
+    if model in ("mm", "vision"):  # Gemma 3's image+text architecture (4B and up), trained on text or images
         request["training_config"]["base_model_id"] += "-mm"
-    request["processed_dataset_id"] = DATASETS[trainer_type]
+    request["processed_dataset_id"] = "tiny-shapes" if model == "vision" else DATASETS[trainer_type]
+    if model == "vision":
+        request["training_config"]["modality"] = "vision"
+        gguf = False  # the image projector's GGUF is not built: refused
     tc = request["training_config"]
     tc["hyperparameters"].update(epochs=epochs, max_prompt_length=64)
     if trainer_type != "sft":
@@ -135,7 +139,7 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type[:mm]]")
+    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type[:mm|vision]]")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--job-timeout", type=float, help="seconds one job may take before it is stopped")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds .gpu-site/ here: the packages scripts/gpu_check.py needs that the lent GPU machine's image
-# lacks (it has torch, transformers, accelerate, numpy, pyarrow, pandas...; not trl, Unsloth,
+# lacks (it has torch, transformers, accelerate, numpy, pyarrow, pandas...; not trl, Unsloth, Pillow (for the vision jobs),
 # bitsandbytes, datasets or pydantic), for its Python 3.12 on x86-64 Linux. They are unpacked, not
 # installed, trimmed and zipped to fit in what one device call carries (64 MiB): Unsloth's Studio web
 # app and bitsandbytes' kernels for CUDA other than 13.x (the device's torch is a cu130 build) are
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pin() { grep -h "^$1==" requirements.txt requirements-gpu.txt; }
-PINNED="trl bitsandbytes datasets pydantic peft unsloth unsloth_zoo"
+PINNED="trl bitsandbytes datasets pydantic peft unsloth unsloth_zoo pillow"
 OTHERS="pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 dill==0.4.1
 multiprocess==0.70.19 hf_transfer==0.1.9 diffusers==0.42.1 importlib_metadata==10.2.0 structlog==26.1.0
 nest-asyncio==1.6.0 tyro==1.0.17 docstring_parser==0.18.0 typeguard==4.6.0 msgspec==0.22.0
