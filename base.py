@@ -36,7 +36,7 @@ from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
 from vision import VisionCollator, check_image_model, encode_vision, image_stats, load_processor, load_vision_splits, \
-    probe_pixels
+    pixel_values, probe_images
 
 logger = logging.getLogger(__name__)
 
@@ -552,6 +552,8 @@ class BaseTrainingJob:
                         s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra,
                         prep.processor)
         prompts = probe_prompts(prep)
+        if prep.processor is None:
+            return export_artifacts(job, trainer, tokenizer, metrics, prompts)
+        images = probe_images(prep.processor, (prep.eval or prep.train).rows, prompts)
         return export_artifacts(job, trainer, tokenizer, metrics, prompts,
-                                probe_pixels(prep.processor, (prep.eval or prep.train).rows, prompts)
-                                if prep.processor is not None else None)
+                                [pixel_values(prep.processor, b) for b in images], images)

@@ -70,10 +70,11 @@ class ExportJob:
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
-                     prompts: list[list[int]], pixels: list[Any] | None = None) -> dict[str, Any]:
+                     prompts: list[list[int]], pixels: list[Any] | None = None,
+                     images: list[list[bytes]] | None = None) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
     goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes, and
-    for an image+text job `pixels`, each probe's images."""
+    for an image+text job each probe's images, as the processor's `pixels` and as encoded `images`."""
     import torch
 
     from artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
@@ -94,7 +95,8 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token) if job.processor is not None else None
     ref = job.timed("verify_reference", greedy_reference, trainer.model, prompts,
-                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels, image_token)
+                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels, image_token,
+                    images)
     saver = job.processor if job.processor is not None else tokenizer  # a processor saves its tokenizer too
     verified: dict[str, dict] = {}
     ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
@@ -117,10 +119,13 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here
             drop_cached(job.cfg.base_model_id)
         if ex.wants_gguf:
+            # an image+text model's projector first: the language model's conversion may delete the merge
+            mmproj = job.timed("mmproj_convert", export_mmproj, merged16, root / "gguf") \
+                if job.cfg.vision else None
             gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
                              fmt != "merged")
             verified["gguf"] = job.timed("verify_gguf", verify_gguf, gguf, ref, ex.gguf_quantization,
-                                         job.cfg.method)
+                                         job.cfg.method, mmproj)
         if fmt == "merged":
             out = merged16
             if ex.merged_dtype == "q4":
@@ -159,6 +164,8 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         uri = folder_uri + gguf.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf.name}"
         result["gguf_path"] = uri
         result["artifacts"]["file"] = {"gguf": uri}
+        if mmproj is not None:  # the projector llama.cpp needs beside it to see images (DESIGN.md's addition)
+            result["artifacts"]["file"]["mmproj"] = uri.removesuffix(gguf.name) + mmproj.name
         result["adapter_path"] = result["adapter_path"] or uri
     shutil.rmtree(root, ignore_errors=True)
     return result
@@ -260,8 +267,9 @@ def check_installed(cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
                                  f"host has them), or export 'adapter' or 'merged'.")
 
 
-def convert(merged_dir: Path, out: Path, outtype: str) -> Path:
-    cmd = [sys.executable, str(converter()), str(merged_dir), "--outtype", outtype, "--outfile", str(out)]
+def convert(merged_dir: Path, out: Path, outtype: str, mmproj: bool = False) -> Path:
+    cmd = [sys.executable, str(converter()), str(merged_dir), "--outtype", outtype, "--outfile", str(out)] + \
+        (["--mmproj"] if mmproj else [])
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -278,6 +286,13 @@ def quantize(src: Path, dst: Path, quant: str) -> Path:
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize to {quant} returned {rc}")
     return dst
+
+
+def export_mmproj(merged_dir: Path, out_dir: Path) -> Path:
+    """An image+text model's vision tower and projector as llama.cpp's mmproj file (the pinned converter's
+    --mmproj), in f16 whatever the language model's quantization, as llama.cpp's own releases ship them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return convert(merged_dir, out_dir / "mmproj-f16.gguf", "f16", mmproj=True)
 
 
 def export_gguf(merged_dir: Path, out_dir: Path, quant: str, drop_merged: bool = False) -> Path:

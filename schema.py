@@ -457,8 +457,9 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_vision(self) -> TrainingConfig:
-        """Image+text training (vision.py) is built for SFT through the Hugging Face provider; the rest is
-        refused with what to do, never trained as something else."""
+        """Image+text training (vision.py) is built for SFT through the Hugging Face provider (every export
+        form, GGUF with its mmproj projector); the rest is refused with what to do, never trained as
+        something else."""
         hp, ex, ev = self.hyperparameters, self.export_config, self.eval_config
         towers = [n for n in ("finetune_vision_layers", "finetune_language_layers") if n in hp.model_fields_set]
         if self.modality == "text":
@@ -472,10 +473,6 @@ class TrainingConfig(StrictModel):
         if self.trainer_type != "sft":
             raise ValueError(f"modality 'vision' with trainer_type '{self.trainer_type}': image+text training is "
                              "built for trainer_type 'sft' only so far; use 'sft', or a text dataset.")
-        if ex.wants_gguf:
-            raise ValueError("modality 'vision' with a GGUF export: the image projector (llama.cpp's mmproj) is not "
-                             "exported yet, and a language-model GGUF alone would not see images; export 'adapter' "
-                             "or 'merged' (include_gguf: false).")
         if hp.packing or hp.padding_free:
             name = "packing" if hp.packing else "padding_free"
             raise ValueError(f"modality 'vision' with `{name}: true`: rows carrying images are not packed or "

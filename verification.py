@@ -37,6 +37,7 @@ class Reference:
     starts: list[int]  # where each continuation begins
     pixels: list[Any] | None = None  # image+text: each prompt's images as the processor's pixel tensor (or None)
     image_token_id: int | None = None
+    image_files: list[list[bytes]] | None = None  # and as encoded pictures, for llama.cpp's own preprocessing
 
     def images(self, i: int):
         return self.pixels[i] if self.pixels else None
@@ -76,7 +77,7 @@ def pad_id(tokenizer) -> int:
 
 def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
                      max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 16, images: list[Any] | None = None,
-                     image_token_id: int | None = None) -> Reference:
+                     image_token_id: int | None = None, image_files: list[list[bytes]] | None = None) -> Reference:
     """Greedy decoding of all prompts at once with the KV cache (`generate`): left padding with its
     attention mask, which transformers turns into each layer's mask (Gemma 3's sliding-window layers
     included); a row that reaches a stop token ends there. On a 12B model this is one prefill and up to
@@ -89,7 +90,9 @@ def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
                               pad_token_id=pad, use_cache=True)
     if images is not None:
-        return _generate_with_images(model, prompts, stops, config, device, images, image_token_id)
+        ref = _generate_with_images(model, prompts, stops, config, device, images, image_token_id)
+        ref.image_files = image_files
+        return ref
     try:
         sequences = _generate_batches(model, prompts, stops, pad, batch_size, config, device)
     except Exception as e:  # noqa: BLE001 - a provider's patched generate (Unsloth's, not yet run on a GPU here)
@@ -303,6 +306,81 @@ def verify_merged(folder: Path, ref: Reference, form: str, method: str, vision: 
     return record("merged model", form, "transformers", found, ref, required(form, method))
 
 
-def verify_gguf(gguf: Path, ref: Reference, form: str, method: str) -> dict:
-    """The GGUF file in llama.cpp (form: its quantization)."""
-    return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(form, method))
+def verify_gguf(gguf: Path, ref: Reference, form: str, method: str, mmproj: Path | None = None) -> dict:
+    """The GGUF file in llama.cpp (form: its quantization); an image+text model's with its mmproj file, the
+    prompts' pictures read by llama.cpp's own multimodal library (mtmd) from their encoded bytes."""
+    if mmproj is None:
+        return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(form, method))
+    entry = record("gguf", form, "llama.cpp + mtmd (mmproj)", check_gguf_images(ref, gguf, mmproj), ref,
+                   required(form, method))
+    return entry | {"mmproj": mmproj.name, "images": sum(map(len, ref.image_files or []))}
+
+
+def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> float:
+    """Agreement of the language-model GGUF fed, in place of each run of image tokens, the embeddings that
+    llama.cpp's mtmd makes from the picture with the mmproj file: the prompt's own tokens around them, so
+    that positions line up with the trained model's."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mtmd
+    import numpy as np
+
+    llm = load_llama(gguf, max(len(s) for s in ref.sequences) + 8)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads = False, False, os.cpu_count() or 1
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    if not ctx:
+        llm.close()
+        raise PermanentError(f"export_config: llama.cpp's mtmd cannot load the exported {mmproj.name}")
+    marker = mtmd.mtmd_default_marker()
+
+    def image_chunk(data: bytes, chunks):
+        bitmap = mtmd.mtmd_helper_bitmap_init_from_buf(ctx, (ctypes.c_uint8 * len(data)).from_buffer_copy(data),
+                                                       len(data), False)
+        text = mtmd.mtmd_input_text()
+        text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+        if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
+            raise RuntimeError("mtmd could not read an image")
+        mtmd.mtmd_bitmap_free(bitmap)
+        found = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+        return next(c for c in found if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+
+    def predict(ids: list[int], files: list[bytes]) -> list[int]:
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        pending, start, files = [], 0, list(files)
+        i = 0
+        while i < len(ids):
+            if ids[i] != ref.image_token_id:
+                pending.append(ids[i])
+                i += 1
+                continue
+            if pending:
+                llm.eval(pending)
+                pending = []
+            chunks = mtmd.mtmd_input_chunks_init()
+            try:
+                chunk = image_chunk(files.pop(0), chunks)
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                past = llama_cpp.llama_pos(0)
+                if mtmd.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, llama_cpp.llama_pos(llm.n_tokens),
+                                                      llama_cpp.llama_seq_id(0), llm.n_batch, False,
+                                                      ctypes.byref(past)) != 0:
+                    raise RuntimeError("mtmd could not evaluate an image")
+            finally:
+                mtmd.mtmd_input_chunks_free(chunks)
+            llm.input_ids[llm.n_tokens:past.value] = ids[i:i + n]
+            llm.n_tokens, i = past.value, i + n
+        llm.eval(pending)
+        return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
+
+    try:
+        same = 0
+        for k, (seq, start) in enumerate(zip(ref.sequences, ref.starts)):
+            predicted = predict(seq, (ref.image_files or [[]] * len(ref.sequences))[k])
+            same += sum(predicted[i - 1] == seq[i] for i in range(start, len(seq)))
+        return round(same / ref.tokens, 4)
+    finally:
+        mtmd.mtmd_free(ctx)
+        llm.close()

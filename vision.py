@@ -296,13 +296,10 @@ def image_stats(splits: dict[str, VisionSplit], encoded: dict[str, Encoded]) -> 
     return stats
 
 
-def probe_pixels(processor, rows: list[dict[str, Any]], prompts: list[list[int]]) -> list[Any]:
-    """For each verification prompt (the first tokens of rows, in order), the pixels of the images whose
-    tokens it holds."""
+def probe_images(processor, rows: list[dict[str, Any]], prompts: list[list[int]]) -> list[list[bytes]]:
+    """For each verification prompt (the first tokens of rows, in order), the encoded images whose tokens
+    it holds."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(tok.image_token)
-    out = []
-    for row, prompt in zip(rows, prompts):
-        shown_images = prompt.count(image_id) // processor.image_seq_length
-        out.append(pixel_values(processor, row["image_bytes"][:shown_images]))
-    return out
+    return [row["image_bytes"][:prompt.count(image_id) // processor.image_seq_length]
+            for row, prompt in zip(rows, prompts)]

@@ -76,8 +76,6 @@ CASES = {
                             "modality 'vision' with provider 'unsloth'"),
     "vision with dpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="dpo"),
                         "modality 'vision' with trainer_type 'dpo'"),
-    "vision with gguf": (lambda req, d: req["training_config"].update(modality="vision", export_config={
-        "include_gguf": True}), "modality 'vision' with a GGUF export"),
     "vision layers on text": (hp(finetune_vision_layers=True), "hyperparameters.finetune_vision_layers is for "
                               "modality 'vision'"),
     "grpo batch not divisible": (lambda req, d: req["training_config"].update(
