@@ -139,7 +139,8 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES, help="provider:method[:trainer_type[:mm|vision]]")
+    parser.add_argument("--only", nargs="+", default=JOBS + CANDIDATES,
+                        help="provider:method[:trainer_type[:mm|vision]]")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--job-timeout", type=float, help="seconds one job may take before it is stopped")

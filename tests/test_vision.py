@@ -401,3 +401,19 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
     ref.image_files = files_of[1:] + files_of[:1]
     rotated = check_gguf_images(ref, gguf, mmproj)
     assert own >= 0.95 and rotated < 0.9  # measured: 1.0, and 0.84 (the colour tokens differ)
+
+
+def test_gemma_3n_and_text_only_bases_are_refused_from_their_config(tmp_path, tiny_root):
+    """Read from config.json alone, before any weight: Gemma 3n's image+text path is not shown yet, and a
+    text-only Gemma takes no images."""
+    from transformers import Gemma3nConfig
+
+    from errors import PermanentError
+    from vision import check_image_model
+
+    Gemma3nConfig().save_pretrained(str(tmp_path))
+    with pytest.raises(PermanentError, match="is Gemma 3n"):
+        check_image_model(str(tmp_path), None, False)
+    with pytest.raises(PermanentError, match="is a text-only model"):
+        check_image_model(str(tiny_root / "models" / "tiny-gemma3"), None, False)
+    check_image_model(str(tiny_root / "models" / "tiny-gemma3-mm"), None, False)  # Gemma 3 with its tower
