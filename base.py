@@ -35,8 +35,8 @@ from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
-from vision import VisionCollator, check_image_model, encode_vision, image_stats, load_processor, load_vision_splits, \
-    pixel_values, probe_images
+from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, load_processor, \
+    load_vision_splits, pixel_values, vision_dataset, vision_probes
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ class BaseTrainingJob:
 
         def fit(rows):
             if processor:
-                return encode_vision(rows, processor, hp.max_length, hp.assistant_only_loss)
+                return encode_vision(rows, processor, hp.max_length, hp.assistant_only_loss) if sft else \
+                    fit_vision_prompts(rows, processor, hp.prompt_length)
             return tokenize(rows, tokenizer, hp.max_length, hp.assistant_only_loss) if sft else \
                 fit_prompts(rows, tokenizer, hp.prompt_length)
 
@@ -242,7 +243,7 @@ class BaseTrainingJob:
         if self.cfg.vision:
             return load_vision_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/"
                                       f"{dataset_id}/", self.tracker.store.get_dataset(dataset_id),
-                                      self.workdir / "data")
+                                      self.workdir / "data", self.cfg.trainer_type)
         return load_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/",
                            self.tracker.store.get_dataset(dataset_id), self.workdir / "data", self.cfg.trainer_type,
                            tuple(sorted(reference_fields(self.cfg.reward_config))))
@@ -395,16 +396,17 @@ class BaseTrainingJob:
         config_cls, trainer_cls = trl_classes(kind)
         args = config_cls(**(self.trainer_kwargs(prep) | self.sft_overrides()))
         with_eval = prep.eval is not None and self.cfg.eval_config.compute_eval_metrics
+        # image+text preference rows go to TRL as `datasets` Images, which its own vision collator processes
+        table = vision_dataset if prep.processor is not None and kind != "sft" else Dataset.from_list
         kwargs: dict[str, Any] = dict(
             model=model, args=args, processing_class=prep.processor or prep.tokenizer,
-            train_dataset=Dataset.from_list(prep.train.rows),
-            eval_dataset=Dataset.from_list(prep.eval.rows) if with_eval else None,
+            train_dataset=table(prep.train.rows), eval_dataset=table(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker), checkpoint_callback(
                 self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
                 self.cfg.hyperparameters.save_strategy, self.services.run_logger)])
         if kind == "grpo":
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
-        if prep.processor is not None:
+        if prep.processor is not None and kind == "sft":
             kwargs["data_collator"] = VisionCollator(prep.processor, pad_id(prep.tokenizer))
         ev = self.cfg.eval_config
         if ev.early_stopping_patience and args.metric_for_best_model:
@@ -551,9 +553,8 @@ class BaseTrainingJob:
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
                         s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra,
                         prep.processor)
-        prompts = probe_prompts(prep)
         if prep.processor is None:
-            return export_artifacts(job, trainer, tokenizer, metrics, prompts)
-        images = probe_images(prep.processor, (prep.eval or prep.train).rows, prompts)
+            return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))
+        prompts, images = vision_probes(prep)
         return export_artifacts(job, trainer, tokenizer, metrics, prompts,
                                 [pixel_values(prep.processor, b) for b in images], images)

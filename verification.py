@@ -349,7 +349,7 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> float:
     def predict(ids: list[int], files: list[bytes]) -> list[int]:
         llm.reset()
         llm._ctx.kv_cache_clear()
-        pending, start, files = [], 0, list(files)
+        pending, files = [], list(files)
         i = 0
         while i < len(ids):
             if ids[i] != ref.image_token_id:

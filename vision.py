@@ -27,7 +27,8 @@ from errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
-FORMS = [("messages",), ("prompt", "completion")]
+FORMS = {"sft": [("messages",), ("prompt", "completion")], "dpo": [("prompt", "chosen", "rejected")]}
+PREFERENCE = ("prompt", "chosen", "rejected")
 IMAGE_COLUMNS = ("images", "image")
 URL_PREFIXES = ("http://", "https://", "gs://", "s3://", "ftp://", "data:")
 SKIPPED = {"undecodable": "images_undecodable", "mismatch": "images_mismatched", "too_many": "images_too_many"}
@@ -44,13 +45,28 @@ class ImageUrl(ValueError):
     """An image given by address: the job fetches nothing from outside its buckets."""
 
 
-def vision_form(columns: list[str]) -> tuple[str, ...]:
+def vision_form(columns: list[str], trainer_type: str = "sft") -> tuple[str, ...]:
     """The row form's columns, and the image column if there is one."""
-    for needed in FORMS:
+    for needed in FORMS[trainer_type]:
         if all(c in columns for c in needed):
             return needed + tuple(c for c in IMAGE_COLUMNS if c in columns)[:1]
-    raise DatasetError(f"the dataset's columns {sorted(columns)} do not fit modality 'vision': it needs messages or "
-                       "prompt+completion, with the pictures in an images (or image) column.")
+    wanted = " or ".join("+".join(n) for n in FORMS[trainer_type])
+    raise DatasetError(f"the dataset's columns {sorted(columns)} do not fit modality 'vision' with trainer_type "
+                       f"'{trainer_type}': it needs {wanted}, with the pictures in an images (or image) column.")
+
+
+def preference_row(row: dict[str, Any], inline: list) -> dict[str, Any]:
+    """A preference row's prompt (ending with a user turn, where its images are) and its chosen and
+    rejected assistant answers, as typed parts."""
+    out = {"prompt": as_vision_messages(row["prompt"], "user", inline)}
+    check_turns(shown(out["prompt"]), "user")
+    for side in ("chosen", "rejected"):
+        answer = as_vision_messages(row[side], "assistant", inline)
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            raise ValueError(f"{side} must be assistant messages (or a string)")
+        check_turns(shown(answer), "assistant", alternate=False)
+        out[side] = answer
+    return out
 
 
 def image_bytes(value: Any) -> bytes | None:
@@ -124,12 +140,15 @@ def check_vision_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: 
     for i, row in enumerate(rows):
         inline: list = []
         try:
-            if form[0] == "messages":
-                messages = as_vision_messages(row["messages"], "user", inline)
+            if form[:3] == PREFERENCE:
+                kept = preference_row(row, inline)
+                messages = kept["prompt"] + kept["chosen"] + kept["rejected"]
             else:
-                messages = as_vision_messages(row["prompt"], "user", inline) + \
+                messages = as_vision_messages(row["messages"], "user", inline) if form[0] == "messages" else \
+                    as_vision_messages(row["prompt"], "user", inline) + \
                     as_vision_messages(row["completion"], "assistant", inline)
-            check_turns(shown(messages), "assistant")
+                check_turns(shown(messages), "assistant")
+                kept = {"messages": messages}
             given = row.get(form[-1]) if form[-1] in IMAGE_COLUMNS else None
             given = [given] if form[-1] == "image" and given is not None else list(given or []) or inline
             encoded = [image_bytes(v) for v in given]
@@ -151,7 +170,7 @@ def check_vision_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: 
         except Exception:  # noqa: BLE001 - Pillow raises many kinds for a broken picture
             out.skipped["undecodable"].append(i)
             continue
-        out.rows.append({"messages": messages, "images": encoded})
+        out.rows.append(kept | {"images": encoded})
         out.images += len(encoded)
     if urls:
         raise DatasetError(f"{len(urls)} {split} rows give an image by URL ({'; '.join(urls[:3])}); the job reads "
@@ -232,6 +251,56 @@ def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only
     return out
 
 
+def render_prompt(processor, messages: list[dict[str, Any]]) -> str:
+    """A prompt as the model reads it: the chat template, the generation prompt, each image expanded to
+    its tokens."""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text.replace(processor.boi_token, processor.full_image_sequence)
+
+
+def fit_vision_prompts(split: VisionSplit, processor, max_prompt_length: int) -> Encoded:
+    """Preference rows whose prompt, images expanded, fits max_prompt_length (TRL tokenizes them itself,
+    and makes the pixels); the others are left out (Encoded.too_many where their image tokens alone do
+    not fit, else dropped)."""
+    tok = processor.tokenizer
+    out = Encoded()
+    for i, row in enumerate(split.rows):
+        n = len(tok(render_prompt(processor, row["prompt"]), add_special_tokens=False)["input_ids"])
+        if n > max_prompt_length:
+            if processor.image_seq_length * len(row["images"]) >= max_prompt_length:
+                out.too_many.append(i)
+            else:
+                out.dropped += 1
+            continue
+        out.rows.append(row)
+        out.tokens += n
+    return out
+
+
+def vision_dataset(rows: list[dict[str, Any]]):
+    """Preference rows as TRL's vision trainers read them: `images` a column of `datasets` Images, which
+    TRL's collator hands to the processor (decoded to RGB there)."""
+    from datasets import Dataset, Image, List
+
+    table = Dataset.from_list([row | {"images": [{"bytes": b, "path": None} for b in row["images"]]}
+                               for row in rows])
+    return table.cast_column("images", List(Image()))
+
+
+def vision_probes(prep, n: int = 16) -> tuple[list[list[int]], list[list[bytes]]]:
+    """The verification's probes of an image+text job: up to n eval rows' prompts (training rows without an
+    eval split) as token ids, images expanded and never cut, and the pictures each holds."""
+    from verification import probe_prompts
+
+    processor, rows = prep.processor, (prep.eval or prep.train).rows[:n]
+    if rows and "prompt" in rows[0]:
+        tok = processor.tokenizer
+        prompts = [tok(render_prompt(processor, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
+    else:
+        prompts = probe_prompts(prep, n, longest=1 << 30)  # never cut: an image's tokens go whole or not at all
+    return prompts, probe_images(processor, rows, prompts)
+
+
 def pixel_values(processor, images: list[bytes]):
     """The processor's pixel tensor for encoded images, in order; None for none."""
     if not images:
@@ -265,12 +334,13 @@ class VisionCollator:
         return batch
 
 
-def load_vision_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder) -> dict[str, VisionSplit]:
+def load_vision_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder,
+                       trainer_type: str = "sft") -> dict[str, VisionSplit]:
     """Each split's image+text rows (data.read_splits finds and reads them); a dataset whose train rows
     carry no image is refused: it is a text dataset sent as 'vision'."""
     out, columns = {}, {}
     for split, table in read_splits(blobs, prefix, metadata, folder).items():
-        form = columns[split] = vision_form(table.column_names)
+        form = columns[split] = vision_form(table.column_names, trainer_type)
         out[split] = check_vision_rows(table.select(list(form)).to_pylist(), form, split)
     train = out["train"]
     if not train.images:
@@ -305,5 +375,5 @@ def probe_images(processor, rows: list[dict[str, Any]], prompts: list[list[int]]
     it holds."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(tok.image_token)
-    return [row["image_bytes"][:prompt.count(image_id) // processor.image_seq_length]
+    return [row.get("image_bytes", row.get("images"))[:prompt.count(image_id) // processor.image_seq_length]
             for row, prompt in zip(rows, prompts)]

@@ -204,6 +204,21 @@ def shapes(seed: int = 0, per_colour: int = 12) -> list[dict]:
     return rows
 
 
+def shape_preferences(rows: list[dict]) -> list[dict]:
+    """Image+text DPO rows as the preprocessing service writes them (its preference mode): the prompt with the
+    picture's placeholder, the right colour chosen, another rejected, and the picture in `images`."""
+    colours = list(COLOURS)
+    out = []
+    for i, row in enumerate(rows):
+        right = row["messages"][2]["content"][0]["text"].split()[-1].rstrip(".")
+        wrong = colours[(colours.index(right) + 1 + i % 5) % len(colours)]
+        out.append({"prompt": row["messages"][:2],
+                    "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"It is {right}."}]}],
+                    "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"It is {wrong}."}]}],
+                    "images": row["images"]})
+    return out
+
+
 def make_vision_dataset(root: Path, dataset_id: str, rows: list[dict]) -> Path:
     """The splits written as the preprocessing service writes them (datasets' to_parquet: each image a
     {bytes, path} struct, an image part's text null), and its processed_datasets metadata document."""
@@ -221,8 +236,9 @@ def make_vision_dataset(root: Path, dataset_id: str, rows: list[dict]) -> Path:
                        "path": f"gs://gemma-dataset-bucket/processed_datasets/{dataset_id}/{split}.parquet"})
     meta = root / "firestore" / "processed_datasets" / f"{dataset_id}.json"
     meta.parent.mkdir(parents=True, exist_ok=True)
+    mode = "preference" if "chosen" in rows[0] else "language_modeling"
     meta.write_text(json.dumps({"processed_dataset_id": dataset_id, "dataset_name": dataset_id,
-                                "processing_mode": "language_modeling", "modality": "vision", "splits": splits}))
+                                "processing_mode": mode, "modality": "vision", "splits": splits}))
     return folder
 
 
@@ -276,6 +292,7 @@ def main() -> None:
     print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-prompts', prompts(rows))}")
     print(f"dataset: {make_vision_dataset(root, 'tiny-shapes', shapes())}")
+    print(f"dataset: {make_vision_dataset(root, 'tiny-shapes-pref', shape_preferences(shapes()))}")
 
 
 if __name__ == "__main__":

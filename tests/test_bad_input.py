@@ -74,8 +74,8 @@ CASES = {
                                    "training_config.base_model_id: "),
     "vision with unsloth": (lambda req, d: req["training_config"].update(modality="vision", provider="unsloth"),
                             "modality 'vision' with provider 'unsloth'"),
-    "vision with dpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="dpo"),
-                        "modality 'vision' with trainer_type 'dpo'"),
+    "vision with orpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="orpo"),
+                         "modality 'vision' with trainer_type 'orpo'"),
     "vision layers on text": (hp(finetune_vision_layers=True), "hyperparameters.finetune_vision_layers is for "
                               "modality 'vision'"),
     "grpo batch not divisible": (lambda req, d: req["training_config"].update(

@@ -146,7 +146,9 @@ def test_gguf_without_quantization_is_q8_0_in_every_form(quant):
 
 VISION_REFUSED = {
     "unsloth": ({"provider": "unsloth"}, "FastVisionModel has not been shown"),
-    "grpo": ({"trainer_type": "orpo"}, "trainer_type 'orpo'"),
+    "orpo": ({"trainer_type": "orpo"}, "trainer_type 'orpo'"),
+    "grpo": ({"trainer_type": "grpo", "reward_config": [{"name": "x", "type": "built_in",
+                                                         "function_name": "count_xml"}]}, "trainer_type 'grpo'"),
     "packing": ({"hyperparameters": {"packing": True}}, "`packing: true`"),
     "comparison": ({"eval_config": {"generation_rows": 8}}, "generation_rows"),
     "full with towers": ({"method": "Full", "hyperparameters": {"finetune_vision_layers": True}}, "method 'Full'"),
