@@ -43,6 +43,8 @@ class CardFacts:
     verification: dict[str, dict]
     license: str | None  # the base's, where it could be read
     location: str  # where the folder is published: a Hub repo id or a gs:// folder
+    mmproj: str | None = None  # an image+text job: llama.cpp's projector file beside the GGUF
+    vision: bool = False  # an image+text job: loaded with its processor and the image+text class
 
 
 def base_license(base_model_id: str, hub) -> str | None:
@@ -120,6 +122,12 @@ def how_to_load(facts: CardFacts, artifacts: dict[str, str], gguf_file: str | No
     gcs = where.startswith("gs://")
     source = "./model" if gcs else where
     lines = [f"Download the folder first: `gcloud storage cp -r {where} ./model`", ""] if gcs else []
+    if facts.vision and ("adapter" in artifacts or "merged" in artifacts):
+        lines += ["transformers, with the processor saved beside the weights (an adapter loads through PEFT "
+                  "on its base):", "", "```python", "from transformers import AutoModelForImageTextToText, "
+                  "AutoProcessor", "", f'model = AutoModelForImageTextToText.from_pretrained("{source}")',
+                  f'processor = AutoProcessor.from_pretrained("{source}")', "```", ""]
+        artifacts = {k: v for k, v in artifacts.items() if k == "gguf"}
     if "adapter" in artifacts:
         if facts.hyperparameters.get("use_dora"):
             lines += ["A DoRA adapter: load it through PEFT as below (transformers 4.x's `AutoModelForCausalLM` "
@@ -132,6 +140,10 @@ def how_to_load(facts: CardFacts, artifacts: dict[str, str], gguf_file: str | No
         lines += ["transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{source}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{source}")', "```", ""]
+    if "gguf" in artifacts and facts.mmproj:
+        lines += ["llama.cpp, with the image projector beside it:", "", "```sh",
+                  f"llama-mtmd-cli -m {gguf_file} --mmproj {facts.mmproj} --image picture.png -p \"Describe it.\"",
+                  "```", ""]
     if "gguf" in artifacts:
         lines += ["llama.cpp:", "", "```sh", f"llama-cli -m {gguf_file} -cnv", "```", "",
                   "Ollama (in the folder with the `Modelfile`):", "", "```sh",
@@ -231,8 +243,9 @@ def gguf_chat(gguf: Path) -> tuple[str | None, list[str]]:
     return meta.get("tokenizer.chat_template"), stops
 
 
-def modelfile(gguf: Path) -> str:
-    """An Ollama Modelfile for the GGUF beside it: FROM, the GGUF's chat template as a TEMPLATE, its stops."""
+def modelfile(gguf: Path, mmproj: Path | None = None) -> str:
+    """An Ollama Modelfile for the GGUF beside it: FROM, the GGUF's chat template as a TEMPLATE, its stops;
+    an image+text model's projector as a second FROM, as Ollama imports one."""
     try:
         template, stops = gguf_chat(gguf)
     except Exception as e:  # the GGUF itself was verified in llama.cpp already: its Modelfile is a help, no more
@@ -243,6 +256,10 @@ def modelfile(gguf: Path) -> str:
         stops = [turns.assistant[1].strip()] + [s for s in stops if s != turns.assistant[1].strip()]
     lines = ["# Ollama: `ollama create <name> -f Modelfile` in this folder, then `ollama run <name>`.",
              f"FROM ./{gguf.name}"]
+    if mmproj is not None:
+        lines += ["# The image projector: Ollama's use of a separate Gemma 3 projector has varied by version "
+                  "(ollama/ollama#9967);", "# llama.cpp's llama-mtmd-cli with --mmproj is the path this job verified.",
+                  f"FROM ./{mmproj.name}"]
     if turns:
         lines.append(f'TEMPLATE """{turns.go_template()}"""')
     else:

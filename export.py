@@ -140,7 +140,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     together = ex.destination == "hfhub" and bool(ready) and ex.wants_gguf
     license_ = base_license(job.cfg.base_model_id, job.hub)
     if ex.wants_gguf:
-        (gguf.parent / "Modelfile").write_text(job.timed("modelfile", modelfile, gguf))
+        (gguf.parent / "Modelfile").write_text(job.timed("modelfile", modelfile, gguf, mmproj))
         if not together:
             write_card(job, gguf.parent, {"gguf": ex.gguf_quantization}, metrics, verified, license_, gguf.name)
         write_manifest(job, gguf.parent, "gguf", metrics, verified, name=f"{gguf.stem}.manifest.json")
@@ -177,8 +177,13 @@ def write_card(job: ExportJob, folder: Path, artifacts: dict[str, str], metrics:
     facts = CardFacts(job.job_id, job.request.get("job_name"), job.cfg.base_model_id,
                       job.request["processed_dataset_id"], job.cfg.provider, job.cfg.method, job.cfg.trainer_type,
                       job.cfg.hyperparameters.model_dump(mode="json"), metrics, verified, license_,
-                      destination(job, next(iter(artifacts))))
+                      destination(job, next(iter(artifacts))), mmproj_name(job, verified), job.cfg.vision)
     (folder / "README.md").write_text(model_card(facts, artifacts, gguf_file))
+
+
+def mmproj_name(job: ExportJob, verified: dict[str, dict]) -> str | None:
+    """The projector file of an image+text job's GGUF (verification recorded it), for the cards."""
+    return (verified.get("gguf") or {}).get("mmproj") if job.cfg.vision else None
 
 
 def drop_cached(model_id: str, cache_dir: Path | None = None) -> float:

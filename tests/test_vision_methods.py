@@ -4,6 +4,8 @@ mmproj projector, read by llama.cpp itself."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from test_vision import EXPORT, colour_of, eval_rows, new_root, prompt_inputs, run_job, vision_request
@@ -72,6 +74,13 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
     assert check["top1_agreement"] >= check["required"] == 0.95
     folder = root / EXPORT / "gguf_models" / "vis-gguf"
     gguf, mmproj = folder / "model-q8_0.gguf", folder / "mmproj-f16.gguf"
+    manifest = json.loads((folder / "model-q8_0.manifest.json").read_text())
+    assert {"model-q8_0.gguf", "mmproj-f16.gguf", "Modelfile", "README.md"} <= set(manifest["files"])
+    assert "FROM ./model-q8_0.gguf\n" in (folder / "Modelfile").read_text()
+    assert "FROM ./mmproj-f16.gguf\n" in (folder / "Modelfile").read_text()
+    assert "llama-mtmd-cli -m model-q8_0.gguf --mmproj mmproj-f16.gguf" in (folder / "README.md").read_text()
+    card = (root / EXPORT / "trained_adapters" / "vis-gguf" / "README.md").read_text()
+    assert "AutoModelForImageTextToText.from_pretrained" in card and "AutoProcessor" in card
     # the same check by hand, on four eval rows of different colours, then with their pictures rotated
     adapter = root / EXPORT / "trained_adapters" / "vis-gguf"
     processor = AutoProcessor.from_pretrained(adapter)
