@@ -14,6 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
 from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, load_processor, \
-    load_vision_splits, pixel_values, vision_dataset, vision_probes
+    load_vision_splits, pixel_values, vision_cases, vision_dataset, vision_probes
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,9 @@ class BaseTrainingJob:
             raise DatasetError("eval_config: early_stopping_patience and load_best_model_at_end judge checkpoints on "
                                "the eval split, and this dataset has none; add one (test, validation or eval), or "
                                "unset them.")
-        found = generation_cases(self.cfg, splits["eval"], tokenizer, self.cfg.comparison_rows) \
+        cases = partial(vision_cases, processor=processor) if processor else partial(generation_cases,
+                                                                                       tokenizer=tokenizer)
+        found = cases(self.cfg, splits["eval"], limit=self.cfg.comparison_rows) \
             if "eval" in splits and self.cfg.comparison_rows else None
         if self.cfg.eval_config.require_improvement and not (found and found.prompts):
             raise DatasetError("eval_config.require_improvement: no eval row to compare the models on (it needs an "

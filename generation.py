@@ -7,6 +7,8 @@ scored against the reference answers.
 - The starting model answers before training begins: the base model (a new LoRA adapter is the identity
   until trained; Full has not moved yet), or the parent adapter of a continued job. No second model is
   loaded. The tuned model answers after training, on the same prompts.
+- Image+text jobs (vision.py builds their cases): the prompts carry their pictures, and each sample names
+  them (split, row, sha256), never their bytes.
 - Decoding: greedy, up to `eval_config.max_new_tokens`, ending at the chat template's stop tokens, batched
   with the KV cache (verification.greedy_reference, on the GPU where the model is).
 - Metrics, each a mean over the rows in [0, 1]: exact_match (after `rewards.normalise`: case, spacing, a
@@ -39,6 +41,9 @@ class Cases:
     texts: list[str]  # the prompts as text, for people
     references: list[str]  # the reference answers (GRPO: the first grader's reference column, for people)
     columns: list[dict[str, Any]]  # GRPO: each row's reference columns, for the graders
+    pixels: list[Any] | None = None  # image+text: each prompt's images, as the processor's pixels (vision.py)
+    image_token_id: int | None = None
+    images: list[str] | None = None  # and which pictures they are, for people: split, row, sha256
 
 
 def cases(cfg: TrainingConfig, rows: list[Any], tokenizer, limit: int) -> Cases:
@@ -74,7 +79,7 @@ def answers(model, tokenizer, found: Cases, max_new_tokens: int, batch_size: int
     training = model.training
     try:
         ref = greedy_reference(model, found.prompts, stop_ids(model, tokenizer), pad_id(tokenizer),
-                               max_new_tokens, batch_size)
+                               max_new_tokens, batch_size, found.pixels, found.image_token_id)
     finally:
         model.train(training)
     return [tokenizer.decode(seq[start:], skip_special_tokens=True).strip()
@@ -115,10 +120,11 @@ def compare(cfg: TrainingConfig, found: Cases, base: list[str], tuned: list[str]
 
     def cut(text: str) -> str:
         return text if len(text) <= SHOWN else text[:SHOWN] + "…"
-    samples = [{"prompt": cut(p), "reference": cut(r), "base": cut(b), "tuned": cut(t)}
-               for p, r, b, t in list(zip(found.texts, found.references, base, tuned))[:SAMPLES]]
-    lines = "".join(json.dumps({"prompt": p, "reference": r, "base": b, "tuned": t,
+    shown = found.images or [None] * len(tuned)  # an image+text prompt's pictures, named
+    samples = [{"prompt": cut(p), **({"image": i} if i else {}), "reference": cut(r), "base": cut(b), "tuned": cut(t)}
+               for p, i, r, b, t in list(zip(found.texts, shown, found.references, base, tuned))[:SAMPLES]]
+    lines = "".join(json.dumps({"prompt": p, **({"image": i} if i else {}), "reference": r, "base": b, "tuned": t,
                                 "scores": {"base": bs, "tuned": ts}}, ensure_ascii=False) + "\n"
-                    for p, r, b, t, bs, ts in zip(found.texts, found.references, base, tuned, base_scores,
-                                                  tuned_scores))
+                    for p, i, r, b, t, bs, ts in zip(found.texts, shown, found.references, base, tuned, base_scores,
+                                                     tuned_scores))
     return generation, samples, lines

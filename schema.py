@@ -460,7 +460,7 @@ class TrainingConfig(StrictModel):
         """Image+text training (vision.py) is built for SFT and DPO through the Hugging Face provider (every
         export form, GGUF with its mmproj projector); the rest is refused with what to do, never trained as
         something else."""
-        hp, ev = self.hyperparameters, self.eval_config
+        hp = self.hyperparameters
         towers = [n for n in ("finetune_vision_layers", "finetune_language_layers") if n in hp.model_fields_set]
         if self.modality == "text":
             if towers:
@@ -477,10 +477,6 @@ class TrainingConfig(StrictModel):
             name = "packing" if hp.packing else "padding_free"
             raise ValueError(f"modality 'vision' with `{name}: true`: rows carrying images are not packed or "
                              f"concatenated (each image's tokens attend to each other); set `{name}: false`.")
-        if ev.generation_rows or ev.require_improvement:
-            raise ValueError("modality 'vision' with eval_config.generation_rows or require_improvement: the "
-                             "base-against-tuned comparison does not show the models images yet; set "
-                             "generation_rows 0 (or leave it unset) and require_improvement false.")
         if self.method == "Full" and towers:
             raise ValueError(f"hyperparameters.{towers[0]}: method 'Full' trains every layer, the vision tower "
                              "included; remove it, or use method 'LoRA' or 'QLoRA'.")
@@ -495,10 +491,9 @@ class TrainingConfig(StrictModel):
 
     @property
     def comparison_rows(self) -> int:
-        """Eval rows both models answer (generation.py): generation_rows, else 64 (Unsloth and image+text: 0,
-        not shown yet)."""
+        """Eval rows both models answer (generation.py): generation_rows, else 64 (Unsloth: 0, not shown yet)."""
         rows = self.eval_config.generation_rows
-        return rows if rows is not None else 0 if self.provider == "unsloth" or self.vision else 64
+        return rows if rows is not None else 0 if self.provider == "unsloth" else 64
 
     @property
     def trackers(self) -> list[str]:

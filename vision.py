@@ -301,6 +301,39 @@ def vision_probes(prep, n: int = 16) -> tuple[list[list[int]], list[list[bytes]]
     return prompts, probe_images(processor, rows, prompts)
 
 
+def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "eval"):
+    """The base/tuned comparison's cases of an image+text job (generation.py): each eval row's prompt with its
+    pictures, its reference answer (SFT: the last assistant turn; DPO: the chosen answer), and which pictures
+    they are, by split, row and sha256, for the samples."""
+    import hashlib
+
+    from generation import Cases
+    from rewards import completion_text
+
+    tok = processor.tokenizer
+    out = Cases([], [], [], [], [], tok.convert_tokens_to_ids(tok.image_token), [])
+    for i, row in enumerate(split.rows):
+        if len(out.prompts) == limit:
+            break
+        if "prompt" in row:
+            prompt, reference = row["prompt"], completion_text(row["chosen"])
+        elif len(row["messages"]) >= 2 and row["messages"][-1]["role"] == "assistant":
+            prompt, reference = row["messages"][:-1], completion_text(row["messages"][-1:])
+        else:
+            continue
+        ids = tok(render_prompt(processor, prompt), add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.hyperparameters.max_length:
+            continue
+        out.prompts.append(ids)
+        out.texts.append(completion_text(prompt))
+        out.references.append(reference)
+        out.columns.append({})
+        out.pixels.append(pixel_values(processor, row["images"]))
+        out.images.append(f"{name} row {i}: " + ", ".join(hashlib.sha256(b).hexdigest()[:12] for b in row["images"])
+                          if row["images"] else f"{name} row {i}: no image")
+    return out
+
+
 def pixel_values(processor, images: list[bytes]):
     """The processor's pixel tensor for encoded images, in order; None for none."""
     if not images:

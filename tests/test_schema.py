@@ -150,7 +150,6 @@ VISION_REFUSED = {
     "grpo": ({"trainer_type": "grpo", "reward_config": [{"name": "x", "type": "built_in",
                                                          "function_name": "count_xml"}]}, "trainer_type 'grpo'"),
     "packing": ({"hyperparameters": {"packing": True}}, "`packing: true`"),
-    "comparison": ({"eval_config": {"generation_rows": 8}}, "generation_rows"),
     "full with towers": ({"method": "Full", "hyperparameters": {"finetune_vision_layers": True}}, "method 'Full'"),
     "no tower": ({"hyperparameters": {"finetune_language_layers": False}}, "LoRA would adapt nothing"),
 }
@@ -165,7 +164,7 @@ def test_vision_refuses_what_is_not_built_naming_the_field(case):
 
 def test_vision_defaults_and_tower_options():
     cfg = TrainRequest.model_validate(with_tc(modality="vision")).training_config
-    assert cfg.vision and cfg.comparison_rows == 0
+    assert cfg.vision and cfg.comparison_rows == 64  # the base/tuned comparison shows the pictures too
     assert cfg.hyperparameters.finetune_language_layers and not cfg.hyperparameters.finetune_vision_layers
     both = TrainRequest.model_validate(with_tc(modality="vision", hyperparameters={"finetune_vision_layers": True}))
     assert both.training_config.hyperparameters.finetune_vision_layers

@@ -111,6 +111,15 @@ def test_the_job_learns_to_name_the_colour_it_is_shown(jobs, tiny_root):
     assert tuned < base_loss - 2.0, (base_loss, tuned)  # measured: about 6.4 -> 1.4
     assert doc["metrics"]["accuracy"] >= 0.95
     assert doc["metrics"]["perplexity"] == pytest.approx(2.718281828 ** tuned, rel=1e-6)
+    # the base/tuned comparison, shown the pictures: the base rambles, the tuned model names the colour
+    found = doc["generation"]
+    assert found["rows"] == 12 and found["verdict"] == "better"
+    assert found["exact_match"]["base"] == 0.0 and found["exact_match"]["tuned"] >= 0.9
+    sample = doc["samples"][0]
+    assert sample["image"].startswith("eval row 0: ") and len(sample["image"].split(": ")[1]) == 12
+    assert sample["tuned"] == sample["reference"] == f"It is {colour_of(eval_rows(tiny_root)[0])}."
+    lines = (jobs["adapter_dir"] / "eval_generations.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and json.loads(lines[0])["image"] == sample["image"]
 
 
 def test_the_tuned_answer_follows_the_image(jobs, tiny_root):
