@@ -37,7 +37,7 @@ from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
 from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, load_processor, \
-    load_vision_splits, pixel_values, vision_cases, vision_dataset, vision_probes
+    image_token_ids, load_vision_splits, pixel_values, vision_cases, vision_dataset, vision_probes
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,8 @@ class BaseTrainingJob:
         if self.cfg.vision:
             return load_vision_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/"
                                       f"{dataset_id}/", self.tracker.store.get_dataset(dataset_id),
-                                      self.workdir / "data", self.cfg.trainer_type)
+                                      self.workdir / "data", self.cfg.trainer_type,
+                                      tuple(sorted(reference_fields(self.cfg.reward_config))))
         return load_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/",
                            self.tracker.store.get_dataset(dataset_id), self.workdir / "data", self.cfg.trainer_type,
                            tuple(sorted(reference_fields(self.cfg.reward_config))))
@@ -387,7 +388,11 @@ class BaseTrainingJob:
             "dpo": dict(beta=hp.beta, max_length=hp.max_length, padding_free=hp.padding_free),
             "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),
             "grpo": dict(beta=hp.beta, num_generations=hp.num_generations, max_completion_length=completion,
-                         reward_weights=[g.weight for g in self.cfg.reward_config], log_completions=False),
+                         reward_weights=[g.weight for g in self.cfg.reward_config], log_completions=False,
+                         # an image token sampled into a completion would ask the forward pass for a picture
+                         # that does not exist ("Image features and image tokens do not match")
+                         **({"generation_kwargs": {"suppress_tokens": image_token_ids(prep.processor)}}
+                            if prep.processor is not None else {})),
         }[kind]
         return common | specific
 

@@ -457,7 +457,7 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_vision(self) -> TrainingConfig:
-        """Image+text training (vision.py) is built for SFT and DPO through the Hugging Face provider (every
+        """Image+text training (vision.py) is built for SFT, DPO and GRPO through the Hugging Face provider (every
         export form, GGUF with its mmproj projector); the rest is refused with what to do, never trained as
         something else."""
         hp = self.hyperparameters
@@ -470,9 +470,9 @@ class TrainingConfig(StrictModel):
         if self.provider == "unsloth":
             raise ValueError("modality 'vision' with provider 'unsloth': Unsloth's FastVisionModel has not been shown "
                              "for this job on a GPU yet; use provider 'huggingface'.")
-        if self.trainer_type not in ("sft", "dpo"):
-            raise ValueError(f"modality 'vision' with trainer_type '{self.trainer_type}': image+text training is "
-                             "built for trainer_types 'sft' and 'dpo' so far; use one of them, or a text dataset.")
+        if self.trainer_type == "orpo":
+            raise ValueError("modality 'vision' with trainer_type 'orpo': TRL's ORPO trainer takes no images; use "
+                             "'dpo' for preference rows with pictures, or a text dataset.")
         if hp.packing or hp.padding_free:
             name = "packing" if hp.packing else "padding_free"
             raise ValueError(f"modality 'vision' with `{name}: true`: rows carrying images are not packed or "

@@ -27,7 +27,8 @@ from errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
-FORMS = {"sft": [("messages",), ("prompt", "completion")], "dpo": [("prompt", "chosen", "rejected")]}
+FORMS = {"sft": [("messages",), ("prompt", "completion")], "dpo": [("prompt", "chosen", "rejected")],
+         "grpo": [("prompt",)]}
 PREFERENCE = ("prompt", "chosen", "rejected")
 IMAGE_COLUMNS = ("images", "image")
 URL_PREFIXES = ("http://", "https://", "gs://", "s3://", "ftp://", "data:")
@@ -133,9 +134,11 @@ def shown(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
                                                    for p in m["content"])} for m in messages]
 
 
-def check_vision_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str) -> VisionSplit:
-    """Each row's messages and encoded images; rows with an undecodable image or placeholders that do not
-    match their images are counted and left out; malformed rows and image URLs are named in one error."""
+def check_vision_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str,
+                      refs: tuple[str, ...] = ()) -> VisionSplit:
+    """Each row's messages and encoded images (GRPO: its prompt, and the graders' reference columns `refs`);
+    rows with an undecodable image or placeholders that do not match their images are counted and left out;
+    malformed rows and image URLs are named in one error."""
     out, bad, urls = VisionSplit(), [], []
     for i, row in enumerate(rows):
         inline: list = []
@@ -143,6 +146,10 @@ def check_vision_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: 
             if form[:3] == PREFERENCE:
                 kept = preference_row(row, inline)
                 messages = kept["prompt"] + kept["chosen"] + kept["rejected"]
+            elif form[0] == "prompt" and "completion" not in form:  # GRPO: a prompt the model answers
+                messages = as_vision_messages(row["prompt"], "user", inline)
+                check_turns(shown(messages), "user")
+                kept = {"prompt": messages, **{k: row[k] for k in refs}}
             else:
                 messages = as_vision_messages(row["messages"], "user", inline) if form[0] == "messages" else \
                     as_vision_messages(row["prompt"], "user", inline) + \
@@ -251,6 +258,12 @@ def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only
     return out
 
 
+def image_token_ids(processor) -> list[int]:
+    """The tokens that stand for pictures (Gemma 3: start, soft and end of image), which no answer may hold."""
+    tok = processor.tokenizer
+    return sorted({tok.convert_tokens_to_ids(t) for t in (tok.boi_token, tok.image_token, tok.eoi_token)})
+
+
 def render_prompt(processor, messages: list[dict[str, Any]]) -> str:
     """A prompt as the model reads it: the chat template, the generation prompt, each image expanded to
     its tokens."""
@@ -315,8 +328,14 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
     for i, row in enumerate(split.rows):
         if len(out.prompts) == limit:
             break
-        if "prompt" in row:
+        columns: dict[str, Any] = {}
+        if "chosen" in row:
             prompt, reference = row["prompt"], completion_text(row["chosen"])
+        elif "prompt" in row:  # GRPO: the graders' columns, the first one shown as the reference
+            prompt = row["prompt"]
+            columns = {k: v for k, v in row.items() if k not in ("prompt", "images")}
+            graded = [g.reference_column for g in cfg.reward_config if g.reference_column]
+            reference = str(row.get(graded[0], "")) if graded else ""
         elif len(row["messages"]) >= 2 and row["messages"][-1]["role"] == "assistant":
             prompt, reference = row["messages"][:-1], completion_text(row["messages"][-1:])
         else:
@@ -327,7 +346,7 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
         out.prompts.append(ids)
         out.texts.append(completion_text(prompt))
         out.references.append(reference)
-        out.columns.append({})
+        out.columns.append(columns)
         out.pixels.append(pixel_values(processor, row["images"]))
         out.images.append(f"{name} row {i}: " + ", ".join(hashlib.sha256(b).hexdigest()[:12] for b in row["images"])
                           if row["images"] else f"{name} row {i}: no image")
@@ -367,14 +386,19 @@ class VisionCollator:
         return batch
 
 
-def load_vision_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder,
-                       trainer_type: str = "sft") -> dict[str, VisionSplit]:
-    """Each split's image+text rows (data.read_splits finds and reads them); a dataset whose train rows
-    carry no image is refused: it is a text dataset sent as 'vision'."""
+def load_vision_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder, trainer_type: str = "sft",
+                       refs: tuple[str, ...] = ()) -> dict[str, VisionSplit]:
+    """Each split's image+text rows (data.read_splits finds and reads them), with the GRPO graders'
+    reference columns `refs`; a dataset whose train rows carry no image is refused: it is a text dataset
+    sent as 'vision'."""
     out, columns = {}, {}
     for split, table in read_splits(blobs, prefix, metadata, folder).items():
         form = columns[split] = vision_form(table.column_names, trainer_type)
-        out[split] = check_vision_rows(table.select(list(form)).to_pylist(), form, split)
+        missing = [c for c in refs if c not in table.column_names]
+        if missing:
+            raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
+                               f"reads {missing} (reference_field); add the column or change the grader.")
+        out[split] = check_vision_rows(table.select(list(form + refs)).to_pylist(), form, split, refs)
     train = out["train"]
     if not train.images:
         found = "no image in any row" if columns["train"][-1] in IMAGE_COLUMNS else "no images column"

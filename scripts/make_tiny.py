@@ -219,6 +219,13 @@ def shape_preferences(rows: list[dict]) -> list[dict]:
     return out
 
 
+def shape_prompts(rows: list[dict]) -> list[dict]:
+    """Image+text GRPO rows as the preprocessing service writes them (its prompt-only mode): the prompt with
+    the picture's placeholder, the colour as the reference column `answer`, the picture in `images`."""
+    return [{"prompt": row["messages"][:2], "answer": row["messages"][2]["content"][0]["text"].split()[-1].rstrip("."),
+             "images": row["images"]} for row in rows]
+
+
 def make_vision_dataset(root: Path, dataset_id: str, rows: list[dict]) -> Path:
     """The splits written as the preprocessing service writes them (datasets' to_parquet: each image a
     {bytes, path} struct, an image part's text null), and its processed_datasets metadata document."""
@@ -236,7 +243,7 @@ def make_vision_dataset(root: Path, dataset_id: str, rows: list[dict]) -> Path:
                        "path": f"gs://gemma-dataset-bucket/processed_datasets/{dataset_id}/{split}.parquet"})
     meta = root / "firestore" / "processed_datasets" / f"{dataset_id}.json"
     meta.parent.mkdir(parents=True, exist_ok=True)
-    mode = "preference" if "chosen" in rows[0] else "language_modeling"
+    mode = "preference" if "chosen" in rows[0] else "prompt_only" if "answer" in rows[0] else "language_modeling"
     meta.write_text(json.dumps({"processed_dataset_id": dataset_id, "dataset_name": dataset_id,
                                 "processing_mode": mode, "modality": "vision", "splits": splits}))
     return folder
@@ -293,6 +300,7 @@ def main() -> None:
     print(f"dataset: {make_dataset(root, 'tiny-animals-prompts', prompts(rows))}")
     print(f"dataset: {make_vision_dataset(root, 'tiny-shapes', shapes())}")
     print(f"dataset: {make_vision_dataset(root, 'tiny-shapes-pref', shape_preferences(shapes()))}")
+    print(f"dataset: {make_vision_dataset(root, 'tiny-shapes-prompts', shape_prompts(shapes()))}")
 
 
 if __name__ == "__main__":

@@ -147,8 +147,6 @@ def test_gguf_without_quantization_is_q8_0_in_every_form(quant):
 VISION_REFUSED = {
     "unsloth": ({"provider": "unsloth"}, "FastVisionModel has not been shown"),
     "orpo": ({"trainer_type": "orpo"}, "trainer_type 'orpo'"),
-    "grpo": ({"trainer_type": "grpo", "reward_config": [{"name": "x", "type": "built_in",
-                                                         "function_name": "count_xml"}]}, "trainer_type 'grpo'"),
     "packing": ({"hyperparameters": {"packing": True}}, "`packing: true`"),
     "full with towers": ({"method": "Full", "hyperparameters": {"finetune_vision_layers": True}}, "method 'Full'"),
     "no tower": ({"hyperparameters": {"finetune_language_layers": False}}, "LoRA would adapt nothing"),

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from test_vision import EXPORT, colour_of, eval_rows, new_root, prompt_inputs, run_job, vision_request
+from test_vision import COLOURS, EXPORT, colour_of, eval_rows, new_root, prompt_inputs, run_job, vision_request
 
 
 @pytest.mark.parametrize("method,export", [("QLoRA", "adapter"), ("Full", "merged")])
@@ -119,3 +119,25 @@ def test_dpo_on_image_preference_rows_prefers_the_colour_it_sees(tmp_path, tiny_
     check = doc["verification"]["adapter"]
     assert check["top1_agreement"] >= check["required"] and check["prompts"] == 12
     assert (root / EXPORT / "trained_adapters" / "vis-dpo" / "processor_config.json").is_file()
+
+
+def test_grpo_on_image_prompts_runs_with_its_graders_and_pictures(tmp_path, tiny_root):
+    """The preprocessing service's prompt-only rows with pictures (`prompt`, `answer`, `images`): TRL's GRPO
+    samples completions with the pictures and scores them with the request's grader. On this fixture the
+    random base sampled an image token into a completion, which then asked the forward pass for a picture that
+    did not exist ("Image features and image tokens do not match"): image tokens are suppressed in sampling."""
+    root = new_root(tiny_root, tmp_path)
+    request = vision_request(tiny_root, trainer_type="grpo", reward_config=[
+        {"name": "colour", "type": "string_check", "reference_field": "answer", "operation": "ilike"}])
+    request["processed_dataset_id"] = "tiny-shapes-prompts"
+    request["training_config"]["hyperparameters"].update(epochs=1, max_steps=4, batch_size=4, num_generations=4,
+                                                         max_length=80)
+    request["training_config"]["eval_config"] = {"eval_strategy": "no", "max_new_tokens": 8, "generation_rows": 4}
+    doc = run_job(root, "vis-grpo", request)
+    assert doc["status"] == "completed" and doc["step"] == 4 and doc["dataset"]["images"] == 72
+    assert {"reward_mean", "train_rewards/colour/mean"} <= set(doc["metrics"])
+    assert doc["generation"]["metric"] == "reward" and doc["generation"]["rows"] == 4
+    assert doc["samples"][0]["image"].startswith("eval row 0: ") and doc["samples"][0]["reference"] in COLOURS
+    check = doc["verification"]["adapter"]
+    # the eval rows whose prompt, picture expanded, fits max_prompt_length (40 here) are the probes
+    assert check["top1_agreement"] >= check["required"] and check["prompts"] == doc["dataset"]["eval_rows"] > 0
