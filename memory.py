@@ -148,9 +148,9 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> N
     model = meta_model(cfg.base_model_id, token, cfg.trust_remote_code)
     config = model.config
     total, embeddings = count_params(config, model)
+    tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
     if gpu:
         hp = cfg.hyperparameters
-        tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
         extra = vision_bytes(config, hp.batch_size * images_per_row, tower, cfg.method,
                              cfg.method == "Full" or hp.finetune_vision_layers)
         estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config,
@@ -160,7 +160,7 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> N
         if message:
             raise PermanentError(message)
     if host:
-        check_host(cfg, total, embeddings, host, cache_dropped=settings.disk_is_memory)
+        check_host(cfg, total, embeddings, host, cache_dropped=settings.disk_is_memory, tower=tower)
 
 
 # The process itself in host memory: Python, torch, CUDA's host-side libraries and context, the rows. The CPU
@@ -170,9 +170,11 @@ PROCESS = 4 * GIB
 GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q5_k_m": 0.72, "q4_k_m": 0.62, "q2_k": 0.42}  # per param
 
 
-def host_bytes(total: int, embeddings: int, cfg, cache_dropped: bool = False) -> dict[str, float]:
+def host_bytes(total: int, embeddings: int, cfg, cache_dropped: bool = False, tower: int = 0) -> dict[str, float]:
     """Peak container memory of each stage where the disk is memory, and the largest ("total").
-    cache_dropped: the base's cached files are deleted once merged (export.py does so on Cloud Run)."""
+    cache_dropped: the base's cached files are deleted once merged (export.py does so on Cloud Run).
+    tower: an image+text job's vision tower parameters, whose GGUF projector (mmproj, f16) sits beside the
+    language model's GGUF."""
     ex, fmt = cfg.export_config, cfg.export_format
     cache = 2.0 * total
     after_merge = 0.0 if cache_dropped else cache
@@ -183,7 +185,7 @@ def host_bytes(total: int, embeddings: int, cfg, cache_dropped: bool = False) ->
     if ex.wants_gguf:
         k_quant = ex.gguf_quantization not in GGUF_DIRECT
         stages["gguf"] = after_merge + (2.0 * total if fmt == "merged" else 0) + (2.0 * total if k_quant else 0) + \
-            GGUF_BYTES[ex.gguf_quantization] * total
+            GGUF_BYTES[ex.gguf_quantization] * total + (2.0 * tower if cfg.vision else 0)
     if fmt == "merged" and ex.merged_dtype == "q4":
         stages["quantize_4bit"] = after_merge + 2.0 * total + nf4_bytes(total, embeddings)
     stages = {k: v + PROCESS for k, v in stages.items()}
@@ -203,10 +205,10 @@ def container_limit() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_host(cfg, total: int, embeddings: int, limit: float, cache_dropped: bool = False) -> None:
+def check_host(cfg, total: int, embeddings: int, limit: float, cache_dropped: bool = False, tower: int = 0) -> None:
     """Refuse (exit 2) a job whose files and process cannot fit the container's memory: killed for it
     later, it could not even say why in its job document."""
-    need = host_bytes(total, embeddings, cfg, cache_dropped)
+    need = host_bytes(total, embeddings, cfg, cache_dropped, tower)
     logger.info("container memory estimate %.1f GiB of %.1f GiB", need["total"] / GIB, limit / GIB)
     if need["total"] <= HEADROOM * limit:
         return

@@ -114,6 +114,11 @@ def test_container_memory_estimate_where_the_disk_is_memory():
     # the 4-bit save: the 16-bit merge, and its quantized files with the embeddings still in bf16
     q4 = host_bytes4(cfg(format="merged", merged_dtype="q4"), cache_dropped=True)["quantize_4bit"]
     assert q4 == pytest.approx(2 * b4 + 2 * e4 + 0.52 * (b4 - e4) + PROCESS)
+    # an image+text job's GGUF has its projector beside it: the SigLIP tower (417M on 4B) in f16
+    text_job = cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m")
+    vision = text_job.model_copy(update={"modality": "vision"})
+    assert host_bytes(b4, e4, vision, True, tower=417_000_000)["gguf"] == pytest.approx(both["gguf"] + 2 * 417e6)
+    assert host_bytes(b4, e4, text_job, True, tower=417_000_000)["gguf"] == both["gguf"]  # no projector
     check_host(cfg(format="merged", include_gguf=True, gguf_quantization="q4_k_m"), b4, e4, 32 * GIB, True)
     check_host(cfg(), b12, e12, 32 * GIB)  # QLoRA on 12B with its adapter fits
     with pytest.raises(PermanentError, match=r"needs about 72.1 GiB of container memory at its merge stage .* "
