@@ -403,7 +403,11 @@ class BaseTrainingJob:
         kind = self.cfg.trainer_type
         config_cls, trainer_cls = trl_classes(kind)
         args = config_cls(**(self.trainer_kwargs(prep) | self.sft_overrides()))
-        with_eval = prep.eval is not None and self.cfg.eval_config.compute_eval_metrics
+        # The training service sends compute_eval_metrics false by default (its job then still reported eval
+        # loss): an eval_strategy asks for evaluation whatever it says, and the Trainer refuses an eval_strategy
+        # without an eval_dataset (exit 1, and every retry the same).
+        ev = self.cfg.eval_config
+        with_eval = prep.eval is not None and (ev.compute_eval_metrics or ev.eval_strategy != "no")
         # image+text preference rows go to TRL as `datasets` Images, which its own vision collator processes
         table = vision_dataset if prep.processor is not None and kind != "sft" else Dataset.from_list
         kwargs: dict[str, Any] = dict(
@@ -416,7 +420,6 @@ class BaseTrainingJob:
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
         if prep.processor is not None and kind == "sft":
             kwargs["data_collator"] = VisionCollator(prep.processor, pad_id(prep.tokenizer))
-        ev = self.cfg.eval_config
         if ev.early_stopping_patience and args.metric_for_best_model:
             from transformers import EarlyStoppingCallback
 
@@ -481,7 +484,8 @@ class BaseTrainingJob:
 
     def evaluate(self, trainer, prep: Prepared, train_metrics: dict[str, Any]) -> dict[str, Any]:
         if trainer.eval_dataset is None:
-            logger.warning("no eval split (test/validation/eval) or compute_eval_metrics off: no eval metrics")
+            logger.warning("no eval split (test/validation/eval), or compute_eval_metrics off with eval_strategy "
+                           "'no': no eval metrics")
             return reader_metrics({}, train_metrics, self.cfg.trainer_type)
         raw = trainer.evaluate()
         if self.cfg.trainer_type == "sft" and "eval_mean_token_accuracy" not in raw:

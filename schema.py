@@ -153,7 +153,8 @@ class EvalConfig(StrictModel):
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to evaluate during training; a final evaluation runs whenever an eval split exists.")
     eval_steps: int = Field(50, ge=1, description="Steps between evaluations with eval_strategy=steps.")
-    compute_eval_metrics: bool = Field(True, description="Compute eval loss, perplexity and token accuracy.")
+    compute_eval_metrics: bool = Field(True, description="Compute eval loss, perplexity and token accuracy at the "
+                                       "end; an eval_strategy other than 'no' evaluates whatever this says.")
     batch_eval_metrics: bool = Field(False, description="Accepted for the training service's form; a no-op "
                                      "alias: the job's metrics (loss, perplexity, token accuracy) are always "
                                      "accumulated over the eval set batch by batch, which is what it asks for.")
@@ -530,7 +531,27 @@ class TrainRequest(StrictModel):
 
 # Flat (README) form: fields of training_config that belong to a group in the grouped form.
 _FLAT_EVAL = {"eval_strategy", "eval_steps", "compute_eval_metrics", "batch_eval_metrics"}
-_FLAT_EXPORT_KEYS = {"quantization": "gguf_quantization"}
+# Its one `quantization` field says what the format makes: a merged model's dtype (none, fp16, q4) or a GGUF's
+# quantization, Unsloth's names among them (not_quantized: the model's own 16 bits; fast_quantized: q8_0;
+# quantized: q4_k_m, as Unsloth's GGUF export reads them).
+_FLAT_MERGED = {"none": "bf16", "fp16": "fp16", "q4": "q4"}
+_FLAT_GGUF = {"not_quantized": "bf16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}
+
+
+def _flat_export(ex: dict[str, Any]) -> dict[str, Any]:
+    """The flat form's export_config in the grouped form's fields."""
+    ex, quant = dict(ex), ex.get("quantization")
+    ex.pop("quantization", None)
+    fmt = ex.get("format", "adapter")
+    if quant is None or (fmt == "adapter" and quant == "none"):
+        return ex  # nothing to quantize: the form's default, sent with every request
+    if fmt == "gguf":
+        return {**ex, "gguf_quantization": _FLAT_GGUF.get(quant, quant)}
+    if fmt in ("merged", "full") and quant in _FLAT_MERGED:
+        return {**ex, "merged_dtype": _FLAT_MERGED[quant]}
+    allowed = "none, fp16 or q4" if fmt in ("merged", "full") else "none"
+    raise ValueError(f"export_config.quantization '{quant}' does not apply to format '{fmt}', which takes {allowed}; "
+                     "a GGUF quantization needs format 'gguf'.")
 
 
 def normalise(data: dict[str, Any]) -> dict[str, Any]:
@@ -549,8 +570,16 @@ def normalise(data: dict[str, Any]) -> dict[str, Any]:
             metrics = tc.pop(key)
             ev["compute_eval_metrics"] = bool(metrics)
     if "export_config" in data:  # flat form: export_config at top level
-        ex = {_FLAT_EXPORT_KEYS.get(k, k): v for k, v in dict(data.pop("export_config") or {}).items()}
+        ex = _flat_export(dict(data.pop("export_config") or {}))
         tc["export_config"] = {**ex, **dict(tc.get("export_config") or {})}
+    # The flat form of the training service also sends `modality` at top level, beside (or instead of)
+    # training_config's ("Duplicate field with TrainingConfig" in its schema.py).
+    top = data.pop("modality", None)
+    if top is not None:
+        if tc.get("modality") not in (None, top):
+            raise ValueError(f"modality '{top}' (top level) and training_config.modality '{tc['modality']}' differ; "
+                             "send one value in both places, or only training_config.modality.")
+        tc["modality"] = top
     # The predecessor's service (gemma-fine-tuning/services training/schema.py): the destination as
     # `export`, and `hf_repo_id` and `wandb_config`, at top level.
     moved = {"destination": data.pop("export", None), "hf_repo_id": data.pop("hf_repo_id", None)}

@@ -107,3 +107,24 @@ def predecessor_flat(*, base_model_id: str = "google/gemma-3-1b-it", dataset: st
         },
         "export": "gcs", "hf_repo_id": None, "wandb_config": None,
     })
+
+
+def facet_flat(*, base_model_id: str = "google/gemma-3-1b-it", dataset: str = "ds-1", modality: str = "text",
+               export_config: dict | None = None, **training: Any) -> dict[str, Any]:
+    """gemma-facet/cloud-services training/schema.py, its flat generation: the hyperparameters directly in
+    training_config, export_config at top level with one `quantization`, and `modality` twice (training_config's
+    and a top-level duplicate), all serialised with their defaults."""
+    return copy.deepcopy({
+        "processed_dataset_id": dataset, "hf_token": "hf_platform_token_not_real", "job_name": "unnamed job",
+        "training_config": {
+            "method": "LoRA", "base_model_id": base_model_id, "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.05,
+            "learning_rate": 2e-4, "batch_size": 4, "gradient_accumulation_steps": 4, "epochs": 3, "max_steps": -1,
+            "packing": False, "use_fa2": False, "provider": "huggingface", "modality": modality,
+            "max_seq_length": None, "lr_scheduler_type": "linear", "save_strategy": "epoch", "logging_steps": 10,
+            "eval_strategy": "no", "eval_steps": 50, "compute_eval_metrics": False, "batch_eval_metrics": False,
+            **training,
+        },
+        "export_config": {"format": "adapter", "quantization": "none", "destination": "gcs", "hf_repo_id": None,
+                          **(export_config or {})},
+        "modality": modality, "wandb_config": None,
+    })

@@ -13,7 +13,7 @@ from base import Prepared
 from conftest import put_request, read_doc
 from errors import RequestError
 from scripts.testbed import local_job
-from platform_requests import facet_request, grader, predecessor_flat, predecessor_grouped
+from platform_requests import facet_flat, facet_request, grader, predecessor_flat, predecessor_grouped
 from request import parse_request
 from schema import RL_DEFAULTS, TRL_DEFAULTS
 from libraries import trl_classes
@@ -101,6 +101,44 @@ def test_predecessor_flat_request_at_every_length(length, tmp_path):
     assert packed.packing is True
 
 
+FLAT_EXPORTS = {  # the flat form's format and quantization -> the job's export fields
+    ("adapter", "none"): {"format": "adapter"},
+    ("merged", "none"): {"format": "merged", "merged_dtype": "bf16"},
+    ("merged", "fp16"): {"format": "merged", "merged_dtype": "fp16"},
+    ("merged", "q4"): {"format": "merged", "merged_dtype": "q4"},
+    ("gguf", "not_quantized"): {"format": "gguf", "gguf_quantization": "bf16"},  # Unsloth's names
+    ("gguf", "fast_quantized"): {"format": "gguf", "gguf_quantization": "q8_0"},
+    ("gguf", "quantized"): {"format": "gguf", "gguf_quantization": "q4_k_m"},
+    ("gguf", "q5_k_m"): {"format": "gguf", "gguf_quantization": "q5_k_m"},
+    ("gguf", "none"): {"format": "gguf", "gguf_quantization": "q8_0"},
+}
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+@pytest.mark.parametrize("form", list(FLAT_EXPORTS))
+def test_facet_flat_request_with_its_top_level_modality(form, modality):
+    """The training service's flat generation sends `modality` twice and one `quantization` for every format."""
+    fmt, quant = form
+    cfg = parse_request(serialised(facet_flat(modality=modality, export_config={
+        "format": fmt, "quantization": quant}))).training_config
+    assert cfg.modality == modality
+    ex = cfg.export_config.model_dump()
+    assert {k: ex[k] for k in FLAT_EXPORTS[form]} == FLAT_EXPORTS[form]
+    if fmt != "gguf":
+        assert not cfg.export_config.wants_gguf
+
+
+def test_facet_flat_quantization_that_does_not_apply_and_disagreeing_modalities_are_refused():
+    with pytest.raises(RequestError, match="quantization 'not_quantized' does not apply to format 'merged'"):
+        parse_request(serialised(facet_flat(export_config={"format": "merged", "quantization": "not_quantized"})))
+    with pytest.raises(RequestError, match="quantization 'q4' does not apply to format 'adapter'"):
+        parse_request(serialised(facet_flat(export_config={"quantization": "q4"})))
+    request = facet_flat(modality="vision")
+    request["training_config"]["modality"] = "text"
+    with pytest.raises(RequestError, match="modality 'vision' \\(top level\\) and training_config.modality 'text' differ"):
+        parse_request(serialised(request))
+
+
 def test_rl_defaults_reach_grpo_only(tmp_path):
     """A request that leaves the optimiser fields unset: GRPO gets the platform's values, SFT TRL's."""
     def unset(trainer_type):
@@ -154,3 +192,33 @@ def test_platform_sft_request_runs_end_to_end(local_dir, tiny_root):
     assert doc["status"] == "completed" and doc["step"] == 4
     assert doc["adapter_path"] == "gs://gemma-export-bucket/trained_adapters/platform-sft/"
     assert (local_dir / "gemma-export-bucket" / "trained_adapters" / "platform-sft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_platform_flat_request_evaluating_each_epoch_runs_end_to_end(modality, tmp_path, tiny_root):
+    """The flat generation's request, nulls and duplicates as it writes them, with an eval_strategy and the
+    form's compute_eval_metrics false (which once crashed the Trainer: an eval_strategy without an eval set,
+    exit 1 on every retry), for a text and an image+text dataset; only the model, the data and the size made
+    local. It evaluates each epoch, and exits 0."""
+    import shutil
+
+    import main
+
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", tmp_path / "gemma-dataset-bucket")
+    shutil.copytree(tiny_root / "firestore", tmp_path / "firestore")
+    vision = modality == "vision"
+    request = facet_flat(modality=modality, base_model_id=str(tiny_root / "models" / (
+        "tiny-gemma3-mm" if vision else "tiny-gemma3")), dataset="tiny-shapes" if vision else "tiny-animals",
+        max_seq_length=128, max_steps=4, batch_size=4, gradient_accumulation_steps=1, logging_steps=2,
+        eval_strategy="steps", eval_steps=2)
+    request["hf_token"] = ""
+    put_request(tmp_path, "flat", serialised(request))
+    assert main.main([], {"BACKEND": "local", "LOCAL_DIR": str(tmp_path), "JOB_ID": "flat"}) == 0
+    doc = read_doc(tmp_path, "flat")
+    assert doc["status"] == "completed" and doc["step"] == 4
+    assert doc["metrics"]["eval_loss"] > 0 and doc["metrics"]["perplexity"] > 1
+    assert doc["verification"]["adapter"]["top1_agreement"] >= 0.95
+    adapter = tmp_path / "gemma-export-bucket" / "trained_adapters" / "flat"
+    assert (adapter / "processor_config.json").is_file() == vision
+    if vision:
+        assert doc["dataset"]["images"] == 72
