@@ -103,7 +103,7 @@ def write_portable_adapter_config(folder: Path) -> dict[str, Any]:
 # Kept in 16 bits in an image+text model's 4-bit form: the SigLIP tower and the projector lose too much in
 # NF4 (Unsloth keeps them too), and the output head, which bitsandbytes keeps by default (a list replaces it).
 # Full module paths: transformers 5 matches these from the start of a module's name (a bare "vision_tower"
-# matches nothing and the tower went 4-bit: tests/test_vision.py), 4.x anywhere in it.
+# matches nothing and the tower went 4-bit: tests/test_vision_methods.py), 4.x anywhere in it.
 VISION_16BIT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 

@@ -36,8 +36,9 @@ from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
-from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, load_processor, \
-    image_token_ids, load_vision_splits, pixel_values, vision_cases, vision_dataset, vision_probes
+from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, \
+    image_token_ids, load_processor, pixel_values, vision_cases, vision_dataset, vision_probes
+from vision_rows import load_vision_splits
 
 logger = logging.getLogger(__name__)
 

@@ -89,7 +89,8 @@ def test_the_job_learns_to_name_the_colour_it_is_shown(jobs, tiny_root):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vision import VisionCollator, check_vision_rows, encode_vision, load_processor, vision_form
+    from vision import VisionCollator, encode_vision, load_processor
+    from vision_rows import check_vision_rows, vision_form
 
     doc = jobs["adapter"]
     assert doc["status"] == "completed"
