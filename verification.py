@@ -198,8 +198,8 @@ def llama_predict(llm) -> Predict:
     import numpy as np
 
     def predict(ids: list[int], pixels=None, image_token_id: int | None = None) -> list[int]:
-        if pixels is not None:  # schema.py refuses a GGUF export of an image+text job
-            raise ValueError("llama.cpp is given no images here")
+        if pixels is not None:  # an image+text GGUF is checked with its projector: check_gguf_images
+            raise ValueError("llama_predict reads token ids only; use check_gguf_images for prompts with pictures")
         llm.reset()
         llm.eval(ids)
         return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
