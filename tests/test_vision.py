@@ -341,3 +341,40 @@ def test_gemma_3n_and_text_only_bases_are_refused_from_their_config(tmp_path, ti
     with pytest.raises(PermanentError, match="is a text-only model"):
         check_image_model(str(tiny_root / "models" / "tiny-gemma3"), None, False)
     check_image_model(str(tiny_root / "models" / "tiny-gemma3-mm"), None, False)  # Gemma 3 with its tower
+
+
+def test_rows_with_several_pictures_and_turns_reach_the_model_in_order(tmp_path, tiny_root):
+    """Two pictures in one turn and a third in a later turn: each image's tokens in the ids, the pixels of all
+    three in order, labels on both assistant turns only, and the model takes the batch as it is."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vision import VisionCollator, encode_vision, load_processor, pixel_values
+    from vision_rows import check_vision_rows, vision_form
+
+    base_dir = str(tiny_root / "models" / "tiny-gemma3-mm")
+    processor = load_processor(base_dir, None, False)
+    two_turns = {"messages": [
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
+                                     {"type": "text", "text": "Which is red?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The first."}]},
+        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "And this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is blue."}]}],
+        "images": [{"bytes": png((220, 30, 30)), "path": None}, {"bytes": png((30, 180, 40)), "path": None},
+                   {"bytes": png((30, 60, 220)), "path": None}]}
+    rows = [two_turns, row([png()])]
+    split = check_vision_rows(rows, vision_form(list(rows[0])), "train")
+    encoded = encode_vision(split, processor, 256, True)
+    assert len(encoded.rows) == 2 and not encoded.too_many
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
+    assert encoded.rows[0]["input_ids"].count(image_id) == 3 * processor.image_seq_length
+    batch = VisionCollator(processor, processor.tokenizer.pad_token_id)(encoded.rows)
+    assert batch["pixel_values"].shape[0] == 4  # three pictures, then the second row's one, in order
+    for i, picture in enumerate([png((220, 30, 30)), png((30, 180, 40)), png((30, 60, 220)), png()]):
+        assert torch.equal(batch["pixel_values"][i], pixel_values(processor, [picture])[0])
+    trained = processor.tokenizer.decode([t for t, x in zip(encoded.rows[0]["input_ids"], encoded.rows[0]["labels"])
+                                          if x != -100])
+    assert "The first." in trained and "It is blue." in trained and "Which is red" not in trained
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
