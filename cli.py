@@ -1,7 +1,8 @@
 """Run and follow jobs without the upstream training service: the first commands of issue 20.
 
-    python cli.py submit REQUEST.json --local [--job-id ID]   # validate, store the request, create the
-                                                             # document `queued`, run the job here
+    python cli.py submit REQUEST.json [--job-id ID]          # validate, store the request, create the
+                                                             # document `queued`, start the Cloud Run job
+    python cli.py submit REQUEST.json --local [--job-id ID]   # the same, the job run here instead
     python cli.py status JOB_ID [--json]                     # one readable block, or the document as JSON
     python cli.py cancel JOB_ID                              # cancel_requested: the job stops at its next step
     python cli.py watch JOB_ID [--interval S]                # follow it until it ends (a bar on a terminal)
@@ -9,8 +10,10 @@
     python cli.py download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
 
 The same environment as main.py chooses the backend (BACKEND, LOCAL_DIR, PROJECT_ID, the bucket names):
-on `local` the buckets and the document store are folders; on `gcp` status and cancel read and write
-Firestore. Submitting to Cloud Run (`JobsClient.run_job`) is not built yet and is refused with that said.
+on `local` the buckets and the document store are folders; on `gcp` they are GCS and Firestore. Without
+--local, submit starts the Cloud Run job (`--cloud-run-job`, default training-job, in `--region`, default
+CLOUD_RUN_REGION or us-central1, of PROJECT_ID) with one override, env JOB_ID, as the training service does
+(google-cloud-run's `JobsClient.run_job`; CLOUD_RUN_ENDPOINT points it elsewhere, as the tests do).
 Exit codes: 0 done, 1 the job failed or is not there, 2 bad input (a request that does not validate, a
 job id that exists).
 """
@@ -48,10 +51,10 @@ def submit(args, env) -> int:
         return 2
     job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
     settings = settings_for(job_id, env)
-    if not args.local:
-        print("submit: starting the Cloud Run job is not built yet; run it here with --local, or store the request "
-              f"at {settings.request_uri} and `gcloud run jobs execute training-job --update-env-vars "
-              f"JOB_ID={job_id}`", file=sys.stderr)
+    if not args.local and (settings.backend != "gcp" or not settings.project_id):
+        print("submit: starting the Cloud Run job needs BACKEND=gcp and PROJECT_ID (the job reads its request "
+              "from the project's config bucket and writes its Firestore document); set them, or run the job "
+              "here with --local", file=sys.stderr)
         return 2
     store, blobs = open_store(settings), make_blobs(settings)
     if store.get(job_id) is not None:
@@ -66,12 +69,54 @@ def submit(args, env) -> int:
     store.create(job_id, {"job_id": job_id, "job_name": request.job_name or job_id, "status": JobStatus.QUEUED.value,
                           "processed_dataset_id": request.processed_dataset_id,
                           "base_model_id": tc.base_model_id, "created_at": stamp, "updated_at": stamp})
+    if not args.local:
+        return start_cloud_run(args, env, settings, job_id, store)
     print(f"job {job_id} queued; follow it with `python cli.py status {job_id}`", flush=True)
     run = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=ROOT,
                          env={**env, "JOB_ID": job_id, "BACKEND": settings.backend,
                               "LOCAL_DIR": str(Path(settings.local_dir).resolve())})
     print(describe(store.get(job_id) or {}))
     return 0 if run.returncode == 0 else 1
+
+
+def start_cloud_run(args, env, settings, job_id: str, store) -> int:
+    """Run the Cloud Run job once with JOB_ID overridden, as the training service does; the execution's name
+    goes to the document (`cloud_run_execution`), so that cancel can stop it before training starts. A refusal
+    by Cloud Run leaves the job queued, and says so: a retried submit with the same id is refused, so the
+    document is marked failed with the reason."""
+    from google.api_core import exceptions
+    from google.cloud import run_v2
+
+    region = args.region or env.get("CLOUD_RUN_REGION") or "us-central1"
+    name = f"projects/{settings.project_id}/locations/{region}/jobs/{args.cloud_run_job}"
+    endpoint = env.get("CLOUD_RUN_ENDPOINT")
+    client = run_v2.JobsClient(**cloud_run_options(endpoint))
+    overrides = run_v2.RunJobRequest.Overrides(container_overrides=[
+        run_v2.RunJobRequest.Overrides.ContainerOverride(env=[run_v2.EnvVar(name="JOB_ID", value=job_id)])])
+    try:
+        operation = client.run_job(request=run_v2.RunJobRequest(name=name, overrides=overrides))
+        execution = operation.metadata.name if operation.metadata is not None else None
+    except exceptions.GoogleAPICallError as e:
+        store.merge(job_id, {"status": "failed", "error_type": "permanent",
+                             "error": f"the Cloud Run job {name} could not be started: {e.message}"})
+        print(f"submit: Cloud Run refused to run {name} ({type(e).__name__}: {e.message}); the job is marked "
+              "failed", file=sys.stderr)
+        return 2 if isinstance(e, exceptions.ClientError) else 1
+    if execution:
+        store.merge(job_id, {"cloud_run_execution": execution})
+    print(f"job {job_id} queued and started on Cloud Run ({execution or name}); follow it with "
+          f"`python cli.py watch {job_id}`")
+    return 0
+
+
+def cloud_run_options(endpoint: str | None) -> dict[str, Any]:
+    """The Cloud Run Admin client's settings: Google's endpoint with the environment's credentials, or an
+    endpoint given (a test's stand-in speaks REST without credentials)."""
+    if not endpoint:
+        return {}
+    from google.auth.credentials import AnonymousCredentials
+
+    return {"transport": "rest", "credentials": AnonymousCredentials(), "client_options": {"api_endpoint": endpoint}}
 
 
 def describe(doc: dict[str, Any]) -> str:
@@ -116,6 +161,17 @@ def cancel(args, env) -> int:
         print(f"cancel: job {args.job_id} is {doc['status']} already; nothing to cancel", file=sys.stderr)
         return 1
     store.merge(args.job_id, {"cancel_requested": True})
+    execution = doc.get("cloud_run_execution")
+    if doc.get("status") == "queued" and execution:
+        # Not started yet: its Cloud Run execution is cancelled, so that no GPU is taken for a job nobody wants;
+        # the job never runs, so the document is ended here, as the job would have ended it.
+        from google.cloud import run_v2
+
+        run_v2.ExecutionsClient(**cloud_run_options(env.get("CLOUD_RUN_ENDPOINT"))).cancel_execution(name=execution)
+        store.merge(args.job_id, {"status": "failed", "cancelled": True, "error_type": "cancelled",
+                                  "error": f"cancelled before it started: Cloud Run execution {execution} cancelled"})
+        print(f"job {args.job_id}: cancelled before it started (Cloud Run execution {execution} cancelled)")
+        return 0
     print(f"job {args.job_id}: cancel requested; it stops at its next step (status failed, cancelled true)")
     return 0
 
@@ -188,10 +244,12 @@ def download(args, env) -> int:
 def main(argv: list[str] | None = None, env=None) -> int:
     parser = argparse.ArgumentParser(description="Run and follow fine-tuning jobs without the training service.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("submit", help="validate a request, queue it and run it (--local)")
+    p = commands.add_parser("submit", help="validate a request, queue it and start it on Cloud Run (or --local)")
     p.add_argument("request", help="the request JSON file")
     p.add_argument("--local", action="store_true", help="run the job in a subprocess here")
     p.add_argument("--job-id", help="the job's id (default: a new one)")
+    p.add_argument("--region", help="the Cloud Run job's region (default CLOUD_RUN_REGION, else us-central1)")
+    p.add_argument("--cloud-run-job", default="training-job", help="the Cloud Run job's name")
     p = commands.add_parser("status", help="a job's state")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="the whole document as JSON")

@@ -1,5 +1,7 @@
 """cli.py (issue 20, first part): submit --local queues and runs a job as the training service would start
-it; status reads the document back; cancel asks a job to stop; bad input exits 2 and queues nothing."""
+it, and without --local starts the Cloud Run job (against a stand-in for its Admin API); status reads the
+document back; cancel asks a job to stop, or cancels an execution that has not started; bad input exits 2 and
+queues nothing."""
 
 from __future__ import annotations
 
@@ -47,8 +49,9 @@ def test_bad_input_exits_2_and_queues_nothing(local_dir, tiny_root, tmp_path, ca
     assert "did you mean 'learning_rate'" in capfd.readouterr().err
     assert not (local_dir / "firestore" / "training_jobs" / "bad.json").exists()
     good = request_file(tmp_path, sample_request(tiny_root))
-    assert cli.main(["submit", good, "--job-id", "remote"], env) == 2  # Cloud Run: not built, and said so
-    assert "starting the Cloud Run job is not built yet" in capfd.readouterr().err
+    assert cli.main(["submit", good, "--job-id", "remote"], env) == 2  # Cloud Run without a project: said so
+    assert "starting the Cloud Run job needs BACKEND=gcp and PROJECT_ID" in capfd.readouterr().err
+    assert not (local_dir / "firestore" / "training_jobs" / "remote.json").exists()  # nothing queued
     assert cli.main(["status", "nosuch"], env) == 1
     assert cli.main(["status", "../x"], env) == 2  # an id that could leave its folder
 
@@ -124,3 +127,38 @@ def test_watch_follows_a_running_job_to_its_end(local_dir, tiny_root, tmp_path, 
     summary = lines.index("job watched: completed (completed)")
     assert lines[summary + 1] == "  step 24/24" or lines[summary + 1].startswith("  step 24/24, loss")
     assert cli.main(["watch", "nosuch", "--interval", "0.1", "--wait-start", "0.3"], env) == 1
+
+
+def test_submit_starts_the_cloud_run_job_with_the_job_id_and_cancel_stops_it_before_it_starts(gcp, tiny_root,
+                                                                                               tmp_path, capfd):
+    """Against the Firestore and GCS emulators and a stand-in for the Cloud Run Admin API: submit stores the
+    request where the job reads it, creates the document `queued` as the training service does, and runs the
+    Cloud Run job once with the one override the service sends, env JOB_ID; cancel, before the job has
+    started, cancels that execution and ends the document. A job Cloud Run does not have: exit 2, failed."""
+    from cloud_run_stub import CloudRunStub
+
+    stub = CloudRunStub({"training-job"})
+    env = {**gcp.env, "CLOUD_RUN_ENDPOINT": stub.url}
+    try:
+        req = tmp_path / "req.json"
+        req.write_text(json.dumps(sample_request(tiny_root)))
+        assert cli.main(["submit", str(req), "--job-id", "cr-1", "--region", "europe-west4"], env) == 0
+        (method, path, body), = stub.calls
+        assert path == f"/v2/projects/{gcp.env['PROJECT_ID']}/locations/europe-west4/jobs/training-job:run"
+        assert body["overrides"]["containerOverrides"] == [{"env": [{"name": "JOB_ID", "value": "cr-1"}]}]
+        doc = gcp.doc("cr-1")
+        assert doc["status"] == "queued" and doc["cloud_run_execution"].endswith("/executions/training-job-00001")
+        assert {"job_id", "job_name", "processed_dataset_id", "base_model_id", "created_at", "updated_at"} <= set(doc)
+        assert json.loads(gcp.blobs(gcp.config_bucket, "cr-1.json")[""]) == json.loads(req.read_text())
+        assert "started on Cloud Run" in capfd.readouterr().out
+
+        assert cli.main(["cancel", "cr-1"], env) == 0
+        assert stub.calls[-1][1] == f"/v2/{doc['cloud_run_execution']}:cancel"
+        doc = gcp.doc("cr-1")
+        assert doc["status"] == "failed" and doc["cancelled"] is True and doc["cancel_requested"] is True
+
+        assert cli.main(["submit", str(req), "--job-id", "cr-2", "--cloud-run-job", "no-such-job"], env) == 2
+        doc = gcp.doc("cr-2")
+        assert doc["status"] == "failed" and "could not be started" in doc["error"] and "no-such-job" in doc["error"]
+    finally:
+        stub.stop()
