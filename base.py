@@ -208,6 +208,12 @@ class BaseTrainingJob:
                 fit_prompts(rows, tokenizer, hp.prompt_length)
 
         train = self.timed("prepare_data", fit, splits["train"])
+        if not train.rows and getattr(train, "too_many", None):
+            budget = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.prompt_length}"
+            raise DatasetError(f"every train row was left out: {len(train.too_many)} hold more image tokens than fit "
+                               f"in {budget} ({processor.image_seq_length} per image), {train.dropped} have no "
+                               f"trainable token within it; raise hyperparameters.{budget.split()[0]}, or send "
+                               "fewer images per row.")
         if not train.rows:
             limit = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.prompt_length}"
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "

@@ -378,3 +378,16 @@ def test_rows_with_several_pictures_and_turns_reach_the_model_in_order(tmp_path,
     model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
     with torch.no_grad():
         assert torch.isfinite(model(**batch).loss)
+
+
+def test_rows_whose_pictures_never_fit_are_refused_naming_max_length(tmp_path, tiny_root):
+    """Every train row holding more image tokens than max_length: exit 2 with the count and the field."""
+    root = new_root(tiny_root, tmp_path)
+    put_dataset(root, "crowded", [row([png()] * 20, 20) for _ in range(3)])
+    request = vision_request(tiny_root)
+    request["processed_dataset_id"] = "crowded"
+    put_request(root, "crowded", request)
+    assert main.main([], env_for(root, "crowded")) == 2
+    error = read_doc(root, "crowded")["error"]
+    assert "3 hold more image tokens than fit in max_length 128 (4 per image)" in error
+    assert "raise hyperparameters.max_length" in error
