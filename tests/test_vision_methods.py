@@ -1,6 +1,6 @@
 """Image+text fine-tuning by other methods and exports than tests/test_vision.py's: QLoRA (the tower kept in
-16 bits) and Full, DPO on the preprocessing service's preference rows with pictures, and GGUF with llama.cpp's
-mmproj projector, read by llama.cpp itself."""
+16 bits) and Full, DPO and GRPO on the preprocessing service's preference and prompt-only rows with pictures,
+and GGUF with llama.cpp's mmproj projector, read by llama.cpp itself."""
 
 from __future__ import annotations
 
