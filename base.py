@@ -14,7 +14,6 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
 from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, \
-    image_token_ids, load_processor, pixel_values, vision_cases, vision_dataset, vision_probes
+    image_token_ids, load_processor, vision_cases, vision_dataset, vision_probes
 from vision_rows import load_vision_splits
 
 logger = logging.getLogger(__name__)
@@ -224,10 +223,10 @@ class BaseTrainingJob:
             raise DatasetError("eval_config: early_stopping_patience and load_best_model_at_end judge checkpoints on "
                                "the eval split, and this dataset has none; add one (test, validation or eval), or "
                                "unset them.")
-        cases = partial(vision_cases, processor=processor) if processor else partial(generation_cases,
-                                                                                       tokenizer=tokenizer)
-        found = cases(self.cfg, splits["eval"], limit=self.cfg.comparison_rows) \
-            if "eval" in splits and self.cfg.comparison_rows else None
+        found = None
+        if "eval" in splits and self.cfg.comparison_rows:
+            found = vision_cases(self.cfg, splits["eval"], processor, self.cfg.comparison_rows) if processor else \
+                generation_cases(self.cfg, splits["eval"], tokenizer, self.cfg.comparison_rows)
         if self.cfg.eval_config.require_improvement and not (found and found.prompts):
             raise DatasetError("eval_config.require_improvement: no eval row to compare the models on (it needs an "
                                "eval split whose rows end with an answer); add one, or set require_improvement "
@@ -574,6 +573,4 @@ class BaseTrainingJob:
                         prep.processor)
         if prep.processor is None:
             return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))
-        prompts, images = vision_probes(prep)
-        return export_artifacts(job, trainer, tokenizer, metrics, prompts,
-                                [pixel_values(prep.processor, b) for b in images], images)
+        return export_artifacts(job, trainer, tokenizer, metrics, *vision_probes(prep))

@@ -84,12 +84,17 @@ def load_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Pat
     out = {}
     for split, table in read_splits(blobs, prefix, metadata, folder).items():
         form = row_form(table.column_names, trainer_type)
-        missing = [c for c in refs if c not in table.column_names]
-        if missing:
-            raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
-                               f"reads {missing} (reference_field); add the column or change the grader.")
+        check_reference_columns(table.column_names, split, refs)
         out[split] = check_rows(table.select(list(form + refs)).to_pylist(), form, split, trainer_type, refs)
     return out
+
+
+def check_reference_columns(columns: list[str], split: str, refs: tuple[str, ...]) -> None:
+    """Every column the reward graders read (reference_field) is in the split."""
+    missing = [c for c in refs if c not in columns]
+    if missing:
+        raise DatasetError(f"the {split} split has columns {sorted(columns)} but reward_config reads {missing} "
+                           "(reference_field); add the column or change the grader.")
 
 
 def load_tokenizer(model_id: str, token: str | None, trust_remote_code: bool):

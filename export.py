@@ -70,11 +70,10 @@ class ExportJob:
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
-                     prompts: list[list[int]], pixels: list[Any] | None = None,
-                     images: list[list[bytes]] | None = None) -> dict[str, Any]:
+                     prompts: list[list[int]], images: list[list[bytes]] | None = None) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
     goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes, and
-    for an image+text job each probe's images, as the processor's `pixels` and as encoded `images`."""
+    for an image+text job each probe's encoded pictures `images`."""
     import torch
 
     from artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
@@ -93,10 +92,12 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     # The local checkpoints are in the bucket (a retry restores from there): on a disk that is memory,
     # Full's are 4 bytes per parameter each.
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
-    image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token) if job.processor is not None else None
+    from vision import image_token_id, pixel_values
+
+    pixels = [pixel_values(job.processor, b) for b in images] if images is not None else None
     ref = job.timed("verify_reference", greedy_reference, trainer.model, prompts,
-                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels, image_token,
-                    images)
+                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels,
+                    image_token_id(tokenizer) if images is not None else None, images)
     saver = job.processor if job.processor is not None else tokenizer  # a processor saves its tokenizer too
     verified: dict[str, dict] = {}
     ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified

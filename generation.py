@@ -41,7 +41,8 @@ class Cases:
     texts: list[str]  # the prompts as text, for people
     references: list[str]  # the reference answers (GRPO: the first grader's reference column, for people)
     columns: list[dict[str, Any]]  # GRPO: each row's reference columns, for the graders
-    pixels: list[Any] | None = None  # image+text: each prompt's images, as the processor's pixels (vision.py)
+    files: list[list[bytes]] | None = None  # image+text: each prompt's encoded pictures (vision.py)
+    pixels_of: Any = None  # their pixels, made when the models answer (a Gemma 3 picture is 9.6 MB of floats)
     image_token_id: int | None = None
     images: list[str] | None = None  # and which pictures they are, for people: split, row, sha256
 
@@ -79,7 +80,9 @@ def answers(model, tokenizer, found: Cases, max_new_tokens: int, batch_size: int
     training = model.training
     try:
         ref = greedy_reference(model, found.prompts, stop_ids(model, tokenizer), pad_id(tokenizer),
-                               max_new_tokens, batch_size, found.pixels, found.image_token_id)
+                               max_new_tokens, batch_size,
+                               [found.pixels_of(f) for f in found.files] if found.files is not None else None,
+                               found.image_token_id)
     finally:
         model.train(training)
     return [tokenizer.decode(seq[start:], skip_special_tokens=True).strip()

@@ -28,7 +28,8 @@ REQUIRED = {"adapter": 0.95, "bf16": 0.95, "fp16": 0.95, "f16": 0.95, "q8_0": 0.
             "q5_k_m": 0.85, "q4_k_m": 0.8, "q4": 0.8, "q2_k": 0.5}
 MAX_NEW_TOKENS = 32
 
-Predict = Callable[..., list[int]]  # (token ids, pixels or None) -> the argmax next token at every position
+Predict = Callable[[list[int], int], list[int]]  # (a reference sequence, its index) -> the argmax next token at
+# every position; the index finds the sequence's pictures in the Reference
 
 
 @dataclass
@@ -90,9 +91,7 @@ def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
                               pad_token_id=pad, use_cache=True)
     if images is not None:
-        ref = _generate_with_images(model, prompts, stops, config, device, images, image_token_id)
-        ref.image_files = image_files
-        return ref
+        return _generate_with_images(model, prompts, stops, config, device, images, image_token_id, image_files)
     try:
         sequences = _generate_batches(model, prompts, stops, pad, batch_size, config, device)
     except Exception as e:  # noqa: BLE001 - a provider's patched generate (Unsloth's, not yet run on a GPU here)
@@ -130,7 +129,7 @@ def image_inputs(ids, pixels, image_token_id: int | None) -> dict[str, Any]:
     return {"pixel_values": pixels.to(ids.device), "token_type_ids": (ids == image_token_id).long()}
 
 
-def _generate_with_images(model, prompts, stops, config, device, images, image_token_id) -> Reference:
+def _generate_with_images(model, prompts, stops, config, device, images, image_token_id, image_files) -> Reference:
     """Image+text prompts one at a time (their images differ in number), with the KV cache."""
     import torch
 
@@ -147,7 +146,7 @@ def _generate_with_images(model, prompts, stops, config, device, images, image_t
                 if token in stops:
                     break
             sequences.append(list(prompt) + new)
-    return Reference(sequences, [len(p) for p in prompts], list(images), image_token_id)
+    return Reference(sequences, [len(p) for p in prompts], list(images), image_token_id, image_files)
 
 
 def greedy_reference_unbatched(model, prompts: list[list[int]], stops: set[int],
@@ -174,21 +173,22 @@ def greedy_reference_unbatched(model, prompts: list[list[int]], stops: set[int],
 def agreement(ref: Reference, predict: Predict) -> float:
     same = 0
     for i, (seq, start) in enumerate(zip(ref.sequences, ref.starts)):
-        predicted = predict(seq, ref.images(i), ref.image_token_id)
+        predicted = predict(seq, i)
         same += sum(predicted[i - 1] == seq[i] for i in range(start, len(seq)))
     return round(same / ref.tokens, 4)
 
 
-def transformers_predict(model) -> Predict:
+def transformers_predict(model, ref: Reference) -> Predict:
     import torch
 
     model.eval()
     device = next(model.parameters()).device
 
-    def predict(ids: list[int], pixels=None, image_token_id: int | None = None) -> list[int]:
+    def predict(ids: list[int], i: int) -> list[int]:
         with torch.no_grad():
             tensor = torch.tensor([ids], device=device)
-            extra = image_inputs(tensor, None if pixels is None else pixels.to(model.dtype), image_token_id)
+            pixels = ref.images(i)
+            extra = image_inputs(tensor, None if pixels is None else pixels.to(model.dtype), ref.image_token_id)
             return model(input_ids=tensor, use_cache=False, **extra).logits[0].argmax(-1).tolist()
 
     return predict
@@ -197,9 +197,7 @@ def transformers_predict(model) -> Predict:
 def llama_predict(llm) -> Predict:
     import numpy as np
 
-    def predict(ids: list[int], pixels=None, image_token_id: int | None = None) -> list[int]:
-        if pixels is not None:  # an image+text GGUF is checked with its projector: check_gguf_images
-            raise ValueError("llama_predict reads token ids only; use check_gguf_images for prompts with pictures")
+    def predict(ids: list[int], i: int) -> list[int]:  # token ids only: prompts with pictures go to check_gguf_images
         llm.reset()
         llm.eval(ids)
         return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
@@ -231,7 +229,7 @@ def check_transformers(ref: Reference, load: Callable[[str], Any], weight_bytes:
 
     model = load(pick_device(weight_bytes))
     try:
-        return agreement(ref, transformers_predict(model))
+        return agreement(ref, transformers_predict(model, ref))
     finally:
         del model
         if torch.cuda.is_available():  # the GPU memory back before the next check; on a CPU refcounts suffice
@@ -346,10 +344,10 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> float:
         found = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
         return next(c for c in found if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
 
-    def predict(ids: list[int], files: list[bytes]) -> list[int]:
+    def predict(ids: list[int], k: int) -> list[int]:
         llm.reset()
         llm._ctx.kv_cache_clear()
-        pending, files = [], list(files)
+        pending, files = [], list(ref.image_files[k])
         i = 0
         while i < len(ids):
             if ids[i] != ref.image_token_id:
@@ -376,11 +374,7 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> float:
         return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
 
     try:
-        same = 0
-        for k, (seq, start) in enumerate(zip(ref.sequences, ref.starts)):
-            predicted = predict(seq, (ref.image_files or [[]] * len(ref.sequences))[k])
-            same += sum(predicted[i - 1] == seq[i] for i in range(start, len(seq)))
-        return round(same / ref.tokens, 4)
+        return agreement(ref, predict)
     finally:
         mtmd.mtmd_free(ctx)
         llm.close()

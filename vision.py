@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from data import encode
@@ -66,17 +67,10 @@ def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only
     """input_ids and labels of each row with its images expanded to the model's image tokens (the
     processor's own expansion), and the encoded images beside them; rows whose image tokens do not fit in
     max_length are left out (Encoded.too_many: their indices in split.rows)."""
-    tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(tok.image_token)
-    per_image = processor.image_seq_length
-
-    def render(messages, add_generation_prompt=False):
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return text.replace(processor.boi_token, processor.full_image_sequence)
-
+    tok, image_id, per_image = processor.tokenizer, image_token_id(processor.tokenizer), processor.image_seq_length
     out = Encoded()
     for i, row in enumerate(split.rows):
-        enc = encode(row["messages"], tok, max_length, assistant_only, render)
+        enc = encode(row["messages"], tok, max_length, assistant_only, partial(render, processor))
         if enc["input_ids"].count(image_id) < per_image * len(row["images"]):
             out.too_many.append(i)
             continue
@@ -92,16 +86,21 @@ def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only
     return out
 
 
+def image_token_id(tokenizer) -> int:
+    """The token each of a picture's embeddings takes the place of (Gemma 3: <image_soft_token>)."""
+    return tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+
+
 def image_token_ids(processor) -> list[int]:
     """The tokens that stand for pictures (Gemma 3: start, soft and end of image), which no answer may hold."""
     tok = processor.tokenizer
     return sorted({tok.convert_tokens_to_ids(t) for t in (tok.boi_token, tok.image_token, tok.eoi_token)})
 
 
-def render_prompt(processor, messages: list[dict[str, Any]]) -> str:
-    """A prompt as the model reads it: the chat template, the generation prompt, each image expanded to
-    its tokens."""
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render(processor, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+    """A conversation as the model reads it: the chat template, each image expanded to its tokens (the
+    processor's own expansion)."""
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return text.replace(processor.boi_token, processor.full_image_sequence)
 
 
@@ -112,7 +111,7 @@ def fit_vision_prompts(split: VisionSplit, processor, max_prompt_length: int) ->
     tok = processor.tokenizer
     out = Encoded()
     for i, row in enumerate(split.rows):
-        n = len(tok(render_prompt(processor, row["prompt"]), add_special_tokens=False)["input_ids"])
+        n = len(tok(render(processor, row["prompt"], True), add_special_tokens=False)["input_ids"])
         if n > max_prompt_length:
             if processor.image_seq_length * len(row["images"]) >= max_prompt_length:
                 out.too_many.append(i)
@@ -142,7 +141,7 @@ def vision_probes(prep, n: int = 16) -> tuple[list[list[int]], list[list[bytes]]
     processor, rows = prep.processor, (prep.eval or prep.train).rows[:n]
     if rows and "prompt" in rows[0]:
         tok = processor.tokenizer
-        prompts = [tok(render_prompt(processor, r["prompt"]), add_special_tokens=False)["input_ids"] for r in rows]
+        prompts = [tok(render(processor, r["prompt"], True), add_special_tokens=False)["input_ids"] for r in rows]
     else:
         prompts = probe_prompts(prep, n, longest=1 << 30)  # never cut: an image's tokens go whole or not at all
     return prompts, probe_images(processor, rows, prompts)
@@ -158,7 +157,7 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
     from rewards import completion_text
 
     tok = processor.tokenizer
-    out = Cases([], [], [], [], [], tok.convert_tokens_to_ids(tok.image_token), [])
+    out = Cases([], [], [], [], [], partial(pixel_values, processor), image_token_id(tok), [])
     for i, row in enumerate(split.rows):
         if len(out.prompts) == limit:
             break
@@ -174,14 +173,14 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
             prompt, reference = row["messages"][:-1], completion_text(row["messages"][-1:])
         else:
             continue
-        ids = tok(render_prompt(processor, prompt), add_special_tokens=False)["input_ids"]
+        ids = tok(render(processor, prompt, True), add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.hyperparameters.max_length:
             continue
         out.prompts.append(ids)
         out.texts.append(completion_text(prompt))
         out.references.append(reference)
         out.columns.append(columns)
-        out.pixels.append(pixel_values(processor, row["images"]))
+        out.files.append(row["images"])
         out.images.append(f"{name} row {i}: " + ", ".join(hashlib.sha256(b).hexdigest()[:12] for b in row["images"])
                           if row["images"] else f"{name} row {i}: no image")
     return out
@@ -205,8 +204,7 @@ class VisionCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        tok = self.processor.tokenizer
-        image_id = tok.convert_tokens_to_ids(tok.image_token)
+        image_id = image_token_id(self.processor.tokenizer)
         width = max(len(r["input_ids"]) for r in rows)
         ids = torch.tensor([r["input_ids"] + [self.pad_id] * (width - len(r["input_ids"])) for r in rows])
         batch = {"input_ids": ids,
@@ -238,6 +236,6 @@ def probe_images(processor, rows: list[dict[str, Any]], prompts: list[list[int]]
     """For each verification prompt (the first tokens of rows, in order), the encoded images whose tokens
     it holds."""
     tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(tok.image_token)
+    image_id = image_token_id(tok)
     return [row.get("image_bytes", row.get("images"))[:prompt.count(image_id) // processor.image_seq_length]
             for row, prompt in zip(rows, prompts)]

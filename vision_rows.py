@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from data import DatasetError, check_turns, read_splits
+from data import DatasetError, check_reference_columns, check_turns, read_splits
 from errors import PermanentError
 
 logger = logging.getLogger(__name__)
@@ -194,10 +194,7 @@ def load_vision_splits(blobs, prefix: str, metadata: dict[str, Any] | None, fold
     out, columns = {}, {}
     for split, table in read_splits(blobs, prefix, metadata, folder).items():
         form = columns[split] = vision_form(table.column_names, trainer_type)
-        missing = [c for c in refs if c not in table.column_names]
-        if missing:
-            raise DatasetError(f"the {split} split has columns {sorted(table.column_names)} but reward_config "
-                               f"reads {missing} (reference_field); add the column or change the grader.")
+        check_reference_columns(table.column_names, split, refs)
         out[split] = check_vision_rows(table.select(list(form + refs)).to_pylist(), form, split, refs)
     train = out["train"]
     if not train.images:
