@@ -23,23 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from errors import PermanentError
-from main import read_settings
+from launch import (cancel_execution, cloud_run_job_name, log_path, queue_job, run_cloud_job, settings_for,
+                    start_local, tee_output)
 from request import parse_request
 from services import make_blobs, open_store
-
-ROOT = Path(__file__).resolve().parent
-
-
-def settings_for(job_id: str, env):
-    return read_settings({**env, "JOB_ID": job_id})
 
 
 def submit(args, env) -> int:
@@ -57,26 +52,17 @@ def submit(args, env) -> int:
               "here with --local", file=sys.stderr)
         return 2
     store, blobs = open_store(settings), make_blobs(settings)
-    if store.get(job_id) is not None:
+    if not queue_job(settings, store, blobs, text, request):
         print(f"submit: job {job_id} exists already; a job id names one job: choose another --job-id",
               file=sys.stderr)
         return 2
-    blobs.write_bytes(settings.request_uri, text.encode())
-    from job_manager import JobStatus, now
-
-    stamp = now()
-    tc = request.training_config
-    store.create(job_id, {"job_id": job_id, "job_name": request.job_name or job_id, "status": JobStatus.QUEUED.value,
-                          "processed_dataset_id": request.processed_dataset_id,
-                          "base_model_id": tc.base_model_id, "created_at": stamp, "updated_at": stamp})
     if not args.local:
         return start_cloud_run(args, env, settings, job_id, store)
-    print(f"job {job_id} queued; follow it with `python cli.py status {job_id}`", flush=True)
-    run = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=ROOT,
-                         env={**env, "JOB_ID": job_id, "BACKEND": settings.backend,
-                              "LOCAL_DIR": str(Path(settings.local_dir).resolve())})
+    print(f"job {job_id} queued; follow it with `python cli.py status {job_id}` (its log: {log_path(settings)})",
+          flush=True)
+    code = tee_output(start_local(settings, env, tee=True), settings)
     print(describe(store.get(job_id) or {}))
-    return 0 if run.returncode == 0 else 1
+    return 0 if code == 0 else 1
 
 
 def start_cloud_run(args, env, settings, job_id: str, store) -> int:
@@ -85,17 +71,10 @@ def start_cloud_run(args, env, settings, job_id: str, store) -> int:
     by Cloud Run leaves the job queued, and says so: a retried submit with the same id is refused, so the
     document is marked failed with the reason."""
     from google.api_core import exceptions
-    from google.cloud import run_v2
 
-    region = args.region or env.get("CLOUD_RUN_REGION") or "us-central1"
-    name = f"projects/{settings.project_id}/locations/{region}/jobs/{args.cloud_run_job}"
-    endpoint = env.get("CLOUD_RUN_ENDPOINT")
-    client = run_v2.JobsClient(**cloud_run_options(endpoint))
-    overrides = run_v2.RunJobRequest.Overrides(container_overrides=[
-        run_v2.RunJobRequest.Overrides.ContainerOverride(env=[run_v2.EnvVar(name="JOB_ID", value=job_id)])])
+    name = cloud_run_job_name(settings.project_id, args.region, args.cloud_run_job, env)
     try:
-        operation = client.run_job(request=run_v2.RunJobRequest(name=name, overrides=overrides))
-        execution = operation.metadata.name if operation.metadata is not None else None
+        execution = run_cloud_job(name, job_id, env)
     except exceptions.GoogleAPICallError as e:
         store.merge(job_id, {"status": "failed", "error_type": "permanent",
                              "error": f"the Cloud Run job {name} could not be started: {e.message}"})
@@ -107,16 +86,6 @@ def start_cloud_run(args, env, settings, job_id: str, store) -> int:
     print(f"job {job_id} queued and started on Cloud Run ({execution or name}); follow it with "
           f"`python cli.py watch {job_id}`")
     return 0
-
-
-def cloud_run_options(endpoint: str | None) -> dict[str, Any]:
-    """The Cloud Run Admin client's settings: Google's endpoint with the environment's credentials, or an
-    endpoint given (a test's stand-in speaks REST without credentials)."""
-    if not endpoint:
-        return {}
-    from google.auth.credentials import AnonymousCredentials
-
-    return {"transport": "rest", "credentials": AnonymousCredentials(), "client_options": {"api_endpoint": endpoint}}
 
 
 def describe(doc: dict[str, Any]) -> str:
@@ -165,9 +134,7 @@ def cancel(args, env) -> int:
     if doc.get("status") == "queued" and execution:
         # Not started yet: its Cloud Run execution is cancelled, so that no GPU is taken for a job nobody wants;
         # the job never runs, so the document is ended here, as the job would have ended it.
-        from google.cloud import run_v2
-
-        run_v2.ExecutionsClient(**cloud_run_options(env.get("CLOUD_RUN_ENDPOINT"))).cancel_execution(name=execution)
+        cancel_execution(execution, env)
         store.merge(args.job_id, {"status": "failed", "cancelled": True, "error_type": "cancelled",
                                   "error": f"cancelled before it started: Cloud Run execution {execution} cancelled"})
         print(f"job {args.job_id}: cancelled before it started (Cloud Run execution {execution} cancelled)")
@@ -241,6 +208,75 @@ def download(args, env) -> int:
     return 0
 
 
+def logs(args, env, sleep=time.sleep) -> int:
+    """The job's log: Cloud Logging's entries carrying its job_id label (the job writes it on every line),
+    oldest first; or, with --local (or BACKEND=local), LOCAL_DIR/logs/JOB_ID.log. --follow goes on until the
+    job has ended and its last lines are read."""
+    settings = settings_for(args.job_id, env)
+    store = open_store(settings)
+    if args.local or settings.backend == "local":
+        return local_logs(args, settings, store, sleep)
+    from google.cloud import logging as cloud_logging
+
+    doc = store.get(args.job_id) or {}
+    since = as_datetime(doc.get("created_at")) or datetime.now(timezone.utc) - timedelta(days=30)
+    options: dict[str, Any] = {}
+    if env.get("CLOUD_LOGGING_ENDPOINT"):  # a stand-in (the tests'), over REST without credentials
+        from google.auth.credentials import AnonymousCredentials
+
+        options = {"credentials": AnonymousCredentials(), "_use_grpc": False,
+                   "client_options": {"api_endpoint": env["CLOUD_LOGGING_ENDPOINT"]}}
+    client = cloud_logging.Client(project=settings.project_id, **options)
+    seen: set[str] = set()
+    while True:
+        ended = (store.get(args.job_id) or {}).get("status") in ("completed", "failed")  # before the read
+        # the timestamp bound always: without one the client reads the last 24 hours only
+        query = f'labels.job_id="{args.job_id}" AND timestamp>="{since.isoformat()}"'
+        for entry in client.list_entries(filter_=query, order_by=cloud_logging.ASCENDING, page_size=1000):
+            if entry.insert_id in seen:
+                continue
+            seen.add(entry.insert_id)
+            since = max(since, entry.timestamp)
+            payload = entry.payload
+            message = payload.get("message", payload) if isinstance(payload, dict) else payload
+            print(f"{entry.timestamp:%Y-%m-%d %H:%M:%S} {entry.severity or 'DEFAULT':<8} {message}", flush=True)
+        if not args.follow or ended:
+            return 0
+        sleep(args.interval)
+
+
+def local_logs(args, settings, store, sleep) -> int:
+    path = log_path(settings)
+    if not path.is_file() and not args.follow:
+        print(f"logs: no log for job {args.job_id} at {path} (a local job started by cli.py writes one)",
+              file=sys.stderr)
+        return 1
+    offset = 0
+    while True:
+        ended = (store.get(args.job_id) or {}).get("status") in ("completed", "failed")
+        if path.is_file():
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not args.follow or ended:
+            return 0
+        sleep(args.interval)
+
+
+def as_datetime(value) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None, env=None) -> int:
     parser = argparse.ArgumentParser(description="Run and follow fine-tuning jobs without the training service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -267,11 +303,41 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("job_id")
     p.add_argument("--what", choices=("adapter", "merged", "gguf"), default="adapter")
     p.add_argument("--to", help="the folder to write (default JOB_ID-WHAT)")
+    p = commands.add_parser("logs", help="a job's log lines (Cloud Logging, or the local log file)")
+    p.add_argument("job_id")
+    p.add_argument("--follow", "-f", action="store_true", help="go on until the job ends")
+    p.add_argument("--local", action="store_true", help="the local log file (LOCAL_DIR/logs/JOB_ID.log)")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between reads with --follow")
+    p = commands.add_parser("sweep", help="a hyperparameter sweep: Optuna, each trial a job",
+                            epilog="SPACE.yaml maps a hyperparameter to {low: L, high: H[, log: true][, step: S]} or "
+                            "{choices: [...]}; without --space: learning_rate, LoRA rank/alpha/dropout, epochs and "
+                            "batch_size. The study is kept in gs://EXPORT_BUCKET/sweeps/SWEEP_ID/.")
+    p.add_argument("request", nargs="?", help="the request JSON file (not with --resume)")
+    p.add_argument("--space", help="the search space (YAML)")
+    p.add_argument("--trials", type=int, default=10, help="how many trials in all")
+    p.add_argument("--parallel", type=int, default=2, help="how many trials at a time")
+    p.add_argument("--metric", default="eval_loss", help="a key of the job document's metrics (default eval_loss)")
+    p.add_argument("--direction", choices=("minimize", "maximize"), help="default: from the metric's name")
+    p.add_argument("--local", action="store_true", help="run the trials here, as processes")
+    p.add_argument("--prune", action="store_true", help="stop trials whose evaluations trail the median "
+                   "(Optuna's MedianPruner; the job is cancelled, the trial told as pruned)")
+    p.add_argument("--seed", type=int, help="the sampler's seed")
+    p.add_argument("--sweep-id", help="the sweep's id (default: a new one)")
+    p.add_argument("--resume", metavar="SWEEP_ID", help="continue a sweep that was stopped")
+    p.add_argument("--best-out", help="where to write the best request (default SWEEP_ID-best.json)")
+    p.add_argument("--promote", action="store_true", help="copy the best trial's exports to sweeps/ID/best/")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between reads of the trials' documents")
+    p.add_argument("--region", help="the Cloud Run job's region")
+    p.add_argument("--cloud-run-job", default="training-job", help="the Cloud Run job's name")
     args = parser.parse_args(argv)
     env = dict(os.environ if env is None else env)
     try:
+        if args.command == "sweep":
+            from sweep import start
+
+            return start(args, env)
         return {"submit": submit, "status": status, "cancel": cancel, "list": recent, "watch": watch,
-                "download": download}[args.command](args, env)
+                "download": download, "logs": logs}[args.command](args, env)
     except PermanentError as e:  # an invalid JOB_ID or environment
         print(f"{args.command}: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,8 @@ class BlobStore(Protocol):
     def list(self, prefix_uri: str) -> list[str]: ...
     def download(self, uri: str, path: Path) -> Path: ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
+    def write_new(self, uri: str, data: bytes) -> bool:
+        """Create the object only if there is none: False, and nothing written, if one exists."""
     def delete_prefix(self, prefix_uri: str) -> None: ...
     def upload_dir(self, local_dir: Path, prefix_uri: str) -> list[str]:
         """Upload every file under local_dir to prefix_uri/, then remove objects there that the
@@ -88,6 +90,19 @@ class LocalBlobStore:
         tmp = p.with_name(p.name + ".writing")
         tmp.write_bytes(data)
         os.replace(tmp, p)
+
+    def write_new(self, uri: str, data: bytes) -> bool:
+        p = self.path(uri)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.name}.{os.getpid()}.writing")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, p)  # whole, and only if the name is free (a link never replaces)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
 
     def delete_prefix(self, prefix_uri: str) -> None:
         shutil.rmtree(self.path(prefix_uri), ignore_errors=True)
@@ -161,6 +176,17 @@ class GcsBlobStore:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
         self._blob(uri).upload_from_string(data, checksum="crc32c", retry=DEFAULT_RETRY.with_timeout(300))
+
+    def write_new(self, uri: str, data: bytes) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        try:  # generation 0: only if no live object has the name; with a precondition the retry is safe
+            self._blob(uri).upload_from_string(data, checksum="crc32c", if_generation_match=0,
+                                               retry=DEFAULT_RETRY.with_timeout(300))
+            return True
+        except PreconditionFailed:
+            return False
 
     def delete_prefix(self, prefix_uri: str) -> None:
         bucket, key = parse_gs_uri(prefix_uri)
