@@ -161,9 +161,11 @@ def watch(args, env, clock=time.monotonic, sleep=time.sleep) -> int:
             if bar is None:
                 from tqdm import tqdm
 
-                bar = tqdm(total=doc["total_steps"], desc=args.job_id, unit="step")
+                # the job's own ETA and loss, not tqdm's rate: the bar moves when the document does (every 5 s)
+                bar = tqdm(total=doc["total_steps"], desc=args.job_id, unit="step",
+                           bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
             bar.n = doc.get("step") or 0
-            bar.set_postfix_str(f"{doc.get('phase')} loss {doc.get('loss')}", refresh=True)
+            bar.set_postfix_str(bar_text(doc), refresh=True)
         elif state != seen:
             print(describe(doc).splitlines()[0] + (f", step {doc.get('step')}/{doc.get('total_steps')}"
                                                    if doc.get("total_steps") else ""), flush=True)
@@ -180,6 +182,18 @@ def watch(args, env, clock=time.monotonic, sleep=time.sleep) -> int:
             print(f"watch: still {doc.get('status')} after {args.timeout:.0f}s", file=sys.stderr)
             return 2
         sleep(args.interval)
+
+
+def bar_text(doc: dict[str, Any]) -> str:
+    """'training, loss 2.104, about 1m05s left': what the bar says beside the steps."""
+    parts = [str(doc.get("phase") or doc.get("status"))]
+    if isinstance(doc.get("loss"), (int, float)):
+        parts.append(f"loss {doc['loss']:.4g}")
+    eta = doc.get("eta_seconds")
+    if isinstance(eta, (int, float)) and doc.get("phase") == "training":
+        minutes, seconds = divmod(round(eta), 60)
+        parts.append(f"about {minutes}m{seconds:02d}s left" if minutes else f"about {seconds}s left")
+    return ", ".join(parts)
 
 
 def recent(args, env) -> int:

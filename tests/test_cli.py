@@ -35,6 +35,12 @@ def test_submit_local_runs_the_job_and_status_reads_it(local_dir, tiny_root, tmp
     assert "against the base: better on rouge_l" in text
     assert cli.main(["status", "cli-1", "--json"], env) == 0
     assert json.loads(capfd.readouterr().out)["status"] == "completed"
+    # its log, as it ran: the lines submit passed through are in LOCAL_DIR/logs, which `logs` prints
+    log = (local_dir / "logs" / "cli-1.log").read_text()
+    assert "phase: training" in log and "phase: exporting" in log and "job document: " in log
+    assert cli.main(["logs", "cli-1"], env) == 0
+    assert capfd.readouterr().out.replace("\r", "\n") == log.replace("\r", "\n")  # progress bars' returns aside
+    assert cli.main(["logs", "nosuch"], env) == 1 and "no log for job nosuch" in capfd.readouterr().err
     # the same id again: refused, the finished job untouched
     assert cli.main(["submit", request_file(tmp_path, req), "--local", "--job-id", "cli-1"], env) == 2
     assert "job cli-1 exists already" in capfd.readouterr().err
@@ -103,29 +109,65 @@ def test_list_reads_firestore_newest_first(gcp):
 
 
 def test_watch_follows_a_running_job_to_its_end(local_dir, tiny_root, tmp_path, capfd):
-    """watch beside a job started in the background (not on a terminal: one line per change), to its end."""
+    """watch beside a job started in the background, twice at once: not on a terminal (one line per change),
+    and on a pseudo-terminal as a person runs it, where its progress bar advances with the job's progress
+    writes (every 5 s) to the last step, then the summary."""
+    import fcntl
+    import os
+    import re
+    import struct
     import subprocess
     import sys
+    import termios
+    import threading
 
     from conftest import ROOT, put_request
 
     req = sample_request(tiny_root)
-    req["training_config"]["hyperparameters"].update(epochs=2)
+    req["training_config"]["hyperparameters"].update(epochs=10)
     put_request(local_dir, "watched", req)
     env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
-    job = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env={"PATH": "/usr/bin:/bin",
+    job = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
                                                                       **env_for(local_dir, "watched")},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
+    terminal = subprocess.Popen([sys.executable, "cli.py", "watch", "watched", "--interval", "0.2", "--timeout", "300"],
+                                cwd=ROOT, env={**os.environ, **env}, stdin=slave, stdout=slave,
+                                stderr=slave)
+    os.close(slave)
+    screen = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the terminal's other end closed
+                return
+            if not data:
+                return
+            screen.extend(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
     try:
         rc = cli.main(["watch", "watched", "--interval", "0.2", "--timeout", "300"], env)
     finally:
         job.wait(timeout=300)
-    assert rc == 0
+        terminal.wait(timeout=60)
+        reader.join(timeout=10)
+        os.close(master)
+    assert rc == 0 and terminal.returncode == 0
     lines = capfd.readouterr().out.splitlines()
     assert any(line.startswith("job watched: training (training), step ") for line in lines), lines
     assert "job watched: completed (completed)" in lines
     summary = lines.index("job watched: completed (completed)")
-    assert lines[summary + 1] == "  step 24/24" or lines[summary + 1].startswith("  step 24/24, loss")
+    assert lines[summary + 1] == "  step 120/120" or lines[summary + 1].startswith("  step 120/120, loss")
+    shown = screen.decode(errors="replace")
+    redraws = list(re.finditer(r"watched: +\d+%\|[^|]*\| *(\d+)/120 \[", shown))  # tqdm's bar, each redraw
+    bar = [int(m.group(1)) for m in redraws]
+    assert bar and bar == sorted(bar) and bar[-1] == 120 and any(0 < n < 120 for n in bar), repr(shown[-3000:])
+    assert "job watched: completed (completed)" in shown[redraws[-1].end():]  # the summary under the bar
     assert cli.main(["watch", "nosuch", "--interval", "0.1", "--wait-start", "0.3"], env) == 1
 
 
@@ -160,5 +202,45 @@ def test_submit_starts_the_cloud_run_job_with_the_job_id_and_cancel_stops_it_bef
         assert cli.main(["submit", str(req), "--job-id", "cr-2", "--cloud-run-job", "no-such-job"], env) == 2
         doc = gcp.doc("cr-2")
         assert doc["status"] == "failed" and "could not be started" in doc["error"] and "no-such-job" in doc["error"]
+    finally:
+        stub.stop()
+
+
+def test_logs_reads_the_jobs_lines_from_cloud_logging_and_follows_them_to_the_end(gcp, capfd):
+    """On gcp, `logs` asks Cloud Logging (a stand-in for its REST API) for the entries labelled with the job's
+    id since the job was created, oldest first, and prints time, severity and message; --follow reads again
+    until the job has ended, and prints the lines that came meanwhile, each once."""
+    import threading
+    from datetime import datetime, timezone
+
+    from logging_stub import LoggingStub
+
+    project = gcp.env["PROJECT_ID"]
+    gcp.fs.collection("training_jobs").document("lg").set(
+        {"job_id": "lg", "status": "training", "created_at": datetime(2026, 12, 4, 10, 0, tzinfo=timezone.utc)})
+    stub = LoggingStub()
+    stub.add(project, "lg", "2026-12-04T09:59:00Z", "INFO", "an earlier job of the same id")
+    stub.add(project, "lg", "2026-12-04T10:00:02Z", "INFO", "phase: training")
+    stub.add(project, "other", "2026-12-04T10:00:03Z", "INFO", "another job's line")
+    stub.add(project, "lg", "2026-12-04T10:00:01Z", "WARNING", "phase: loading_model")
+    env = {**gcp.env, "CLOUD_LOGGING_ENDPOINT": stub.url}
+    try:
+        assert cli.main(["logs", "lg"], env) == 0
+        assert capfd.readouterr().out.splitlines() == ["2026-12-04 10:00:01 WARNING  phase: loading_model",
+                                                       "2026-12-04 10:00:02 INFO     phase: training"]
+        query = stub.requests[-1]
+        assert query["resourceNames"] == [f"projects/{project}"] and query["orderBy"] == "timestamp asc"
+        assert 'labels.job_id="lg"' in query["filter"] and 'timestamp>="2026-12-04T10:00:00+00:00"' in query["filter"]
+
+        def finish() -> None:  # while --follow reads: a last line, then the job ends
+            stub.add(project, "lg", "2026-12-04T10:05:00Z", "INFO", "job completed")
+            gcp.fs.collection("training_jobs").document("lg").update({"status": "completed"})
+
+        timer = threading.Timer(0.5, finish)
+        timer.start()
+        assert cli.main(["logs", "lg", "--follow", "--interval", "0.2"], env) == 0
+        timer.join()
+        lines = capfd.readouterr().out.splitlines()
+        assert lines[-1] == "2026-12-04 10:05:00 INFO     job completed" and len(lines) == 3  # each line once
     finally:
         stub.stop()
