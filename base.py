@@ -19,6 +19,7 @@ from typing import Any
 
 from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
+from distributed import FSDP, Topology, first_on_node, strategy_for, trainer_args as strategy_args
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
@@ -81,6 +82,9 @@ class BaseTrainingJob:
             keep=self.cfg.hyperparameters.save_total_limit)
         self.guard = services.guard or Guard(read_doc=self.tracker.read)
         self.parent: Parent | None = None  # the adapter this job continues (lineage.py), found at pre-flight
+        # one of several processes (distributed.py): rank 0 alone compares, exports and records
+        self.place = Topology(settings.world_size, settings.rank, settings.local_rank)
+        self.strategy: str | None = None  # DDP or FSDP with several processes, chosen at pre-flight
 
     # ---- provider hooks -------------------------------------------------------------------
     def check_environment(self) -> None:
@@ -108,13 +112,19 @@ class BaseTrainingJob:
             from transformers import set_seed
 
             set_seed(self.cfg.hyperparameters.seed)  # before LoRA's random init, not only before training
-            model = self.timed("load_model", self.load_model, prep.tokenizer)
+            with first_on_node(self.place):  # the node's first process downloads the base for the others
+                model = self.timed("load_model", self.load_model, prep.tokenizer)
             trainer = self.timed("build_trainer", self.build_trainer, model, prep)
-            before = self.timed("generate_base", self.generate, trainer, prep)  # the model training starts from
+            # the model training starts from (rank 0's answers only: the others wait in the first step's sync)
+            before = self.timed("generate_base", self.generate, trainer, prep) if self.place.main else None
             self.tracker.phase("training", JobStatus.TRAINING)
             train_metrics = self.timed("train", self.train, trainer)
             self.tracker.phase("evaluating")
-            metrics = self.timed("evaluate", self.evaluate, trainer, prep, train_metrics)
+            metrics = self.timed("evaluate", self.evaluate, trainer, prep, train_metrics)  # every rank's shard
+            if not self.place.main:
+                ok = True
+                logger.info("rank %d done after evaluation; rank 0 exports", self.place.rank)
+                return {"metrics": metrics}
             comparison = self.compare(trainer, prep, before)
             self.tracker.phase("exporting", metrics=metrics)
             artifacts = self.timed("export", self.export, trainer, prep.tokenizer, metrics, prep, comparison)
@@ -182,11 +192,12 @@ class BaseTrainingJob:
             check_installed()
         self.timed("check_environment", self.check_environment)  # Unsloth's import: about 35 s on a GPU
         self.check_hub_access()
-        self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
-                                 self.settings.export_bucket, self.workdir)
-        if self.cfg.vision:  # before the data: a text-only base is refused from its config alone
-            check_image_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
-        splits = self.timed("load_data", self.load_data)
+        with first_on_node(self.place):  # one download per machine; the node's other processes read it
+            self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
+                                     self.settings.export_bucket, self.workdir)
+            if self.cfg.vision:  # before the data: a text-only base is refused from its config alone
+                check_image_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
+            splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
         check_attention(self.cfg.hyperparameters.use_fa2)
         processor = self.timed("load_processor", load_processor, self.cfg.base_model_id, self.token(),
@@ -195,8 +206,18 @@ class BaseTrainingJob:
             "load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
         self.check_modules()
         per_row = max((len(r["images"]) for r in splits["train"].rows), default=0) if processor else 0
-        check_memory(self.cfg, self.settings, self.token(), per_row)  # memory.py: refuse what cannot fit
         hp = self.cfg.hyperparameters
+        world = self.place.world_size
+        if hp.batch_size % world:
+            raise PermanentError(f"hyperparameters.batch_size: {hp.batch_size} is the batch of one optimizer step (before "
+                                 f"gradient accumulation), split over the {world} processes; make it a multiple of "
+                                 f"{world}, or run fewer processes (NPROC_PER_NODE).")
+        # memory.py: refuse what cannot fit; with several processes, whether each needs the whole model (DDP)
+        fits_one = check_memory(self.cfg, self.settings, self.token(), per_row)
+        if world > 1:
+            import torch
+
+            self.strategy = strategy_for(self.cfg.method, fits_one, torch.cuda.is_available())
         sft = self.cfg.trainer_type == "sft"
 
         def fit(rows):
@@ -242,7 +263,9 @@ class BaseTrainingJob:
         if stats["truncated_rows"]:
             logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
         logger.info("preflight ok: %s", stats)
-        self.tracker.phase("validated", dataset=stats, total_steps=total,
+        spread = {"distributed": {"world_size": world, "strategy": self.strategy,
+                                  "per_device_batch_size": hp.batch_size // world}} if world > 1 else {}
+        self.tracker.phase("validated", dataset=stats, total_steps=total, **spread,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
                         found if found and found.prompts else None, processor)
@@ -285,7 +308,8 @@ class BaseTrainingJob:
         if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
-            kwargs["quantization_config"] = nf4_config(self.compute_dtype(), self.cfg.vision)
+            kwargs["quantization_config"] = nf4_config(self.compute_dtype(), self.cfg.vision,
+                                                       sharded=self.strategy == FSDP)
         elif self.cfg.hyperparameters.load_in_8bit:
             from transformers import BitsAndBytesConfig
 
@@ -357,9 +381,15 @@ class BaseTrainingJob:
         # batch is the smallest multiple of num_generations that holds batch_size rows.
         eval_batch = -(-hp.batch_size // hp.num_generations) * hp.num_generations if kind == "grpo" \
             else hp.batch_size
+        # batch_size is one optimizer step's batch before accumulation, whatever the number of processes: each
+        # takes its share (pre-flight refused a batch that does not split), so steps and results match one process
+        world = self.place.world_size
+        per_device_eval = -(-eval_batch // world)
+        while kind == "grpo" and (per_device_eval * world) % hp.num_generations:  # TRL's rule for eval groups
+            per_device_eval += 1
         common = dict(
             output_dir=str(self.workdir / "checkpoints"), run_name=self.settings.job_id, seed=hp.seed,
-            per_device_train_batch_size=hp.batch_size, per_device_eval_batch_size=eval_batch,
+            per_device_train_batch_size=hp.batch_size // world, per_device_eval_batch_size=per_device_eval,
             gradient_accumulation_steps=hp.gradient_accumulation_steps, num_train_epochs=hp.epochs,
             max_steps=hp.max_steps, learning_rate=hp.learning_rate, lr_scheduler_type=hp.lr_scheduler_type,
             **optimizer, warmup_steps=warmup_fraction, weight_decay=hp.weight_decay, logging_steps=hp.logging_steps,
@@ -381,6 +411,8 @@ class BaseTrainingJob:
             # AdamW's state in 8 bits (bitsandbytes): 6 bytes per parameter in all with bf16 weights and
             # gradients, which is what lets a 1B Gemma fine-tune fully on an L4 (memory.py).
             common["optim"] = "adamw_8bit"
+        if self.strategy is not None:  # several processes: DDP's or FSDP's settings (distributed.py)
+            common.update(strategy_args(self.strategy, self.cfg.method, gpu))
         completion = hp.max_length - hp.prompt_length
         specific = {
             # padding_free alone: TRL refuses to truncate, and needs not, the job's rows are cut to max_length
@@ -421,7 +453,7 @@ class BaseTrainingJob:
             train_dataset=table(prep.train.rows), eval_dataset=table(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker), checkpoint_callback(
                 self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
-                self.cfg.hyperparameters.save_strategy, self.services.run_logger)])
+                self.cfg.hyperparameters.save_strategy, self.services.run_logger, self.place)])
         if kind == "grpo":
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
         if prep.processor is not None and kind == "sft":
@@ -447,7 +479,9 @@ class BaseTrainingJob:
 
     def train(self, trainer) -> dict[str, Any]:
         """Train from the newest complete checkpoint in the bucket, if any; stop early when the guard says."""
-        last = self.checkpoints.restore(Path(trainer.args.output_dir))
+        with first_on_node(self.place):  # the node's first process downloads it, the others find it there
+            last = self.checkpoints.restore(Path(trainer.args.output_dir)) if self.place.node_main else \
+                self.checkpoints.local_newest(Path(trainer.args.output_dir))
         if last:
             step = int(last.name.rsplit("-", 1)[1])
             logger.info("resuming from checkpoint-%d", step)

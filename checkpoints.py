@@ -20,6 +20,7 @@ import signal
 import time
 from pathlib import Path
 
+from distributed import Topology, agree, barrier
 from errors import Interrupted
 from storage import BlobStore
 
@@ -107,6 +108,13 @@ class CheckpointStore:
             self._download(best, dest)
         return local
 
+    @staticmethod
+    def local_newest(dest: Path) -> Path | None:
+        """The newest checkpoint folder in dest, as the node's first process restored it there (the others'
+        view: they wait for it, then resume from the same one)."""
+        found = [p for p in Path(dest).glob("checkpoint-*") if checkpoint_step(str(p)) is not None]
+        return max(found, key=lambda p: checkpoint_step(str(p)), default=None)
+
     def _download(self, step: int, dest: Path) -> Path:
         uri = f"{self.prefix}checkpoint-{step}/"
         local = dest / f"checkpoint-{step}"
@@ -173,7 +181,7 @@ class Guard:
 
 
 def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: float, save_strategy: str,
-                        run_logger=None):
+                        run_logger=None, place: Topology | None = None):
     """Saves when the guard or the clock says, and uploads each checkpoint in a background thread while
     training goes on. One upload at a time: the one in flight is waited for before the next save (the
     Trainer's rotation, inside a save, may delete the folder being uploaded) and when training ends, and
@@ -215,7 +223,15 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
                 control.should_save = True  # the last step is always saved: a retry then skips to export
             if time.monotonic() - self.last_save >= minutes * 60:
                 control.should_save = True
-            if guard.check(needed_s=2 * self.step_s + 1.5 * self.save_s):
+            stop = guard.check(needed_s=2 * self.step_s + 1.5 * self.save_s)
+            if place is not None and place.distributed:  # every rank stops at the same step, or none does
+                stop, cancelled = agree(place, bool(stop), guard.cancelled)
+                if stop and not guard.reason:
+                    guard.reason = "another process stopped"
+                guard.cancelled = cancelled
+                if cancelled:
+                    guard.reason = "cancelled on request (cancel_requested: true)"
+            if stop:
                 control.should_training_stop = True
                 if not guard.cancelled:
                     control.should_save = True
@@ -228,6 +244,8 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
                 self.finish_upload()
 
         def on_save(self, args, state, control, **kwargs):
+            if place is not None and place.distributed:
+                barrier(place)  # every rank's files of the checkpoint (its RNG state) are written before upload
             if not state.is_world_process_zero or self.uploaded == state.global_step:
                 return
             self.finish_upload()

@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, request_file: Path | None,
                 make_services: Callable[[TrainRequest], Any], redact, validate: bool = False,
-                startup_s: float = 0.0) -> dict[str, Any] | None:
-    """The job's result, or None when there was nothing to do. Raises what ended the job."""
+                startup_s: float = 0.0, launcher: Callable[[TrainRequest], int] | None = None) -> dict[str, Any] | None:
+    """The job's result, or None when there was nothing to do. Raises what ended the job. With a launcher
+    (several processes), the request is checked here once and the launcher runs the workers, each of which
+    comes back here: the result is then {"launched": their exit code}."""
     with tracker:
         doc = tracker.open()
         if doc.get(CANCEL):
@@ -52,6 +54,12 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
             tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
                              request.job_name, doc)
+            if launcher is not None:
+                if request.training_config.provider == "unsloth":
+                    raise PermanentError("training_config.provider: Unsloth trains in one process on one GPU; this "
+                                         "machine would start one per GPU. Set NPROC_PER_NODE=1 (or expose one GPU), "
+                                         "or use provider 'huggingface'.")
+                return {"launched": launcher(request)}  # the workers record the job and scrub the request
             from providers import PROVIDERS
 
             job = PROVIDERS[request.training_config.provider](
@@ -62,12 +70,15 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
                 shutil.rmtree(job.workdir, ignore_errors=True)
                 return {"valid": True}
             result = job.run()
-            shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared
+            if settings.local_rank == 0:  # the node's other processes have finished with it (after evaluation)
+                shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared
         except (PermanentError, Cancelled) as e:
             tracker.fail(e)  # recorded before the request loses its secrets
-            scrub_request(blobs, uri, text, tracker)
+            if settings.rank == 0:
+                scrub_request(blobs, uri, text, tracker)
             raise
-    scrub_request(blobs, uri, text, tracker)
+    if settings.rank == 0:
+        scrub_request(blobs, uri, text, tracker)
     return result
 
 

@@ -34,32 +34,36 @@ class RedactingFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, job_id: str):
+    def __init__(self, job_id: str, rank: int | None = None):
         super().__init__()
-        self.job_id = job_id
+        self.job_id, self.rank = job_id, rank
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_text or record.exc_info:
             message += "\n" + (record.exc_text or self.formatException(record.exc_info))
-        return json.dumps({"severity": record.levelname, "message": message, "job_id": self.job_id,
+        ranked = {"rank": self.rank} if self.rank is not None else {}
+        return json.dumps({"severity": record.levelname, "message": message, "job_id": self.job_id, **ranked,
                            "logger": record.name, "logging.googleapis.com/labels": {"job_id": self.job_id}})
 
 
 REDACT = RedactingFilter()
 
 
-def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO) -> RedactingFilter:
+def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO,
+                  rank: int | None = None) -> RedactingFilter:
     """One handler for every record: the job's own, the libraries' and Python warnings. With json_lines
-    (Cloud Run) progress bars are off too: each redraw would be a line of its own, and not JSON."""
+    (Cloud Run) progress bars are off too: each redraw would be a line of its own, and not JSON. rank: the
+    worker's, with several processes, on every line."""
     if json_lines:
         # read when huggingface_hub, transformers and datasets are imported, which is later (lazily)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.captureWarnings(True)  # PEFT's and torch's warnings.warn, as records (JSON on Cloud Run)
     handler = logging.StreamHandler(sys.stdout if json_lines else sys.stderr)
-    handler.setFormatter(JsonFormatter(job_id) if json_lines else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    where = "" if rank is None else f"[rank {rank}] "
+    handler.setFormatter(JsonFormatter(job_id, rank) if json_lines else
+                         logging.Formatter(f"%(asctime)s {where}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(REDACT)
     root = logging.getLogger()
     root.handlers[:] = [handler]

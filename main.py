@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from checkpoints import Guard
+from distributed import Nodes, NodeFiles, ReadOnlyStore, Topology, processes_per_node, record_error, start
 from errors import Cancelled, PermanentError, RequestError
 from job_manager import JobTracker
 from lifecycle import process_age, record_failure, run_attempt, summary
@@ -38,7 +39,7 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "wandb_init_timeout_s": "WANDB_INIT_TIMEOUT", "local_dir": "LOCAL_DIR",
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
-       "world_size": "WORLD_SIZE", "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
+       "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
        "execution": "CLOUD_RUN_EXECUTION"}
 TRACKER_SECRETS = ("COMET_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB", "LOCAL_DIR")
@@ -52,7 +53,10 @@ def read_settings(env) -> Settings:
                            "--update-env-vars JOB_ID=<id>; the request is then read from the config bucket).")
     values = {k: env[v] for k, v in ENV.items() if env.get(v)}
     cloud_run = {"disk_is_memory": True} if env.get("CLOUD_RUN_JOB") else {}  # its disk is memory
-    return parse_settings(values | cloud_run | {"job_id": check_job_id(job_id), "backend": backend}, ENV)
+    place = Topology.from_env(env)  # a torchrun worker's; WORLD_SIZE alone is Vertex's count of machines
+    return parse_settings(values | cloud_run | {"job_id": check_job_id(job_id), "backend": backend,
+                                                "world_size": place.world_size, "rank": place.rank,
+                                                "local_rank": place.local_rank}, ENV)
 
 
 def main(argv: list[str] | None = None, env=None) -> int:
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     parser.add_argument("--validate", action="store_true", help="pre-flight checks only; no model is loaded")
     parser.add_argument("--schema", action="store_true", help="print the request's JSON Schema")
     args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     started, startup_s = time.monotonic(), process_age()
     if args.schema:
         print(json.dumps(TrainRequest.model_json_schema(), indent=2))
@@ -75,32 +80,68 @@ def main(argv: list[str] | None = None, env=None) -> int:
                            env["JOB_ID"], RequestError(f"invalid environment: {e}"))
         return 2
     json_lines = bool(env.get("CLOUD_RUN_JOB"))
-    redact = setup_logging(settings.job_id, json_lines, level=env.get("LOG_LEVEL", "INFO").upper())
+    place = Topology.from_env(env)
+    redact = setup_logging(settings.job_id, json_lines, level=env.get("LOG_LEVEL", "INFO").upper(),
+                           rank=place.rank if place.distributed else None)
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     redact.add(*(env.get(name, "") for name in TRACKER_SECRETS))  # read by comet_ml's and mlflow's own clients
     store = open_store(settings, dry_run=args.validate)
-    tracker = JobTracker(store, settings.job_id, settings.attempt, redact=redact.redact, execution=settings.execution)
-    guard = Guard(tracker.read, settings.task_timeout_s, settings.deadline_reserve_s, started)
-    blobs = make_blobs(settings)
+    # in a worker of several: rank 0 alone writes the document; the node's first process downloads for it
+    tracker = JobTracker(store if place.main else ReadOnlyStore(store), settings.job_id, settings.attempt,
+                         redact=redact.redact, execution=settings.execution)
+    guard = Guard(tracker.read if place.main else None, settings.task_timeout_s, settings.deadline_reserve_s,
+                  started)
+    blobs = make_blobs(settings) if place.node_main else NodeFiles(make_blobs(settings))
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
         settings.backend == "local" and not env.get("JOB_ID")) else None
+    nproc, nodes = (1, Nodes()) if args.validate or place.distributed else (processes_per_node(env), Nodes.from_env(env))
+    launcher = None
+    if nproc > 1 or nodes.nnodes > 1:  # checked here once, then one worker per GPU (distributed.py)
+        launcher = lambda request: launch_workers(nproc, nodes, settings, tracker, argv)  # noqa: E731
     try:
+        start(place)
         with guard:
             result = run_attempt(settings, tracker, blobs, request_file,
                                  lambda request: make_services(settings, request, tracker, blobs, guard), redact,
-                                 validate=args.validate, startup_s=startup_s)
+                                 validate=args.validate, startup_s=startup_s, launcher=launcher)
     except Cancelled:
         return 0
-    except PermanentError:
+    except PermanentError as e:
+        record_error(e)  # for the launcher, in a worker
         return 2
-    except Exception:
+    except Exception as e:
         logger.exception("job failed; a retry can resume it")
+        record_error(e)
         return 1
+    if result and "launched" in result:
+        return result["launched"]
+    if result and not place.main:
+        return 0  # rank 0 says how it ended
     if result and json_lines:  # on Cloud Run, a record like every other line
         logger.info("%s", summary(settings, result, blobs, store))
     elif result:
         print(summary(settings, result, blobs, store))
     return 0
+
+
+def launch_workers(nproc: int, nodes: Nodes, settings: Settings, tracker: JobTracker, argv: list[str]) -> int:
+    """One worker per GPU (per NPROC_PER_NODE), each `main.py` again; the job's exit code from theirs. A
+    permanent error on any rank is exit 2, and said in the document if rank 0 did not say it (it was stopped
+    by the launcher when another rank failed)."""
+    from distributed import launch
+
+    logger.info("starting %d processes per node on %d node(s) (torch.distributed.run)", nproc, nodes.nnodes)
+    code, failures = launch(nproc, nodes, settings.job_id, argv)
+    if code == 2 and nodes.node_rank == 0:
+        rank, failure = min((r, f) for r, f in failures.items() if f.exitcode == 2)
+        doc = tracker.read() or {}
+        if not (doc.get("status") == "failed" and doc.get("error_type") == "permanent"):
+            # torch elastic's error file: {"message": "Type: text", "extraInfo": {...}} (record_error wrote it)
+            message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
+            tracker.fail(PermanentError(f"rank {rank}: {message}"))
+    if code:
+        logger.error("workers failed: %s", {r: f.exitcode for r, f in failures.items()})
+    return code
 
 
 if __name__ == "__main__":

@@ -132,11 +132,15 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
             "hyperparameters.batch_size / max_length.")
 
 
-def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> None:
+def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> bool:
     """Refuse (exit 2), before anything big is loaded, a job that cannot fit the GPU (one of
     `settings.gpu_memory_gib`, else the visible one) or the container's memory where its disk is memory
     (`settings.host_memory_gib`, else the container's limit on Cloud Run). A CPU machine given neither
-    size checks nothing: system memory and disk are the limits there, and the tiny models fit."""
+    size checks nothing: system memory and disk are the limits there, and the tiny models fit.
+
+    With several processes (settings.world_size) each takes its share of the batch. True if one GPU holds
+    the whole model and its training state (DDP); False if only a sharded one fits (FSDP: weights, gradients
+    and optimizer state split over the processes), which a LoRA job then uses; Full is always sharded."""
     import torch
 
     gpu = settings.gpu_memory_gib * GIB if settings.gpu_memory_gib else \
@@ -144,23 +148,36 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> N
     host = settings.host_memory_gib * GIB if settings.host_memory_gib else \
         container_limit() if settings.disk_is_memory else None
     if gpu is None and host is None:
-        return
+        return True
     model = meta_model(cfg.base_model_id, token, cfg.trust_remote_code)
     config = model.config
     total, embeddings = count_params(config, model)
     tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+    fits_one = True
     if gpu:
-        hp = cfg.hyperparameters
-        extra = vision_bytes(config, hp.batch_size * images_per_row, tower, cfg.method,
+        hp, world = cfg.hyperparameters, settings.world_size
+        batch = max(1, hp.batch_size // world)
+        extra = vision_bytes(config, batch * images_per_row, tower, cfg.method,
                              cfg.method == "Full" or hp.finetune_vision_layers)
-        estimate = estimate_bytes(total, embeddings, cfg.method, hp.batch_size, hp.max_length, config,
+        estimate = estimate_bytes(total, embeddings, cfg.method, batch, hp.max_length, config,
                                   hp.load_in_8bit, saved_params(model, hp.modules_to_save), extra)
-        logger.info("GPU memory estimate %.1f GiB of %.1f GiB", estimate["total"] / GIB, gpu / GIB)
-        message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, hp.batch_size, hp.max_length)
+        fits_one = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, batch, hp.max_length) is None
+        if world > 1 and (cfg.method == "Full" or not fits_one):
+            estimate = sharded(estimate, world)
+        logger.info("GPU memory estimate %.1f GiB of %.1f GiB per process", estimate["total"] / GIB, gpu / GIB)
+        message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, batch, hp.max_length)
         if message:
-            raise PermanentError(message)
+            raise PermanentError(message + (f" (with {world} processes, sharded)" if world > 1 else ""))
     if host:
         check_host(cfg, total, embeddings, host, cache_dropped=settings.disk_is_memory, tower=tower)
+    return fits_one
+
+
+def sharded(estimate: dict[str, float], world: int) -> dict[str, float]:
+    """FSDP's share per process: weights, gradients and optimizer state split; activations not."""
+    weights = estimate["weights_and_optimizer"] / world
+    return {**estimate, "weights_and_optimizer": weights,
+            "total": weights + estimate["activations"] + estimate["overhead"]}
 
 
 # The process itself in host memory: Python, torch, CUDA's host-side libraries and context, the rows. The CPU

@@ -73,6 +73,10 @@ class UnslothTrainingJob(BaseTrainingJob):
     def check_environment(self) -> None:
         import torch
 
+        if self.place.distributed:  # not shown to work under several processes: refused until it is
+            raise PermanentError(f"training_config.provider: Unsloth trains in one process on one GPU, and this run "
+                                 f"has {self.place.world_size}; run one process (python main.py with one GPU "
+                                 "visible, or NPROC_PER_NODE=1), or use provider 'huggingface'.")
         if not torch.cuda.is_available():
             raise PermanentError("training_config.provider: 'unsloth' needs an NVIDIA GPU and none is visible; "
                                  "run on a GPU machine or set provider 'huggingface'.")

@@ -48,6 +48,8 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
                                  f"install {name}), or remove '{name}' from report_to.")
     wb = request.training_config.wandb_config or WandbConfig()
     runs = NullRunLogger()
+    if settings.rank != 0:  # one of several processes: rank 0 alone talks to the trackers
+        return Services(blobs, hub, tracker, runs, guard, None, ())
     if "wandb" in trackers and settings.wandb_mode != "disabled":
         key, key_name = settings.wandb_key(request)
         runs = WandbRunLogger(wb.project, key, wb.log_model,

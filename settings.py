@@ -46,18 +46,12 @@ class Settings(StrictModel):
                                           "this much container memory (HOST_MEMORY_GIB).")
     disk_is_memory: bool = Field(False, description="The container's disk is its memory (Cloud Run): its "
                                  "limit bounds the job's files as well as its process.")
-    world_size: int = Field(1, ge=1, description="Processes in the run (WORLD_SIZE, set by torchrun).")
+    world_size: int = Field(1, ge=1, description="Processes in the run (WORLD_SIZE, set by torchrun in each worker).")
+    rank: int = Field(0, ge=0, description="This process's rank (RANK in a torchrun worker): 0 writes and exports.")
+    local_rank: int = Field(0, ge=0, description="Its rank on this machine (LOCAL_RANK): 0 downloads for the node.")
     task_count: int = Field(1, ge=1, description="Tasks of the Cloud Run execution (CLOUD_RUN_TASK_COUNT).")
     execution: str | None = Field(None, max_length=200, description="The Cloud Run execution running this attempt "
                                   "(CLOUD_RUN_EXECUTION), recorded in the job document.")
-
-    @field_validator("world_size")
-    @classmethod
-    def _one_process(cls, v: int) -> int:
-        if v > 1:  # DESIGN.md: then only the main process may write the document and upload; not built yet
-            raise ValueError(f"the job trains in one process on one GPU, not {v}: under torchrun or accelerate "
-                             "launch every process would write the job document and upload; run `python main.py`")
-        return v
 
     @field_validator("task_count")
     @classmethod
