@@ -44,8 +44,21 @@ class Topology:
     def from_env(cls, env) -> Topology:
         if "LOCAL_RANK" not in env:  # not a launcher's worker: one process, whatever WORLD_SIZE says (Vertex's)
             return cls()
-        return cls(int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env["LOCAL_RANK"]),
-                   int(env.get("LOCAL_WORLD_SIZE", 1)))
+        names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        try:
+            values = [int(env.get(name, default)) for name, default in zip(names, (1, 0, 0, 1))]
+        except ValueError:
+            from errors import RequestError
+
+            raise RequestError(f"{', '.join(f'{n}={env.get(n)!r}' for n in names if n in env)}: torchrun sets these "
+                               "to integers; unset them, or start the job with torchrun or python main.py") from None
+        place = cls(*values)
+        if not 0 <= place.rank < place.world_size:
+            from errors import RequestError
+
+            raise RequestError(f"RANK={place.rank} is not below WORLD_SIZE={place.world_size}: torchrun sets both; "
+                               "unset them, or start the job with torchrun or python main.py")
+        return place
 
     @property
     def distributed(self) -> bool:
@@ -172,7 +185,10 @@ class NodeFiles:
 
 
 class ReadOnlyStore:
-    """The job document as a rank other than 0 sees it: it reads (cancel_requested), rank 0 writes."""
+    """The job document as a rank other than 0 sees it: it reads (cancel_requested), rank 0 writes. The
+    tracker counts no write it drops (`read_only`)."""
+
+    read_only = True
 
     def __init__(self, store):
         self.store = store
@@ -219,6 +235,7 @@ def launch(nproc: int, nodes: Nodes, job_id: str, argv: list[str]) -> tuple[int,
     2 if any worker exited 2 (a permanent error: retrying cannot help), else 1 for any failure, else 0."""
     import sys
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -226,13 +243,16 @@ def launch(nproc: int, nodes: Nodes, job_id: str, argv: list[str]) -> tuple[int,
     config = LaunchConfig(
         min_nodes=nodes.nnodes, max_nodes=nodes.nnodes, nproc_per_node=nproc, run_id=job_id,
         rdzv_backend="c10d", rdzv_endpoint="localhost:0" if single else f"{nodes.master_addr}:{nodes.master_port}",
-        rdzv_configs={"rank": nodes.node_rank, "is_host": nodes.node_rank == 0} if not single else {},
+        rdzv_configs={"is_host": nodes.node_rank == 0} if not single else {},  # the chief holds the store
         max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=8)
     try:
         elastic_launch(config, sys.executable)("-u", str(Path(__file__).with_name("main.py")), *argv)
     except ChildFailedError as e:
         failures = dict(e.failures)
         return (2 if any(f.exitcode == 2 for f in failures.values()) else 1), failures
+    except SignalException as e:  # SIGTERM to the launcher: its workers got it too, saved and stopped
+        logger.warning("the launcher got %s; its workers were stopped with it (rank 0 recorded how)", e.sigval.name)
+        return 1, {}
     return 0, {}
 
 

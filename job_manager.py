@@ -207,6 +207,8 @@ class JobTracker:
         catches up, even if the store lost it). A final write (completed/failed) is retried with
         backoff for up to final_retry_s before giving up, if what failed can pass on a retry (`transient`);
         a permanent error (a field Firestore refuses, a missing permission) is raised at once."""
+        if getattr(self.store, "read_only", False):  # one of several processes, not rank 0: it does not write
+            return False
         stamp = now()
         fields = {**self._deferred, **fields, "updated_at": stamp, "heartbeat_at": stamp}
         self._deferred = {}

@@ -30,10 +30,11 @@ logger = logging.getLogger(__name__)
 
 def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, request_file: Path | None,
                 make_services: Callable[[TrainRequest], Any], redact, validate: bool = False,
-                startup_s: float = 0.0, launcher: Callable[[TrainRequest], int] | None = None) -> dict[str, Any] | None:
-    """The job's result, or None when there was nothing to do. Raises what ended the job. With a launcher
-    (several processes), the request is checked here once and the launcher runs the workers, each of which
-    comes back here: the result is then {"launched": their exit code}."""
+                startup_s: float = 0.0, launcher: Callable[[TrainRequest], int | None] | None = None
+                ) -> dict[str, Any] | None:
+    """The job's result, or None when there was nothing to do. Raises what ended the job. With a launcher,
+    the request is checked here once, then the launcher may run the job in several workers (each of which
+    comes back here): the result is then {"launched": their exit code}."""
     with tracker:
         doc = tracker.open()
         if doc.get(CANCEL):
@@ -54,12 +55,9 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
             tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
                              request.job_name, doc)
-            if launcher is not None:
-                if request.training_config.provider == "unsloth":
-                    raise PermanentError("training_config.provider: Unsloth trains in one process on one GPU; this "
-                                         "machine would start one per GPU. Set NPROC_PER_NODE=1 (or expose one GPU), "
-                                         "or use provider 'huggingface'.")
-                return {"launched": launcher(request)}  # the workers record the job and scrub the request
+            launched = launcher(request) if launcher is not None else None
+            if launched is not None:
+                return {"launched": launched}  # the workers recorded the job and scrubbed the request
             from providers import PROVIDERS
 
             job = PROVIDERS[request.training_config.provider](

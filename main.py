@@ -89,15 +89,18 @@ def main(argv: list[str] | None = None, env=None) -> int:
     # in a worker of several: rank 0 alone writes the document; the node's first process downloads for it
     tracker = JobTracker(store if place.main else ReadOnlyStore(store), settings.job_id, settings.attempt,
                          redact=redact.redact, execution=settings.execution)
+    if place.distributed:  # said at the end of each worker: rank 0 writes, the others do not
+        import atexit
+
+        atexit.register(lambda: logger.info("rank %d wrote the job document %d times", place.rank, tracker.writes))
     guard = Guard(tracker.read if place.main else None, settings.task_timeout_s, settings.deadline_reserve_s,
                   started)
     blobs = make_blobs(settings) if place.node_main else NodeFiles(make_blobs(settings))
     request_file = Path(args.config or DEFAULT_REQUEST) if args.config or (
         settings.backend == "local" and not env.get("JOB_ID")) else None
-    nproc, nodes = (1, Nodes()) if args.validate or place.distributed else (processes_per_node(env), Nodes.from_env(env))
     launcher = None
-    if nproc > 1 or nodes.nnodes > 1:  # checked here once, then one worker per GPU (distributed.py)
-        launcher = lambda request: launch_workers(nproc, nodes, settings, tracker, argv)  # noqa: E731
+    if not args.validate and not place.distributed:  # more than one GPU: checked here once, then one worker each
+        launcher = lambda request: launch_workers(request, env, settings, tracker, argv)  # noqa: E731
     try:
         start(place)
         with guard:
@@ -124,11 +127,21 @@ def main(argv: list[str] | None = None, env=None) -> int:
     return 0
 
 
-def launch_workers(nproc: int, nodes: Nodes, settings: Settings, tracker: JobTracker, argv: list[str]) -> int:
-    """One worker per GPU (per NPROC_PER_NODE), each `main.py` again; the job's exit code from theirs. A
+def launch_workers(request: TrainRequest, env, settings: Settings, tracker: JobTracker, argv: list[str]) -> int | None:
+    """With more than one GPU visible (or NPROC_PER_NODE above 1) or several nodes, one worker per GPU, each
+    `main.py` again, and the job's exit code from theirs; None (run here, in this process) otherwise. A
     permanent error on any rank is exit 2, and said in the document if rank 0 did not say it (it was stopped
-    by the launcher when another rank failed)."""
+    by the launcher when another rank failed). Called once the request is valid: counting the GPUs imports
+    torch, which a bad request never waits for."""
     from distributed import launch
+
+    nproc, nodes = processes_per_node(env), Nodes.from_env(env)
+    if nproc <= 1 and nodes.nnodes <= 1:
+        return None
+    if request.training_config.provider == "unsloth":
+        raise PermanentError("training_config.provider: Unsloth trains in one process on one GPU; this machine "
+                             f"would start {nproc * nodes.nnodes}. Set NPROC_PER_NODE=1 (or expose one GPU), or use "
+                             "provider 'huggingface'.")
 
     logger.info("starting %d processes per node on %d node(s) (torch.distributed.run)", nproc, nodes.nnodes)
     code, failures = launch(nproc, nodes, settings.job_id, argv)

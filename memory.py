@@ -163,7 +163,7 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> b
                                   hp.load_in_8bit, saved_params(model, hp.modules_to_save), extra)
         fits_one = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, batch, hp.max_length) is None
         if world > 1 and (cfg.method == "Full" or not fits_one):
-            estimate = sharded(estimate, world)
+            estimate = sharded(estimate, world, cfg.method, total)
         logger.info("GPU memory estimate %.1f GiB of %.1f GiB per process", estimate["total"] / GIB, gpu / GIB)
         message = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, batch, hp.max_length)
         if message:
@@ -173,9 +173,11 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> b
     return fits_one
 
 
-def sharded(estimate: dict[str, float], world: int) -> dict[str, float]:
-    """FSDP's share per process: weights, gradients and optimizer state split; activations not."""
-    weights = estimate["weights_and_optimizer"] / world
+def sharded(estimate: dict[str, float], world: int, method: str, total: int) -> dict[str, float]:
+    """FSDP's share per process: weights, gradients and optimizer state split; activations not. Full under
+    FSDP keeps AdamW's state in the weights' bf16 (8 bytes per parameter in all), where one GPU's 8-bit
+    AdamW makes 6: it does not shard (distributed.trainer_args)."""
+    weights = (estimate["weights_and_optimizer"] + (2.0 * total if method == "Full" else 0.0)) / world
     return {**estimate, "weights_and_optimizer": weights,
             "total": weights + estimate["activations"] + estimate["overhead"]}
 
@@ -263,7 +265,8 @@ def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
                 hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                 image_size=896, patch_size=14, vision_use_head=False).to_dict())
         total, emb = count_params(config)
-        row: dict[str, Any] = {"model": name, "params_b": round(total / 1e9, 2)}
+        row: dict[str, Any] = {"model": name, "params_b": round(total / 1e9, 2), "_config": config,
+                               "_total": total, "_emb": emb}
         for method in ("Full", "LoRA", "QLoRA"):
             est = estimate_bytes(total, emb, method, 2, 1024, config)
             row[method] = f"{est['total'] / GIB:.1f} GiB {'fits' if est['total'] <= HEADROOM * gpu_gib * GIB else 'no'}"
@@ -277,10 +280,35 @@ def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
     return rows
 
 
+def multi_gpu_table() -> list[dict[str, Any]]:
+    """Per GPU with several processes, batch 2 x 1024 tokens on each: DDP (the whole model on each GPU) for a
+    LoRA or QLoRA that fits one, else FSDP (`sharded`). 22 GiB usable of an L4's 24, 74 of an 80 GB A100's
+    or H100's."""
+    from distributed import FSDP, strategy_for
+
+    rows = []
+    for row in table():
+        config, total, emb = row.pop("_config"), row.pop("_total"), row.pop("_emb")
+        for method in ("Full", "LoRA", "QLoRA"):
+            out: dict[str, Any] = {"model": row["model"], "method": method}
+            for gpus, gib, label in ((2, 22.0, "2 x L4"), (4, 22.0, "4 x L4"), (8, 22.0, "8 x L4"),
+                                     (8, 74.0, "8 x 80 GB")):
+                one = estimate_bytes(total, emb, method, 2, 1024, config)
+                fits_one = one["total"] <= HEADROOM * gib * GIB
+                strategy = strategy_for(method, fits_one, gpu=True)
+                if strategy == FSDP:
+                    one = sharded(one, gpus, method, total)
+                out[label] = f"{strategy} {one['total'] / GIB:.1f} GiB {'fits' if one['total'] <= HEADROOM * gib * GIB else 'no'}"
+            rows.append(out)
+    return rows
+
+
 HOST_EXPORTS = {"adapter": {}, "adapter+gguf q4_k_m": {"include_gguf": True, "gguf_quantization": "q4_k_m"},
                 "merged": {"format": "merged"}}
 
 
 if __name__ == "__main__":
     for r in table():
+        print({k: v for k, v in r.items() if not k.startswith("_")})
+    for r in multi_gpu_table():
         print(r)

@@ -23,7 +23,7 @@ EXAMPLES = ROOT / "examples"
 
 # The longest files, started first so that none is left to run alone at the end (`make test` hands each
 # worker a whole file at a time: pytest-xdist's --dist loadfile).
-LONGEST_FIRST = ("test_kill", "test_reliability", "test_export", "test_benchmarks", "test_best", "test_vision",
+LONGEST_FIRST = ("test_distributed", "test_kill", "test_reliability", "test_export", "test_benchmarks", "test_best", "test_vision",
                  "test_vision_methods", "test_consumers", "test_sweep",
                  "test_lora_options", "test_gcp", "test_main", "test_logs", "test_rl", "test_generation",
                  "test_lineage", "test_tracking", "test_cli")

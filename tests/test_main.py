@@ -181,10 +181,10 @@ def test_invalid_environment_exits_2_and_says_so_in_the_document(local_dir, caps
     assert main.main(["--validate"], env_for(local_dir, "job-env3", GPU_MEMORY_GIB="-4")) == 2
     assert "GPU_MEMORY_GIB='-4': Input should be greater than 0" in capsys.readouterr().err
     assert not (local_dir / "firestore" / "training_jobs" / "job-env3.json").exists()
-    # several processes (torchrun) would each write the document and upload: refused, said in the document
-    assert main.main([], env_for(local_dir, "job-env4", WORLD_SIZE="2")) == 2
-    assert "WORLD_SIZE='2': the job trains in one process" in capsys.readouterr().err
-    assert "one process on one GPU, not 2" in read_doc(local_dir, "job-env4")["error"]
+    # a launcher's variables that are not its (several processes: tests/test_distributed.py)
+    assert main.main([], env_for(local_dir, "job-env4", WORLD_SIZE="two", LOCAL_RANK="0")) == 2
+    assert "WORLD_SIZE='two', LOCAL_RANK='0': torchrun sets these to integers" in capsys.readouterr().err
+    assert "torchrun sets these to integers" in read_doc(local_dir, "job-env4")["error"]
 
 
 def test_parallel_tasks_are_refused_and_the_execution_is_recorded(local_dir, tiny_root, capsys):

@@ -1,0 +1,129 @@
+"""A Vertex AI custom training job for a request that outgrows one L4 (issue 18): the same image, request,
+Firestore document and GCS layout, on g2 (2-8 x L4), a2 (A100) or a3 (H100) machines, one or more nodes.
+
+    python scripts/vertex_job.py REQUEST.json --image IMAGE --gpus 4 [--accelerator L4|A100|A100_80GB|H100]
+        [--nodes 2] [--job-id ID] [--region us-central1] [--dry-run]
+
+It validates the request with the job's schema, stores it in the config bucket and creates the job document
+`queued` (as `cli.py submit` does; not with --dry-run), then creates the CustomJob with google-cloud-aiplatform
+(`JobServiceClient.create_custom_job`), or prints its JSON with --dry-run. Each node runs `python main.py`,
+which starts one worker per GPU itself (distributed.py): NPROC_PER_NODE is the GPU count, and Vertex's
+CLUSTER_SPEC gives the nodes. The container gets BACKEND=gcp and the buckets; the job's id is JOB_ID.
+Exit codes: 0 created (or printed), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Accelerator -> (Vertex's enum name, machine type for 1, 2, 4, 8 GPUs, GiB per GPU).
+MACHINES = {
+    "L4": ("NVIDIA_L4", {1: "g2-standard-12", 2: "g2-standard-24", 4: "g2-standard-48", 8: "g2-standard-96"}, 24),
+    "A100": ("NVIDIA_TESLA_A100", {1: "a2-highgpu-1g", 2: "a2-highgpu-2g", 4: "a2-highgpu-4g",
+                                   8: "a2-highgpu-8g"}, 40),
+    "A100_80GB": ("NVIDIA_A100_80GB", {1: "a2-ultragpu-1g", 2: "a2-ultragpu-2g", 4: "a2-ultragpu-4g",
+                                       8: "a2-ultragpu-8g"}, 80),
+    "H100": ("NVIDIA_H100_80GB", {1: "a3-highgpu-1g", 2: "a3-highgpu-2g", 4: "a3-highgpu-4g", 8: "a3-highgpu-8g"}, 80),
+}
+# What the container reads from the environment (main.py's ENV), passed through from this one when set.
+PASSED = ("GCS_CONFIG_BUCKET_NAME", "GCS_DATA_BUCKET_NAME", "GCS_EXPORT_BUCKET_NAME", "GCS_EXPORT_FILES_BUCKET_NAME",
+          "FIRESTORE_DB", "WANDB_MODE", "HF_ENDPOINT")
+
+
+def build(request_job_id: str, project: str, image: str, accelerator: str, gpus: int, nodes: int,
+          env: dict[str, str], timeout_s: int, display_name: str):
+    """The CustomJob, from google-cloud-aiplatform's own types (which refuse unknown fields and bad enums)."""
+    from google.cloud import aiplatform_v1 as vertex
+
+    kind, machines, gib = MACHINES[accelerator]
+    if gpus not in machines:
+        raise ValueError(f"--gpus: {gpus} {accelerator} per machine is not a machine shape; choose one of "
+                         f"{sorted(machines)}")
+    container = vertex.ContainerSpec(
+        image_uri=image, command=["python", "main.py"],
+        env=[vertex.EnvVar(name=k, value=v) for k, v in {
+            "JOB_ID": request_job_id, "BACKEND": "gcp", "PROJECT_ID": project, "NPROC_PER_NODE": str(gpus),
+            "GPU_MEMORY_GIB": str(gib), **env}.items()])
+    pool = dict(machine_spec=vertex.MachineSpec(machine_type=machines[gpus],
+                                                accelerator_type=vertex.AcceleratorType[kind],
+                                                accelerator_count=gpus),
+                container_spec=container, disk_spec=vertex.DiskSpec(boot_disk_type="pd-ssd", boot_disk_size_gb=500))
+    pools = [vertex.WorkerPoolSpec(replica_count=1, **pool)]  # the chief: node 0
+    if nodes > 1:
+        pools.append(vertex.WorkerPoolSpec(replica_count=nodes - 1, **pool))
+    return vertex.CustomJob(display_name=display_name, job_spec=vertex.CustomJobSpec(
+        worker_pool_specs=pools,
+        # a restarted worker restarts the job, which resumes from its newest checkpoint in the bucket
+        scheduling=vertex.Scheduling(timeout=f"{timeout_s}s", restart_job_on_worker_restart=True)))
+
+
+def main(argv: list[str] | None = None, env=None) -> int:
+    parser = argparse.ArgumentParser(description="Run a request as a Vertex AI custom training job.")
+    parser.add_argument("request")
+    parser.add_argument("--image", required=True, help="the job's image (Artifact Registry)")
+    parser.add_argument("--accelerator", choices=sorted(MACHINES), default="L4")
+    parser.add_argument("--gpus", type=int, default=2, help="GPUs per machine (1, 2, 4 or 8)")
+    parser.add_argument("--nodes", type=int, default=1, help="machines")
+    parser.add_argument("--job-id", help="the job's id (default: a new one)")
+    parser.add_argument("--region", default="us-central1")
+    parser.add_argument("--timeout-hours", type=float, default=24.0)
+    parser.add_argument("--dry-run", action="store_true", help="print the CustomJob's JSON; store and create nothing")
+    args = parser.parse_args(argv)
+    env = dict(os.environ if env is None else env)
+
+    from errors import PermanentError
+    from request import parse_request
+
+    text = Path(args.request).read_text()
+    try:
+        request = parse_request(text)
+        if request.training_config.provider == "unsloth" and args.gpus * args.nodes > 1:
+            raise PermanentError("training_config.provider: Unsloth trains on one GPU; use --gpus 1 --nodes 1, or "
+                                 "provider 'huggingface'")
+        if args.nodes < 1:
+            raise PermanentError("--nodes is at least 1")
+    except PermanentError as e:
+        print(f"{args.request}: {e}", file=sys.stderr)
+        return 2
+    project = env.get("PROJECT_ID")
+    if not project:
+        print("vertex_job: PROJECT_ID is not set (the project of the buckets, Firestore and Vertex AI)",
+              file=sys.stderr)
+        return 2
+    job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
+    try:
+        custom = build(job_id, project, args.image, args.accelerator, args.gpus, args.nodes,
+                       {k: env[k] for k in PASSED if env.get(k)}, int(args.timeout_hours * 3600),
+                       f"{request.job_name or job_id} ({job_id})"[:128])
+    except ValueError as e:
+        print(f"vertex_job: {e}", file=sys.stderr)
+        return 2
+    from google.cloud import aiplatform_v1 as vertex
+
+    if args.dry_run:
+        print(vertex.CustomJob.to_json(custom))
+        return 0
+    from launch import queue_job, settings_for
+    from services import make_blobs, open_store
+
+    settings = settings_for(job_id, {**env, "BACKEND": "gcp"})
+    if not queue_job(settings, open_store(settings), make_blobs(settings), text, request):
+        print(f"vertex_job: job {job_id} exists already; choose another --job-id", file=sys.stderr)
+        return 2
+    client = vertex.JobServiceClient(client_options={"api_endpoint": f"{args.region}-aiplatform.googleapis.com"})
+    created = client.create_custom_job(parent=f"projects/{project}/locations/{args.region}", custom_job=custom)
+    open_store(settings).merge(job_id, {"vertex_custom_job": created.name})
+    print(f"job {job_id} queued and started on Vertex AI ({created.name}); follow it with `python cli.py watch "
+          f"{job_id}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

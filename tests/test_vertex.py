@@ -1,0 +1,94 @@
+"""The Vertex AI side of issue 18 without calling the API: the CustomJob scripts/vertex_job.py builds is read
+back by google-cloud-aiplatform's own types (unknown fields and bad enums refused); the nodes and ranks
+the job reads from what Vertex sets; the strategy and its Trainer settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import sample_request
+from distributed import DDP, FSDP, Nodes, Topology, strategy_for, trainer_args
+from scripts import vertex_job
+
+
+def dry_run(tmp_path, capsys, req: dict, *args: str) -> tuple[int, str, str]:
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps(req))
+    code = vertex_job.main([str(path), "--image", "us-docker.pkg.dev/p/r/job:1", "--dry-run", *args],
+                           {"PROJECT_ID": "proj", "GCS_EXPORT_BUCKET_NAME": "exports"})
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_custom_job_for_two_nodes_of_four_l4s_is_what_the_api_accepts(tiny_root, tmp_path, capsys):
+    from google.cloud import aiplatform_v1 as vertex
+
+    code, out, _ = dry_run(tmp_path, capsys, sample_request(tiny_root), "--gpus", "4", "--nodes", "2",
+                           "--job-id", "vx-1")
+    assert code == 0
+    job = vertex.CustomJob.from_json(out)  # the API's own message: an unknown field would raise here
+    chief, workers = job.job_spec.worker_pool_specs
+    assert chief.replica_count == 1 and workers.replica_count == 1
+    for pool in (chief, workers):
+        assert pool.machine_spec.machine_type == "g2-standard-48"
+        assert pool.machine_spec.accelerator_type == vertex.AcceleratorType.NVIDIA_L4
+        assert pool.machine_spec.accelerator_count == 4
+        assert list(pool.container_spec.command) == ["python", "main.py"]
+        env = {e.name: e.value for e in pool.container_spec.env}
+        assert env == {"JOB_ID": "vx-1", "BACKEND": "gcp", "PROJECT_ID": "proj", "NPROC_PER_NODE": "4",
+                       "GPU_MEMORY_GIB": "24", "GCS_EXPORT_BUCKET_NAME": "exports"}
+    assert job.job_spec.scheduling.restart_job_on_worker_restart is True
+    request = vertex.CreateCustomJobRequest(parent="projects/proj/locations/us-central1", custom_job=job)
+    assert request.custom_job.job_spec.worker_pool_specs[0].container_spec.image_uri == "us-docker.pkg.dev/p/r/job:1"
+    code, out, _ = dry_run(tmp_path, capsys, sample_request(tiny_root), "--gpus", "8", "--accelerator", "H100")
+    pool, = vertex.CustomJob.from_json(out).job_spec.worker_pool_specs
+    assert pool.machine_spec.machine_type == "a3-highgpu-8g"
+    assert pool.machine_spec.accelerator_type == vertex.AcceleratorType.NVIDIA_H100_80GB
+
+
+def test_the_builder_refuses_what_cannot_run(tiny_root, tmp_path, capsys):
+    assert dry_run(tmp_path, capsys, sample_request(tiny_root), "--gpus", "3")[2] == \
+        "vertex_job: --gpus: 3 L4 per machine is not a machine shape; choose one of [1, 2, 4, 8]\n"
+    unsloth = sample_request(tiny_root)
+    unsloth["training_config"]["provider"] = "unsloth"
+    code, _, err = dry_run(tmp_path, capsys, unsloth, "--gpus", "2")
+    assert code == 2 and "Unsloth trains on one GPU" in err
+    bad = sample_request(tiny_root)
+    bad["training_config"]["hyperparameters"]["lora_rnk"] = 8
+    code, _, err = dry_run(tmp_path, capsys, bad)
+    assert code == 2 and "lora_rnk" in err
+
+
+def test_nodes_and_ranks_from_what_vertex_and_torchrun_set():
+    spec = {"cluster": {"workerpool0": ["chief-0:2222"], "workerpool1": ["w-0:2222", "w-1:2222"]},
+            "task": {"type": "workerpool1", "index": 1}, "job": {}}
+    assert Nodes.from_env({"CLUSTER_SPEC": json.dumps(spec)}) == Nodes(3, 2, "chief-0", 2222)
+    assert Nodes.from_env({"CLUSTER_SPEC": json.dumps({**spec, "task": {"type": "workerpool0", "index": 0}})}) \
+        == Nodes(3, 0, "chief-0", 2222)
+    assert Nodes.from_env({"MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "1234", "WORLD_SIZE": "2", "RANK": "1"}) == \
+        Nodes(2, 1, "10.0.0.2", 1234)
+    assert Nodes.from_env({}) == Nodes()
+    # Vertex's WORLD_SIZE counts machines: outside a torchrun worker (no LOCAL_RANK) the process is alone
+    assert Topology.from_env({"WORLD_SIZE": "2", "RANK": "1"}) == Topology()
+    place = Topology.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert place.distributed and not place.main and not place.node_main and place.world_size == 4
+
+
+@pytest.mark.parametrize("method,fits,gpu,expected", [
+    ("LoRA", True, True, DDP), ("QLoRA", True, True, DDP), ("LoRA", False, True, FSDP), ("Full", True, True, FSDP),
+    ("Full", True, False, DDP)])  # the Trainer's FSDP needs CUDA: on CPUs DDP, and the document says so
+def test_the_strategy_by_method_size_and_device(method, fits, gpu, expected):
+    assert strategy_for(method, fits, gpu) == expected
+
+
+def test_the_trainer_settings_of_each_strategy_are_the_trainers_own():
+    from trl import SFTConfig
+
+    assert trainer_args(DDP, "LoRA", False) == {"ddp_find_unused_parameters": False}
+    SFTConfig(output_dir="/tmp/x", use_cpu=True, **trainer_args(DDP, "LoRA", False))
+    fsdp = trainer_args(FSDP, "Full", True)
+    assert fsdp["optim"] == "adamw_torch_fused" and fsdp["fsdp"] == "full_shard auto_wrap"
+    assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
+    assert "optim" not in trainer_args(FSDP, "LoRA", True)
