@@ -224,13 +224,16 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
             if time.monotonic() - self.last_save >= minutes * 60:
                 control.should_save = True
             stop = guard.check(needed_s=2 * self.step_s + 1.5 * self.save_s)
-            if place is not None and place.distributed:  # every rank stops at the same step, or none does
-                stop, cancelled = agree(place, bool(stop), guard.cancelled)
+            if place is not None and place.distributed:
+                # every rank stops, and saves (the clock's save is each process's own reading), at the same
+                # step or none does: a save or a stop on one rank alone would leave the others waiting
+                stop, cancelled, save = agree(place, bool(stop), guard.cancelled, control.should_save)
                 if stop and not guard.reason:
                     guard.reason = "another process stopped"
                 guard.cancelled = cancelled
                 if cancelled:
                     guard.reason = "cancelled on request (cancel_requested: true)"
+                control.should_save = save
             if stop:
                 control.should_training_stop = True
                 if not guard.cancelled:
@@ -246,6 +249,7 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
         def on_save(self, args, state, control, **kwargs):
             if place is not None and place.distributed:
                 barrier(place)  # every rank's files of the checkpoint (its RNG state) are written before upload
+            self.last_save = time.monotonic()  # on every rank: the clock's next save is agreed from it
             if not state.is_world_process_zero or self.uploaded == state.global_step:
                 return
             self.finish_upload()
@@ -257,7 +261,7 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
                 return store.upload(folder), time.monotonic() - t
 
             self.pending = (state.global_step, folder, local_s, self.submit(upload))
-            self.uploaded, self.last_save = state.global_step, time.monotonic()
+            self.uploaded = state.global_step
             if control.should_training_stop or state.global_step >= state.max_steps:
                 # Training's last save: the Trainer may delete this folder before on_train_end (after loading
                 # the best checkpoint with save_total_limit 1), so it is in the bucket before on_save returns.

@@ -55,13 +55,13 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             logger.info("request: %s", json.dumps(request.model_dump(mode="json")))
             tracker.describe(request.processed_dataset_id, request.training_config.base_model_id,
                              request.job_name, doc)
+            services = make_services(request)  # a tracker's refusal, before any model library is imported
             launched = launcher(request) if launcher is not None else None
             if launched is not None:
                 return {"launched": launched}  # the workers recorded the job and scrubbed the request
             from providers import PROVIDERS
 
-            job = PROVIDERS[request.training_config.provider](
-                request, settings, make_services(request), settings.workdir)
+            job = PROVIDERS[request.training_config.provider](request, settings, services, settings.workdir)
             job.timings.update(startup=round(startup_s, 3), validate_request=round(parse_s, 3))
             if validate:
                 job.preflight()

@@ -59,7 +59,8 @@ def checkpoints(local_dir: Path, job_id: str) -> list[int]:
 
 
 def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_dir, tiny_root):
-    req = request(tiny_root)
+    # a save by the clock as well as each epoch's: each process reads its own clock, and the ranks must agree
+    req = request(tiny_root, checkpoint_minutes=0.02)
     put_request(local_dir, "one", req)
     put_request(local_dir, "two", req)
     single = subprocess.run([sys.executable, "main.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -75,6 +76,10 @@ def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_d
     writes = dict(re.findall(r"\[rank (\d)\] INFO main: rank \d wrote the job document (\d+) times", out))
     assert writes["1"] == "0" and int(writes["0"]) > 5, out[-3000:]  # counted in each process
     assert out.count("INFO export: uploaded adapter to") == 1 and "[rank 0] INFO export: uploaded adapter" in out
+    uploaded = re.findall(r"\[rank (\d)\] INFO checkpoints: checkpoint-(\d+) uploaded", out)
+    steps = [int(step) for _, step in uploaded]
+    assert {rank for rank, _ in uploaded} == {"0"} and len(steps) == len(set(steps))  # once each, by rank 0
+    assert set(steps) - {15 * e for e in range(1, 9)}, steps  # and saves the clock asked for, between epochs
     exported = local_dir / "gemma-export-bucket" / "trained_adapters" / "two"
     manifest = json.loads((exported / "manifest.json").read_text())
     assert (exported / "adapter_model.safetensors").is_file() and manifest["files"]
