@@ -1,4 +1,4 @@
-"""Run and follow jobs without the upstream training service: the first commands of issue 20.
+"""Run and follow jobs without the upstream training service (issue 20).
 
     python cli.py submit REQUEST.json [--job-id ID]          # validate, store the request, create the
                                                              # document `queued`, start the Cloud Run job
@@ -8,6 +8,10 @@
     python cli.py watch JOB_ID [--interval S]                # follow it until it ends (a bar on a terminal)
     python cli.py list [--limit N]                           # recent jobs: status, step, eval loss
     python cli.py download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
+    python cli.py submit REQUEST.json --vertex --image IMAGE --gpus N [--nodes M] [--dry-run]   # Vertex AI
+    python cli.py logs JOB_ID [--follow] [--local]           # its log lines: Cloud Logging, or the local file
+    python cli.py sweep REQUEST.json [--space SPACE.yaml] --trials N --parallel P [--local]   # Optuna (sweep.py)
+    python cli.py sweep --resume SWEEP_ID                    # continue a stopped sweep
 
 The same environment as main.py chooses the backend (BACKEND, LOCAL_DIR, PROJECT_ID, the bucket names):
 on `local` the buckets and the document store are folders; on `gcp` they are GCS and Firestore. Without
@@ -45,6 +49,13 @@ def submit(args, env) -> int:
         print(f"{args.request}: {e}", file=sys.stderr)
         return 2
     job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
+    if args.vertex:  # several GPUs on Vertex AI (vertex.py)
+        import vertex
+
+        if not args.image:
+            print("submit: --vertex needs --image (the job's image in Artifact Registry)", file=sys.stderr)
+            return 2
+        return vertex.submit(args, env, text, request, job_id)
     settings = settings_for(job_id, env)
     if not args.local and (settings.backend != "gcp" or not settings.project_id):
         print("submit: starting the Cloud Run job needs BACKEND=gcp and PROJECT_ID (the job reads its request "
@@ -298,8 +309,17 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("request", help="the request JSON file")
     p.add_argument("--local", action="store_true", help="run the job in a subprocess here")
     p.add_argument("--job-id", help="the job's id (default: a new one)")
-    p.add_argument("--region", help="the Cloud Run job's region (default CLOUD_RUN_REGION, else us-central1)")
+    p.add_argument("--region", help="the Cloud Run job's or Vertex AI's region (default CLOUD_RUN_REGION, else "
+                   "us-central1)")
     p.add_argument("--cloud-run-job", default="training-job", help="the Cloud Run job's name")
+    p.add_argument("--vertex", action="store_true", help="run it as a Vertex AI custom job on several GPUs")
+    p.add_argument("--image", help="with --vertex: the job's image")
+    p.add_argument("--accelerator", choices=("A100", "A100_80GB", "H100", "L4"), default="L4",
+                   help="with --vertex: the GPU")
+    p.add_argument("--gpus", type=int, default=2, help="with --vertex: GPUs per machine (1, 2, 4 or 8)")
+    p.add_argument("--nodes", type=int, default=1, help="with --vertex: machines")
+    p.add_argument("--timeout-hours", type=float, default=24.0, help="with --vertex: the job's time limit")
+    p.add_argument("--dry-run", action="store_true", help="with --vertex: print the CustomJob; store nothing")
     p = commands.add_parser("status", help="a job's state")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true", help="the whole document as JSON")

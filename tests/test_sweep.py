@@ -23,9 +23,11 @@ def write(tmp_path: Path, name: str, text: str) -> str:
     return str(tmp_path / name)
 
 
-def short_request(tiny_root, epochs: int = 2) -> dict:
+def short_request(tiny_root, epochs: int = 2, **hp) -> dict:
+    """A trial as short as a job gets: no base/tuned comparison (a sweep reads eval_loss)."""
     req = sample_request(tiny_root)
-    req["training_config"]["hyperparameters"].update(epochs=epochs)
+    req["training_config"]["hyperparameters"].update(epochs=epochs, **hp)
+    req["training_config"]["eval_config"]["generation_rows"] = 0
     return req
 
 
@@ -37,7 +39,8 @@ def trial_docs(local_dir: Path, sweep_id: str) -> dict[str, dict]:
 def test_local_sweep_of_six_trials_killed_midway_resumes_without_rerunning_finished_trials(local_dir, tiny_root,
                                                                                         tmp_path):
     env = {k: v for k, v in env_for(local_dir, "unused", OMP_NUM_THREADS="1").items() if k != "JOB_ID"}
-    req, space = write(tmp_path, "req.json", json.dumps(short_request(tiny_root))), write(tmp_path, "s.yaml", SPACE)
+    req = write(tmp_path, "req.json", json.dumps(short_request(tiny_root, max_steps=10)))
+    space = write(tmp_path, "s.yaml", SPACE)
     first = subprocess.Popen(
         [sys.executable, "cli.py", "sweep", req, "--space", space, "--trials", "6", "--parallel", "2", "--local",
          "--seed", "0", "--interval", "0.3", "--sweep-id", "sw"], cwd=ROOT, env={**os.environ, **env},

@@ -1,4 +1,4 @@
-"""The Vertex AI side of issue 18 without calling the API: the CustomJob scripts/vertex_job.py builds is read
+"""The Vertex AI side of issue 18 without calling the API: the CustomJob `cli.py submit --vertex` builds is read
 back by google-cloud-aiplatform's own types (unknown fields and bad enums refused); the nodes and ranks
 the job reads from what Vertex sets; the strategy and its Trainer settings."""
 
@@ -8,16 +8,16 @@ import json
 
 import pytest
 
+import cli
 from conftest import sample_request
 from distributed import DDP, FSDP, Nodes, Topology, strategy_for, trainer_args
-from scripts import vertex_job
 
 
 def dry_run(tmp_path, capsys, req: dict, *args: str) -> tuple[int, str, str]:
     path = tmp_path / "req.json"
     path.write_text(json.dumps(req))
-    code = vertex_job.main([str(path), "--image", "us-docker.pkg.dev/p/r/job:1", "--dry-run", *args],
-                           {"PROJECT_ID": "proj", "GCS_EXPORT_BUCKET_NAME": "exports"})
+    code = cli.main(["submit", str(path), "--vertex", "--image", "us-docker.pkg.dev/p/r/job:1", "--dry-run", *args],
+                    {"PROJECT_ID": "proj", "GCS_EXPORT_BUCKET_NAME": "exports"})
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -50,11 +50,17 @@ def test_the_custom_job_for_two_nodes_of_four_l4s_is_what_the_api_accepts(tiny_r
 
 def test_the_builder_refuses_what_cannot_run(tiny_root, tmp_path, capsys):
     assert dry_run(tmp_path, capsys, sample_request(tiny_root), "--gpus", "3")[2] == \
-        "vertex_job: --gpus: 3 L4 per machine is not a machine shape; choose one of [1, 2, 4, 8]\n"
+        "submit: --gpus: 3 L4 per machine is not a machine shape; choose one of [1, 2, 4, 8]\n"
     unsloth = sample_request(tiny_root)
     unsloth["training_config"]["provider"] = "unsloth"
     code, _, err = dry_run(tmp_path, capsys, unsloth, "--gpus", "2")
     assert code == 2 and "Unsloth trains on one GPU" in err
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(sample_request(tiny_root)))
+    assert cli.main(["submit", str(path), "--vertex", "--dry-run"], {"PROJECT_ID": "p"}) == 2
+    assert "--vertex needs --image" in capsys.readouterr().err
+    assert cli.main(["submit", str(path), "--vertex", "--image", "i", "--dry-run"], {}) == 2
+    assert "--vertex needs PROJECT_ID" in capsys.readouterr().err
     bad = sample_request(tiny_root)
     bad["training_config"]["hyperparameters"]["lora_rnk"] = 8
     code, _, err = dry_run(tmp_path, capsys, bad)
