@@ -19,7 +19,7 @@ from typing import Any
 
 from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
-from distributed import FSDP, Topology, first_on_node, strategy_for, trainer_args as strategy_args
+from distributed import DDP, FSDP, Topology, first_on_node, strategy_for, trainer_args as strategy_args
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
@@ -314,6 +314,11 @@ class BaseTrainingJob:
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if self.strategy == DDP and "quantization_config" in kwargs:
+            import torch
+
+            if torch.cuda.is_available():  # each process quantizes onto its own GPU, not the first one
+                kwargs["device_map"] = {"": self.place.local_rank}
         return kwargs
 
     def check_modules(self) -> None:

@@ -142,7 +142,6 @@ def launch_workers(request: TrainRequest, env, settings: Settings, tracker: JobT
         raise PermanentError("training_config.provider: Unsloth trains in one process on one GPU; this machine "
                              f"would start {nproc * nodes.nnodes}. Set NPROC_PER_NODE=1 (or expose one GPU), or use "
                              "provider 'huggingface'.")
-
     logger.info("starting %d processes per node on %d node(s) (torch.distributed.run)", nproc, nodes.nnodes)
     code, failures = launch(nproc, nodes, settings.job_id, argv)
     if code == 2 and nodes.node_rank == 0:
