@@ -259,7 +259,8 @@ class Sweep:
         trial = optuna.trial.Trial(self.study, frozen._trial_id)  # Optuna's way back to a running trial
         job_id = self.job_id(trial.number)
         doc = self.store.get(job_id)
-        if doc is None:  # asked, not queued: start it now
+        if doc is None or (not self.spec.local and doc.get("status") == "queued"
+                           and not doc.get("cloud_run_execution")):  # asked or queued, never started: start it
             return self.launch(trial)
         run = Running(trial.number, job_id, trial, execution=doc.get("cloud_run_execution"),
                       attempt=doc.get("attempt", 0))
@@ -285,8 +286,6 @@ class Sweep:
         return bool(run.execution) and execution_finished(run.execution, self.env)
 
     def tell(self, run: Running, doc: dict[str, Any]) -> None:
-        from optuna.trial import TrialState
-
         if doc.get("status") == "completed":
             value = (doc.get("metrics") or {}).get(self.spec.metric)
             if not isinstance(value, (int, float)):
