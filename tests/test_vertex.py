@@ -98,3 +98,23 @@ def test_the_trainer_settings_of_each_strategy_are_the_trainers_own():
     assert fsdp["optim"] == "adamw_torch_fused" and fsdp["fsdp"] == "full_shard auto_wrap"
     assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
     assert "optim" not in trainer_args(FSDP, "LoRA", True)
+
+
+def test_the_nodes_other_processes_read_the_files_its_first_one_downloaded(tmp_path):
+    """NodeFiles, the buckets as seen by a node's processes after its first: what the first downloaded is read
+    where it is; what it did not download is fetched; everything else is the store's own."""
+    from distributed import NodeFiles
+    from storage import LocalBlobStore
+
+    blobs = LocalBlobStore(tmp_path / "buckets")
+    for name in ("train.parquet", "eval.parquet"):
+        blobs.write_bytes(f"gs://data/ds/{name}", name.encode())
+    first = tmp_path / "work" / "data"
+    blobs.download("gs://data/ds/train.parquet", first / "train.parquet")  # the node's first process
+    (first / "train.parquet").write_bytes(b"as the first process left it")
+    others = NodeFiles(blobs)
+    assert others.download("gs://data/ds/train.parquet", first / "train.parquet").read_bytes() == \
+        b"as the first process left it"  # not downloaded again
+    got = others.download_dir("gs://data/ds/", first, ["train.parquet", "eval.parquet"])
+    assert [p.read_bytes() for p in got] == [b"as the first process left it", b"eval.parquet"]
+    assert others.list("gs://data/ds/") == blobs.list("gs://data/ds/")
