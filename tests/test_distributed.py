@@ -167,3 +167,22 @@ def test_a_permanent_error_on_rank_1_alone_is_exit_2(local_dir, tiny_root, tmp_p
     doc = read_doc(local_dir, "perm")
     assert doc["status"] == "failed" and doc["error_type"] == "permanent"
     assert "rank 1" in doc["error"] and "unreadable (rank 1 only)" in doc["error"]
+
+
+def test_fsdp2_full_state_dict_saves_a_lora_adapter_whose_merge_is_the_sharded_model(tiny_root, tmp_path):
+    """The FSDP path without a GPU, as far as it runs (the Trainer's FSDP needs CUDA): the job's LoRA on the
+    tiny Gemma 3 sharded with fully_shard per decoder layer over two gloo processes, trained, its full state
+    dict gathered as FULL_STATE_DICT gathers it, saved by PEFT on rank 0, merged: the merge answers as the
+    sharded model did (tests/fsdp_worker.py)."""
+    out = tmp_path / "fsdp.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "tests/fsdp_worker.py", str(tiny_root / "models" / "tiny-gemma3"), str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    layers = json.loads((tiny_root / "models" / "tiny-gemma3" / "config.json").read_text())["num_hidden_layers"]
+    assert got["lora_missing"] == [] and got["unexpected"] == []  # every LoRA weight came back whole
+    assert got["lora_b_trained"] == 3 * layers  # q_proj, v_proj, down_proj of each layer trained
+    assert got["max_logit_diff"] < 1e-4, got
+    assert got["losses"][-1] < got["losses"][0]
