@@ -272,14 +272,11 @@ class BaseTrainingJob:
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id
-        if self.cfg.vision:
-            return load_vision_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/"
-                                      f"{dataset_id}/", self.tracker.store.get_dataset(dataset_id),
-                                      self.workdir / "data", self.cfg.trainer_type,
-                                      tuple(sorted(reference_fields(self.cfg.reward_config))))
-        return load_splits(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/",
-                           self.tracker.store.get_dataset(dataset_id), self.workdir / "data", self.cfg.trainer_type,
-                           tuple(sorted(reference_fields(self.cfg.reward_config))))
+        load = load_vision_splits if self.cfg.vision else load_splits
+        # several processes: the files stay for the node's others to read (NodeFiles), removed with the workdir
+        return load(self.services.blobs, f"gs://{self.settings.data_bucket}/processed_datasets/{dataset_id}/",
+                    self.tracker.store.get_dataset(dataset_id), self.workdir / "data", self.cfg.trainer_type,
+                    tuple(sorted(reference_fields(self.cfg.reward_config))), keep=self.place.distributed)
 
     def check_hub_access(self) -> None:
         """Before anything is trained: the token can read the base model and write the destination repo."""

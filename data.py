@@ -64,8 +64,10 @@ def split_uris(listing: list[str], prefix_uri: str, metadata: dict[str, Any] | N
     return splits
 
 
-def read_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
-    """Each split under `prefix` (see split_uris) as a pyarrow table; the downloaded file is gone once read."""
+def read_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path, keep: bool = False
+                ) -> dict[str, Any]:
+    """Each split under `prefix` (see split_uris) as a pyarrow table; the downloaded file is gone once read,
+    unless `keep` (several processes on a machine: the others read the file the first one downloaded)."""
     import pyarrow.parquet as pq
 
     uris = split_uris([] if metadata and metadata.get("splits") else blobs.list(prefix), prefix, metadata)
@@ -73,16 +75,17 @@ def read_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Pat
     for split, uri in uris.items():
         path = blobs.download(uri, folder / uri.rsplit("/", 1)[-1])
         out[split] = pq.read_table(path)
-        path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
+        if not keep:
+            path.unlink()  # on Cloud Run the disk is memory: keep the rows, not the file
     return out
 
 
 def load_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder: Path, trainer_type: str,
-                refs: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+                refs: tuple[str, ...] = (), keep: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Each split's rows under `prefix` (see split_uris), checked for the trainer type, with the reward
-    graders' reference columns `refs` kept beside the row form's columns."""
+    graders' reference columns `refs` kept beside the row form's columns (`keep`: see read_splits)."""
     out = {}
-    for split, table in read_splits(blobs, prefix, metadata, folder).items():
+    for split, table in read_splits(blobs, prefix, metadata, folder, keep).items():
         form = row_form(table.column_names, trainer_type)
         check_reference_columns(table.column_names, split, refs)
         out[split] = check_rows(table.select(list(form + refs)).to_pylist(), form, split, trainer_type, refs)

@@ -172,7 +172,10 @@ class NodeFiles:
         self.blobs = blobs
 
     def download(self, uri: str, path: Path) -> Path:
-        return path if Path(path).is_file() else self.blobs.download(uri, path)
+        if Path(path).is_file():
+            logger.info("%s: read where the node's first process downloaded it", uri)
+            return path
+        return self.blobs.download(uri, path)
 
     def download_dir(self, prefix_uri: str, local_dir: Path, names: list[str]) -> list[Path]:
         missing = [n for n in names if not (Path(local_dir) / n).is_file()]

@@ -77,7 +77,9 @@ class LocalBlobStore:
         if not src.is_file():
             raise MissingObject(f"{uri} not found (local backend: {src})")
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.downloading")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)  # whole or not at all, whoever else is reading or writing it
         return path
 
     def download_dir(self, prefix_uri: str, local_dir: Path, names: list[str]) -> list[Path]:

@@ -187,12 +187,12 @@ def check_vision_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: 
 
 
 def load_vision_splits(blobs, prefix: str, metadata: dict[str, Any] | None, folder, trainer_type: str = "sft",
-                       refs: tuple[str, ...] = ()) -> dict[str, VisionSplit]:
+                       refs: tuple[str, ...] = (), keep: bool = False) -> dict[str, VisionSplit]:
     """Each split's image+text rows (data.read_splits finds and reads them), with the GRPO graders'
     reference columns `refs`; a dataset whose train rows carry no image is refused: it is a text dataset
     sent as 'vision'."""
     out, columns = {}, {}
-    for split, table in read_splits(blobs, prefix, metadata, folder).items():
+    for split, table in read_splits(blobs, prefix, metadata, folder, keep).items():
         form = columns[split] = vision_form(table.column_names, trainer_type)
         check_reference_columns(table.column_names, split, refs)
         out[split] = check_vision_rows(table.select(list(form + refs)).to_pylist(), form, split, refs)

@@ -60,7 +60,7 @@ def checkpoints(local_dir: Path, job_id: str) -> list[int]:
 
 def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_dir, tiny_root):
     # a save by the clock as well as each epoch's: each process reads its own clock, and the ranks must agree
-    req = request(tiny_root, checkpoint_minutes=0.02, epochs=4)
+    req = request(tiny_root, checkpoint_minutes=0.005, epochs=4)
     put_request(local_dir, "one", req)
     put_request(local_dir, "two", req)
     single = subprocess.run([sys.executable, "main.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -76,6 +76,9 @@ def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_d
     writes = dict(re.findall(r"\[rank (\d)\] INFO main: rank \d wrote the job document (\d+) times", out))
     assert writes["1"] == "0" and int(writes["0"]) > 5, out[-3000:]  # counted in each process
     assert out.count("INFO export: uploaded adapter to") == 1 and "[rank 0] INFO export: uploaded adapter" in out
+    # one download per machine: rank 1 read the dataset rank 0 had downloaded
+    assert "[rank 1] INFO distributed: gs://gemma-dataset-bucket/processed_datasets/tiny-animals/train.parquet: " \
+        "read where the node's first process downloaded it" in out
     uploaded = re.findall(r"\[rank (\d)\] INFO checkpoints: checkpoint-(\d+) uploaded", out)
     steps = [int(step) for _, step in uploaded]
     assert {rank for rank, _ in uploaded} == {"0"} and len(steps) == len(set(steps))  # once each, by rank 0
