@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -39,7 +38,6 @@ from launch import (cloud_run_job_name, execution_finished, queue_job, run_cloud
 from request import parse_request
 from schema import Hyperparameters
 
-logger = logging.getLogger("sweep")
 
 # What Optuna users expect to tune, for the methods it applies to (the LoRA fields only with an adapter).
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -52,7 +50,6 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 }
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout")
 MAXIMISED = ("accuracy", "reward_mean", "rouge_l", "exact_match", "bleu", "f1")
-TERMINAL = ("completed", "failed")
 
 
 @dataclass
