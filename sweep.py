@@ -38,7 +38,6 @@ from launch import (cloud_run_job_name, execution_finished, queue_job, run_cloud
 from request import parse_request
 from schema import Hyperparameters
 
-
 # What Optuna users expect to tune, for the methods it applies to (the LoRA fields only with an adapter).
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True},
