@@ -88,13 +88,19 @@ class Nodes:
         MASTER_ADDR/MASTER_PORT with WORLD_SIZE and RANK counting machines, as Vertex sets them; else one."""
         spec = env.get("CLUSTER_SPEC")
         if spec:
-            cluster = json.loads(spec)
-            pools = cluster["cluster"]
-            hosts = [h for name in sorted(pools) for h in pools[name]]  # workerpool0, workerpool1, ...
-            task = cluster["task"]
-            before = sum(len(pools[name]) for name in sorted(pools) if name < task["type"])
-            addr, _, port = hosts[0].partition(":")
-            return cls(len(hosts), before + int(task["index"]), addr, int(port or 29500))
+            try:
+                cluster = json.loads(spec)
+                pools = cluster["cluster"]
+                hosts = [h for name in sorted(pools) for h in pools[name]]  # workerpool0, workerpool1, ...
+                task = cluster["task"]
+                before = sum(len(pools[name]) for name in sorted(pools) if name < task["type"])
+                addr, _, port = hosts[0].partition(":")
+                return cls(len(hosts), before + int(task["index"]), addr, int(port or 29500))
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                from errors import RequestError
+
+                raise RequestError(f"CLUSTER_SPEC is not Vertex AI's cluster spec ({type(e).__name__}: {e}); Vertex "
+                                   "sets it: unset it to run on one machine") from None
         if env.get("MASTER_ADDR") and int(env.get("WORLD_SIZE", 1)) > 1:
             return cls(int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), env["MASTER_ADDR"],
                        int(env.get("MASTER_PORT", 29500)))

@@ -36,7 +36,7 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "data_bucket": "GCS_DATA_BUCKET_NAME", "export_bucket": "GCS_EXPORT_BUCKET_NAME",
        "export_files_bucket": "GCS_EXPORT_FILES_BUCKET_NAME", "hf_token": "HF_TOKEN",
        "hf_endpoint": "HF_ENDPOINT", "wandb_api_key": "WANDB_API_KEY", "wandb_mode": "WANDB_MODE",
-       "wandb_init_timeout_s": "WANDB_INIT_TIMEOUT", "local_dir": "LOCAL_DIR",
+       "wandb_init_timeout_s": "WANDB_INIT_TIMEOUT", "local_dir": "LOCAL_DIR", "work_dir": "WORK_DIR",
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
        "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
@@ -86,8 +86,15 @@ def main(argv: list[str] | None = None, env=None) -> int:
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     redact.add(*(env.get(name, "") for name in TRACKER_SECRETS))  # read by comet_ml's and mlflow's own clients
     store = open_store(settings, dry_run=args.validate)
-    # in a worker of several: rank 0 alone writes the document; the node's first process downloads for it
-    tracker = JobTracker(store if place.main else ReadOnlyStore(store), settings.job_id, settings.attempt,
+    try:
+        nodes = Nodes.from_env(env)
+    except PermanentError as e:
+        print(f"invalid environment: {e}", file=sys.stderr)
+        return 2
+    # of several processes, rank 0 alone writes the document (a launcher only on the first machine); the node's
+    # first process downloads for the others
+    writes = place.main and (place.distributed or nodes.node_rank == 0)
+    tracker = JobTracker(store if writes else ReadOnlyStore(store), settings.job_id, settings.attempt,
                          redact=redact.redact, execution=settings.execution)
     if place.distributed:  # said at the end of each worker: rank 0 writes, the others do not
         import atexit
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
         settings.backend == "local" and not env.get("JOB_ID")) else None
     launcher = None
     if not args.validate and not place.distributed:  # more than one GPU: checked here once, then one worker each
-        launcher = lambda request: launch_workers(request, env, settings, tracker, argv)  # noqa: E731
+        launcher = lambda request: launch_workers(request, env, nodes, settings, tracker, argv)  # noqa: E731
     try:
         start(place)
         with guard:
@@ -127,7 +134,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
     return 0
 
 
-def launch_workers(request: TrainRequest, env, settings: Settings, tracker: JobTracker, argv: list[str]) -> int | None:
+def launch_workers(request: TrainRequest, env, nodes: Nodes, settings: Settings, tracker: JobTracker,
+                   argv: list[str]) -> int | None:
     """With more than one GPU visible (or NPROC_PER_NODE above 1) or several nodes, one worker per GPU, each
     `main.py` again, and the job's exit code from theirs; None (run here, in this process) otherwise. A
     permanent error on any rank is exit 2, and said in the document if rank 0 did not say it (it was stopped
@@ -135,7 +143,7 @@ def launch_workers(request: TrainRequest, env, settings: Settings, tracker: JobT
     torch, which a bad request never waits for."""
     from distributed import launch
 
-    nproc, nodes = processes_per_node(env), Nodes.from_env(env)
+    nproc = processes_per_node(env)
     if nproc <= 1 and nodes.nnodes <= 1:
         return None
     if request.training_config.provider == "unsloth":
@@ -144,7 +152,7 @@ def launch_workers(request: TrainRequest, env, settings: Settings, tracker: JobT
                              "provider 'huggingface'.")
     logger.info("starting %d processes per node on %d node(s) (torch.distributed.run)", nproc, nodes.nnodes)
     code, failures = launch(nproc, nodes, settings.job_id, argv)
-    if code == 2 and nodes.node_rank == 0:
+    if code == 2:  # on the first machine (the others' trackers do not write)
         rank, failure = min((r, f) for r, f in failures.items() if f.exitcode == 2)
         doc = tracker.read() or {}
         if not (doc.get("status") == "failed" and doc.get("error_type") == "permanent"):

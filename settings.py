@@ -20,6 +20,8 @@ class Settings(StrictModel):
     job_id: str = Field(pattern=SAFE_ID)
     backend: Literal["gcp", "local"] = "local"
     local_dir: str = "./.local"
+    work_dir: str | None = Field(None, description="Where the job's own files go (WORK_DIR): a machine's disk; "
+                                 "default LOCAL_DIR/work.")
     project_id: str | None = None
     firestore_db: str = "(default)"
     config_bucket: str = "gemma-train-config"
@@ -81,8 +83,9 @@ class Settings(StrictModel):
 
     @property
     def workdir(self) -> Path:
-        """The job's own folder for downloads, checkpoints and exports, removed when the attempt ends."""
-        return Path(self.local_dir) / "work" / self.job_id
+        """The job's own folder for downloads, checkpoints and exports, removed when the attempt ends: under
+        WORK_DIR (a machine's own disk, one per node of several), else LOCAL_DIR/work."""
+        return Path(self.work_dir or Path(self.local_dir) / "work") / self.job_id
 
     @property
     def request_uri(self) -> str:

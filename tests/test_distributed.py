@@ -189,3 +189,26 @@ def test_fsdp2_full_state_dict_saves_a_lora_adapter_whose_merge_is_the_sharded_m
     assert got["lora_b_trained"] == 3 * layers  # q_proj, v_proj, down_proj of each layer trained
     assert got["max_logit_diff"] < 1e-4, got
     assert got["losses"][-1] < got["losses"][0]
+
+
+def test_two_machines_from_vertex_cluster_spec(local_dir, tiny_root, tmp_path):
+    """Two nodes as Vertex AI describes them (CLUSTER_SPEC: the chief in workerpool0, the other in
+    workerpool1), here two launchers on one machine with a disk each (WORK_DIR): they meet at the chief's
+    address (c10d rendezvous), train one model as two ranks, and only the chief's rank 0 writes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = {"workerpool0": [f"localhost:{port}"], "workerpool1": [f"localhost:{port}"]}
+    put_request(local_dir, "nodes", request(tiny_root, epochs=2))
+    launchers = [start(local_dir, "nodes", nproc=1, WORK_DIR=str(tmp_path / f"disk-{n}"), CLUSTER_SPEC=json.dumps(
+        {"cluster": cluster, "task": {"type": f"workerpool{n}", "index": 0}, "job": {}})) for n in (0, 1)]
+    (chief, chief_out), (other, other_out) = [finish(job) for job in launchers]
+    assert chief == other == 0, (chief_out[-2000:], other_out[-2000:])
+    doc = read_doc(local_dir, "nodes")
+    assert doc["status"] == "completed" and doc["distributed"]["world_size"] == 2 and doc["step"] == 30
+    assert "starting 1 processes per node on 2 node(s)" in chief_out and "on 2 node(s)" in other_out
+    assert "rank 1 wrote the job document 0 times" in chief_out + other_out
+    assert "created job document" not in other_out  # the second machine's launcher does not write either
+    assert (local_dir / "gemma-export-bucket" / "trained_adapters" / "nodes" / "adapter_model.safetensors").is_file()

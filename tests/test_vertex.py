@@ -76,6 +76,10 @@ def test_nodes_and_ranks_from_what_vertex_and_torchrun_set():
     assert Nodes.from_env({"MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "1234", "WORLD_SIZE": "2", "RANK": "1"}) == \
         Nodes(2, 1, "10.0.0.2", 1234)
     assert Nodes.from_env({}) == Nodes()
+    from errors import RequestError
+
+    with pytest.raises(RequestError, match="CLUSTER_SPEC is not Vertex AI's cluster spec"):
+        Nodes.from_env({"CLUSTER_SPEC": '{"cluster": {}}'})
     # Vertex's WORLD_SIZE counts machines: outside a torchrun worker (no LOCAL_RANK) the process is alone
     assert Topology.from_env({"WORLD_SIZE": "2", "RANK": "1"}) == Topology()
     place = Topology.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
