@@ -101,16 +101,29 @@ class Nodes:
 
                 raise RequestError(f"CLUSTER_SPEC is not Vertex AI's cluster spec ({type(e).__name__}: {e}); Vertex "
                                    "sets it: unset it to run on one machine") from None
-        if env.get("MASTER_ADDR") and int(env.get("WORLD_SIZE", 1)) > 1:
-            return cls(int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), env["MASTER_ADDR"],
-                       int(env.get("MASTER_PORT", 29500)))
+        try:
+            if env.get("MASTER_ADDR") and int(env.get("WORLD_SIZE", 1)) > 1:
+                return cls(int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), env["MASTER_ADDR"],
+                           int(env.get("MASTER_PORT", 29500)))
+        except ValueError:
+            from errors import RequestError
+
+            raise RequestError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r}, MASTER_PORT="
+                               f"{env.get('MASTER_PORT')!r}: Vertex AI sets these to integers; unset them to run on "
+                               "one machine") from None
         return cls()
 
 
 def processes_per_node(env) -> int:
     """NPROC_PER_NODE if set, else the visible GPUs (0 or 1: one process, no launcher)."""
     if env.get("NPROC_PER_NODE"):
-        return int(env["NPROC_PER_NODE"])
+        value = env["NPROC_PER_NODE"]
+        if not value.isdigit() or int(value) < 1:
+            from errors import RequestError
+
+            raise RequestError(f"NPROC_PER_NODE={value!r}: the processes (GPUs) per machine, a whole number from 1; "
+                               "unset it for one per visible GPU")
+        return int(value)
     try:
         import torch
 

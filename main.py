@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
     redact.add(*(env.get(name, "") for name in TRACKER_SECRETS))  # read by comet_ml's and mlflow's own clients
     store = open_store(settings, dry_run=args.validate)
-    try:
-        nodes = Nodes.from_env(env)
+    try:  # the machines, for a launcher (a worker's MASTER_ADDR and WORLD_SIZE are torchrun's, not Vertex's)
+        nodes = Nodes() if place.distributed else Nodes.from_env(env)
     except PermanentError as e:
         print(f"invalid environment: {e}", file=sys.stderr)
         return 2

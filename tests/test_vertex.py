@@ -80,6 +80,14 @@ def test_nodes_and_ranks_from_what_vertex_and_torchrun_set():
 
     with pytest.raises(RequestError, match="CLUSTER_SPEC is not Vertex AI's cluster spec"):
         Nodes.from_env({"CLUSTER_SPEC": '{"cluster": {}}'})
+    with pytest.raises(RequestError, match="WORLD_SIZE='two'"):
+        Nodes.from_env({"MASTER_ADDR": "h", "WORLD_SIZE": "two"})
+    from distributed import processes_per_node
+
+    assert processes_per_node({"NPROC_PER_NODE": "3"}) == 3
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(RequestError, match=f"NPROC_PER_NODE='{bad}'"):
+            processes_per_node({"NPROC_PER_NODE": bad})
     # Vertex's WORLD_SIZE counts machines: outside a torchrun worker (no LOCAL_RANK) the process is alone
     assert Topology.from_env({"WORLD_SIZE": "2", "RANK": "1"}) == Topology()
     place = Topology.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
