@@ -36,7 +36,7 @@ from errors import PermanentError, RequestError
 from launch import (cloud_run_job_name, execution_finished, queue_job, run_cloud_job,
                     settings_for, start_local, stop_local)
 from request import parse_request
-from schema import Hyperparameters
+from schema import Hyperparameters, normalise
 
 # What Optuna users expect to tune, for the methods it applies to (the LoRA fields only with an adapter).
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -122,9 +122,12 @@ def distributions(space: dict[str, Any]):
 
 
 def trial_request(request: dict[str, Any], params: dict[str, Any], sweep_id: str, number: int) -> dict[str, Any]:
-    out = copy.deepcopy(request)
+    """The request with the trial's hyperparameters, in the grouped form whatever form it came in: in the
+    training service's flat form the hyperparameters sit in training_config itself, where a value merged into
+    a `hyperparameters` group beside them would be overridden by the request's own (schema.normalise)."""
+    out = normalise(copy.deepcopy(request))
     tc = out.setdefault("training_config", {})
-    tc.setdefault("hyperparameters", {}).update(params)
+    tc["hyperparameters"] = {**(tc.get("hyperparameters") or {}), **params}
     out["job_name"] = f"{request.get('job_name') or 'sweep'} (sweep {sweep_id}, trial {number})"
     return out
 
@@ -206,24 +209,27 @@ class Sweep:
 
     # --- the sweep's own record -------------------------------------------------------------------------
     @staticmethod
-    def create(spec: SweepSpec, env) -> None:
+    def record(sweep_id: str, env):
+        """The buckets and the URI of sweep.json (a sweep id is checked as a job id is)."""
         from services import make_blobs
 
-        settings = settings_for(spec.sweep_id, env)
-        uri = f"gs://{settings.export_bucket}/sweeps/{spec.sweep_id}/sweep.json"
-        if not make_blobs(settings).write_new(uri, json.dumps(asdict(spec), indent=1).encode()):
+        settings = settings_for(sweep_id, env)
+        return make_blobs(settings), f"gs://{settings.export_bucket}/sweeps/{sweep_id}/sweep.json"
+
+    @staticmethod
+    def create(spec: SweepSpec, env) -> None:
+        blobs, uri = Sweep.record(spec.sweep_id, env)
+        if not blobs.write_new(uri, json.dumps(asdict(spec), indent=1).encode()):
             raise RequestError(f"sweep {spec.sweep_id} exists already ({uri}): continue it with --resume "
                                f"{spec.sweep_id}, or choose another --sweep-id")
 
     @staticmethod
     def load(sweep_id: str, env) -> SweepSpec:
-        from services import make_blobs
         from storage import MissingObject
 
-        settings = settings_for(sweep_id, env)
-        uri = f"gs://{settings.export_bucket}/sweeps/{sweep_id}/sweep.json"
+        blobs, uri = Sweep.record(sweep_id, env)
         try:
-            return SweepSpec(**json.loads(make_blobs(settings).read_bytes(uri)))
+            return SweepSpec(**json.loads(blobs.read_bytes(uri)))
         except MissingObject:
             raise RequestError(f"no sweep {sweep_id}: {uri} not found") from None
 
@@ -440,7 +446,6 @@ def start(args, env, out=print) -> int:
                          trials=args.trials, parallel=args.parallel, metric=args.metric,
                          direction=args.direction or direction_for(args.metric), local=args.local,
                          prune=args.prune, seed=args.seed, region=args.region, cloud_run_job=args.cloud_run_job)
-        settings_for(spec.sweep_id, env)  # a valid id
         Sweep.create(spec, env)
         out(f"sweep {spec.sweep_id}: {spec.trials} trials, {spec.parallel} at a time, {spec.direction} "
             f"{spec.metric}; space {', '.join(spec.space)}")

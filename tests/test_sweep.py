@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import cli
 from conftest import ROOT, env_for, read_doc, sample_request
 
@@ -211,3 +213,26 @@ def test_a_sweep_on_cloud_run_runs_each_trial_as_an_execution(gcp, tiny_root, tm
     assert promoted and promoted == gcp.blobs(gcp.export_bucket, f"trained_adapters/{best}/")
     assert json.loads(gcp.blobs(gcp.config_bucket, f"{best}.json")[""])["training_config"]["hyperparameters"][
         "lora_rank"] == results["best"]["params"]["lora_rank"]
+
+
+@pytest.mark.parametrize("form", ["facet", "facet_flat", "predecessor_flat"])
+def test_a_trial_of_a_platform_request_trains_with_the_trials_values(form, tiny_root):
+    """A request exactly as the training service (or its predecessor) serialises it, nulls included: the
+    space is checked against it, and each trial's values are what the job reads, also in the flat forms,
+    where training_config's own learning_rate would otherwise win over a merged `hyperparameters` group."""
+    import platform_requests
+    from request import parse_request
+    from sweep import check_space, distributions, trial_request
+
+    base = str(tiny_root / "models" / "tiny-gemma3")
+    build = {"facet": platform_requests.facet_request, "facet_flat": platform_requests.facet_flat,
+             "predecessor_flat": platform_requests.predecessor_flat}[form]
+    req = build(base_model_id=base, dataset="tiny-animals") if form != "facet" else \
+        build("sft", base_model_id=base, dataset="tiny-animals")
+    space = {"learning_rate": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "lora_rank": {"choices": [4, 8]}}
+    check_space(req, distributions(space))
+    trial = trial_request(req, {"learning_rate": 0.0042, "lora_rank": 4}, "s", 3)
+    hp = parse_request(json.dumps(trial)).training_config.hyperparameters
+    assert (hp.learning_rate, hp.lora_rank) == (0.0042, 4)
+    assert hp.batch_size == parse_request(json.dumps(req)).training_config.hyperparameters.batch_size  # kept
+    assert trial["job_name"].endswith("(sweep s, trial 3)")
