@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from errors import RequestError
+
 logger = logging.getLogger(__name__)
 
 DDP, FSDP = "ddp", "fsdp"
@@ -48,14 +50,10 @@ class Topology:
         try:
             values = [int(env.get(name, default)) for name, default in zip(names, (1, 0, 0, 1))]
         except ValueError:
-            from errors import RequestError
-
             raise RequestError(f"{', '.join(f'{n}={env.get(n)!r}' for n in names if n in env)}: torchrun sets these "
                                "to integers; unset them, or start the job with torchrun or python main.py") from None
         place = cls(*values)
         if not 0 <= place.rank < place.world_size:
-            from errors import RequestError
-
             raise RequestError(f"RANK={place.rank} is not below WORLD_SIZE={place.world_size}: torchrun sets both; "
                                "unset them, or start the job with torchrun or python main.py")
         return place
@@ -97,8 +95,6 @@ class Nodes:
                 addr, _, port = hosts[0].partition(":")
                 return cls(len(hosts), before + int(task["index"]), addr, int(port or 29500))
             except (ValueError, KeyError, TypeError, IndexError) as e:
-                from errors import RequestError
-
                 raise RequestError(f"CLUSTER_SPEC is not Vertex AI's cluster spec ({type(e).__name__}: {e}); Vertex "
                                    "sets it: unset it to run on one machine") from None
         try:
@@ -106,8 +102,6 @@ class Nodes:
                 return cls(int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), env["MASTER_ADDR"],
                            int(env.get("MASTER_PORT", 29500)))
         except ValueError:
-            from errors import RequestError
-
             raise RequestError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r}, MASTER_PORT="
                                f"{env.get('MASTER_PORT')!r}: Vertex AI sets these to integers; unset them to run on "
                                "one machine") from None
@@ -119,8 +113,6 @@ def processes_per_node(env) -> int:
     if env.get("NPROC_PER_NODE"):
         value = env["NPROC_PER_NODE"]
         if not value.isdigit() or int(value) < 1:
-            from errors import RequestError
-
             raise RequestError(f"NPROC_PER_NODE={value!r}: the processes (GPUs) per machine, a whole number from 1; "
                                "unset it for one per visible GPU")
         return int(value)

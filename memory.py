@@ -242,12 +242,10 @@ def check_host(cfg, total: int, embeddings: int, limit: float, cache_dropped: bo
         f"the container has {limit / GIB:.1f} GiB; {advice}, or a smaller model.")
 
 
-def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
-    """What fits on an L4 (22 GiB usable of 24 GB), batch 2 x 1024 tokens (the request's defaults). 4B and
-    up are image+text models: their SigLIP vision tower (about 0.4B parameters) is loaded too."""
+def gemma3_shapes():
+    """(name, config, parameters, embedding parameters) of the Gemma 3 sizes, built from their published
+    shapes. 4B and up are image+text models: their SigLIP vision tower (about 0.4B parameters) is loaded too."""
     from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    from schema import TrainRequest
 
     shapes = {"gemma-3-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=256),
@@ -257,16 +255,22 @@ def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
                                  num_attention_heads=8, num_key_value_heads=4, head_dim=256),
               "gemma-3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
                                   num_attention_heads=16, num_key_value_heads=8, head_dim=256)}
-    rows = []
     for name, shape in shapes.items():
         config = Gemma3TextConfig(vocab_size=262144, **shape)
         if name not in ("gemma-3-270m", "gemma-3-1b"):
             config = Gemma3Config(text_config=config.to_dict(), vision_config=SiglipVisionConfig(
                 hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                 image_size=896, patch_size=14, vision_use_head=False).to_dict())
-        total, emb = count_params(config)
-        row: dict[str, Any] = {"model": name, "params_b": round(total / 1e9, 2), "_config": config,
-                               "_total": total, "_emb": emb}
+        yield (name, config, *count_params(config))
+
+
+def table(gpu_gib: float = 22.0) -> list[dict[str, Any]]:
+    """What fits on an L4 (22 GiB usable of 24 GB), batch 2 x 1024 tokens (the request's defaults)."""
+    from schema import TrainRequest
+
+    rows = []
+    for name, config, total, emb in gemma3_shapes():
+        row: dict[str, Any] = {"model": name, "params_b": round(total / 1e9, 2)}
         for method in ("Full", "LoRA", "QLoRA"):
             est = estimate_bytes(total, emb, method, 2, 1024, config)
             row[method] = f"{est['total'] / GIB:.1f} GiB {'fits' if est['total'] <= HEADROOM * gpu_gib * GIB else 'no'}"
@@ -287,10 +291,9 @@ def multi_gpu_table() -> list[dict[str, Any]]:
     from distributed import FSDP, strategy_for
 
     rows = []
-    for row in table():
-        config, total, emb = row.pop("_config"), row.pop("_total"), row.pop("_emb")
+    for name, config, total, emb in gemma3_shapes():
         for method in ("Full", "LoRA", "QLoRA"):
-            out: dict[str, Any] = {"model": row["model"], "method": method}
+            out: dict[str, Any] = {"model": name, "method": method}
             for gpus, gib, label in ((2, 22.0, "2 x L4"), (4, 22.0, "4 x L4"), (8, 22.0, "8 x L4"),
                                      (8, 74.0, "8 x 80 GB")):
                 one = estimate_bytes(total, emb, method, 2, 1024, config)
@@ -309,6 +312,6 @@ HOST_EXPORTS = {"adapter": {}, "adapter+gguf q4_k_m": {"include_gguf": True, "gg
 
 if __name__ == "__main__":
     for r in table():
-        print({k: v for k, v in r.items() if not k.startswith("_")})
+        print(r)
     for r in multi_gpu_table():
         print(r)

@@ -105,7 +105,8 @@ def test_the_trainer_settings_of_each_strategy_are_the_trainers_own():
     from trl import SFTConfig
 
     assert trainer_args(DDP, "LoRA", False) == {"ddp_find_unused_parameters": False}
-    SFTConfig(output_dir="/tmp/x", use_cpu=True, **trainer_args(DDP, "LoRA", False))
+    assert SFTConfig(output_dir="/tmp/x", use_cpu=True, **trainer_args(DDP, "LoRA", False)) \
+        .ddp_find_unused_parameters is False  # what the Trainer hands DDP, not its PeftModel default (True)
     fsdp = trainer_args(FSDP, "Full", True)
     assert fsdp["optim"] == "adamw_torch_fused" and fsdp["fsdp"] == "full_shard auto_wrap"
     assert fsdp["fsdp_config"]["fsdp_version"] == 2 and fsdp["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
