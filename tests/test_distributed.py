@@ -87,6 +87,19 @@ def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_d
     manifest = json.loads((exported / "manifest.json").read_text())
     assert (exported / "adapter_model.safetensors").is_file() and manifest["files"]
     assert not checkpoints(local_dir, "two")  # cleared once done, by rank 0
+    # what two processes trained loads in the inference service's pinned peft and transformers as one's does
+    from test_consumers import PROMPT, consumer, our_logits
+
+    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), PROMPT, str(exported),
+                          str(local_dir / "consumed.json")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((local_dir / "consumed.json").read_text())
+    import torch
+
+    ours = our_logits(exported, got["input_ids"])
+    assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")
+    assert torch.allclose(torch.tensor(got["auto_logits"]), ours, atol=1e-4)
+    assert torch.allclose(torch.tensor(got["peft_logits"]), ours, atol=1e-4)
 
 
 def test_a_rank_killed_mid_training_fails_the_attempt_and_the_rerun_resumes(local_dir, tiny_root):
