@@ -270,6 +270,17 @@ def launch(nproc: int, nodes: Nodes, job_id: str, argv: list[str]) -> tuple[int,
     return 0, {}
 
 
+class WorkersFailed(RuntimeError):
+    """A worker crashed or was killed (not a permanent error): recorded by the launcher, which outlives it."""
+
+
+def describe_failure(failure) -> str:
+    """A torch elastic ProcessFailure in words: the signal that killed the worker, or its exit code."""
+    if failure.exitcode < 0:
+        return f"killed by {failure.signal_name()}"
+    return f"exited {failure.exitcode}"
+
+
 def record_error(e: BaseException) -> None:
     """In a worker: the error, for the launcher to read (torch elastic's error file), where one is asked for."""
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):

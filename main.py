@@ -141,7 +141,7 @@ def launch_workers(request: TrainRequest, env, nodes: Nodes, settings: Settings,
     permanent error on any rank is exit 2, and said in the document if rank 0 did not say it (it was stopped
     by the launcher when another rank failed). Called once the request is valid: counting the GPUs imports
     torch, which a bad request never waits for."""
-    from distributed import launch
+    from distributed import WorkersFailed, describe_failure, launch
 
     nproc = processes_per_node(env)
     if nproc <= 1 and nodes.nnodes <= 1:
@@ -159,6 +159,11 @@ def launch_workers(request: TrainRequest, env, nodes: Nodes, settings: Settings,
             # torch elastic's error file: {"message": "Type: text", "extraInfo": {...}} (record_error wrote it)
             message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
             tracker.fail(PermanentError(f"rank {rank}: {message}"))
+    elif code:  # a rank crashed or was killed; rank 0 may have been stopped before it could say so
+        doc = tracker.read() or {}
+        if doc.get("status") not in ("failed", "completed"):
+            tracker.fail(WorkersFailed("; ".join(f"rank {r}: {describe_failure(f)}" for r, f in sorted(failures.items()))
+                                       + " (a retry resumes from the newest complete checkpoint)"))
     if code:
         logger.error("workers failed: %s", {r: f.exitcode for r, f in failures.items()})
     return code

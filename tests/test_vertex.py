@@ -131,3 +131,36 @@ def test_the_nodes_other_processes_read_the_files_its_first_one_downloaded(tmp_p
     got = others.download_dir("gs://data/ds/", first, ["train.parquet", "eval.parquet"])
     assert [p.read_bytes() for p in got] == [b"as the first process left it", b"eval.parquet"]
     assert others.list("gs://data/ds/") == blobs.list("gs://data/ds/")
+
+
+@pytest.mark.parametrize("status, recorded", [("training", True), ("failed", False)])
+def test_the_launcher_records_a_killed_rank_that_rank_0_did_not_record(tmp_path, tiny_root, monkeypatch, status,
+                                                                      recorded):
+    """A rank killed (SIGKILL) while rank 0 is stopped before it can write: the launcher, which outlives both,
+    marks the job failed and retryable, naming the rank and the signal; what rank 0 did write is kept."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    import distributed
+    import main
+    from job_manager import JobTracker, LocalJobStore
+    from schema import TrainRequest
+    from settings import Settings
+
+    store = LocalJobStore(tmp_path)
+    store.create("k", {"job_id": "k", "status": status, "error": "rank 0: SIGTERM"})
+    failures = {0: ProcessFailure(0, 11, -signal.SIGTERM, str(tmp_path / "none")),
+                1: ProcessFailure(1, 12, -signal.SIGKILL, str(tmp_path / "none"))}
+    monkeypatch.setattr(distributed, "launch", lambda *args: (1, failures))
+    request = TrainRequest.model_validate(sample_request(tiny_root))
+    code = main.launch_workers(request, {"NPROC_PER_NODE": "2"}, Nodes(), Settings(job_id="k"),
+                               JobTracker(store, "k"), [])
+    doc = store.get("k")
+    assert code == 1 and doc["status"] == "failed"
+    if recorded:
+        assert doc["error_type"] == "retryable" and doc["error"] == (
+            "WorkersFailed: rank 0: killed by SIGTERM; rank 1: killed by SIGKILL "
+            "(a retry resumes from the newest complete checkpoint)")
+    else:
+        assert doc["error"] == "rank 0: SIGTERM" and "error_type" not in doc
