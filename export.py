@@ -23,7 +23,6 @@ llama-cpp-python's compiled llama.cpp. No provider builds llama.cpp at run time.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from typing import Any
 
 from cards import CardFacts, base_license, model_card, modelfile
 from errors import PermanentError
+from libraries import cpu_threads
 from schema import GGUF_DIRECT, TrainingConfig
 from settings import Settings
 from storage import BlobStore, ModelHub
@@ -287,7 +287,7 @@ def quantize(src: Path, dst: Path, quant: str) -> Path:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, K_QUANTS[quant])
-    params.nthread = os.cpu_count() or 1
+    params.nthread = cpu_threads()
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize to {quant} returned {rc}")

@@ -19,6 +19,15 @@ def import_libraries() -> None:
     route_transformers_logs()
 
 
+def cpu_threads() -> int:
+    """Threads for the CPU work done outside torch (llama.cpp's quantiser and the GGUF verification): as many
+    as torch trains with (OMP_NUM_THREADS where it is set, else one per core), so that a job told to keep to
+    one thread does, and llama.cpp's spinning threads never outnumber the cores the job was given."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def check_attention(use_fa2: bool) -> None:
     """use_fa2 is refused (exit 2) where FlashAttention 2 cannot run: no NVIDIA GPU, or no flash-attn."""
     if not use_fa2:

@@ -12,12 +12,12 @@ rounding flips.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from errors import PermanentError
+from libraries import cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def load_llama(gguf: Path, n_ctx: int):
 
     # logits_all: llama-cpp-python fills `scores` for every position only then
     return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, logits_all=True, verbose=False,
-                           n_threads=os.cpu_count() or 1)
+                           n_threads=cpu_threads())
 
 
 def check_gguf(ref: Reference, gguf: Path) -> float:
@@ -326,7 +326,7 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> float:
 
     llm = load_llama(gguf, max(len(s) for s in ref.sequences) + 8)
     params = mtmd.mtmd_context_params_default()
-    params.use_gpu, params.print_timings, params.n_threads = False, False, os.cpu_count() or 1
+    params.use_gpu, params.print_timings, params.n_threads = False, False, cpu_threads()
     ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
     if not ctx:
         llm.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import main
+from libraries import cpu_threads
 from conftest import env_for, make_job, put_request, read_doc, sample_request
 
 try:
@@ -139,7 +140,7 @@ def gguf_f16(trained):
 
 
 def load(path, n_ctx=256):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, n_threads=2)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, n_threads=cpu_threads())
 
 
 @pytest.mark.parametrize("quant", list(EXPECTED))
