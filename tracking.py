@@ -161,6 +161,13 @@ class WandbRunLogger:
         folder = Path(self.run.dir).parent if self.mode == "offline" else None
         try:
             self.run.finish(exit_code=0 if ok else 1)
+            if folder is not None:
+                # finish() can return before W&B's service has written the last records (the model artifact)
+                # to the run's transaction log; teardown waits for the service to close it, so that the folder
+                # uploaded for `wandb sync` is whole (seen once in about five runs of the suite).
+                import wandb
+
+                wandb.teardown()
         except Exception as e:
             self.warn(f"W&B could not finish the run ({type(e).__name__}: {str(e)[:200]})")
         self.run = None
