@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from base_models import check_base_model
 from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
 from distributed import DDP, FSDP, Topology, first_on_node, strategy_for, trainer_args as strategy_args
@@ -36,7 +37,7 @@ from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
-from vision import VisionCollator, check_image_model, encode_vision, fit_vision_prompts, image_stats, \
+from vision import VisionCollator, encode_vision, fit_vision_prompts, image_stats, \
     image_token_ids, load_processor, vision_cases, vision_dataset, vision_probes
 from vision_rows import load_vision_splits
 
@@ -195,8 +196,8 @@ class BaseTrainingJob:
         with first_on_node(self.place):  # one download per machine; the node's other processes read it
             self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
                                      self.settings.export_bucket, self.workdir)
-            if self.cfg.vision:  # before the data: a text-only base is refused from its config alone
-                check_image_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
+            # before the data: Gemma 3n, and images for a text-only base, are refused from the config alone
+            check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code, self.cfg.vision)
             splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
         check_attention(self.cfg.hyperparameters.use_fa2)

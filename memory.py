@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from base_models import base_config
 from errors import PermanentError
 from schema import GGUF_DIRECT
 
@@ -42,10 +43,7 @@ HEADROOM = 0.95
 def meta_model(model_id: str, token: str | None, trust_remote_code: bool):
     """The model as its config describes it, on the meta device: its modules and shapes, no weights. Built
     once per job: pre-flight's module check and the memory estimate both read it."""
-    from transformers import AutoConfig
-
-    return empty_model(AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code),
-                       trust_remote_code)
+    return empty_model(base_config(model_id, token, trust_remote_code), trust_remote_code)
 
 
 def empty_model(config, trust_remote_code: bool = False):

@@ -308,6 +308,19 @@ class Grader(StrictModel):
         return self.reference_field or "answer"
 
 
+def gemma_3n_refused(model_id: str) -> str:
+    """Why a Gemma 3n base (E2B, E4B) is refused, for text and images alike: said by name at validation, and
+    from config.json at pre-flight for a base whose name does not say it."""
+    return (f"training_config.base_model_id: {model_id!r} is Gemma 3n. Its model class builds a MobileNet image "
+            "tower through timm, which this image does not carry, and the platform's inference service loads it "
+            "whole (towers included), so a text-only load would export what it cannot serve; fine-tuning Gemma 3n "
+            "has not been shown for this job. Choose a Gemma 3 model: google/gemma-3-1b-it (or 270m) for text, "
+            "google/gemma-3-4b-it or larger for text or images.")
+
+
+GEMMA_3N = re.compile(r"gemma-?3n", re.IGNORECASE)
+
+
 class TrainingConfig(StrictModel):
     base_model_id: str = Field(min_length=1, description="Hub id (google/gemma-3-1b-it) or a local directory.")
     provider: Literal["huggingface", "unsloth"] = "huggingface"
@@ -331,6 +344,13 @@ class TrainingConfig(StrictModel):
                                          "and QLoRA on the same base_model_id; its LoRA shape is kept.")
     init_adapter: str | None = Field(None, pattern=HF_REPO_ID, description="Continue training a LoRA adapter "
                                      "from the Hub ('owner/name'), as init_from_job_id does.")
+
+    @field_validator("base_model_id")
+    @classmethod
+    def _not_gemma_3n(cls, v: str) -> str:
+        if GEMMA_3N.search(v):
+            raise ValueError(gemma_3n_refused(v).removeprefix("training_config.base_model_id: "))
+        return v
 
     @field_validator("method", mode="before")
     @classmethod

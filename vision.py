@@ -37,22 +37,6 @@ def load_processor(model_id: str, token: str | None, trust_remote_code: bool):
     return processor
 
 
-def check_image_model(model_id: str, token: str | None, trust_remote_code: bool) -> None:
-    """Images need an image+text base: Gemma 3 270M and 1B are text-only. Read from the config alone."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
-    if config.model_type == "gemma3n":
-        raise PermanentError(f"training_config.base_model_id: {model_id!r} is Gemma 3n, whose image+text training "
-                             "has not been shown for this job yet (its processor and towers differ from Gemma "
-                             "3's); use Gemma 3 4B or larger for images, or modality 'text'.")
-    if getattr(config, "vision_config", None) is None:
-        raise PermanentError(f"training_config.base_model_id: {model_id!r} is a text-only model "
-                             f"({config.model_type}), and modality 'vision' sends it images; use an image+text "
-                             "Gemma (Gemma 3 4B, 12B or 27B, e.g. google/gemma-3-4b-it), or modality 'text' "
-                             "with a text dataset.")
-
-
 @dataclass
 class Encoded:
     rows: list[dict[str, Any]] = field(default_factory=list)

@@ -42,6 +42,15 @@ def top(**values):
     return lambda req, local_dir: req.update(values)
 
 
+def gemma_3n_copy(local_dir) -> str:
+    """A Gemma 3n base under a name that does not say so: its config.json alone (nothing else is read)."""
+    from transformers import Gemma3nConfig
+
+    folder = local_dir / "models" / "edge-model"
+    Gemma3nConfig().save_pretrained(str(folder))
+    return str(folder)
+
+
 CASES = {
     "malformed JSON": ("{not json", "not valid JSON"),
     "missing request": (None, "gs://gemma-train-config/{job}.json not found"),
@@ -72,6 +81,10 @@ CASES = {
     "repo id absolute": (export(destination="hfhub", hf_repo_id="/abs/repo"), "export_config.hf_repo_id"),
     "vision on a text-only base": (lambda req, d: req["training_config"].update(modality="vision"),
                                    "training_config.base_model_id: "),
+    "gemma 3n by its hub name": (lambda req, d: req["training_config"].update(base_model_id="google/gemma-3n-E2B"),
+                                 "training_config.base_model_id: 'google/gemma-3n-E2B' is Gemma 3n"),
+    "gemma 3n from its config": (lambda req, d: req["training_config"].update(base_model_id=gemma_3n_copy(d)),
+                                 "is Gemma 3n. Its model class builds a MobileNet image tower through timm"),
     "vision with unsloth": (lambda req, d: req["training_config"].update(modality="vision", provider="unsloth"),
                             "modality 'vision' with provider 'unsloth'"),
     "vision with orpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="orpo"),

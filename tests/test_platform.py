@@ -139,6 +139,21 @@ def test_facet_flat_quantization_that_does_not_apply_and_disagreeing_modalities_
         parse_request(serialised(request))
 
 
+@pytest.mark.parametrize("make", [facet_request, facet_flat, predecessor_flat])
+@pytest.mark.parametrize("model, provider", [("google/gemma-3n-E2B", "huggingface"), ("google/gemma-3n-E4B", "huggingface"),
+                                             ("unsloth/gemma-3n-E2B", "unsloth"),
+                                             ("unsloth/gemma-3n-E4B-unsloth-bnb-4bit", "unsloth")])
+def test_the_frontends_gemma_3n_choices_are_refused_at_validation(make, model, provider):
+    """The frontend offers gemma-3n-E2B and -E4B (frontend-ui src/lib/models.ts, with the google/ or unsloth/
+    prefix its constructFullModelId adds): refused as the request is read, naming the field and a Gemma 3 to
+    choose instead, not after a model download or three retries."""
+    request = make(base_model_id=model)
+    request["training_config"]["provider"] = provider
+    with pytest.raises(RequestError, match=f"training_config.base_model_id: '{model}' is Gemma 3n.*"
+                                           "Choose a Gemma 3 model"):
+        parse_request(serialised(request))
+
+
 def test_rl_defaults_reach_grpo_only(tmp_path):
     """A request that leaves the optimiser fields unset: GRPO gets the platform's values, SFT TRL's."""
     def unset(trainer_type):

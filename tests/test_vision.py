@@ -328,19 +328,21 @@ def test_the_memory_estimate_counts_the_pictures_and_the_tower():
 
 
 def test_gemma_3n_and_text_only_bases_are_refused_from_their_config(tmp_path, tiny_root):
-    """Read from config.json alone, before any weight: Gemma 3n's image+text path is not shown yet, and a
-    text-only Gemma takes no images."""
+    """Read from config.json alone, before any weight: Gemma 3n, for text and images alike (whatever the
+    folder is called), and images for a text-only Gemma."""
     from transformers import Gemma3nConfig
 
+    from base_models import check_base_model
     from errors import PermanentError
-    from vision import check_image_model
 
     Gemma3nConfig().save_pretrained(str(tmp_path))
-    with pytest.raises(PermanentError, match="is Gemma 3n"):
-        check_image_model(str(tmp_path), None, False)
+    for images in (False, True):
+        with pytest.raises(PermanentError, match="is Gemma 3n. Its model class builds a MobileNet image tower"):
+            check_base_model(str(tmp_path), None, False, images)
     with pytest.raises(PermanentError, match="is a text-only model"):
-        check_image_model(str(tiny_root / "models" / "tiny-gemma3"), None, False)
-    check_image_model(str(tiny_root / "models" / "tiny-gemma3-mm"), None, False)  # Gemma 3 with its tower
+        check_base_model(str(tiny_root / "models" / "tiny-gemma3"), None, False, True)
+    check_base_model(str(tiny_root / "models" / "tiny-gemma3"), None, False, False)
+    check_base_model(str(tiny_root / "models" / "tiny-gemma3-mm"), None, False, True)  # Gemma 3 with its tower
 
 
 def test_rows_with_several_pictures_and_turns_reach_the_model_in_order(tmp_path, tiny_root):
