@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from base_models import reading_base
 from errors import PermanentError
 
 logger = logging.getLogger(__name__)
@@ -102,20 +103,10 @@ def check_reference_columns(columns: list[str], split: str, refs: tuple[str, ...
 
 def load_tokenizer(model_id: str, token: str | None, trust_remote_code: bool):
     """The base model's tokenizer; an id that cannot be read is a permanent error, not a retry."""
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
     from transformers import AutoTokenizer
 
-    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().is_dir():
-        raise PermanentError(f"training_config.base_model_id: {model_id!r} looks like a local path but is not "
-                             "a directory; give an existing model folder or a Hub id such as google/gemma-3-1b-it.")
-    try:
+    with reading_base(model_id):
         tok = AutoTokenizer.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if isinstance(e.__cause__, (RepositoryNotFoundError, HFValidationError)):
-            raise PermanentError(f"training_config.base_model_id: {model_id!r} cannot be read from the Hub "
-                                 f"({type(e.__cause__).__name__}); check the id, and that the token has "
-                                 "accepted the model's licence.") from None
-        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

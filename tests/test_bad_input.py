@@ -81,6 +81,11 @@ CASES = {
     "repo id absolute": (export(destination="hfhub", hf_repo_id="/abs/repo"), "export_config.hf_repo_id"),
     "vision on a text-only base": (lambda req, d: req["training_config"].update(modality="vision"),
                                    "training_config.base_model_id: "),
+    "base model path missing": (lambda req, d: req["training_config"].update(base_model_id=str(d / "no-model")),
+                                "looks like a local path but is not a directory"),
+    "base model id malformed": (lambda req, d: req["training_config"].update(base_model_id="google/gemma 3 1b"),
+                                "training_config.base_model_id: 'google/gemma 3 1b' cannot be read from the Hub "
+                                "(HFValidationError)"),
     "gemma 3n by its hub name": (lambda req, d: req["training_config"].update(base_model_id="google/gemma-3n-E2B"),
                                  "training_config.base_model_id: 'google/gemma-3n-E2B' is Gemma 3n"),
     "gemma 3n from its config": (lambda req, d: req["training_config"].update(base_model_id=gemma_3n_copy(d)),
