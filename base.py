@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from base_models import check_base_model
+from chat_templates import ensure_chat_template
 from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
 from distributed import DDP, FSDP, Topology, first_on_node, strategy_for, trainer_args as strategy_args
@@ -205,6 +206,7 @@ class BaseTrainingJob:
                                self.cfg.trust_remote_code) if self.cfg.vision else None
         tokenizer = processor.tokenizer if processor else self.timed(
             "load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
+        template = ensure_chat_template(processor or tokenizer, tokenizer, self.cfg.base_model_id, bool(processor))
         self.check_modules()
         per_row = max((len(r["images"]) for r in splits["train"].rows), default=0) if processor else 0
         hp = self.cfg.hyperparameters
@@ -260,7 +262,8 @@ class BaseTrainingJob:
         stats = {"train_rows": len(train.rows), "eval_rows": len(evald.rows) if evald else 0,
                  "train_tokens": train.tokens, "trained_tokens": train.trained_tokens,
                  "truncated_rows": train.truncated + (evald.truncated if evald else 0),
-                 "dropped_rows": train.dropped + (evald.dropped if evald else 0), "total_steps": total, **images}
+                 "dropped_rows": train.dropped + (evald.dropped if evald else 0), "total_steps": total, **images,
+                 **({"chat_template": template} if template else {})}
         if stats["truncated_rows"]:
             logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
         logger.info("preflight ok: %s", stats)

@@ -210,6 +210,12 @@ def encode(conv: list[dict[str, Any]] | str, tokenizer, max_length: int, assista
     """One row's input_ids and labels (-100 where no loss), truncated to max_length. `render(messages,
     add_generation_prompt)` is the text of a conversation: the chat template, unless given (vision.py)."""
     if render is None:
+        if not tokenizer.chat_template and not isinstance(conv, str):
+            raise DatasetError("the rows are conversations, and the base's tokenizer has no chat template to "
+                               "render them with (nor Gemma's turn tokens, for which the job has Gemma 3's); choose "
+                               "an instruction-tuned base (training_config.base_model_id, e.g. "
+                               "google/gemma-3-1b-it), or send plain-text rows (a 'text' column).")
+
         def render(messages, add_generation_prompt=False):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if isinstance(conv, str):

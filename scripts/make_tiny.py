@@ -18,7 +18,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chat_templates import GEMMA3, GEMMA3_TEXT  # noqa: E402  (the repository root, for this script run alone)
 
 ANIMALS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
            "horse": "neigh", "owl": "hoot", "lion": "roar", "snake": "hiss", "bee": "buzz", "frog": "croak",
@@ -27,24 +32,8 @@ QUESTIONS = ["What does the {a} say?", "What sound does a {a} make?", "Which noi
              "Tell me the sound of a {a}.", "How does the {a} speak?", "I hear a {a}. What sound is it?"]
 SYSTEM = "You answer with the animal's sound."
 
-# Gemma 3's chat template: system text folded into the first user turn, assistant shown as 'model'.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
-    "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}"
-    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
+# Gemma 3's chat template, as the job itself knows it (chat_templates.py).
+CHAT_TEMPLATE = GEMMA3_TEXT
 
 
 def conversations(seed: int = 0) -> list[dict]:
@@ -106,13 +95,7 @@ def write_card(out: Path) -> None:
 
 # Gemma 3's image+text tokens (its tokenizer's boi/eoi/image tokens) and the template's image branch.
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-MM_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
-    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}",
-    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}").replace(
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}",
-    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}")
+MM_CHAT_TEMPLATE = GEMMA3
 IMAGE_SIZE, IMAGE_TOKENS_PER_IMAGE = 28, 4
 
 

@@ -237,3 +237,58 @@ def test_platform_flat_request_evaluating_each_epoch_runs_end_to_end(modality, t
     assert (adapter / "processor_config.json").is_file() == vision
     if vision:
         assert doc["dataset"]["images"] == 72
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_a_pretrained_base_without_a_chat_template_trains_in_gemma_3s_turn_format(modality, tmp_path, tiny_root):
+    """The frontend's 'Pre-trained (PT)' choice sends google/gemma-3-1b-pt and the like, whose tokenizer may
+    carry no chat template (once a retryable ValueError on every attempt). Here the tiny base without its
+    template: the job renders the conversations in Gemma 3's turn format, which is the instruction-tuned
+    fixture's own, so it trains exactly as on that base (the same eval loss, step for step), says so in the
+    document, and saves the template with the export."""
+    import shutil
+
+    import main
+    from chat_templates import GEMMA3, GEMMA3_TEXT
+
+    vision = modality == "vision"
+    model = "tiny-gemma3-mm" if vision else "tiny-gemma3"
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", tmp_path / "gemma-dataset-bucket")
+    shutil.copytree(tiny_root / "firestore", tmp_path / "firestore")
+    pretrained = tmp_path / "models" / "tiny-pt"
+    shutil.copytree(tiny_root / "models" / model, pretrained)
+    (pretrained / "chat_template.jinja").unlink()
+    assert not (pretrained / "chat_template.json").exists() and \
+        "chat_template" not in (pretrained / "tokenizer_config.json").read_text()
+    losses = {}
+    for job, base in (("it", tiny_root / "models" / model), ("pt", pretrained)):
+        request = facet_flat(modality=modality, base_model_id=str(base), dataset="tiny-shapes" if vision
+                             else "tiny-animals", max_seq_length=128, max_steps=4, batch_size=4,
+                             gradient_accumulation_steps=1, logging_steps=2, eval_strategy="steps", eval_steps=4)
+        put_request(tmp_path, job, serialised(request))
+        assert main.main([], {"BACKEND": "local", "LOCAL_DIR": str(tmp_path), "JOB_ID": job}) == 0
+        doc = read_doc(tmp_path, job)
+        assert doc["status"] == "completed"
+        losses[job] = doc["metrics"]["eval_loss"]
+    assert "chat_template" not in read_doc(tmp_path, "it")["dataset"]
+    assert "has no chat template (a pretrained base)" in doc["dataset"]["chat_template"]
+    assert losses["pt"] == losses["it"]
+    exported = tmp_path / "gemma-export-bucket" / "trained_adapters" / "pt" / "chat_template.jinja"
+    assert exported.read_text() == (GEMMA3 if vision else GEMMA3_TEXT)
+
+
+def test_conversations_for_a_base_with_no_template_and_no_turn_tokens_are_refused(tiny_root):
+    """A base that is not a Gemma and has no chat template: the job has no format to render conversations in,
+    and says so (exit 2, naming base_model_id); the same tokenizer still takes plain-text rows."""
+    from types import SimpleNamespace
+
+    from chat_templates import ensure_chat_template
+    from data import DatasetError, encode, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_root / "models" / "tiny-gemma3"), None, False)
+    tok.chat_template = None
+    stranger = SimpleNamespace(chat_template=None, get_vocab=lambda: {"<s>": 0})
+    assert ensure_chat_template(stranger, stranger, "other/model") is None and stranger.chat_template is None
+    with pytest.raises(DatasetError, match="no chat template to render them with.*training_config.base_model_id"):
+        encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moo"}], tok, 64, True)
+    assert encode("the cow says moo", tok, 64, True)["input_ids"]

@@ -1,0 +1,60 @@
+"""Gemma 3's chat template, for a base whose tokenizer carries none (the pretrained `-pt` models the
+frontend offers beside the `-it` ones, and Gemma 3 270M): conversations are rendered in Gemma's turn format,
+<start_of_turn>user ... <end_of_turn> then <start_of_turn>model, as the instruction-tuned models and the
+platform's Unsloth inference path (its get_chat_template "gemma-3") render them. The template is saved with
+every export, so what serves the model renders prompts as it was trained."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+# Gemma 3's chat template: system text folded into the first user turn, assistant shown as 'model'.
+GEMMA3_TEXT = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}"
+    "{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+# The same with the image branch: an image part becomes <start_of_image>, which the processor expands.
+GEMMA3 = GEMMA3_TEXT.replace(
+    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}",
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}").replace(
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}",
+    "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}")
+
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+
+def ensure_chat_template(target, tokenizer, model_id: str, images: bool = False) -> str | None:
+    """Give a Gemma base without a chat template Gemma 3's (target: its tokenizer, or for images its processor,
+    whose tokenizer gets it too); what was done, for the job document, or None where the base has its own. A
+    tokenizer without Gemma's turn tokens is left as it is: its conversations are refused when they are
+    rendered (data.encode), and plain-text rows need no template."""
+    if getattr(target, "chat_template", None):
+        return None
+    vocab = tokenizer.get_vocab()
+    if not all(t in vocab for t in TURN_TOKENS):
+        return None
+    target.chat_template = GEMMA3 if images else GEMMA3_TEXT
+    if target is not tokenizer and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = target.chat_template
+    note = (f"{model_id!r} has no chat template (a pretrained base): conversations are rendered in Gemma 3's "
+            "turn format, and that template is saved with the exports")
+    logger.warning("%s", note)
+    return note
