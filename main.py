@@ -162,8 +162,8 @@ def launch_workers(request: TrainRequest, env, nodes: Nodes, settings: Settings,
     elif code:  # a rank crashed or was killed; rank 0 may have been stopped before it could say so
         doc = tracker.read() or {}
         if doc.get("status") not in ("failed", "completed"):
-            tracker.fail(WorkersFailed("; ".join(f"rank {r}: {describe_failure(f)}" for r, f in sorted(failures.items()))
-                                       + " (a retry resumes from the newest complete checkpoint)"))
+            ranks = "; ".join(f"rank {r}: {describe_failure(f)}" for r, f in sorted(failures.items()))
+            tracker.fail(WorkersFailed(f"{ranks} (a retry resumes from the newest complete checkpoint)"))
     if code:
         logger.error("workers failed: %s", {r: f.exitcode for r, f in failures.items()})
     return code

@@ -140,13 +140,14 @@ def test_facet_flat_quantization_that_does_not_apply_and_disagreeing_modalities_
 
 
 @pytest.mark.parametrize("make", [facet_request, facet_flat, predecessor_flat])
-@pytest.mark.parametrize("model, provider", [("google/gemma-3n-E2B", "huggingface"), ("google/gemma-3n-E4B", "huggingface"),
-                                             ("unsloth/gemma-3n-E2B", "unsloth"),
-                                             ("unsloth/gemma-3n-E4B-unsloth-bnb-4bit", "unsloth")])
+@pytest.mark.parametrize("model, provider", [("google/gemma-3n-E2B-it", "huggingface"),
+                                             ("google/gemma-3n-E4B-pt", "huggingface"),
+                                             ("unsloth/gemma-3n-E2B-it", "unsloth"),
+                                             ("unsloth/gemma-3n-E4B-it-unsloth-bnb-4bit", "unsloth")])
 def test_the_frontends_gemma_3n_choices_are_refused_at_validation(make, model, provider):
-    """The frontend offers gemma-3n-E2B and -E4B (frontend-ui src/lib/models.ts, with the google/ or unsloth/
-    prefix its constructFullModelId adds): refused as the request is read, naming the field and a Gemma 3 to
-    choose instead, not after a model download or three retries."""
+    """The frontend offers gemma-3n-E2B and -E4B (frontend-ui src/lib/models.ts; its review page appends -it or
+    -pt, and constructFullModelId the google/ or unsloth/ prefix and Unsloth's 4-bit suffix): refused as the
+    request is read, naming the field and a Gemma 3 to choose instead, not after three retries."""
     request = make(base_model_id=model)
     request["training_config"]["provider"] = provider
     with pytest.raises(RequestError, match=f"training_config.base_model_id: '{model}' is Gemma 3n.*"
