@@ -5,12 +5,49 @@ required keys with their types, the five status values only, timestamps as times
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
 
 STATUSES = {"queued", "preparing", "training", "completed", "failed"}
 STRINGS = ("job_id", "job_name", "processed_dataset_id", "base_model_id")
 TIMESTAMPS = ("created_at", "updated_at")
 SFT_METRICS = ("accuracy", "perplexity", "eval_loss", "eval_runtime")
+
+
+# The training job's document as cloud-services' jobs/export-job reads it before it zips or converts what the
+# job exported (its schema.py JobSchema, as read there; written here from that reading): artifacts.{file,raw,hf}
+# hold strings or nothing under adapter/merged/gguf, and modality is text or vision where it is set. A
+# document it cannot read fails every export the user asks for.
+class _ArtifactPaths(BaseModel):
+    adapter: str | None = None
+    merged: str | None = None
+    gguf: str | None = None
+
+
+class _Artifacts(BaseModel):
+    file: _ArtifactPaths = Field(default_factory=_ArtifactPaths)
+    raw: _ArtifactPaths = Field(default_factory=_ArtifactPaths)
+    hf: _ArtifactPaths = Field(default_factory=_ArtifactPaths)
+
+
+class _ExportJobView(BaseModel):
+    job_id: str
+    job_name: str
+    user_id: str
+    base_model_id: str
+    modality: Literal["text", "vision"] | None = "text"
+    artifacts: _Artifacts | None = Field(default_factory=_Artifacts)
+
+
+def export_job_problems(doc: dict[str, Any]) -> list[str]:
+    """What the export job's reading of a completed document (with the user_id the training service writes)
+    refuses."""
+    try:
+        _ExportJobView.model_validate(doc)
+    except ValidationError as e:
+        return [f"export job: {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+    return []
 
 
 def problems(doc: dict[str, Any] | None) -> list[str]:
@@ -33,6 +70,7 @@ def problems(doc: dict[str, Any] | None) -> list[str]:
             found.append("gguf_path missing")
         if doc.get("error") is not None:
             found.append("error not cleared on success")
+        found += export_job_problems({"user_id": "a user", **doc})
     if doc.get("status") == "failed" and not isinstance(doc.get("error"), str):
         found.append("failed without an error message")
     return found

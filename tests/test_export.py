@@ -14,6 +14,7 @@ import pytest
 
 import main
 from libraries import cpu_threads
+from reader import export_job_problems
 from conftest import env_for, make_job, put_request, read_doc, sample_request
 
 try:
@@ -253,6 +254,7 @@ def test_merged_bf16_with_q8_0_gguf_through_the_job(local_dir, tiny_root):
     uri = f"gs://{FILES}/gguf_models/gg8/model-q8_0.gguf"
     assert doc["gguf_path"] == doc["artifacts"]["file"]["gguf"] == uri
     assert doc["adapter_path"] == doc["artifacts"]["raw"]["merged"] == f"gs://{EXPORT}/merged_models/gg8/"
+    assert export_job_problems({"user_id": "u", **doc}) == []  # cloud-services' export job reads it
     check = doc["verification"]
     assert check["merged"]["consumer"] == "transformers" and check["merged"]["form"] == "bf16"
     assert check["gguf"]["consumer"] == "llama.cpp" and check["gguf"]["form"] == "q8_0"
@@ -370,6 +372,7 @@ def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     assert (repo / "Modelfile").read_text().splitlines()[1] == "FROM ./model-q4_k_m.gguf"
     doc = read_doc(local_dir, "hub4")
     assert doc["adapter_path"] == doc["artifacts"]["raw"]["merged"] == "me/tiny-animals"
+    assert export_job_problems({"user_id": "u", **doc}) == []
     assert doc["gguf_path"] == "me/tiny-animals/model-q4_k_m.gguf"
     assert doc["verification"]["merged"]["form"] == "q4" and doc["verification"]["merged"]["top1_agreement"] >= 0.98
     assert doc["verification"]["gguf"]["top1_agreement"] >= 0.98

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from reader import export_job_problems
 from test_vision import COLOURS, EXPORT, colour_of, eval_rows, new_root, prompt_inputs, run_job, vision_request
 
 
@@ -67,6 +68,7 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
                                                        "gguf_quantization": "q8_0"})
     doc = run_job(root, "vis-gguf", request)
     files = doc["artifacts"]["file"]
+    assert export_job_problems({"user_id": "u", **doc}) == []  # the projector's path is one more, ignored there
     assert files["gguf"] == "gs://gemma-export-bucket/gguf_models/vis-gguf/model-q8_0.gguf"
     assert files["mmproj"] == "gs://gemma-export-bucket/gguf_models/vis-gguf/mmproj-f16.gguf"
     check = doc["verification"]["gguf"]
