@@ -21,7 +21,7 @@ from base_models import check_base_model
 from chat_templates import ensure_chat_template
 from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
-from distributed import DDP, FSDP, Topology, first_on_node, strategy_for, trainer_args as strategy_args
+from distributed import DDP, FSDP, first_on_node, strategy_for, trainer_args as strategy_args
 from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
@@ -85,7 +85,7 @@ class BaseTrainingJob:
         self.guard = services.guard or Guard(read_doc=self.tracker.read)
         self.parent: Parent | None = None  # the adapter this job continues (lineage.py), found at pre-flight
         # one of several processes (distributed.py): rank 0 alone compares, exports and records
-        self.place = Topology(settings.world_size, settings.rank, settings.local_rank)
+        self.place = settings.place
         self.strategy: str | None = None  # DDP or FSDP with several processes, chosen at pre-flight
 
     # ---- provider hooks -------------------------------------------------------------------

@@ -210,12 +210,6 @@ def encode(conv: list[dict[str, Any]] | str, tokenizer, max_length: int, assista
     """One row's input_ids and labels (-100 where no loss), truncated to max_length. `render(messages,
     add_generation_prompt)` is the text of a conversation: the chat template, unless given (vision.py)."""
     if render is None:
-        if not tokenizer.chat_template and not isinstance(conv, str):
-            raise DatasetError("the rows are conversations, and the base's tokenizer has no chat template to "
-                               "render them with (nor Gemma's turn tokens, for which the job has Gemma 3's); choose "
-                               "an instruction-tuned base (training_config.base_model_id, e.g. "
-                               "google/gemma-3-1b-it), or send plain-text rows (a 'text' column).")
-
         def render(messages, add_generation_prompt=False):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if isinstance(conv, str):
@@ -239,12 +233,24 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_length: int, assistant_
     return {key: [e[key] for e in encoded] for key in ("input_ids", "labels", "truncated")}
 
 
+def require_chat_template(tokenizer) -> None:
+    """Conversations are rendered with the tokenizer's chat template; a base without one (and without Gemma's
+    turn tokens, for which chat_templates.py gives it Gemma 3's) cannot take them."""
+    if not tokenizer.chat_template:
+        raise DatasetError("the rows are conversations, and the base's tokenizer has no chat template to render "
+                           "them with (nor Gemma's turn tokens, for which the job has Gemma 3's); choose an "
+                           "instruction-tuned base (training_config.base_model_id, e.g. google/gemma-3-1b-it), or "
+                           "send plain-text rows (a 'text' column).")
+
+
 def tokenize(conversations: list[list[dict[str, str]] | str], tokenizer, max_length: int,
              assistant_only: bool, workers: int | None = None) -> Tokenized:
     """input_ids and labels for every row, in order, truncated to max_length; rows left with no
     trained token are dropped and counted. Many rows are split over `workers` processes (default: one
     per core from PARALLEL_ROWS rows); each row travels as JSON, so its messages reach the template as
     they were, not widened to one Arrow schema."""
+    if any(not isinstance(c, str) for c in conversations):
+        require_chat_template(tokenizer)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_ROWS else 1
     if workers > 1:
@@ -291,6 +297,8 @@ def check_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str, tr
 def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_length: int) -> Tokenized:
     """RL rows whose rendered prompt fits max_prompt_length (the others are dropped and counted);
     TRL tokenizes them itself."""
+    if rows:
+        require_chat_template(tokenizer)
     out = Tokenized()
     for row in rows:
         text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)

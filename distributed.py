@@ -40,15 +40,14 @@ class Topology:
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
-    local_world_size: int = 1
 
     @classmethod
     def from_env(cls, env) -> Topology:
         if "LOCAL_RANK" not in env:  # not a launcher's worker: one process, whatever WORLD_SIZE says (Vertex's)
             return cls()
-        names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
         try:
-            values = [int(env.get(name, default)) for name, default in zip(names, (1, 0, 0, 1))]
+            values = [int(env.get(name, default)) for name, default in zip(names, (1, 0, 0))]
         except ValueError:
             raise RequestError(f"{', '.join(f'{n}={env.get(n)!r}' for n in names if n in env)}: torchrun sets these "
                                "to integers; unset them, or start the job with torchrun or python main.py") from None

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
                            env["JOB_ID"], RequestError(f"invalid environment: {e}"))
         return 2
     json_lines = bool(env.get("CLOUD_RUN_JOB"))
-    place = Topology.from_env(env)
+    place = settings.place
     redact = setup_logging(settings.job_id, json_lines, level=env.get("LOG_LEVEL", "INFO").upper(),
                            rank=place.rank if place.distributed else None)
     redact.add(*(s.get_secret_value() for s in (settings.hf_token, settings.wandb_api_key) if s))
@@ -152,15 +152,14 @@ def launch_workers(request: TrainRequest, env, nodes: Nodes, settings: Settings,
                              "provider 'huggingface'.")
     logger.info("starting %d processes per node on %d node(s) (torch.distributed.run)", nproc, nodes.nnodes)
     code, failures = launch(nproc, nodes, settings.job_id, argv)
+    doc = (tracker.read() or {}) if code else {}  # what rank 0 recorded before it stopped
     if code == 2:  # on the first machine (the others' trackers do not write)
         rank, failure = min((r, f) for r, f in failures.items() if f.exitcode == 2)
-        doc = tracker.read() or {}
         if not (doc.get("status") == "failed" and doc.get("error_type") == "permanent"):
             # torch elastic's error file: {"message": "Type: text", "extraInfo": {...}} (record_error wrote it)
             message = failure.message.get("message") if isinstance(failure.message, dict) else failure.message
             tracker.fail(PermanentError(f"rank {rank}: {message}"))
     elif code:  # a rank crashed or was killed; rank 0 may have been stopped before it could say so
-        doc = tracker.read() or {}
         if doc.get("status") not in ("failed", "completed"):
             ranks = "; ".join(f"rank {r}: {describe_failure(f)}" for r, f in sorted(failures.items()))
             tracker.fail(WorkersFailed(f"{ranks} (a retry resumes from the newest complete checkpoint)"))

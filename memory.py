@@ -292,14 +292,13 @@ def multi_gpu_table() -> list[dict[str, Any]]:
     for name, config, total, emb in gemma3_shapes():
         for method in ("Full", "LoRA", "QLoRA"):
             out: dict[str, Any] = {"model": name, "method": method}
+            whole = estimate_bytes(total, emb, method, 2, 1024, config)  # one GPU's share under DDP
             for gpus, gib, label in ((2, 22.0, "2 x L4"), (4, 22.0, "4 x L4"), (8, 22.0, "8 x L4"),
                                      (8, 74.0, "8 x 80 GB")):
-                one = estimate_bytes(total, emb, method, 2, 1024, config)
-                fits_one = one["total"] <= HEADROOM * gib * GIB
-                strategy = strategy_for(method, fits_one, gpu=True)
-                if strategy == FSDP:
-                    one = sharded(one, gpus, method, total)
-                out[label] = f"{strategy} {one['total'] / GIB:.1f} GiB {'fits' if one['total'] <= HEADROOM * gib * GIB else 'no'}"
+                usable = HEADROOM * gib * GIB
+                strategy = strategy_for(method, whole["total"] <= usable, gpu=True)
+                need = sharded(whole, gpus, method, total)["total"] if strategy == FSDP else whole["total"]
+                out[label] = f"{strategy} {need / GIB:.1f} GiB {'fits' if need <= usable else 'no'}"
             rows.append(out)
     return rows
 

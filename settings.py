@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
+from distributed import Topology
 from errors import RequestError
 from schema import SAFE_ID, StrictModel, TrainRequest
 
@@ -80,6 +81,11 @@ class Settings(StrictModel):
         if wb and wb.api_key:
             return wb.api_key.get_secret_value(), "wandb_config.api_key"
         return (self.wandb_api_key.get_secret_value() if self.wandb_api_key else None), "WANDB_API_KEY"
+
+    @property
+    def place(self) -> Topology:
+        """This process's place among the run's processes (distributed.py), from WORLD_SIZE, RANK, LOCAL_RANK."""
+        return Topology(self.world_size, self.rank, self.local_rank)
 
     @property
     def workdir(self) -> Path:

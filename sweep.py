@@ -321,12 +321,12 @@ class Sweep:
 
     def poll(self) -> None:
         for run in list(self.running.values()):
-            if run.process is not None and run.process.poll() is None:
-                doc = self.store.get(run.job_id)
+            alive = run.process is not None and run.process.poll() is None  # read before its document
+            doc = self.store.get(run.job_id)
+            if alive:
                 if doc:
                     self.report(run, doc)
                 continue
-            doc = self.store.get(run.job_id)
             if self.finished(run, doc):
                 self.tell(run, doc)
             elif run.process is not None:  # the process ended without a final state: retried from its checkpoint

@@ -285,12 +285,31 @@ def test_conversations_for_a_base_with_no_template_and_no_turn_tokens_are_refuse
     from types import SimpleNamespace
 
     from chat_templates import ensure_chat_template
-    from data import DatasetError, encode, load_tokenizer
+    from data import DatasetError, fit_prompts, load_tokenizer, tokenize
 
     tok = load_tokenizer(str(tiny_root / "models" / "tiny-gemma3"), None, False)
     tok.chat_template = None
     stranger = SimpleNamespace(chat_template=None, get_vocab=lambda: {"<s>": 0})
     assert ensure_chat_template(stranger, stranger, "other/model") is None and stranger.chat_template is None
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moo"}]
     with pytest.raises(DatasetError, match="no chat template to render them with.*training_config.base_model_id"):
-        encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moo"}], tok, 64, True)
-    assert encode("the cow says moo", tok, 64, True)["input_ids"]
+        tokenize(["the cow says moo", conversation], tok, 64, True)
+    with pytest.raises(DatasetError, match="no chat template to render them with"):  # DPO's and GRPO's prompts
+        fit_prompts([{"prompt": conversation[:1]}], tok, 64)
+    assert tokenize(["the cow says moo"], tok, 64, True).rows[0]["input_ids"]
+
+
+def test_the_export_jobs_reading_refuses_what_it_cannot_read():
+    """The check the export tests apply (tests/reader.py) is able to fail: a path that is not a string, an
+    unknown modality and a document without the training service's user_id are each named."""
+    from reader import export_job_problems
+
+    doc = {"job_id": "j", "job_name": "n", "user_id": "u", "base_model_id": "m",
+           "artifacts": {"file": {"gguf": "gs://b/g.gguf", "mmproj": "gs://b/p.gguf"}, "raw": {"merged": "gs://b/m/"}}}
+    assert export_job_problems(doc) == []
+    assert export_job_problems({**doc, "artifacts": {"file": {"gguf": ["gs://b/g.gguf"]}}}) == [
+        "export job: artifacts.file.gguf: Input should be a valid string"]
+    assert export_job_problems({**doc, "modality": "audio"}) == [
+        "export job: modality: Input should be 'text' or 'vision'"]
+    assert export_job_problems({k: v for k, v in doc.items() if k != "user_id"}) == [
+        "export job: user_id: Field required"]
