@@ -275,8 +275,30 @@ def test_a_pretrained_base_without_a_chat_template_trains_in_gemma_3s_turn_forma
     assert "chat_template" not in read_doc(tmp_path, "it")["dataset"]
     assert "has no chat template (a pretrained base)" in doc["dataset"]["chat_template"]
     assert losses["pt"] == losses["it"]
-    exported = tmp_path / "gemma-export-bucket" / "trained_adapters" / "pt" / "chat_template.jinja"
-    assert exported.read_text() == (GEMMA3 if vision else GEMMA3_TEXT)
+    exported = tmp_path / "gemma-export-bucket" / "trained_adapters" / "pt"
+    assert (exported / "chat_template.jinja").read_text() == (GEMMA3 if vision else GEMMA3_TEXT)
+    if vision:
+        return
+    # the inference service's pinned peft 0.14.0 / transformers 4.56.0 render prompts with the exported template
+    # (the base has none to give them) and answer as the job's own libraries do
+    import subprocess
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from test_consumers import PROMPT, ROOT, consumer, our_logits
+
+    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), PROMPT, str(exported),
+                          str(tmp_path / "consumed.json")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "consumed.json").read_text())
+    assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")
+    tok = AutoTokenizer.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))  # the template's own rendering
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    assert got["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    ours = our_logits(exported, got["input_ids"])
+    assert torch.allclose(torch.tensor(got["auto_logits"]), ours, atol=1e-4)
+    assert torch.allclose(torch.tensor(got["peft_logits"]), ours, atol=1e-4)
 
 
 def test_conversations_for_a_base_with_no_template_and_no_turn_tokens_are_refused(tiny_root):
