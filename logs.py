@@ -56,9 +56,16 @@ def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO
     (Cloud Run) progress bars are off too: each redraw would be a line of its own, and not JSON. rank: the
     worker's, with several processes, on every line."""
     if json_lines:
-        # read when huggingface_hub, transformers and datasets are imported, which is later (lazily)
+        # read as huggingface_hub and datasets are imported (later, lazily, and in the processes the job starts)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        # and turned off in those already imported, which read that switch once (transformers copies hub's)
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     logging.captureWarnings(True)  # PEFT's and torch's warnings.warn, as records (JSON on Cloud Run)
     handler = logging.StreamHandler(sys.stdout if json_lines else sys.stderr)
     where = "" if rank is None else f"[rank {rank}] "

@@ -63,7 +63,35 @@ THREADS = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k
 
 
 def env_for(local_dir: Path, job_id: str, **extra: str) -> dict[str, str]:
-    return {"BACKEND": "local", "LOCAL_DIR": str(local_dir), "JOB_ID": job_id, **THREADS, **extra}
+    harness = {k: os.environ[k] for k in ("PREFORK_DIR", "PYTHONPATH") if k in os.environ}
+    return {"BACKEND": "local", "LOCAL_DIR": str(local_dir), "JOB_ID": job_id, **THREADS, **harness, **extra}
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """A job run in the test's own process sets variables (logs.setup_logging's progress-bar switches, torch's
+    inductor cache): undone after each test, so that no test, nor any process it starts, sees another's."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefork(tmp_path_factory):
+    """The jobs this session starts as processes fork from a server that has imported torch (tests/prefork):
+    about 5 CPU-seconds less for each of about a hundred. PREFORK=0 starts each from scratch."""
+    if os.environ.get("PREFORK") == "0":
+        yield
+        return
+    from prefork.prefork import stop_servers
+
+    directory = tmp_path_factory.mktemp("prefork")
+    os.environ["PREFORK_DIR"] = str(directory)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT / "tests" / "prefork"), os.environ.get("PYTHONPATH"))))
+    yield
+    stop_servers(str(directory))
 
 
 def put_request(local_dir: Path, job_id: str, request: dict | str) -> None:

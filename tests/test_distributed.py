@@ -30,9 +30,10 @@ def request(tiny_root, **hp) -> dict:
 
 
 def start(local_dir: Path, job_id: str, nproc: int = 2, **env: str) -> subprocess.Popen:
+    """The launcher starts from scratch, so that its ranks are its children (tests/prefork: PREFORK_SKIP)."""
     return subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, **env_for(local_dir, job_id), "OMP_NUM_THREADS": "1",
-                                            "NPROC_PER_NODE": str(nproc), **env})
+                                            "NPROC_PER_NODE": str(nproc), "PREFORK_SKIP": "1", **env})
 
 
 def finish(job: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
