@@ -85,13 +85,16 @@ def prefork(tmp_path_factory):
     if os.environ.get("PREFORK") == "0":
         yield
         return
-    from prefork.prefork import stop_servers
+    from prefork.prefork import join, leave
 
-    directory = tmp_path_factory.mktemp("prefork")
+    base = tmp_path_factory.getbasetemp()
+    directory = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "prefork"  # the workers share
+    directory.mkdir(exist_ok=True)
+    join(str(directory))
     os.environ["PREFORK_DIR"] = str(directory)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT / "tests" / "prefork"), os.environ.get("PYTHONPATH"))))
     yield
-    stop_servers(str(directory))
+    leave(str(directory))
 
 
 def put_request(local_dir: Path, job_id: str, request: dict | str) -> None:

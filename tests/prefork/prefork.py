@@ -1,17 +1,22 @@
-"""Test harness only: the suite's job processes forked from a server that has already imported torch.
+"""Test harness only: the suite's job processes forked from a server that has already imported their libraries.
 
-The suite starts about a hundred Python processes that import torch (the jobs it kills, stops and resumes,
-the sweep's trials, the GGUF converter the export runs). Importing the torch stack takes about 4 CPU-seconds
-in each and tearing the interpreter down another 1.5: on two cores, that was about a third of the suite.
+The suite starts over a hundred Python processes that import torch, transformers, PEFT and TRL (the jobs it
+kills, stops and resumes, the ranks, the sweep's trials, the GGUF converter an export runs, the consumers'
+loads). Importing those takes about 5 CPU-seconds in each, and tearing the interpreter down another 1.5: on
+two cores, about a third of the suite.
 
-`python main.py` started with PREFORK_DIR set (sitecustomize.py) becomes a proxy: it hands its argv,
-environment, working directory and standard streams to a server (one per set of import-time environment
-variables, started on first use) that forks a child to run the script. The proxy forwards the signals it is
-sent, and ends as the child ended: the same exit code, or killed by the same signal. A proxy killed with
-SIGKILL takes its child with it (the child watches a pipe only the proxy holds open). The child runs the
-script from its source as a fresh interpreter would; only torch and the libraries under it (numpy, sympy,
-bitsandbytes) were imported before the fork, never transformers, huggingface_hub, datasets or the job's own
-modules, which read the environment as they are imported.
+A `python main.py` (sitecustomize.py names the scripts) started with PREFORK_DIR set becomes a proxy: it hands
+its argv, environment, working directory and standard streams to a server, which forks a child to run the
+script. There is one server per interpreter and set of import-time environment variables, started by the
+second process that needs it (the first runs from scratch) and shared by xdist's workers. The proxy forwards
+the signals it is sent and ends as the child ended: the same exit code, or killed by the same signal. A proxy
+killed with SIGKILL takes its child with it (the child watches a pipe only the proxy holds open).
+
+The child runs the script from its source, with the caller's environment; only third-party libraries were
+imported before the fork, never the job's own modules. A library that reads a variable as it is imported saw
+the server's value, which is why servers are told apart by those variables. What the job itself sets before
+it imports them it must also apply to libraries already imported (logs.setup_logging's progress bars).
+tests/test_prefork.py shows the caller's view; PREFORK=0 runs every process from scratch.
 """
 
 from __future__ import annotations
@@ -35,10 +40,16 @@ PRELOAD = ("torch", "torch._dynamo", "torch.distributed", "torch._inductor.compi
            "transformers.models.gemma3.modeling_gemma3", "peft:LoraConfig,PeftModel,get_peft_model",
            "trl:SFTConfig,SFTTrainer,DPOConfig,DPOTrainer,GRPOConfig,GRPOTrainer")
 # Variables a library may read as it is imported: a child only forks from a server started with the same.
-IMPORT_TIME = ("PYTHON", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "KMP_", "OPENBLAS", "TQDM", "BNB", "LD_",
-               "NUMPY", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "DATASETS", "ACCELERATE", "PEFT", "TRL",
-               "SAFETENSORS", "HOME", "TMPDIR", "XDG_", "LANG", "LC_", "PATH")
-NOT_IMPORT_TIME = ("TORCHELASTIC_",)
+# HOME and the locale count by their effective values (unset HOME is the user's home from the password
+# database; Python coerces the C locale to C.UTF-8), PATH not at all (read when a program is run).
+IMPORT_TIME = ("PYTHON", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "OPENBLAS", "TQDM", "BNB", "LD_", "NUMPY",
+               "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "DATASETS", "ACCELERATE", "PEFT", "TRL",
+               "SAFETENSORS", "TMPDIR", "XDG_")
+# ...except these, read when used: the proxy passes -u on (PYTHONUNBUFFERED); the others are set by the
+# processes that start jobs (torch elastic for its ranks, tokenizers before a fork, torch in the tests' own
+# process).
+NOT_IMPORT_TIME = ("TORCHELASTIC_", "TORCH_NCCL_", "TORCHINDUCTOR_CACHE_DIR", "TOKENIZERS_PARALLELISM",
+                   "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE")
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 IDLE_S = 180.0
 HEADER = struct.Struct("!I")
@@ -49,8 +60,12 @@ def _import_time(name: str) -> bool:
 
 
 def _key(env: dict[str, str]) -> str:
+    """The server for this interpreter and these variables (`env` is this process's own environment)."""
+    import locale
+
     kept = sorted((k, v) for k, v in env.items() if _import_time(k))
-    return hashlib.sha1(json.dumps([sys.executable, kept]).encode()).hexdigest()[:12]
+    effective = [os.path.expanduser("~"), locale.setlocale(locale.LC_CTYPE)]
+    return hashlib.sha1(json.dumps([sys.executable, kept, effective]).encode()).hexdigest()[:12]
 
 
 def _send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
@@ -311,15 +326,34 @@ def serve(path: str) -> None:
             return
 
 
-def stop_servers(directory: str) -> None:
-    """Ends the servers started under `directory` (the suite's end)."""
-    for name in os.listdir(directory):
-        if name.endswith(".pid"):
-            try:
-                with open(os.path.join(directory, name)) as f:
-                    os.kill(int(f.read()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
+def join(directory: str) -> None:
+    """A pytest process starts using the servers under `directory` (xdist's workers share them)."""
+    _users(directory, +1)
+
+
+def leave(directory: str) -> None:
+    """...and stops using them: the last to leave ends the servers."""
+    if _users(directory, -1) == 0:
+        for name in os.listdir(directory):
+            if name.endswith(".pid"):
+                try:
+                    with open(os.path.join(directory, name)) as f:
+                        os.kill(int(f.read()), signal.SIGTERM)
+                except (OSError, ValueError):
+                    pass
+
+
+def _users(directory: str, change: int) -> int:
+    with open(os.path.join(directory, "users.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = os.path.join(directory, "users")
+        users = 0
+        if os.path.exists(path):
+            with open(path) as f:
+                users = int(f.read())
+        with open(path, "w") as f:
+            f.write(str(users + change))
+        return users + change
 
 
 if __name__ == "__main__":
