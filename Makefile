@@ -55,7 +55,7 @@ validate: fixtures
 # in each worker would only contend), a test file to each at a time, the longest files first (conftest.py).
 TEST_WORKERS ?= 2
 test: setup setup-gguf consumer
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The Dockerfile linted, and the image's pins (requirements.txt, -gguf and -gpu) resolved together
 # against the package registry without installing (nor compiling) anything.

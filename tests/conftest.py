@@ -22,11 +22,12 @@ sys.path.insert(0, str(ROOT))
 EXAMPLES = ROOT / "examples"
 
 # The longest files, started first so that none is left to run alone at the end (`make test` hands each
-# worker a whole file at a time: pytest-xdist's --dist loadfile).
-LONGEST_FIRST = ("test_distributed", "test_kill", "test_reliability", "test_export", "test_benchmarks", "test_best", "test_vision",
-                 "test_vision_methods", "test_consumers", "test_sweep",
-                 "test_lora_options", "test_gcp", "test_main", "test_logs", "test_rl", "test_generation",
-                 "test_lineage", "test_tracking", "test_cli")
+# worker a whole file at a time: pytest-xdist's --dist loadfile, with --no-loadscope-reorder, which keeps
+# this order instead of putting the files with the most tests first).
+LONGEST_FIRST = ("test_export", "test_distributed", "test_reliability", "test_cli", "test_platform", "test_kill",
+                 "test_benchmarks", "test_vision_methods", "test_vision", "test_lora_options", "test_gcp",
+                 "test_rl", "test_best", "test_tracking", "test_sweep", "test_main", "test_generation",
+                 "test_consumers", "test_train", "test_prefork", "test_methods", "test_logs", "test_lineage")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -46,8 +46,8 @@ def start(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
     (tmp_path / "main.py").write_text(SCRIPT)
     return subprocess.Popen([sys.executable, "main.py", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={"PATH": os.environ["PATH"], **THREADS, "ANSWER": "42", **KIND, **env,
-                                 **{k: os.environ[k] for k in ("PREFORK_DIR", "PYTHONPATH")}})
+                            env={"PATH": os.environ["PATH"], **THREADS, "ANSWER": "42", **KIND,
+                                 **{k: os.environ[k] for k in ("PREFORK_DIR", "PYTHONPATH")}, **env})
 
 
 def state(proc: subprocess.Popen) -> dict:
@@ -127,3 +127,25 @@ def test_prefork_skip_starts_the_process_from_scratch(tmp_path):
     seen = state(proc)
     proc.communicate(timeout=60)
     assert seen["pid"] == proc.pid and not seen["torch_before"]
+
+
+def test_where_no_server_can_run_the_process_runs_from_scratch(tmp_path, monkeypatch):
+    """A socket path too long for AF_UNIX, or a server that fails to start (its interpreter exits at once
+    here): the process runs as if the harness were off, and no later one waits for that server again."""
+    import prefork.prefork as harness
+
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    for _ in range(2):
+        proc = start(tmp_path, "exit", "0", PREFORK_DIR=str(deep))
+        seen = state(proc)
+        proc.communicate(timeout=60)
+        assert seen["pid"] == proc.pid and proc.returncode == 0
+    assert list(deep.iterdir()) == []  # no server tried
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    env = {"PYTHONPREFORKTEST": "failing"}
+    assert harness._server(str(tmp_path), "k", env) is None  # the first of its kind: from scratch anyway
+    assert harness._server(str(tmp_path), "k", env) is None  # the server exits at once
+    assert (tmp_path / "k.failed").exists()
+    started = time.monotonic()
+    assert harness._server(str(tmp_path), "k", env) is None and time.monotonic() - started < 0.1

@@ -106,8 +106,12 @@ def _connect(path: str) -> socket.socket | None:
 
 def _server(directory: str, key: str, env: dict[str, str]) -> socket.socket | None:
     """A connection to the server for these import-time variables; None the first time they are seen (a
-    server costs a whole import, worth it from the second process on)."""
+    server costs a whole import, worth it from the second process on), and where no server can run (a
+    socket path too long for AF_UNIX, a server that failed to start: its log says why)."""
     path = os.path.join(directory, f"{key}.sock")
+    failed = os.path.join(directory, f"{key}.failed")
+    if len(path.encode()) > 100 or os.path.exists(failed):
+        return None
     sock = _connect(path)
     if sock:
         return sock
@@ -132,7 +136,9 @@ def _server(directory: str, key: str, env: dict[str, str]) -> socket.socket | No
             if server.poll() is not None:
                 break
             time.sleep(0.02)
-        raise RuntimeError(f"prefork server did not start; see {directory}/{key}.log")
+        server.kill()
+        open(failed, "w").close()  # this process and the next run from scratch: slower, not wrong
+        return None
 
 
 def proxy() -> None:
@@ -258,6 +264,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
 
 
 def serve(path: str) -> None:
+    import gc
     import importlib
     import selectors
     import warnings
@@ -272,6 +279,7 @@ def serve(path: str) -> None:
                     getattr(module, attribute)
             except (ImportError, AttributeError):  # the consumer's environment has fewer of them
                 pass
+    gc.freeze()  # the children's collections leave what was imported alone (and its pages shared)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}"
     listener.bind(tmp)
