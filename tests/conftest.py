@@ -81,8 +81,9 @@ def restore_environment():
 
 @pytest.fixture(scope="session", autouse=True)
 def prefork(tmp_path_factory):
-    """The jobs this session starts as processes fork from a server that has imported torch (tests/prefork):
-    about 5 CPU-seconds less for each of about a hundred. PREFORK=0 starts each from scratch."""
+    """The jobs this session starts as processes fork from a server that has imported torch, transformers,
+    PEFT and TRL (tests/prefork): about 6 CPU-seconds less for each of over a hundred. PREFORK=0 starts each
+    from scratch."""
     if os.environ.get("PREFORK") == "0":
         yield
         return

@@ -41,6 +41,40 @@ def test_redaction_covers_arguments_and_tracebacks():
     assert HF_SECRET not in text and "calling with **********" in text and "401 for token **********" in text
 
 
+def test_on_cloud_run_progress_bars_are_off_in_the_libraries_already_imported(monkeypatch):
+    """huggingface_hub, datasets and transformers read their progress-bar switch once, as they are imported:
+    setup_logging also turns the bars off in those a process imported before it (as a job forked from the
+    suite's servers did, tests/prefork)."""
+    import datasets
+    import huggingface_hub.utils as hub
+    import transformers.utils.logging as hf_logging
+
+    from logs import setup_logging
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def enable():
+        hub.enable_progress_bars()
+        datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+
+    enable()
+    try:
+        assert not hub.are_progress_bars_disabled() and datasets.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled()
+        setup_logging("j", json_lines=True)
+        assert hub.are_progress_bars_disabled() and not datasets.is_progress_bar_enabled()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.captureWarnings(False)
+        enable()
+
+
 def test_on_cloud_run_every_line_is_json_and_training_can_be_followed(local_dir, tiny_root):
     """The job as Cloud Run runs it (CLOUD_RUN_JOB set, its own process, the default level): every line
     it prints is one JSON record, transformers' own warnings included and no progress bar, and at INFO
