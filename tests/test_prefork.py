@@ -31,6 +31,10 @@ if mode == "raise":
     raise ValueError("as a fresh interpreter reports it")
 if mode == "self-kill":
     os.kill(os.getpid(), signal.SIGKILL)
+if mode == "thread":
+    import threading
+    threading.Thread(target=lambda: (time.sleep(0.5), open(sys.argv[2], "w").write("joined"))).start()
+    sys.exit(0)
 if mode == "term":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
 open(sys.argv[2], "w").write(str(os.getpid()))
@@ -95,6 +99,13 @@ def test_an_uncaught_exception_is_exit_1_with_its_traceback(tmp_path):
     proc = start(tmp_path, "raise")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "ValueError: as a fresh interpreter reports it" in err
+
+
+def test_the_jobs_threads_are_joined_before_it_exits(tmp_path):
+    proc = start(tmp_path, "thread", str(tmp_path / "joined"))
+    assert state(proc)["pid"] != proc.pid  # forked
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0 and (tmp_path / "joined").read_text() == "joined"
 
 
 def test_a_signal_sent_to_the_process_reaches_the_job(tmp_path):

@@ -254,6 +254,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
     except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, then exit 1
         traceback.print_exc()
         code = 1
+    threading._shutdown()  # what the interpreter does as it exits: its threads joined, then the exit functions
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
