@@ -1,6 +1,6 @@
-"""The suite's harness (tests/prefork): a `python main.py` forked from a server that has imported torch behaves,
-to the process that started it, as the fresh interpreter it replaces: argv, environment, working directory,
-streams, exit code, signals in both directions, and death by SIGKILL."""
+"""The suite's harness (tests/prefork): a `python main.py` forked from a server that has imported the libraries
+behaves, to the process that started it, as the fresh interpreter it replaces: argv, environment, working
+directory, streams, exit code, threads joined, signals in both directions, and death by SIGKILL."""
 
 from __future__ import annotations
 

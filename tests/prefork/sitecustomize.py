@@ -1,6 +1,6 @@
 """Test harness only (on PYTHONPATH in the suite's subprocesses, never in the image): a `python main.py` the
 tests start, or one a job starts (a rank, the GGUF converter, the GPU benchmark's shapes), runs in a child
-forked from a process that has already imported torch. See prefork.py."""
+forked from a process that has already imported torch, transformers, PEFT and TRL. See prefork.py."""
 
 import os
 import sys
