@@ -206,8 +206,7 @@ class BaseTrainingJob:
                                self.cfg.trust_remote_code) if self.cfg.vision else None
         tokenizer = processor.tokenizer if processor else self.timed(
             "load_tokenizer", load_tokenizer, self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
-        template = ensure_chat_template(processor or tokenizer, tokenizer, self.cfg.base_model_id,
-                                        images=processor is not None)
+        template = ensure_chat_template(tokenizer, self.cfg.base_model_id, processor)
         self.check_modules()
         per_row = max((len(r["images"]) for r in splits["train"].rows), default=0) if processor else 0
         hp = self.cfg.hyperparameters

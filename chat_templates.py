@@ -41,18 +41,18 @@ GEMMA3 = GEMMA3_TEXT.replace(
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 
-def ensure_chat_template(target, tokenizer, model_id: str, images: bool = False) -> str | None:
-    """Give a Gemma base without a chat template Gemma 3's (target: its tokenizer, or for images its processor,
-    whose tokenizer gets it too); what was done, for the job document, or None where the base has its own. A
+def ensure_chat_template(tokenizer, model_id: str, processor=None) -> str | None:
+    """Give a Gemma base without a chat template Gemma 3's (for images, its processor's, with the image branch,
+    and its tokenizer's too); what was done, for the job document, or None where the base has its own. A
     tokenizer without Gemma's turn tokens is left as it is: its conversations are refused when they are
-    rendered (data.encode), and plain-text rows need no template."""
+    rendered (data.require_chat_template), and plain-text rows need no template."""
+    target = processor or tokenizer
     if getattr(target, "chat_template", None):
         return None
-    vocab = tokenizer.get_vocab()
-    if not all(t in vocab for t in TURN_TOKENS):
+    if not all(t in tokenizer.get_vocab() for t in TURN_TOKENS):
         return None
-    target.chat_template = GEMMA3 if images else GEMMA3_TEXT
-    if target is not tokenizer and not getattr(tokenizer, "chat_template", None):
+    target.chat_template = GEMMA3 if processor else GEMMA3_TEXT
+    if processor and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = target.chat_template
     note = (f"{model_id!r} has no chat template (a pretrained base): conversations are rendered in Gemma 3's "
             "turn format, and that template is saved with the exports")

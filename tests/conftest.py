@@ -63,9 +63,13 @@ def sample_request(tiny_root: Path, **training) -> dict:
 THREADS = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
 
 
+def harness_env() -> dict[str, str]:
+    """What a process the suite starts needs to fork from tests/prefork's servers (set by `prefork` below)."""
+    return {k: os.environ[k] for k in ("PREFORK_DIR", "PYTHONPATH") if k in os.environ}
+
+
 def env_for(local_dir: Path, job_id: str, **extra: str) -> dict[str, str]:
-    harness = {k: os.environ[k] for k in ("PREFORK_DIR", "PYTHONPATH") if k in os.environ}
-    return {"BACKEND": "local", "LOCAL_DIR": str(local_dir), "JOB_ID": job_id, **THREADS, **harness, **extra}
+    return {"BACKEND": "local", "LOCAL_DIR": str(local_dir), "JOB_ID": job_id, **THREADS, **harness_env(), **extra}
 
 
 @pytest.fixture(autouse=True)

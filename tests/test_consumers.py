@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,15 +56,20 @@ def exported(tiny_root, tmp_path_factory):
     return folders
 
 
-@pytest.fixture(scope="module")
-def consumed(exported, tmp_path_factory) -> dict[str, dict]:
-    """Each exported folder loaded in the consumer environment: one process for all of them."""
-    out = tmp_path_factory.mktemp("consumed")
-    args = [str(a) for job_id, folder in exported.items() for a in (folder, out / f"{job_id}.json")]
+def consumer_loads(folders: dict[str, Path], out: Path) -> dict[str, dict]:
+    """Each folder loaded in the consumer environment (tests/consumer_load.py, one process for all): by name,
+    what it read there (versions, prompt ids, logits through transformers and through PEFT)."""
+    args = [str(a) for name, folder in folders.items() for a in (folder, out / f"{name}.json")]
     run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), PROMPT, *args],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return {job_id: json.loads((out / f"{job_id}.json").read_text()) for job_id in exported}
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in folders}
+
+
+@pytest.fixture(scope="module")
+def consumed(exported, tmp_path_factory) -> dict[str, dict]:
+    """Each exported folder loaded in the consumer environment."""
+    return consumer_loads(exported, tmp_path_factory.mktemp("consumed"))
 
 
 def our_logits(folder, input_ids) -> torch.Tensor:

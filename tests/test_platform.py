@@ -281,17 +281,12 @@ def test_a_pretrained_base_without_a_chat_template_trains_in_gemma_3s_turn_forma
         return
     # the inference service's pinned peft 0.14.0 / transformers 4.56.0 render prompts with the exported template
     # (the base has none to give them) and answer as the job's own libraries do
-    import subprocess
-
     import torch
     from transformers import AutoTokenizer
 
-    from test_consumers import PROMPT, ROOT, consumer, our_logits
+    from test_consumers import PROMPT, consumer_loads, our_logits
 
-    run = subprocess.run([consumer(), str(ROOT / "tests" / "consumer_load.py"), PROMPT, str(exported),
-                          str(tmp_path / "consumed.json")], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads((tmp_path / "consumed.json").read_text())
+    got = consumer_loads({"pt": exported}, tmp_path)["pt"]
     assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")
     tok = AutoTokenizer.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))  # the template's own rendering
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
@@ -312,7 +307,7 @@ def test_conversations_for_a_base_with_no_template_and_no_turn_tokens_are_refuse
     tok = load_tokenizer(str(tiny_root / "models" / "tiny-gemma3"), None, False)
     tok.chat_template = None
     stranger = SimpleNamespace(chat_template=None, get_vocab=lambda: {"<s>": 0})
-    assert ensure_chat_template(stranger, stranger, "other/model") is None and stranger.chat_template is None
+    assert ensure_chat_template(stranger, "other/model") is None and stranger.chat_template is None
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "moo"}]
     with pytest.raises(DatasetError, match="no chat template to render them with.*training_config.base_model_id"):
         tokenize(["the cow says moo", conversation], tok, 64, True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import THREADS
+from conftest import THREADS, harness_env
 
 SCRIPT = '''
 import json, os, signal, sys, time
@@ -50,8 +50,8 @@ def start(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
     (tmp_path / "main.py").write_text(SCRIPT)
     return subprocess.Popen([sys.executable, "main.py", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={"PATH": os.environ["PATH"], **THREADS, "ANSWER": "42", **KIND,
-                                 **{k: os.environ[k] for k in ("PREFORK_DIR", "PYTHONPATH")}, **env})
+                            env={"PATH": os.environ["PATH"], **THREADS, "ANSWER": "42", **KIND, **harness_env(),
+                                 **env})
 
 
 def state(proc: subprocess.Popen) -> dict:

@@ -122,7 +122,7 @@ def _server(directory: str, key: str, env: dict[str, str]) -> socket.socket | No
             return sock
         seen = os.path.join(directory, f"{key}.seen")
         if not os.path.exists(seen):
-            with open(seen, "w") as f:
+            with open(seen, "w") as f:  # the variables that made this key: why two servers differ
                 json.dump(sorted((k, v) for k, v in env.items() if _import_time(k)), f, indent=1)
             return None
         with open(os.path.join(directory, f"{key}.log"), "ab") as log:
