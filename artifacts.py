@@ -53,11 +53,16 @@ def complete_tokenizer_files(out: Path, tokenizer, base_model_id: str, token: st
 
 
 def copy_sentencepiece_model(out: Path, base_model_id: str, token: str | None) -> None:
+    """The base's SentencePiece model beside the export, where it has one: Gemma 4 ships `tokenizer.json`
+    alone, which is all its consumers (and llama.cpp's Gemma 4 converter) read."""
     if (out / "tokenizer.model").exists():
         return
-    local = Path(base_model_id) / "tokenizer.model"
-    if local.is_file():
-        shutil.copyfile(local, out / "tokenizer.model")
+    local = Path(base_model_id).expanduser()
+    if local.is_dir():
+        if (local / "tokenizer.model").is_file():
+            shutil.copyfile(local / "tokenizer.model", out / "tokenizer.model")
+        else:
+            logger.info("%s has no tokenizer.model (tokenizer.json only)", base_model_id)
         return
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError

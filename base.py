@@ -22,7 +22,7 @@ from chat_templates import ensure_chat_template
 from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from curves import curve_png, history_json
 from distributed import DDP, FSDP, first_on_node, strategy_for, trainer_args as strategy_args
-from data import DatasetError, Tokenized, fit_prompts, load_splits, load_tokenizer, tokenize
+from data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
 from errors import Cancelled, Interrupted, PermanentError
 from evaluation import eval_token_accuracy, reader_metrics
 from generation import answers, cases as generation_cases, compare
@@ -44,8 +44,11 @@ from vision_rows import load_vision_splits
 
 logger = logging.getLogger(__name__)
 
-# The parts of a multimodal Gemma (3 at 4B and up, 3n) that are not its language model.
-NOT_LANGUAGE = r".*\.(vision_tower|audio_tower|multi_modal_projector)\..*"
+# What LoRA never adapts by accident: the parts of a multimodal Gemma (3 at 4B and up, 3n, 4) that are not its
+# language model (towers, projectors, Gemma 4's embedders), Gemma 4's per-layer-embedding projections and its
+# MoE routers. 'all-linear' would reach every one of them.
+NOT_LANGUAGE = (r".*\.(vision_tower|audio_tower|multi_modal_projector|embed_vision|embed_audio)\..*"
+                r"|.*\.per_layer_(input_gate|projection|model_projection)|.*\.router\..*")
 
 
 @dataclass
@@ -241,6 +244,8 @@ class BaseTrainingJob:
             limit = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.prompt_length}"
             raise DatasetError(f"all {train.dropped} train rows have no trainable token within {limit}; raise "
                                f"hyperparameters.{limit.split()[0]} or shorten the rows.")
+        if sft:
+            check_dropped(train, hp.max_length)
         evald = self.timed("prepare_eval_data", fit, splits["eval"]) if "eval" in splits else None
         images = image_stats(splits, {"train": train, **({"eval": evald} if evald else {})}) if processor else {}
         if self.cfg.eval_config.picks_best and not (evald and evald.rows):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from errors import PermanentError
@@ -39,15 +40,89 @@ def base_config(model_id: str, token: str | None, trust_remote_code: bool):
         return AutoConfig.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
 
 
-def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool) -> None:
-    """Refuse, from the config alone, a base this job cannot train: Gemma 3n under any name (validation refuses
-    it by its Hub name; a local copy or a renamed repo is caught here), and, for images, a text-only Gemma
-    (Gemma 3 270M and 1B)."""
-    config = base_config(model_id, token, trust_remote_code)
-    if config.model_type.startswith("gemma3n"):
+@dataclass(frozen=True)
+class Family:
+    """A model_type the pinned transformers loads: what users call it, what it takes in, and whether this job
+    trains it (where not, `refused` says why and what to choose instead)."""
+    name: str
+    sizes: str
+    modalities: str
+    refused: str = ""
+
+
+TEXT_INSTEAD = "choose a Gemma 4 or Gemma 3 model (e.g. google/gemma-4-E2B-it, google/gemma-3-1b-it)"
+FAMILIES: dict[str, Family] = {
+    "gemma": Family("Gemma (1.x), CodeGemma", "2B, 7B", "text"),
+    "gemma2": Family("Gemma 2", "2B, 9B, 27B", "text"),
+    "vaultgemma": Family("VaultGemma", "1B", "text"),
+    "gemma3_text": Family("Gemma 3 text", "270M, 1B", "text"),
+    "gemma3": Family("Gemma 3", "4B, 12B, 27B", "text, images"),
+    "gemma4_text": Family("Gemma 4 (text-only checkpoint)", "any", "text"),
+    "gemma4": Family("Gemma 4", "E2B, E4B, 26B-A4B, 31B", "text, images (audio on E2B, E4B)"),
+    "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio"),
+    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text, images, audio", refused="gemma_3n"),
+    "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=(
+        "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead")),
+    "gemma4_unified_assistant": Family("Gemma 4 unified assistant (draft)", "-", "text", refused=(
+        "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead")),
+    "diffusion_gemma": Family("DiffusionGemma", "-", "text", refused=(
+        "a text-diffusion model: it does not generate left to right, which SFT, DPO, ORPO and GRPO train")),
+    "t5gemma": Family("T5Gemma", "-", "text", refused="an encoder-decoder model; this job trains decoders"),
+    "t5gemma2": Family("T5Gemma 2", "-", "text, images", refused="an encoder-decoder model; this job trains decoders"),
+    "paligemma": Family("PaliGemma", "-", "text, images", refused=(
+        "PaliGemma's prefix-LM format differs from Gemma's chat turns that this job trains")),
+    "recurrent_gemma": Family("RecurrentGemma", "-", "text", refused=(
+        "its Griffin recurrent layers are not trained or exported by this job")),
+    "shieldgemma2": Family("ShieldGemma 2", "-", "text, images", refused=(
+        "an image-safety classifier, not a generative model to fine-tune")),
+}
+# What a decoder the job trains is saved as; any other architecture (EmbeddingGemma's Gemma3TextModel, a
+# sequence classifier) has no language-model head to train.
+GENERATIVE = ("ForCausalLM", "ForConditionalGeneration")
+
+
+def family_of(config, model_id: str) -> Family:
+    """The base's family from its config, or a PermanentError naming base_model_id and what to choose: a model
+    type the job does not know, one it cannot fine-tune, an embedding model, Gemma 3n."""
+    family = FAMILIES.get(config.model_type)
+    where = f"training_config.base_model_id: {model_id!r}"
+    if family is None:
+        raise PermanentError(f"{where} is a '{config.model_type}' model, not a Gemma this job knows "
+                             f"({', '.join(k for k, f in FAMILIES.items() if not f.refused)}); {TEXT_INSTEAD}.")
+    if family.refused == "gemma_3n":
         raise PermanentError(gemma_3n_refused(model_id))
-    if images and getattr(config, "vision_config", None) is None:
+    if family.refused:
+        raise PermanentError(f"{where} is {family.name}: {family.refused}. This job cannot fine-tune it; "
+                             f"{TEXT_INSTEAD}.")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(GENERATIVE) for a in architectures):
+        raise PermanentError(f"{where} is saved as {architectures[0]} (an embedding or classification model, "
+                             f"e.g. EmbeddingGemma), which has no language-model head to fine-tune; {TEXT_INSTEAD}.")
+    return family
+
+
+def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool) -> Family:
+    """Refuse, from the config alone (before any weight is downloaded), a base this job cannot train (family_of),
+    and, for images, a text-only Gemma (Gemma 3 270M and 1B) or one whose image path the job has not shown
+    (Gemma 4: its processor, with a variable number of image tokens per image, needs torchvision)."""
+    config = base_config(model_id, token, trust_remote_code)
+    family = family_of(config, model_id)
+    if not images:
+        return family
+    if getattr(config, "vision_config", None) is None:
         raise PermanentError(f"training_config.base_model_id: {model_id!r} is a text-only model "
                              f"({config.model_type}), and modality 'vision' sends it images; use an image+text "
                              "Gemma (Gemma 3 4B, 12B or 27B, e.g. google/gemma-3-4b-it), or modality 'text' "
                              "with a text dataset.")
+    if config.model_type.startswith("gemma4"):
+        try:
+            import torchvision  # noqa: F401  (Gemma 4's processor imports its video processor, which needs it)
+            missing = ""
+        except Exception as e:  # noqa: BLE001 - a CUDA torchvision beside a CPU torch fails with RuntimeError
+            missing = f" here torchvision cannot be imported ({type(e).__name__}: {str(e)[:120]}), which its " \
+                      "processor needs, and"
+        raise PermanentError(f"training_config.modality: 'vision' with {model_id!r} (Gemma 4):{missing} this job "
+                             "trains images on Gemma 3's processor only (a fixed 256 tokens per image), not yet "
+                             "on Gemma 4's; train Gemma 4 on text (modality 'text'), or images on a Gemma 3 "
+                             "(e.g. google/gemma-3-4b-it).")
+    return family

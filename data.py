@@ -198,6 +198,30 @@ class Tokenized:
     dropped: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    dropped_truncated: int = 0  # of the dropped rows, those whose answer lay beyond max_length
+
+
+# A train split may lose this share of its rows (answers cut off by max_length) before the job refuses it: a
+# job that trains on a few of the rows it was sent must not report `completed` as if it had trained on all.
+MAX_DROPPED_SHARE = 0.05
+
+
+def check_dropped(out: Tokenized, max_length: int) -> None:
+    """Refuse (exit 2) a train split of which more than MAX_DROPPED_SHARE of the rows have no trained token,
+    saying why: answers cut off by max_length, or answers the chat template did not let the job find."""
+    total = len(out.rows) + out.dropped
+    if not out.dropped or out.dropped <= MAX_DROPPED_SHARE * total:
+        return
+    cut = out.dropped_truncated
+    why = (f"{cut} lie beyond max_length {max_length} (raise hyperparameters.max_length or shorten the rows)"
+           if cut else "")
+    other = out.dropped - cut
+    if other:
+        why += ("; " if why else "") + (
+            f"{other} have an empty answer under the chat template (its rendering of the assistant turns leaves "
+            "nothing to train; check the rows' assistant content, or set hyperparameters.assistant_only_loss false)")
+    raise DatasetError(f"{out.dropped} of {total} train rows have no token to train on ({why}); the job trains on at "
+                       f"least {1 - MAX_DROPPED_SHARE:.0%} of the rows it is sent.")
 
 
 # From this many rows, tokenising runs in one process per core (datasets.map(num_proc)); below it
@@ -220,12 +244,30 @@ def encode(conv: list[dict[str, Any]] | str, tokenizer, max_length: int, assista
         spans = [(0, len(text))] if not assistant_only else []
         for i, m in enumerate(conv):
             if assistant_only and m["role"] == "assistant":
-                start = len(render(conv[:i], add_generation_prompt=True))
-                spans.append((start, len(render(conv[: i + 1]))))
+                spans.append(answer_span(render, conv, i, text, spans[-1][1] if spans else 0))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
+
+
+def answer_span(render, conv: list[dict[str, Any]], i: int, text: str, after: int) -> tuple[int, int]:
+    """Where assistant turn `i`'s answer lies in `text` (the whole conversation rendered), as characters. The
+    turn is rendered after its history twice, as a generation prompt and as an answer; the answer starts where
+    the two part (a generation prompt need not be a prefix of the answered turn: Gemma 4's 31B, 26B and 12B
+    end it with an empty thought channel the history never shows) and ends with the turn's end marker. Where
+    the template renders a turn differently once later turns follow, the answer is looked for after `after`."""
+    history = render(conv[:i])
+    prompt, answered = render(conv[:i], add_generation_prompt=True), render(conv[: i + 1])
+    start = max(len(history), len(os.path.commonprefix([prompt, answered])))
+    if text.startswith(answered):
+        return start, len(answered)
+    found = text.find(answered[start:], after)
+    if found < 0:
+        raise DatasetError(f"the chat template renders assistant turn {i} differently inside the whole conversation "
+                           "than after its history alone, so its answer cannot be found; set "
+                           "hyperparameters.assistant_only_loss false, or send the rows as prompt + completion.")
+    return found, found + len(answered) - start
 
 
 def _encode_batch(batch: dict[str, list], tokenizer, max_length: int, assistant_only: bool) -> dict[str, list]:
@@ -270,6 +312,7 @@ def tokenize(conversations: list[list[dict[str, str]] | str], tokenizer, max_len
         trained = sum(1 for x in row["labels"] if x != -100)
         if trained == 0:
             out.dropped += 1
+            out.dropped_truncated += row["truncated"]
             continue
         out.rows.append({"input_ids": row["input_ids"], "labels": row["labels"]})
         out.tokens += len(row["input_ids"])

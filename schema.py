@@ -314,11 +314,15 @@ def gemma_3n_refused(model_id: str) -> str:
     return (f"training_config.base_model_id: {model_id!r} is Gemma 3n. Its model class builds a MobileNet image "
             "tower through timm, which this image does not carry, and the platform's inference service loads it "
             "whole (towers included), so a text-only load would export what it cannot serve; fine-tuning Gemma 3n "
-            "has not been shown for this job. Choose a Gemma 3 model: google/gemma-3-1b-it (or 270m) for text, "
+            "has not been shown for this job. Choose Gemma 4 at the same sizes for text (google/gemma-4-E2B-it, "
+            "google/gemma-4-E4B-it), or a Gemma 3 model: google/gemma-3-1b-it (or 270m) for text, "
             "google/gemma-3-4b-it or larger for text or images.")
 
 
 GEMMA_3N = re.compile(r"gemma-?3n", re.IGNORECASE)
+# Gemma variants the job cannot fine-tune, refused by name before anything is read (base_models.FAMILIES
+# says why, from config.json, for a copy whose name does not say it).
+NOT_TRAINABLE = re.compile(r"-assistant$|(diffusion|t5|pali|recurrent|shield|embedding)-?gemma", re.IGNORECASE)
 
 
 class TrainingConfig(StrictModel):
@@ -347,9 +351,14 @@ class TrainingConfig(StrictModel):
 
     @field_validator("base_model_id")
     @classmethod
-    def _not_gemma_3n(cls, v: str) -> str:
+    def _trainable_family(cls, v: str) -> str:
         if GEMMA_3N.search(v):
             raise ValueError(gemma_3n_refused(v).removeprefix("training_config.base_model_id: "))
+        if NOT_TRAINABLE.search(v.rstrip("/")):
+            raise ValueError(f"{v!r} is a Gemma variant this job cannot fine-tune (a speculative-decoding draft, "
+                             "DiffusionGemma, T5Gemma, PaliGemma, RecurrentGemma, ShieldGemma or an embedding "
+                             "model); choose a Gemma 4 or Gemma 3 model (e.g. google/gemma-4-E2B-it, "
+                             "google/gemma-3-1b-it).")
         return v
 
     @field_validator("method", mode="before")

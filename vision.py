@@ -45,6 +45,7 @@ class Encoded:
     dropped: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    dropped_truncated: int = 0
 
 
 def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only: bool) -> Encoded:
@@ -63,6 +64,7 @@ def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only
         out.truncated += enc["truncated"]
         if not trained:
             out.dropped += 1
+            out.dropped_truncated += enc["truncated"]
             continue
         out.rows.append({"input_ids": enc["input_ids"], "labels": labels, "image_bytes": row["images"]})
         out.tokens += len(labels)

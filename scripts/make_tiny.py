@@ -8,7 +8,8 @@ A language model of the same shape inside Gemma 3's image+text architecture (as 
 tiny-gemma3-mm, with a one-layer SigLIP tower, Gemma 3's image tokens and a processor; the image+text
 dataset tiny-shapes (coloured shapes drawn with Pillow, in the preprocessing service's parquet layout,
 with its processed_datasets metadata document) is what it learns: the answer is the shape's colour,
-which only the image tells.
+which only the image tells. Tiny Gemma 4 models of each architecture (scripts/tiny_gemma4.py) sit beside
+them as tiny-gemma4, tiny-gemma4-e2b, tiny-gemma4-moe and tiny-gemma4-unified.
 
 Random weights, Gemma's special tokens and chat template, dimensions that are multiples of 256
 (k-quants in GGUF need rows of 256). Takes a few seconds; nothing is downloaded.
@@ -24,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_templates import GEMMA3, GEMMA3_TEXT  # noqa: E402  (the repository root, for this script run alone)
+from scripts.tiny_gemma4 import make_gemma4_models  # noqa: E402
 
 ANIMALS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
            "horse": "neigh", "owl": "hoot", "lion": "roar", "snake": "hiss", "bee": "buzz", "frog": "croak",
@@ -277,6 +279,8 @@ def main() -> None:
     print(f"model:   {model_dir}")
     make_multimodal_model(root / "models" / "tiny-gemma3-mm", model_dir)
     print(f"model:   {root / 'models' / 'tiny-gemma3-mm'}")
+    for path in make_gemma4_models(root / "models", model_dir):
+        print(f"model:   {path}")
     rows = conversations()
     print(f"dataset: {make_dataset(root, 'tiny-animals', rows)}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")
