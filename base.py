@@ -51,6 +51,13 @@ NOT_LANGUAGE = (r".*\.(vision_tower|audio_tower|multi_modal_projector|embed_visi
                 r"|.*\.per_layer_(input_gate|projection|model_projection)|.*\.router\..*")
 
 
+def adapted_modules(model) -> dict[str, Any]:
+    """What LoRA adapts, for the job document: each adapted module's path with its layer numbers as '*', and
+    how many modules that is."""
+    names = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    return {"modules": sorted({re.sub(r"\.\d+(?=\.)", ".*", n) for n in names}), "count": len(names)}
+
+
 @dataclass
 class Services:
     blobs: BlobStore
@@ -118,7 +125,7 @@ class BaseTrainingJob:
 
             set_seed(self.cfg.hyperparameters.seed)  # before LoRA's random init, not only before training
             with first_on_node(self.place):  # the node's first process downloads the base for the others
-                model = self.timed("load_model", self.load_model, prep.tokenizer)
+                model = self.timed("load_model", self.model_to_train, prep.tokenizer)
             trainer = self.timed("build_trainer", self.build_trainer, model, prep)
             # the model training starts from (rank 0's answers only: the others wait in the first step's sync)
             before = self.timed("generate_base", self.generate, trainer, prep) if self.place.main else None
@@ -179,6 +186,13 @@ class BaseTrainingJob:
         if fields:
             self.tracker.write(fields)
 
+    def model_to_train(self, tokenizer):
+        """The provider's model (load_model), with what LoRA adapts written to the job document."""
+        model = self.load_model(tokenizer)
+        if self.cfg.method != "Full":
+            self.tracker.write({"lora_targets": adapted_modules(model)})
+        return model
+
     def timed(self, name: str, fn, *args):
         t = time.perf_counter()
         result = fn(*args)
@@ -201,7 +215,10 @@ class BaseTrainingJob:
             self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
                                      self.settings.export_bucket, self.workdir)
             # before the data: Gemma 3n, and images for a text-only base, are refused from the config alone
-            check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code, self.cfg.vision)
+            family = check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code,
+                                      self.cfg.vision)
+            if family.consumer_note:
+                self.services.run_logger.warn(family.consumer_note)
             splits = self.timed("load_data", self.load_data)
         self.timed("import_libraries", import_libraries)
         check_attention(self.cfg.hyperparameters.use_fa2)

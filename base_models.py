@@ -48,6 +48,13 @@ class Family:
     sizes: str
     modalities: str
     refused: str = ""
+    consumer_note: str = ""  # what the platform's consumers cannot load of it, for the job document's warnings
+
+
+# gemma-facet/cloud-services inference/uv.lock pins transformers 4.56, from before Gemma 4.
+GEMMA_4_CONSUMERS = ("the platform's inference service pins transformers 4.56, which does not know model type "
+                     "'{}': this job's Gemma 4 exports load in transformers 5.5 or later (and their GGUF in "
+                     "llama.cpp), not in that service until it upgrades")
 
 
 TEXT_INSTEAD = "choose a Gemma 4 or Gemma 3 model (e.g. google/gemma-4-E2B-it, google/gemma-3-1b-it)"
@@ -57,9 +64,12 @@ FAMILIES: dict[str, Family] = {
     "vaultgemma": Family("VaultGemma", "1B", "text"),
     "gemma3_text": Family("Gemma 3 text", "270M, 1B", "text"),
     "gemma3": Family("Gemma 3", "4B, 12B, 27B", "text, images"),
-    "gemma4_text": Family("Gemma 4 (text-only checkpoint)", "any", "text"),
-    "gemma4": Family("Gemma 4", "E2B, E4B, 26B-A4B, 31B", "text, images (audio on E2B, E4B)"),
-    "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio"),
+    "gemma4_text": Family("Gemma 4 (text-only checkpoint)", "any", "text",
+                          consumer_note=GEMMA_4_CONSUMERS.format("gemma4_text")),
+    "gemma4": Family("Gemma 4", "E2B, E4B, 26B-A4B, 31B", "text, images (audio on E2B, E4B)",
+                     consumer_note=GEMMA_4_CONSUMERS.format("gemma4")),
+    "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio",
+                             consumer_note=GEMMA_4_CONSUMERS.format("gemma4_unified")),
     "gemma3n": Family("Gemma 3n", "E2B, E4B", "text, images, audio", refused="gemma_3n"),
     "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=(
         "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead")),

@@ -1,8 +1,9 @@
-"""Gemma 3's chat template, for a base whose tokenizer carries none (the pretrained `-pt` models the
-frontend offers beside the `-it` ones, and Gemma 3 270M): conversations are rendered in Gemma's turn format,
-<start_of_turn>user ... <end_of_turn> then <start_of_turn>model, as the instruction-tuned models and the
-platform's Unsloth inference path (its get_chat_template "gemma-3") render them. The template is saved with
-every export, so what serves the model renders prompts as it was trained."""
+"""Chat templates for a Gemma base whose tokenizer carries none (the pretrained `-pt` models the frontend
+offers beside the `-it` ones, and Gemma 3 270M): its own family's turn format. Gemma 4's is the template TRL
+ships for it (<|turn>user ... <turn|> then <|turn>model); Gemma 3's is here (<start_of_turn>user ...
+<end_of_turn> then <start_of_turn>model), as the instruction-tuned models and the platform's Unsloth inference
+path (its get_chat_template "gemma-3") render them. The template is saved with every export, so what serves
+the model renders prompts as it was trained."""
 
 from __future__ import annotations
 
@@ -39,22 +40,37 @@ GEMMA3 = GEMMA3_TEXT.replace(
     "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}")
 
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+GEMMA4_TURN_TOKENS = ("<|turn>", "<turn|>")
+
+
+def family_template(tokenizer, images: bool) -> tuple[str, str] | None:
+    """(template, its name) of the Gemma family whose turn tokens the tokenizer has: Gemma 4's (<|turn>role ...
+    <turn|>, the template TRL ships for it, as E2B's tokenizer carries it), else Gemma 3's; None for neither."""
+    vocab = tokenizer.get_vocab()
+    if all(t in vocab for t in GEMMA4_TURN_TOKENS):
+        from trl.chat_template_utils import gemma4_chat_template
+
+        return gemma4_chat_template, "Gemma 4's"
+    if all(t in vocab for t in TURN_TOKENS):
+        return (GEMMA3 if images else GEMMA3_TEXT), "Gemma 3's"
+    return None
 
 
 def ensure_chat_template(tokenizer, model_id: str, processor=None) -> str | None:
-    """Give a Gemma base without a chat template Gemma 3's (for images, its processor's, with the image branch,
-    and its tokenizer's too); what was done, for the job document, or None where the base has its own. A
-    tokenizer without Gemma's turn tokens is left as it is: its conversations are refused when they are
-    rendered (data.require_chat_template), and plain-text rows need no template."""
+    """Give a Gemma base without a chat template its own family's (family_template: Gemma 4's for Gemma 4, Gemma
+    3's otherwise; for images, its processor's too); what was done, for the job document, or None where the
+    base has its own. A tokenizer without Gemma's turn tokens is left as it is: its conversations are refused
+    when they are rendered (data.require_chat_template), and plain-text rows need no template."""
     target = processor or tokenizer
     if getattr(target, "chat_template", None):
         return None
-    if not all(t in tokenizer.get_vocab() for t in TURN_TOKENS):
+    found = family_template(tokenizer, images=processor is not None)
+    if found is None:
         return None
-    target.chat_template = GEMMA3 if processor else GEMMA3_TEXT
+    target.chat_template, name = found
     if processor and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = target.chat_template
-    note = (f"{model_id!r} has no chat template (a pretrained base): conversations are rendered in Gemma 3's "
+    note = (f"{model_id!r} has no chat template (a pretrained base): conversations are rendered in {name} "
             "turn format, and that template is saved with the exports")
     logger.warning("%s", note)
     return note

@@ -61,6 +61,20 @@ def count_params(config, model=None) -> tuple[int, int]:
     return total, model.get_input_embeddings().weight.numel()
 
 
+def sixteen_bit_params(model) -> int:
+    """Parameters bitsandbytes leaves in 16 bits when it loads the model in 4 or 8: all but the weights of its
+    linear layers, the output layer's excepted. The embeddings, and on Gemma 4 the per-layer embedding table
+    and the MoE experts (3-D parameters, not linear layers) with them. (An image+text job's tower, which it is
+    told to skip, is counted by vision_bytes.)"""
+    import torch
+
+    linear = {id(m.weight): m.weight.numel() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not n.startswith("lm_head")}
+    embeddings = model.get_input_embeddings().weight
+    linear.pop(id(embeddings), None)  # a tied output layer is the embedding itself
+    return sum(p.numel() for p in model.parameters()) - sum(linear.values())
+
+
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -75,7 +89,7 @@ def saved_params(model, names: list[str] | None) -> int:
 def nf4_bytes(total: int, embeddings: int) -> float:
     """The weights in 4 bits as bitsandbytes keeps and saves them: NF4 with double quantization for the
     linear layers (about 0.52 B/param: 0.545 measured on the tiny model, whose norms weigh more), the
-    embeddings in bf16."""
+    rest in bf16 (`embeddings`: the parameters that stay in 16 bits, sixteen_bit_params)."""
     return 2.0 * embeddings + 0.52 * (total - embeddings)
 
 
@@ -122,7 +136,7 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
     if estimate["total"] <= HEADROOM * gpu_bytes:
         return None
     advice = {"Full": "use method 'LoRA' or 'QLoRA'", "LoRA": "use method 'QLoRA'",
-              "QLoRA": "use a smaller model"}[method]
+              "QLoRA": "use a smaller model, or several GPUs (cli.py submit --vertex --gpus N)"}[method]
     return (f"training_config.method: {method} on {model_id} needs about {estimate['total'] / GIB:.1f} GiB "
             f"(weights and optimizer {estimate['weights_and_optimizer'] / GIB:.1f}, activations for batch_size "
             f"{batch} x max_length {length} {estimate['activations'] / GIB:.1f}, overhead "
@@ -151,13 +165,14 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> b
     config = model.config
     total, embeddings = count_params(config, model)
     tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+    unquantized = sixteen_bit_params(model)  # on Gemma 4 also the MoE experts and the per-layer embeddings
     fits_one = True
     if gpu:
         hp, world = cfg.hyperparameters, settings.world_size
         batch = max(1, hp.batch_size // world)
         extra = vision_bytes(config, batch * images_per_row, tower, cfg.method,
                              cfg.method == "Full" or hp.finetune_vision_layers)
-        estimate = estimate_bytes(total, embeddings, cfg.method, batch, hp.max_length, config,
+        estimate = estimate_bytes(total, unquantized, cfg.method, batch, hp.max_length, config,
                                   hp.load_in_8bit, saved_params(model, hp.modules_to_save), extra)
         fits_one = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, batch, hp.max_length) is None
         if world > 1 and (cfg.method == "Full" or not fits_one):

@@ -1,7 +1,8 @@
 """Install llama.cpp's HF-to-GGUF converter from the pinned llama-cpp-python source distribution.
 
-The converter (`convert_hf_to_gguf.py` with its `conversion/` package and `gguf-py/`) is not in the
-llama-cpp-python wheel, only in its sdist, under vendor/llama.cpp. This takes it from the sdist of
+The converter (`convert_hf_to_gguf.py` with its `conversion/` package and `gguf-py/`), and llama.cpp's
+copies of the chat templates Gemma 4 ships (models/templates/, which tests/test_gemma4.py compares with the
+fixtures'), are not in the llama-cpp-python wheel, only in its sdist, under vendor/llama.cpp. This takes it from the sdist of
 the installed version, so converter and quantizer come from the same llama.cpp commit; nothing of
 llama.cpp is kept in this repository. Run at install time (make setup-gguf, the Dockerfile):
 
@@ -18,7 +19,8 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+# the converter, and the chat templates Gemma 4 ships as llama.cpp keeps them (tests/test_gemma4.py reads them)
+WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE", "models/templates/google-gemma-4")
 
 
 def main() -> None:
@@ -27,7 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     dest = Path(args.dest)
     pinned = version("llama_cpp_python")
-    if (dest / "VERSION").is_file() and (dest / "VERSION").read_text().strip() == pinned:
+    if (dest / "VERSION").is_file() and (dest / "VERSION").read_text().strip() == pinned and \
+            any((dest / "models" / "templates").glob("google-gemma-4*")):
         print(f"converter of llama-cpp-python {pinned} already in {dest}")
         return
     with tempfile.TemporaryDirectory() as tmp:

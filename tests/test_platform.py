@@ -147,11 +147,11 @@ def test_facet_flat_quantization_that_does_not_apply_and_disagreeing_modalities_
 def test_the_frontends_gemma_3n_choices_are_refused_at_validation(make, model, provider):
     """The frontend offers gemma-3n-E2B and -E4B (frontend-ui src/lib/models.ts; its review page appends -it or
     -pt, and constructFullModelId the google/ or unsloth/ prefix and Unsloth's 4-bit suffix): refused as the
-    request is read, naming the field and a Gemma 3 to choose instead, not after three retries."""
+    request is read, naming the field and a Gemma 4 or Gemma 3 to choose instead, not after three retries."""
     request = make(base_model_id=model)
     request["training_config"]["provider"] = provider
     with pytest.raises(RequestError, match=f"training_config.base_model_id: '{model}' is Gemma 3n.*"
-                                           "Choose a Gemma 3 model"):
+                                           "Choose Gemma 4 at the same sizes for text .* or a Gemma 3 model"):
         parse_request(serialised(request))
 
 

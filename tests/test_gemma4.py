@@ -1,0 +1,195 @@
+"""Gemma 4 on its tiny fixtures (scripts/tiny_gemma4.py), one per architecture: dense with keys shared with
+values (31B-like), per-layer embeddings with key/value sharing and audio (E2B-like), mixture of experts
+(26B-A4B-like) and unified (12B-like), each with the chat template its size ships. A grouped SFT request
+with the default assistant_only_loss trains every answer token, the loss falls, the adapter agrees with the
+trained model in PEFT; the families the job cannot fine-tune are refused before any weight is read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import env_for, make_job, put_request, read_doc, sample_request
+
+ARCHITECTURES = ["tiny-gemma4", "tiny-gemma4-e2b", "tiny-gemma4-moe", "tiny-gemma4-unified"]
+ROOT = Path(__file__).resolve().parent.parent
+# llama.cpp's copy of the template Gemma 4 31B ships (make setup-gguf installs it with the converter)
+SHIPPED_31B = Path(sys.prefix) / "share" / "llama.cpp" / "models" / "templates" / "google-gemma-4-31B-it.jinja"
+
+
+def demo_rows() -> list[list[dict]]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_tiny import conversations
+
+    return [row["messages"] for row in conversations()]
+
+
+def answer_tokens(tokenizer, rows) -> int:
+    """The tokens of every answer with its end-of-turn marker, counted on their own: what must be trained."""
+    return sum(len(tokenizer(m["content"] + "<turn|>\n", add_special_tokens=False)["input_ids"])
+               for row in rows for m in row if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("model", ARCHITECTURES + ["llama.cpp 31B"])
+def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_root):
+    from data import load_tokenizer, tokenize
+
+    if model == "llama.cpp 31B":
+        if not SHIPPED_31B.is_file():
+            pytest.skip("llama.cpp's copy of the 31B template comes with make setup-gguf")
+        tokenizer = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
+        tokenizer.chat_template = SHIPPED_31B.read_text()
+    else:
+        tokenizer = load_tokenizer(str(tiny_root / "models" / model), None, False)
+    rows = demo_rows()
+    prompt = tokenizer.apply_chat_template(rows[0][:2], tokenize=False, add_generation_prompt=True)
+    history = tokenizer.apply_chat_template(rows[0], tokenize=False)
+    # E2B's generation prompt is a prefix of the answered history; 31B's, 26B's and 12B's are not
+    assert prompt.endswith("<|channel>thought\n<channel|>") == (model != "tiny-gemma4-e2b")
+    assert history.startswith(prompt) == (model == "tiny-gemma4-e2b")
+    out = tokenize(rows, tokenizer, 128, assistant_only=True)
+    assert out.dropped == 0 and len(out.rows) == len(rows)
+    assert out.trained_tokens == answer_tokens(tokenizer, rows)
+    first = out.rows[0]
+    trained = tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != -100])
+    assert trained == rows[0][2]["content"] + "<turn|>\n"
+
+
+def test_the_fixtures_thought_template_renders_as_the_31b_ships_it(tiny_root):
+    if not SHIPPED_31B.is_file():
+        pytest.skip("llama.cpp's copy of the 31B template comes with make setup-gguf")
+    from data import load_tokenizer
+
+    ours = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
+    shipped = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
+    shipped.chat_template = SHIPPED_31B.read_text()
+    for row in demo_rows()[:12]:
+        for messages, prompt in ((row, False), (row[:2], True)):
+            assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == \
+                shipped.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
+def test_rows_with_nothing_to_train_beyond_a_small_share_are_refused(tiny_root):
+    from data import DatasetError, MAX_DROPPED_SHARE, check_dropped, load_tokenizer, tokenize
+
+    tokenizer = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
+    rows = demo_rows()
+    full = tokenize(rows, tokenizer, 128, assistant_only=True)
+    check_dropped(full, 128)  # none dropped
+    # a max_length that cuts every answer off: each row is dropped, and the message says why and what to do
+    lengths = sorted(len(r["input_ids"]) - sum(x != -100 for x in r["labels"]) for r in full.rows)
+    cut = tokenize(rows, tokenizer, lengths[0], assistant_only=True)
+    assert cut.dropped > MAX_DROPPED_SHARE * len(rows)
+    with pytest.raises(DatasetError, match=r"train rows have no token to train on .* beyond max_length"):
+        check_dropped(cut, lengths[0])
+    # one row in 108 without an answer to train is under the share: it is counted, not refused
+    long_question = [rows[-1][0], {"role": "user", "content": "moo " * 200}, rows[-1][2]]
+    few = tokenize(rows[:-1] + [long_question], tokenizer, 128, True)
+    assert few.dropped == 1 and few.dropped_truncated == 1
+    check_dropped(few, 128)
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def trained(request, tiny_root, tmp_path_factory):
+    """The demo's grouped SFT request (default assistant_only_loss) on one architecture, step by step."""
+    local_dir = tmp_path_factory.mktemp("g4")
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", local_dir / "gemma-dataset-bucket")
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / request.param))
+    req["training_config"]["hyperparameters"].update(epochs=8, batch_size=16)
+    job = make_job(local_dir, req, job_id=request.param)
+    prep = job.preflight()
+    model = job.model_to_train(prep.tokenizer)
+    trainer = job.build_trainer(model, prep)
+    before = trainer.evaluate()
+    metrics = job.evaluate(trainer, prep, job.train(trainer))
+    artifacts = job.export(trainer, prep.tokenizer, metrics, prep)
+    job.finish_tracking(True)
+    return dict(name=request.param, prep=prep, before=before, metrics=metrics, artifacts=artifacts,
+                doc=read_doc(local_dir, request.param), local_dir=local_dir)
+
+
+def test_each_architecture_trains_every_answer_and_learns(trained):
+    from data import check_rows, row_form
+
+    doc, prep = trained["doc"], trained["prep"]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(trained["local_dir"] / "gemma-dataset-bucket" / "processed_datasets" / "tiny-animals" /
+                          "train.parquet")
+    rows = check_rows(table.to_pylist(), row_form(table.column_names, "sft"), "train")
+    assert doc["dataset"]["dropped_rows"] == 0 and doc["dataset"]["train_rows"] == len(rows)
+    assert doc["dataset"]["trained_tokens"] == answer_tokens(prep.tokenizer, rows)
+    assert trained["metrics"]["eval_loss"] < 0.6 * trained["before"]["eval_loss"]
+
+
+def test_each_architectures_adapter_agrees_with_the_trained_model_in_peft(trained):
+    check = trained["artifacts"]["verification"]["adapter"]
+    assert check["consumer"] == "PEFT" and check["top1_agreement"] >= check["required"] >= 0.95
+
+
+def test_lora_adapts_the_language_model_only_and_the_document_says_what(trained):
+    adapted = trained["doc"]["lora_targets"]
+    assert adapted and all(".language_model.layers." in name for name in adapted["modules"])
+    assert {name.rsplit(".", 1)[-1] for name in adapted["modules"]} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    adapter = Path(trained["local_dir"]) / "gemma-export-bucket" / "trained_adapters" / trained["name"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].endswith(trained["name"])
+
+
+def test_the_document_warns_that_the_inference_service_cannot_load_gemma_4(trained):
+    assert any("transformers 4.56" in w and "gemma4" in w for w in trained["doc"]["warnings"])
+
+
+@pytest.mark.parametrize("config_class, kwargs, says", [
+    ("Gemma4AssistantConfig", {}, "speculative-decoding draft"),
+    ("DiffusionGemmaConfig", {}, "text-diffusion model"),
+    ("T5GemmaConfig", {}, "encoder-decoder"),
+    ("PaliGemmaConfig", {}, "prefix-LM"),
+    ("RecurrentGemmaConfig", {}, "Griffin"),
+    ("ShieldGemma2Config", {}, "image-safety classifier"),
+    ("Gemma3TextConfig", {"architectures": ["Gemma3TextModel"], "use_bidirectional_attention": True},
+     "EmbeddingGemma"),
+    ("LlamaConfig", {}, "not a Gemma this job knows"),
+])
+def test_families_it_cannot_fine_tune_exit_2_before_any_weight(config_class, kwargs, says, local_dir,
+                                                               monkeypatch):
+    import transformers
+
+    import main
+    import providers
+
+    folder = local_dir / "models" / "renamed-model"  # its name says nothing: the config decides
+    getattr(transformers, config_class)(**kwargs).save_pretrained(str(folder))
+    assert [p.name for p in folder.iterdir()] == ["config.json"]  # no weight exists to be read
+    monkeypatch.setattr(providers.HuggingFaceTrainingJob, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    put_request(local_dir, "family", sample_request(local_dir, base_model_id=str(folder)))
+    assert main.main([], env_for(local_dir, "family")) == 2
+    doc = read_doc(local_dir, "family")
+    assert doc["status"] == "failed" and "training_config.base_model_id" in doc["error"] and says in doc["error"]
+    assert "google/gemma-4-E2B-it" in doc["error"] or "Gemma 4" in doc["error"]
+
+
+@pytest.mark.parametrize("name", ["google/gemma-4-31B-it-assistant", "google/embeddinggemma-300m",
+                                  "google/t5gemma-2b-2b-ul2", "google/paligemma2-3b-pt-224",
+                                  "google/recurrentgemma-2b-it", "google/shieldgemma-2-4b-it"])
+def test_their_hub_names_are_refused_at_validation(name):
+    from pydantic import ValidationError
+
+    from schema import TrainRequest
+
+    with pytest.raises(ValidationError, match="cannot fine-tune"):
+        TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {"base_model_id": name}})
+
+
+def test_gemma_4_images_are_refused_with_exit_2_naming_why(tiny_root):
+    from base_models import check_base_model
+    from errors import PermanentError
+
+    with pytest.raises(PermanentError, match=r"training_config.modality: 'vision' with .*Gemma 4.*modality 'text'"):
+        check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, True)
+    assert check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, False).name == "Gemma 4"
