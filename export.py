@@ -22,6 +22,7 @@ llama-cpp-python's compiled llama.cpp. No provider builds llama.cpp at run time.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -273,7 +274,20 @@ def check_installed(cpuinfo: Path = Path("/proc/cpuinfo")) -> None:
                                  f"host has them), or export 'adapter' or 'merged'.")
 
 
+def converter_config(merged_dir: Path) -> None:
+    """config.json as the pinned converter reads it. Its Gemma 4 12B (gemma4_unified) path asks for the text
+    config's `moe_intermediate_size`, which the 12B's published config carries as null and transformers drops
+    when it saves the merge (the model class has no such field): put back as published."""
+    path = merged_dir / "config.json"
+    config = json.loads(path.read_text())
+    text = config.get("text_config")
+    if config.get("model_type") == "gemma4_unified" and isinstance(text, dict) and "moe_intermediate_size" not in text:
+        text["moe_intermediate_size"] = None
+        path.write_text(json.dumps(config, indent=2))
+
+
 def convert(merged_dir: Path, out: Path, outtype: str, mmproj: bool = False) -> Path:
+    converter_config(merged_dir)
     cmd = [sys.executable, str(converter()), str(merged_dir), "--outtype", outtype, "--outfile", str(out)] + \
         (["--mmproj"] if mmproj else [])
     run = subprocess.run(cmd, capture_output=True, text=True)

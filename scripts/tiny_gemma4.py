@@ -16,6 +16,7 @@ refuses an embedding larger than its token list).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # Gemma 4's turn, thought-channel, tool and media tokens, as its tokenizer names them.
@@ -114,5 +115,9 @@ def make_gemma4_models(models: Path, tokenizer_dir: Path) -> list[Path]:
                   audio_config={"audio_embed_dim": 64})
     config = Gemma4UnifiedConfig(text_config=text, **towers, **media_ids(tok))
     save(Gemma4UnifiedForConditionalGeneration(config), tok, out, "tiny-gemma4-unified")
+    # the 12B's published config carries the text config's moe_intermediate_size as null; transformers drops it
+    published = json.loads((out / "config.json").read_text())
+    published["text_config"]["moe_intermediate_size"] = None
+    (out / "config.json").write_text(json.dumps(published, indent=2))
     made.append(out)
     return made

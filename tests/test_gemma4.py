@@ -100,16 +100,20 @@ def trained(request, tiny_root, tmp_path_factory):
     shutil.copytree(tiny_root / "gemma-dataset-bucket", local_dir / "gemma-dataset-bucket")
     req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / request.param))
     req["training_config"]["hyperparameters"].update(epochs=8, batch_size=16)
+    req["training_config"]["export_config"].update(include_gguf=True, gguf_quantization="q8_0")
     job = make_job(local_dir, req, job_id=request.param)
     prep = job.preflight()
     model = job.model_to_train(prep.tokenizer)
     trainer = job.build_trainer(model, prep)
     before = trainer.evaluate()
     metrics = job.evaluate(trainer, prep, job.train(trainer))
-    artifacts = job.export(trainer, prep.tokenizer, metrics, prep)
+    artifacts = job.export(trainer, prep.tokenizer, metrics, prep)  # the adapter, and GGUF from its merge
     job.finish_tracking(True)
+    # the same trained model exported merged, by a job that asks for that form
+    req["training_config"]["export_config"].update(format="merged", include_gguf=False)
+    merged = make_job(local_dir, req, job_id=request.param + "-merged").export(trainer, prep.tokenizer, metrics, prep)
     return dict(name=request.param, prep=prep, before=before, metrics=metrics, artifacts=artifacts,
-                doc=read_doc(local_dir, request.param), local_dir=local_dir)
+                merged=merged, doc=read_doc(local_dir, request.param), local_dir=local_dir)
 
 
 def test_each_architecture_trains_every_answer_and_learns(trained):
@@ -126,9 +130,15 @@ def test_each_architecture_trains_every_answer_and_learns(trained):
     assert trained["metrics"]["eval_loss"] < 0.6 * trained["before"]["eval_loss"]
 
 
-def test_each_architectures_adapter_agrees_with_the_trained_model_in_peft(trained):
-    check = trained["artifacts"]["verification"]["adapter"]
-    assert check["consumer"] == "PEFT" and check["top1_agreement"] >= check["required"] >= 0.95
+def test_each_architectures_exports_agree_with_the_trained_model_in_their_consumers(trained):
+    """The adapter in PEFT, the merge in transformers, q8_0 GGUF in llama.cpp, each checked by the job (which
+    fails below `required`) on its top-1 agreement with the trained model."""
+    checks = {**trained["artifacts"]["verification"], **trained["merged"]["verification"]}
+    assert {k: v["consumer"] for k, v in checks.items()} == {"adapter": "PEFT", "gguf": "llama.cpp",
+                                                             "merged": "transformers"}
+    assert checks["gguf"]["form"] == "q8_0" and checks["merged"]["form"] == "bf16"
+    for check in checks.values():
+        assert check["top1_agreement"] >= check["required"] >= 0.95 and check["tokens"] >= 64
 
 
 def test_lora_adapts_the_language_model_only_and_the_document_says_what(trained):
@@ -193,3 +203,4 @@ def test_gemma_4_images_are_refused_with_exit_2_naming_why(tiny_root):
     with pytest.raises(PermanentError, match=r"training_config.modality: 'vision' with .*Gemma 4.*modality 'text'"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, True)
     assert check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, False).name == "Gemma 4"
+
