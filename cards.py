@@ -97,10 +97,13 @@ def model_card(facts: CardFacts, artifacts: dict[str, str], gguf_file: str | Non
     if checked:
         lines += ["", "## Verification", "",
                   "Each artifact was loaded in the program that serves it and asked to predict the trained "
-                  "model's greedy continuation of evaluation prompts, token by token:", "",
-                  "| artifact | form | loaded in | top-1 agreement | required | tokens |", "|---|---|---|---|---|---|"]
+                  "model's greedy continuation of evaluation prompts, token by token. Agreement counts the decided "
+                  "tokens; near ties (the trained model's top two logits closer than the stated margin, where "
+                  "rounding may pick either) are counted apart:", "",
+                  "| artifact | form | loaded in | top-1 agreement | required | tokens | near ties (flipped) |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {a} | {v['form']} | {v['consumer']} | {v['top1_agreement']:.3f} | {v['required']:.2f} | "
-                  f"{v['tokens']} |" for a, v in checked.items()]
+                  f"{v['tokens']} | {v['near_ties']} ({v['near_ties_flipped']}) |" for a, v in checked.items()]
     lines += ["", "## How to load it", ""] + how_to_load(facts, artifacts, gguf_file)
     lines += ["", "## Licence", "",
               f"The licence of the base model applies: `{facts.license}`." if facts.license else

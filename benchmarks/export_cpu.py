@@ -34,7 +34,21 @@ def size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def in_transformers(ref, folder: Path) -> float:
+def in_peft(ref, folder: Path, job):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from verification import check_transformers
+
+    def load(device: str):
+        base = AutoModelForCausalLM.from_pretrained(job.cfg.base_model_id, device_map=device,
+                                                    **job.base_model_kwargs())
+        return PeftModel.from_pretrained(base, str(folder))
+
+    return check_transformers(ref, load, 0)
+
+
+def in_transformers(ref, folder: Path):
     from transformers import AutoModelForCausalLM
 
     from artifacts import weight_bytes
@@ -49,7 +63,6 @@ def main() -> None:
 
     from artifacts import complete_tokenizer_files, library_versions, save_4bit
     from export import export_gguf
-    from verification import verify_adapter
     from scripts.testbed import demo_request, local_job, make_tiny_fixtures
     from verification import (check_gguf, greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts,
                               stop_ids)
@@ -73,14 +86,14 @@ def main() -> None:
         def row(form, consumer, path, make_s, check):
             found, check_s = timed(check)
             rows.append({"form": form, "consumer": consumer, "make_s": make_s, "verify_s": check_s,
-                         "bytes": size(path), "top1_agreement": found})
+                         "bytes": size(path), "top1_agreement": found.share, "decided_tokens": found.decided,
+                         "near_ties": found.near_ties, "near_ties_flipped": found.flipped_ties})
             print(rows[-1])
 
         adapter = root / "adapter"
         _, s = timed(lambda: (trainer.model.save_pretrained(str(adapter)), tok.save_pretrained(str(adapter)),
                               complete_tokenizer_files(adapter, tok, job.cfg.base_model_id, None)))
-        row("adapter", "PEFT", adapter, s, lambda: verify_adapter(
-            adapter, ref, trainer.model, job.cfg.base_model_id, job.base_model_kwargs())["top1_agreement"])
+        row("adapter", "PEFT", adapter, s, lambda: in_peft(ref, adapter, job))
         merged = root / "merged16"
         _, s = timed(lambda: (job.save_merged(trainer.model, tok, merged),
                               complete_tokenizer_files(merged, tok, job.cfg.base_model_id, None)))

@@ -93,8 +93,10 @@ def make_gemma4_models(models: Path, tokenizer_dir: Path) -> list[Path]:
                                         hidden_size_per_layer_input=32, num_kv_shared_layers=2,
                                         use_double_wide_mlp=True),
                             dict(vision_config=vision, audio_config=audio)),
-        "tiny-gemma4-moe": ("thought", dict(enable_moe_block=True, num_experts=8, top_k_experts=2,
-                                            moe_intermediate_size=128, hidden_size_per_layer_input=0),
+        # 32 experts: bitsandbytes' CPU 4-bit kernel packs a linear layer's rows in blocks of 32, and the router's
+        # rows are the experts (the 26B-A4B has 128)
+        "tiny-gemma4-moe": ("thought", dict(enable_moe_block=True, num_experts=32, top_k_experts=2,
+                                            moe_intermediate_size=64, hidden_size_per_layer_input=0),
                             dict(vision_config=vision)),
     }
     made = []

@@ -204,3 +204,38 @@ def test_gemma_4_images_are_refused_with_exit_2_naming_why(tiny_root):
         check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, True)
     assert check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, False).name == "Gemma 4"
 
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma4-moe", "tiny-gemma4-e2b"])
+def test_qlora_memory_counts_what_bitsandbytes_leaves_in_16_bits(model, tiny_root):
+    """The MoE experts (3-D parameters) and the per-layer embedding table stay in 16 bits under a 4-bit load:
+    the estimate counts exactly what bitsandbytes, loading the model for real, leaves unquantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from artifacts import nf4_config
+    from memory import meta_model, sixteen_bit_params
+
+    path = str(tiny_root / "models" / model)
+    counted = sixteen_bit_params(meta_model(path, None, False))
+    loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(torch.float32))
+    kept = sum(p.numel() for p in loaded.parameters() if type(p).__name__ != "Params4bit")
+    assert counted == kept
+    named = dict(loaded.named_parameters())
+    special = [n for n in named if ".experts." in n or "embed_tokens_per_layer" in n]
+    assert special and all(type(named[n]).__name__ != "Params4bit" for n in special)
+    assert counted >= sum(named[n].numel() for n in special) + loaded.get_input_embeddings().weight.numel()
+
+
+def test_qlora_on_the_mixture_of_experts_trains_with_its_experts_in_16_bits(local_dir, tiny_root):
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma4-moe"), method="QLoRA")
+    req["training_config"]["hyperparameters"].update(epochs=6, batch_size=16)
+    job = make_job(local_dir, req, "qlora-moe")
+    prep = job.preflight()
+    model = job.model_to_train(prep.tokenizer)
+    experts = {n: type(p).__name__ for n, p in model.named_parameters() if ".experts." in n}
+    assert experts and "Params4bit" not in experts.values()
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())  # the linear layers are 4-bit
+    trainer = job.build_trainer(model, prep)
+    before = trainer.evaluate()["eval_loss"]
+    assert job.evaluate(trainer, prep, job.train(trainer))["eval_loss"] < 0.7 * before
