@@ -54,7 +54,8 @@ NOT_LANGUAGE = (r".*\.(vision_tower|audio_tower|multi_modal_projector|embed_visi
 def adapted_modules(model) -> dict[str, Any]:
     """What LoRA adapts, for the job document: each adapted module's path with its layer numbers as '*', and
     how many modules that is."""
-    names = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    names = [n.removeprefix("base_model.model.") for n, m in model.named_modules()
+             if hasattr(m, "lora_A") and not n.endswith(".base_layer")]  # a targeted parameter's wrappers nest
     return {"modules": sorted({re.sub(r"\.\d+(?=\.)", ".*", n) for n in names}), "count": len(names)}
 
 
@@ -352,13 +353,21 @@ class BaseTrainingJob:
         hp = self.cfg.hyperparameters
         named = {"lora_target_modules": hp.lora_target_modules, "modules_to_save": hp.modules_to_save}
         named = {field: names for field, names in named.items() if isinstance(names, list)}
-        if self.cfg.method == "Full" or not named:
+        if self.cfg.method == "Full" or not (named or hp.lora_target_parameters):
             return
         from memory import meta_model
 
         model = meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
         modules = [n for n, _ in model.named_modules() if n and not re.fullmatch(NOT_LANGUAGE, n)]
         base = self.cfg.base_model_id
+        params = [n for n, _ in model.named_parameters() if not re.fullmatch(NOT_LANGUAGE, n.rsplit(".", 1)[0])]
+        missing = [t for t in hp.lora_target_parameters or () if not any(n.endswith("." + t) for n in params)]
+        if missing:
+            experts = sorted({n.split(".layers.")[-1].split(".", 1)[-1] for n, p in model.named_parameters()
+                              if p.dim() == 3 and ".layers." in n})
+            raise PermanentError(f"hyperparameters.lora_target_parameters: {missing} name no parameter of {base}'s "
+                                 f"language model; " + (f"its expert weights are {experts}." if experts else
+                                                        "it has no mixture of experts: leave the field unset."))
         for field, names in named.items():
             missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in modules)]
             if missing:
@@ -390,7 +399,8 @@ class BaseTrainingJob:
         return {"r": hp.lora_rank, "lora_alpha": hp.lora_alpha, "lora_dropout": hp.lora_dropout,
                 "target_modules": targets if isinstance(targets, str) else list(targets), "bias": "none",
                 "use_rslora": hp.use_rslora, **({"use_dora": True} if hp.use_dora else {}),
-                **({"modules_to_save": list(hp.modules_to_save)} if hp.modules_to_save else {})}
+                **({"modules_to_save": list(hp.modules_to_save)} if hp.modules_to_save else {}),
+                **({"target_parameters": list(hp.lora_target_parameters)} if hp.lora_target_parameters else {})}
 
     def trainer_kwargs(self, prep: Prepared) -> dict[str, Any]:
         """The only mapping from the request to TRL's configuration, for every trainer type."""

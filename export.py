@@ -107,7 +107,11 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         # The trained adapter alone: DPO and GRPO give the PeftModel a second adapter, TRL's reference
         # copy, which save_pretrained would write as `ref/`, and which no consumer loads.
         trainer.model.save_pretrained(str(out), selected_adapters=[trainer.model.active_adapter])
-        write_portable_adapter_config(out)
+        if job.cfg.hyperparameters.lora_target_parameters:  # PEFT 0.17+ only: its key kept (the request says so)
+            job.run_logger.warn("lora_target_parameters: the adapter loads in PEFT 0.17 or later only, not in the "
+                                "inference service's PEFT 0.14; its merged and GGUF exports load anywhere")
+        else:
+            write_portable_adapter_config(out)
         saver.save_pretrained(str(out))
         complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token)
         verified["adapter"] = job.timed("verify_adapter", verify_adapter, out, ref, trainer.model,

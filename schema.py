@@ -73,6 +73,11 @@ class Hyperparameters(StrictModel):
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: list(LORA_TARGETS), description="The layers LoRA adapts, by name (every linear "
         "layer of a Gemma decoder block by default), or 'all-linear'; a vision tower is left out either way.")
+    lora_target_parameters: list[str] | None = Field(
+        None, description="Parameters (not layers) LoRA adapts as well, through PEFT's target_parameters, by the end "
+        "of their names: a mixture of experts' expert weights, e.g. ['experts.gate_up_proj', 'experts.down_proj'] "
+        "on Gemma 4 26B-A4B; methods LoRA and QLoRA, provider huggingface. Its adapter loads in PEFT 0.17 or later "
+        "only (not in the inference service's 0.14); merged and GGUF exports load as any other.")
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained whole (not through LoRA) and saved with the adapter, by name as PEFT "
         "matches it (the end of a module's name), e.g. ['lm_head'] or ['model.norm']: methods LoRA and QLoRA. A "
@@ -105,14 +110,16 @@ class Hyperparameters(StrictModel):
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
     seed: int = Field(42, ge=0)
 
-    @field_validator("lora_target_modules", "modules_to_save")
+    @field_validator("lora_target_modules", "modules_to_save", "lora_target_parameters")
     @classmethod
     def _module_names(cls, v: list[str] | str | None, info: ValidationInfo) -> list[str] | str | None:
         if v is None or isinstance(v, str):
             return v
         if not v:
             raise ValueError("name at least one module (e.g. [\"q_proj\", \"v_proj\"]), or 'all-linear'"
-                             if info.field_name == "lora_target_modules" else "name at least one module (e.g. "
+                             if info.field_name == "lora_target_modules" else "name at least one parameter (e.g. "
+                             "[\"experts.gate_up_proj\"]), or leave lora_target_parameters unset"
+                             if info.field_name == "lora_target_parameters" else "name at least one module (e.g. "
                              "[\"lm_head\"]), or leave modules_to_save unset")
         bad = [name for name in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name)]
         if bad:
@@ -400,7 +407,8 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"trainer_type '{self.trainer_type}': max_prompt_length ({hp.max_prompt_length}) must be "
                              f"below max_length ({hp.max_length}), or no completion fits; lower max_prompt_length, "
                              "raise max_length, or leave max_prompt_length unset (min(512, max_length / 2)).")
-        adapter_options = [n for n in ("use_dora", "use_rslora", "modules_to_save") if getattr(hp, n)] + \
+        adapter_options = [n for n in ("use_dora", "use_rslora", "modules_to_save", "lora_target_parameters")
+                           if getattr(hp, n)] + \
             (["lora_target_modules"] if "lora_target_modules" in hp.model_fields_set else [])
         if self.method == "Full" and adapter_options:
             raise ValueError(f"{', '.join(adapter_options)}: LoRA options, and method 'Full' trains every weight "
@@ -423,6 +431,9 @@ class TrainingConfig(StrictModel):
         if self.provider == "unsloth" and hp.modules_to_save:
             raise ValueError("provider 'unsloth' with modules_to_save: not shown for this job on a GPU yet (Unsloth "
                              "trains saved embeddings its own way); remove it, or use provider 'huggingface'.")
+        if self.provider == "unsloth" and hp.lora_target_parameters:
+            raise ValueError("provider 'unsloth' with lora_target_parameters: Unsloth takes layer names only; remove "
+                             "it, or use provider 'huggingface'.")
         if self.provider == "unsloth" and hp.use_dora:
             raise ValueError("provider 'unsloth' with `use_dora: true`: Unsloth passes DoRA to PEFT unoptimized, and "
                              "that has not been shown for this job on a GPU; set `use_dora: false`, or provider "

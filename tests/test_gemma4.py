@@ -239,3 +239,66 @@ def test_qlora_on_the_mixture_of_experts_trains_with_its_experts_in_16_bits(loca
     trainer = job.build_trainer(model, prep)
     before = trainer.evaluate()["eval_loss"]
     assert job.evaluate(trainer, prep, job.train(trainer))["eval_loss"] < 0.7 * before
+
+
+def test_lora_on_the_experts_on_request_trains_merges_and_is_listed(local_dir, tiny_root):
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma4-moe"))
+    req["training_config"]["hyperparameters"].update(epochs=4, batch_size=16, lora_target_modules=["q_proj"],
+                                                     lora_target_parameters=["experts.gate_up_proj",
+                                                                             "experts.down_proj"])
+    req["training_config"]["export_config"].update(include_gguf=True, gguf_quantization="q8_0")
+    job = make_job(local_dir, req, "experts")
+    prep = job.preflight()
+    model = job.model_to_train(prep.tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n and ".experts." in n}
+    trainer = job.build_trainer(model, prep)
+    metrics = job.evaluate(trainer, prep, job.train(trainer))
+    after = dict(trainer.model.named_parameters())
+    assert before and all(not torch_equal(after[n], p) for n, p in before.items())  # the experts' LoRA trained
+    artifacts = job.export(trainer, prep.tokenizer, metrics, prep)
+    job.finish_tracking(True)
+    doc = read_doc(local_dir, "experts")
+    assert {m.rsplit(".", 1)[-1] for m in doc["lora_targets"]["modules"]} == {"q_proj", "experts"}
+    adapter = local_dir / "gemma-export-bucket" / "trained_adapters" / "experts"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    assert {k: v["consumer"] for k, v in artifacts["verification"].items()} == {"adapter": "PEFT", "gguf": "llama.cpp"}
+    assert any("PEFT 0.17 or later" in w for w in doc["warnings"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("model, names, says", [
+    ("tiny-gemma4-moe", ["experts.up_proj"], "its expert weights are ['experts.down_proj', 'experts.gate_up_proj']"),
+    ("tiny-gemma4", ["experts.gate_up_proj"], "it has no mixture of experts"),
+])
+def test_expert_parameters_that_do_not_exist_exit_2(model, names, says, local_dir, tiny_root, monkeypatch):
+    import main
+    import providers
+
+    monkeypatch.setattr(providers.HuggingFaceTrainingJob, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / model))
+    req["training_config"]["hyperparameters"]["lora_target_parameters"] = names
+    put_request(local_dir, "bad-experts", req)
+    assert main.main([], env_for(local_dir, "bad-experts")) == 2
+    error = read_doc(local_dir, "bad-experts")["error"]
+    assert error.startswith("hyperparameters.lora_target_parameters:") and says in error
+
+
+@pytest.mark.parametrize("training, says", [
+    ({"provider": "unsloth"}, "provider 'unsloth' with lora_target_parameters"),
+    ({"method": "Full"}, "lora_target_parameters: LoRA options, and method 'Full'"),
+])
+def test_expert_parameters_are_refused_where_they_cannot_apply(training, says):
+    from pydantic import ValidationError
+
+    from schema import TrainRequest
+
+    tc = {"base_model_id": "google/gemma-4-26B-A4B-it", **training,
+          "hyperparameters": {"lora_target_parameters": ["experts.gate_up_proj"]}}
+    with pytest.raises(ValidationError, match=says):
+        TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": tc})
