@@ -35,7 +35,7 @@ $(CONSUMER)/.installed: requirements-consumer.txt
 
 consumer: $(CONSUMER)/.installed
 
-$(LOCAL_DIR)/models/tiny-gemma3/model.safetensors: scripts/make_tiny.py scripts/tiny_gemma4.py $(BIN)/.installed
+$(LOCAL_DIR)/models/tiny-gemma3/model.safetensors: scripts/make_tiny.py scripts/tiny_gemma4.py scripts/tiny_gemma3n.py $(BIN)/.installed
 	$(BIN)/python scripts/make_tiny.py --out $(LOCAL_DIR)
 
 fixtures: $(LOCAL_DIR)/models/tiny-gemma3/model.safetensors

@@ -217,7 +217,7 @@ class BaseTrainingJob:
                                      self.settings.export_bucket, self.workdir)
             # before the data: Gemma 3n, and images for a text-only base, are refused from the config alone
             family = check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code,
-                                      self.cfg.vision)
+                                      self.cfg.vision, self.cfg.provider)
             if family.consumer_note:
                 self.services.run_logger.warn(family.consumer_note)
             splits = self.timed("load_data", self.load_data)

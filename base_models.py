@@ -70,7 +70,7 @@ FAMILIES: dict[str, Family] = {
                      consumer_note=GEMMA_4_CONSUMERS.format("gemma4")),
     "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio",
                              consumer_note=GEMMA_4_CONSUMERS.format("gemma4_unified")),
-    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text, images, audio", refused="gemma_3n"),
+    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text (its language model alone: language_model.py)"),
     "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=(
         "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead")),
     "gemma4_unified_assistant": Family("Gemma 4 unified assistant (draft)", "-", "text", refused=(
@@ -99,8 +99,6 @@ def family_of(config, model_id: str) -> Family:
     if family is None:
         raise PermanentError(f"{where} is a '{config.model_type}' model, not a Gemma this job knows "
                              f"({', '.join(k for k, f in FAMILIES.items() if not f.refused)}); {TEXT_INSTEAD}.")
-    if family.refused == "gemma_3n":
-        raise PermanentError(gemma_3n_refused(model_id))
     if family.refused:
         raise PermanentError(f"{where} is {family.name}: {family.refused}. This job cannot fine-tune it; "
                              f"{TEXT_INSTEAD}.")
@@ -111,12 +109,16 @@ def family_of(config, model_id: str) -> Family:
     return family
 
 
-def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool) -> Family:
+def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool,
+                     provider: str = "huggingface") -> Family:
     """Refuse, from the config alone (before any weight is downloaded), a base this job cannot train (family_of),
     and, for images, a text-only Gemma (Gemma 3 270M and 1B) or one whose image path the job has not shown
-    (Gemma 4: its processor, with a variable number of image tokens per image, needs torchvision)."""
+    (Gemma 4: its processor, with a variable number of image tokens per image, needs torchvision; Gemma 3n:
+    its tower needs timm); Gemma 3n with Unsloth."""
     config = base_config(model_id, token, trust_remote_code)
     family = family_of(config, model_id)
+    if config.model_type == "gemma3n" and (images or provider == "unsloth"):
+        raise PermanentError(gemma_3n_refused(model_id, "images" if images else "with Unsloth"))
     if not images:
         return family
     if getattr(config, "vision_config", None) is None:

@@ -81,7 +81,11 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     from verification import (MAX_NEW_TOKENS, greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf,
                               verify_merged)
 
+    from base_models import base_config
+    from language_model import trains_alone, whole_adapter_keys, whole_merged
+
     fmt, ex = job.cfg.export_format, job.cfg.export_config
+    alone = not job.cfg.vision and trains_alone(base_config(job.cfg.base_model_id, job.token, job.cfg.trust_remote_code))
     root = job.workdir / "export"
     shutil.rmtree(root, ignore_errors=True)
     # Training is over: its optimizer state is only GPU memory now, wanted by the consumers' checks.
@@ -116,10 +120,14 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token)
         verified["adapter"] = job.timed("verify_adapter", verify_adapter, out, ref, trainer.model,
                                         job.cfg.base_model_id, job.base_kwargs, job.cfg.vision)
+        if alone:  # checked on the language model it trained; keyed for the whole model its consumers load
+            whole_adapter_keys(out)
         ready.append((out, "adapter"))
     if fmt == "merged" or ex.wants_gguf:
         merged16 = root / "merged16"
         job.timed("merge", job.save_merged, trainer.model, saver, merged16)
+        if alone:
+            job.timed("whole_model", whole_merged, merged16, job.cfg.base_model_id, job.token)
         portable_vision_keys(merged16)  # Gemma 3 4B and up: the tower where transformers 4.x reads it
         complete_tokenizer_files(merged16, tokenizer, job.cfg.base_model_id, job.token)
         if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here

@@ -47,11 +47,16 @@ def meta_model(model_id: str, token: str | None, trust_remote_code: bool):
 
 
 def empty_model(config, trust_remote_code: bool = False):
+    """The model a text job trains (for Gemma 3n its language model alone: language_model.py)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from language_model import causal_class, language_config
+
+    cls = causal_class(config)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if hasattr(cls, "from_config"):  # the Auto class
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls._from_config(language_config(config))
 
 
 def count_params(config, model=None) -> tuple[int, int]:

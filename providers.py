@@ -22,7 +22,8 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
     def load_model(self, tokenizer) -> Any:
         from verification import auto_class
 
-        model = auto_class(self.cfg.vision).from_pretrained(self.cfg.base_model_id, **self.base_model_kwargs())
+        model = auto_class(self.cfg.vision, self.cfg.base_model_id, self.token()).from_pretrained(
+            self.cfg.base_model_id, **self.base_model_kwargs())
         if self.cfg.method == "Full":
             return model
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -56,9 +57,9 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
             adapter = out_dir.parent / "adapter-for-merge"
             model.save_pretrained(str(adapter))
-            base = auto_class(self.cfg.vision).from_pretrained(self.cfg.base_model_id, dtype=dtype, token=self.token(),
-                                                               use_safetensors=True,
-                                                               trust_remote_code=self.cfg.trust_remote_code)
+            base = auto_class(self.cfg.vision, self.cfg.base_model_id, self.token()).from_pretrained(
+                self.cfg.base_model_id, dtype=dtype, token=self.token(), use_safetensors=True,
+                trust_remote_code=self.cfg.trust_remote_code)
             PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(out_dir))
             shutil.rmtree(adapter, ignore_errors=True)
         tokenizer.save_pretrained(str(out_dir))

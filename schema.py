@@ -315,15 +315,14 @@ class Grader(StrictModel):
         return self.reference_field or "answer"
 
 
-def gemma_3n_refused(model_id: str) -> str:
-    """Why a Gemma 3n base (E2B, E4B) is refused, for text and images alike: said by name at validation, and
-    from config.json at pre-flight for a base whose name does not say it."""
-    return (f"training_config.base_model_id: {model_id!r} is Gemma 3n. Its model class builds a MobileNet image "
-            "tower through timm, which this image does not carry, and the platform's inference service loads it "
-            "whole (towers included), so a text-only load would export what it cannot serve; fine-tuning Gemma 3n "
-            "has not been shown for this job. Choose Gemma 4 at the same sizes for text (google/gemma-4-E2B-it, "
-            "google/gemma-4-E4B-it), or a Gemma 3 model: google/gemma-3-1b-it (or 270m) for text, "
-            "google/gemma-3-4b-it or larger for text or images.")
+def gemma_3n_refused(model_id: str, why: str) -> str:
+    """Why a Gemma 3n job (E2B, E4B) is refused where its text job trains (language_model.py): images, and the
+    Unsloth provider. Said by name at validation, and from config.json at pre-flight for a base whose name does
+    not say it."""
+    return (f"training_config.base_model_id: {model_id!r} is Gemma 3n, whose text this job trains (its language "
+            f"model alone), but not {why}: its image tower is built through timm, which this image cannot import, "
+            "and Unsloth's Gemma 3n path has not been shown for this job on a GPU. Train it on text with provider "
+            "'huggingface', or choose Gemma 3 4B or larger for images (e.g. google/gemma-3-4b-it).")
 
 
 GEMMA_3N = re.compile(r"gemma-?3n", re.IGNORECASE)
@@ -359,8 +358,6 @@ class TrainingConfig(StrictModel):
     @field_validator("base_model_id")
     @classmethod
     def _trainable_family(cls, v: str) -> str:
-        if GEMMA_3N.search(v):
-            raise ValueError(gemma_3n_refused(v).removeprefix("training_config.base_model_id: "))
         if NOT_TRAINABLE.search(v.rstrip("/")):
             raise ValueError(f"{v!r} is a Gemma variant this job cannot fine-tune (a speculative-decoding draft, "
                              "DiffusionGemma, T5Gemma, PaliGemma, RecurrentGemma, ShieldGemma or an embedding "
@@ -502,6 +499,8 @@ class TrainingConfig(StrictModel):
         export form, GGUF with its mmproj projector); the rest is refused with what to do, never trained as
         something else."""
         hp = self.hyperparameters
+        if GEMMA_3N.search(self.base_model_id) and (self.vision or self.provider == "unsloth"):
+            raise ValueError(gemma_3n_refused(self.base_model_id, "images" if self.vision else "with Unsloth"))
         towers = [n for n in ("finetune_vision_layers", "finetune_language_layers") if n in hp.model_fields_set]
         if self.modality == "text":
             if towers:

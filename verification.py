@@ -325,12 +325,20 @@ def required(form: str, method: str) -> float:
     return min(REQUIRED[form], REQUIRED["q4"]) if method == "QLoRA" else REQUIRED[form]
 
 
-def auto_class(vision: bool):
+def auto_class(vision: bool, path: str | Path | None = None, token: str | None = None):
     """The transformers class an artifact loads with: the image+text one for image+text jobs, as the
-    platform's inference service loads them."""
+    platform's inference service loads them; for a text job on a base whose language model trains alone
+    (language_model.py: Gemma 3n, read from `path`'s config), its text-only class."""
     import transformers
 
-    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    if vision:
+        return transformers.AutoModelForImageTextToText
+    if path is not None:
+        from base_models import base_config
+        from language_model import causal_class
+
+        return causal_class(base_config(str(path), token, False))
+    return transformers.AutoModelForCausalLM
 
 
 def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, base_kwargs: dict[str, Any],
@@ -339,7 +347,8 @@ def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, ba
     def load(device: str):
         from peft import PeftModel
 
-        base = auto_class(vision).from_pretrained(base_model_id, device_map=device, **base_kwargs)
+        base = auto_class(vision, base_model_id, base_kwargs.get("token")).from_pretrained(
+            base_model_id, device_map=device, **base_kwargs)
         return PeftModel.from_pretrained(base, str(folder))
 
     size = sum(p.numel() * p.element_size() for p in trained.parameters())
@@ -352,7 +361,7 @@ def verify_merged(folder: Path, ref: Reference, form: str, method: str, vision: 
     from artifacts import weight_bytes
 
     def load(device: str):
-        return auto_class(vision).from_pretrained(str(folder), device_map=device)
+        return auto_class(vision, folder).from_pretrained(str(folder), device_map=device)
 
     found = check_transformers(ref, load, weight_bytes(folder))
     return record("merged model", form, "transformers", found, ref, required(form, method))

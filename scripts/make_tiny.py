@@ -9,7 +9,8 @@ tiny-gemma3-mm, with a one-layer SigLIP tower, Gemma 3's image tokens and a proc
 dataset tiny-shapes (coloured shapes drawn with Pillow, in the preprocessing service's parquet layout,
 with its processed_datasets metadata document) is what it learns: the answer is the shape's colour,
 which only the image tells. Tiny Gemma 4 models of each architecture (scripts/tiny_gemma4.py) sit beside
-them as tiny-gemma4, tiny-gemma4-e2b, tiny-gemma4-moe and tiny-gemma4-unified.
+them as tiny-gemma4, tiny-gemma4-e2b, tiny-gemma4-moe and tiny-gemma4-unified, and a tiny Gemma 3n
+(scripts/tiny_gemma3n.py) as tiny-gemma3n.
 
 Random weights, Gemma's special tokens and chat template, dimensions that are multiples of 256
 (k-quants in GGUF need rows of 256). Takes a few seconds; nothing is downloaded.
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_templates import GEMMA3, GEMMA3_TEXT  # noqa: E402  (the repository root, for this script run alone)
+from scripts.tiny_gemma3n import make_gemma3n_model  # noqa: E402
 from scripts.tiny_gemma4 import make_gemma4_models  # noqa: E402
 
 ANIMALS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
@@ -281,6 +283,7 @@ def main() -> None:
     print(f"model:   {root / 'models' / 'tiny-gemma3-mm'}")
     for path in make_gemma4_models(root / "models", model_dir):
         print(f"model:   {path}")
+    print(f"model:   {make_gemma3n_model(root / 'models' / 'tiny-gemma3n', model_dir)}")
     rows = conversations()
     print(f"dataset: {make_dataset(root, 'tiny-animals', rows)}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")

@@ -43,7 +43,8 @@ def top(**values):
 
 
 def gemma_3n_copy(local_dir) -> str:
-    """A Gemma 3n base under a name that does not say so: its config.json alone (nothing else is read)."""
+    """A Gemma 3n base under a name that does not say so: its config.json alone (nothing else is read before the
+    refusal)."""
     from transformers import Gemma3nConfig
 
     folder = local_dir / "models" / "edge-model"
@@ -86,10 +87,14 @@ CASES = {
     "base model id malformed": (lambda req, d: req["training_config"].update(base_model_id="google/gemma 3 1b"),
                                 "training_config.base_model_id: 'google/gemma 3 1b' cannot be read from the Hub "
                                 "(HFValidationError)"),
-    "gemma 3n by its hub name": (lambda req, d: req["training_config"].update(base_model_id="google/gemma-3n-E2B"),
-                                 "training_config.base_model_id: 'google/gemma-3n-E2B' is Gemma 3n"),
-    "gemma 3n from its config": (lambda req, d: req["training_config"].update(base_model_id=gemma_3n_copy(d)),
-                                 "is Gemma 3n. Its model class builds a MobileNet image tower through timm"),
+    "gemma 3n with unsloth by its hub name": (
+        lambda req, d: req["training_config"].update(base_model_id="google/gemma-3n-E2B", provider="unsloth"),
+        "training_config.base_model_id: 'google/gemma-3n-E2B' is Gemma 3n, whose text this job trains (its language "
+        "model alone), but not with Unsloth"),
+    "gemma 3n images from its config": (
+        lambda req, d: req["training_config"].update(base_model_id=gemma_3n_copy(d), modality="vision"),
+        "is Gemma 3n, whose text this job trains (its language model alone), but not images: its image tower is "
+        "built through timm"),
     "vision with unsloth": (lambda req, d: req["training_config"].update(modality="vision", provider="unsloth"),
                             "modality 'vision' with provider 'unsloth'"),
     "vision with orpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="orpo"),

@@ -327,18 +327,21 @@ def test_the_memory_estimate_counts_the_pictures_and_the_tower():
     assert vision_bytes(SimpleNamespace(), 2, 0, "LoRA", False) == 0.0  # a text-only base
 
 
-def test_gemma_3n_and_text_only_bases_are_refused_from_their_config(tmp_path, tiny_root):
-    """Read from config.json alone, before any weight: Gemma 3n, for text and images alike (whatever the
-    folder is called), and images for a text-only Gemma."""
+def test_gemma_3n_images_and_text_only_bases_are_refused_from_their_config(tmp_path, tiny_root):
+    """Read from config.json alone, before any weight: Gemma 3n's images and Gemma 3n with Unsloth (whatever the
+    folder is called; its text trains), and images for a text-only Gemma."""
     from transformers import Gemma3nConfig
 
     from base_models import check_base_model
     from errors import PermanentError
 
     Gemma3nConfig().save_pretrained(str(tmp_path))
-    for images in (False, True):
-        with pytest.raises(PermanentError, match="is Gemma 3n. Its model class builds a MobileNet image tower"):
-            check_base_model(str(tmp_path), None, False, images)
+    assert check_base_model(str(tmp_path), None, False, False).name == "Gemma 3n"
+    with pytest.raises(PermanentError, match="is Gemma 3n, whose text this job trains .* but not images: its image "
+                                             "tower is built through timm"):
+        check_base_model(str(tmp_path), None, False, True)
+    with pytest.raises(PermanentError, match="but not with Unsloth"):
+        check_base_model(str(tmp_path), None, False, False, "unsloth")
     with pytest.raises(PermanentError, match="is a text-only model"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma3"), None, False, True)
     check_base_model(str(tiny_root / "models" / "tiny-gemma3"), None, False, False)

@@ -1,0 +1,73 @@
+"""Gemma 3n's text on a machine without timm (language_model.py), on the tiny whole checkpoint
+(scripts/tiny_gemma3n.py): its language model trains alone, and its adapter and merge are keyed for the whole
+model that the platform's inference service loads (AutoModelForImageTextToText, model.language_model.*)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import make_job, read_doc, sample_request
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    local_dir = tmp_path_factory.mktemp("g3n")
+    shutil.copytree(tiny_root / "gemma-dataset-bucket", local_dir / "gemma-dataset-bucket")
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma3n"))
+    req["training_config"]["hyperparameters"].update(epochs=8, batch_size=16)
+    job = make_job(local_dir, req, "gemma3n")
+    prep = job.preflight()
+    model = job.model_to_train(prep.tokenizer)
+    trainer = job.build_trainer(model, prep)
+    before = trainer.evaluate()
+    metrics = job.evaluate(trainer, prep, job.train(trainer))
+    adapter = job.export(trainer, prep.tokenizer, metrics, prep)
+    req["training_config"]["export_config"].update(format="merged")
+    merged = make_job(local_dir, req, "gemma3n-merged").export(trainer, prep.tokenizer, metrics, prep)
+    return dict(model=model, before=before, metrics=metrics, adapter=adapter, merged=merged, local_dir=local_dir,
+                doc=read_doc(local_dir, "gemma3n"), base=tiny_root / "models" / "tiny-gemma3n")
+
+
+def test_the_language_model_trains_alone_and_learns(trained):
+    assert type(trained["model"].base_model.model).__name__ == "Gemma3nForCausalLM"
+    assert trained["metrics"]["eval_loss"] < 0.6 * trained["before"]["eval_loss"]
+    assert trained["doc"]["dataset"]["dropped_rows"] == 0
+    assert {m.rsplit(".", 1)[-1] for m in trained["doc"]["lora_targets"]["modules"]} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_the_adapter_is_checked_then_keyed_for_the_whole_model(trained):
+    check = trained["adapter"]["verification"]["adapter"]
+    assert check["consumer"] == "PEFT" and check["top1_agreement"] >= check["required"]
+    folder = trained["local_dir"] / "gemma-export-bucket" / "trained_adapters" / "gemma3n"
+    base = tensors(trained["base"] / "model.safetensors")
+    keys = list(tensors(folder / "adapter_model.safetensors"))
+    assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    # each adapted layer is a weight of the whole checkpoint, by the path the whole model gives it
+    for key in keys:
+        layer = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        assert layer + ".weight" in base, key
+
+
+def test_the_merge_is_the_whole_checkpoint_with_the_trained_language_model(trained):
+    check = trained["merged"]["verification"]["merged"]
+    assert check["consumer"] == "transformers" and check["top1_agreement"] >= check["required"]
+    folder = trained["local_dir"] / "gemma-export-bucket" / "merged_models" / "gemma3n-merged"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "gemma3n" and config["architectures"] == ["Gemma3nForConditionalGeneration"]
+    base, merged = tensors(trained["base"] / "model.safetensors"), tensors(folder / "model.safetensors")
+    assert set(merged) == set(base)  # every tensor where the whole model has it, towers and embedders included
+    towers = [k for k in base if not k.startswith("model.language_model.")]
+    assert towers and all(torch.equal(merged[k], base[k]) for k in towers)
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], base[q])  # the adapter merged in
