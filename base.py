@@ -215,9 +215,11 @@ class BaseTrainingJob:
         with first_on_node(self.place):  # one download per machine; the node's other processes read it
             self.parent = self.timed("fetch_parent", fetch_parent, self.cfg, self.services.blobs, self.services.hub,
                                      self.settings.export_bucket, self.workdir)
-            # before the data: Gemma 3n, and images for a text-only base, are refused from the config alone
+            # before the data: what the job cannot train (base_models.FAMILIES, images for a base without its
+            # image path), refused from the config alone
             family = check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code,
-                                      self.cfg.vision, self.cfg.provider)
+                                      self.cfg.vision, self.cfg.provider, self.cfg.export_format == "merged"
+                                      and self.cfg.export_config.merged_dtype == "q4")
             if family.consumer_note:
                 self.services.run_logger.warn(family.consumer_note)
             splits = self.timed("load_data", self.load_data)

@@ -110,15 +110,19 @@ def family_of(config, model_id: str) -> Family:
 
 
 def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool,
-                     provider: str = "huggingface") -> Family:
+                     provider: str = "huggingface", merged_q4: bool = False) -> Family:
     """Refuse, from the config alone (before any weight is downloaded), a base this job cannot train (family_of),
     and, for images, a text-only Gemma (Gemma 3 270M and 1B) or one whose image path the job has not shown
     (Gemma 4: its processor, with a variable number of image tokens per image, needs torchvision; Gemma 3n:
-    its tower needs timm); Gemma 3n with Unsloth."""
+    its tower needs timm); Gemma 3n with Unsloth, or merged in 4 bits (`merged_q4`)."""
     config = base_config(model_id, token, trust_remote_code)
     family = family_of(config, model_id)
     if config.model_type == "gemma3n" and (images or provider == "unsloth"):
         raise PermanentError(gemma_3n_refused(model_id, "images" if images else "with Unsloth"))
+    if config.model_type == "gemma3n" and merged_q4:  # bitsandbytes loads the whole model, towers and timm too
+        raise PermanentError(f"export_config.merged_dtype: 'q4' for {model_id!r} (Gemma 3n): the 4-bit form is made "
+                             "by loading the whole merged model, whose image tower needs timm, which this image "
+                             "cannot import; use merged_dtype 'bf16', or format 'gguf'.")
     if not images:
         return family
     if getattr(config, "vision_config", None) is None:

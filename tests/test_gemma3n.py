@@ -71,3 +71,11 @@ def test_the_merge_is_the_whole_checkpoint_with_the_trained_language_model(train
     assert towers and all(torch.equal(merged[k], base[k]) for k in towers)
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(merged[q], base[q])  # the adapter merged in
+
+
+def test_a_4_bit_merge_of_gemma_3n_is_refused_before_training(tiny_root):
+    from base_models import check_base_model
+    from errors import PermanentError
+
+    with pytest.raises(PermanentError, match="export_config.merged_dtype: 'q4' .*Gemma 3n.*needs timm"):
+        check_base_model(str(tiny_root / "models" / "tiny-gemma3n"), None, False, False, merged_q4=True)
