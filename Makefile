@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LOCAL_DIR ?= .local
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup setup-gguf consumer fixtures demo demo-vision test validate lint
+.PHONY: setup setup-gguf consumer fixtures demo demo-vision test test-fresh validate lint
 
 # Wheels only: nothing here compiles, so a fresh machine is set up in about a minute.
 $(BIN)/.installed: requirements.txt requirements-dev.txt
@@ -56,6 +56,14 @@ validate: fixtures
 TEST_WORKERS ?= 2
 test: setup setup-gguf consumer
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+
+# The tests about the process itself (JSON log lines from the first byte, SIGTERM and its checkpoint, kill -9 and
+# a rerun, exit codes) with every job in a fresh interpreter, as production starts it, not forked from
+# tests/prefork's warm server (about 2 min on 2 cores). CI runs it after `make test`.
+FRESH := tests/test_logs.py tests/test_main.py tests/test_kill.py \
+	tests/test_reliability.py::test_sigterm_saves_a_checkpoint_and_exits_1
+test-fresh: setup setup-gguf consumer
+	PREFORK=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(FRESH)
 
 # The Dockerfile linted, and the image's pins (requirements.txt, -gguf and -gpu) resolved together
 # against the package registry without installing (nor compiling) anything.
