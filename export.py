@@ -85,7 +85,8 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     from language_model import trains_alone, whole_adapter_keys, whole_merged
 
     fmt, ex = job.cfg.export_format, job.cfg.export_config
-    alone = not job.cfg.vision and trains_alone(base_config(job.cfg.base_model_id, job.token, job.cfg.trust_remote_code))
+    base = base_config(job.cfg.base_model_id, job.token, job.cfg.trust_remote_code)
+    alone = not job.cfg.vision and trains_alone(base)  # Gemma 3n's language model: keyed for the whole model
     root = job.workdir / "export"
     shutil.rmtree(root, ignore_errors=True)
     # Training is over: its optimizer state is only GPU memory now, wanted by the consumers' checks.

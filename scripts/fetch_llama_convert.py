@@ -2,9 +2,9 @@
 
 The converter (`convert_hf_to_gguf.py` with its `conversion/` package and `gguf-py/`), and llama.cpp's
 copies of the chat templates Gemma 4 ships (models/templates/, which tests/test_gemma4.py compares with the
-fixtures'), are not in the llama-cpp-python wheel, only in its sdist, under vendor/llama.cpp. This takes it from the sdist of
-the installed version, so converter and quantizer come from the same llama.cpp commit; nothing of
-llama.cpp is kept in this repository. Run at install time (make setup-gguf, the Dockerfile):
+fixtures'), are not in the llama-cpp-python wheel, only in its sdist, under vendor/llama.cpp. This takes them
+from the sdist of the installed version, so converter and quantizer come from the same llama.cpp commit;
+nothing of llama.cpp is kept in this repository. Run at install time (make setup-gguf, the Dockerfile):
 
     python scripts/fetch_llama_convert.py [--dest PREFIX/share/llama.cpp]
 """

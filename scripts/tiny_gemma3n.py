@@ -41,8 +41,8 @@ def make_gemma3n_model(out: Path, tokenizer_dir: Path) -> Path:
              "model.embed_vision.": Gemma3nMultimodalEmbedder(vision, text)}
     tensors = {prefix + k: v.to(torch.bfloat16).contiguous() for prefix, module in parts.items()
                for k, v in module.state_dict().items()}
-    # the published checkpoints carry key/value projections (and the key norm) for the layers that share an earlier layer's keys
-    # and values too (transformers does not build them; llama.cpp's loader wants them)
+    # the published checkpoints carry key/value projections (and the key norm) for the layers that share an
+    # earlier layer's keys and values too (transformers does not build them; llama.cpp's loader wants them)
     for i in range(text.num_hidden_layers - text.num_kv_shared_layers, text.num_hidden_layers):
         for name in ("k_proj", "v_proj"):
             tensors[f"model.language_model.layers.{i}.self_attn.{name}.weight"] = torch.randn(

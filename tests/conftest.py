@@ -24,8 +24,8 @@ EXAMPLES = ROOT / "examples"
 # The longest files, started first so that none is left to run alone at the end (`make test` hands each
 # worker a whole file at a time: pytest-xdist's --dist loadfile, with --no-loadscope-reorder, which keeps
 # this order instead of putting the files with the most tests first).
-LONGEST_FIRST = ("test_export", "test_gemma4_rl", "test_distributed", "test_gemma4", "test_reliability", "test_cli", "test_platform", "test_kill",
-                 "test_benchmarks", "test_vision_methods", "test_vision", "test_lora_options", "test_gcp",
+LONGEST_FIRST = ("test_export", "test_gemma4_rl", "test_distributed", "test_gemma4", "test_reliability", "test_cli",
+                 "test_platform", "test_kill", "test_benchmarks", "test_vision_methods", "test_vision", "test_lora_options", "test_gcp",
                  "test_rl", "test_best", "test_tracking", "test_sweep", "test_main", "test_generation",
                  "test_consumers", "test_train", "test_prefork", "test_methods", "test_logs", "test_lineage")
 
