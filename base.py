@@ -641,10 +641,16 @@ class BaseTrainingJob:
         s = self.services
         extra: dict[str, str | bytes] = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
         extra.update(self.curves(trainer))
+        # the improvement gate decides before anything is uploaded: a model it fails never reaches the Hub
+        held_back = self.cfg.eval_config.require_improvement and \
+            ((comparison or {}).get("generation") or {}).get("verdict") != "better"
+        if held_back and self.cfg.export_config.destination == "hfhub":
+            logger.warning("require_improvement: the tuned model is not better; its exports go to the bucket, "
+                           "not to the Hub repo %s", self.cfg.export_config.hf_repo_id)
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
                         s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra,
-                        prep.processor)
+                        prep.processor, held_back)
         if prep.processor is None:
             return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))
         return export_artifacts(job, trainer, tokenizer, metrics, *vision_probes(prep))

@@ -68,6 +68,11 @@ class ExportJob:
     extra_files: dict[str, str | bytes] | None = None  # into the adapter/merged folder: eval_generations.jsonl,
     # log_history.json, training_curve.png
     processor: Any = None  # image+text jobs: the base's processor, saved beside the tokenizer in every folder
+    held_back: bool = False  # require_improvement and the tuned model is not better: the bucket, never the Hub
+
+    @property
+    def to_hub(self) -> bool:
+        return self.cfg.export_config.destination == "hfhub" and not self.held_back
 
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
@@ -152,7 +157,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
             shutil.rmtree(merged16, ignore_errors=True)
     result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
     # On the Hub one repo holds the folder and the GGUF beside it: one card for both, one commit that mirrors it.
-    together = ex.destination == "hfhub" and bool(ready) and ex.wants_gguf
+    together = job.to_hub and bool(ready) and ex.wants_gguf
     license_ = base_license(job.cfg.base_model_id, job.hub)
     if ex.wants_gguf:
         (gguf.parent / "Modelfile").write_text(job.timed("modelfile", modelfile, gguf, mmproj))
@@ -233,9 +238,10 @@ def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, 
 
 
 def destination(job: ExportJob, artifact: str) -> str:
-    """Where an artifact's folder is published: the Hub repo, or its bucket folder (DESIGN.md's layout)."""
+    """Where an artifact's folder is published: the Hub repo, or its bucket folder (DESIGN.md's layout); a model
+    the improvement gate held back goes to the bucket whatever the destination (it is not promoted)."""
     ex = job.cfg.export_config
-    if ex.destination == "hfhub":
+    if job.to_hub:
         return ex.hf_repo_id
     return f"gs://{job.settings.bucket_for(artifact)}/{FOLDERS[artifact]}/{job.job_id}/"
 
@@ -245,7 +251,7 @@ def publish(job: ExportJob, folder: Path, artifact: str) -> str:
     then delete the local copy."""
     ex = job.cfg.export_config
     uri = destination(job, artifact)
-    if ex.destination == "hfhub":
+    if job.to_hub:
         job.hub.push_folder(folder, ex.hf_repo_id, "", ex.hf_private)
     else:
         job.blobs.upload_dir(folder, uri)

@@ -138,6 +138,28 @@ def test_an_untrained_job_is_the_same_and_fails_if_improvement_is_required(requi
         assert not (local_dir / EXPORT / "checkpoints" / job_id).exists()
 
 
+def test_a_model_the_improvement_gate_holds_back_never_reaches_the_hub(local_dir, tiny_root):
+    """require_improvement with destination hfhub: a tuned model that is not better is kept in the bucket, marked
+    promoted: false, and nothing is pushed to the Hub repo (its earlier contents stay as they were)."""
+    req = sample_request(tiny_root)
+    req["training_config"]["hyperparameters"].update(learning_rate=1e-12, max_steps=1)
+    req["training_config"]["eval_config"].update(generation_rows=8, max_new_tokens=8, require_improvement=True)
+    req["training_config"]["export_config"].update(destination="hfhub", hf_repo_id="me/gated", include_gguf=True,
+                                                   gguf_quantization="q8_0")
+    put_request(local_dir, "gated", req)
+    repo = local_dir / "hub" / "me" / "gated"
+    repo.mkdir(parents=True)
+    (repo / "README.md").write_text("the promoted model of an earlier job")
+    assert main.main([], env_for(local_dir, "gated")) == 2
+    doc = read_doc(local_dir, "gated")
+    assert doc["promoted"] is False and doc["generation"]["verdict"] == "same"
+    assert [p.name for p in repo.iterdir()] == ["README.md"]  # the Hub repo untouched
+    assert (repo / "README.md").read_text() == "the promoted model of an earlier job"
+    assert doc["adapter_path"] == f"gs://{EXPORT}/trained_adapters/gated/"
+    assert (local_dir / EXPORT / "trained_adapters" / "gated" / "adapter_model.safetensors").is_file()
+    assert doc["gguf_path"].startswith("gs://") and doc["gguf_path"].endswith("model-q8_0.gguf")
+
+
 def test_preference_rows_compare_with_the_chosen_answer_and_grpo_with_its_graders(tiny_root):
     from transformers import AutoTokenizer
 
