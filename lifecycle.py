@@ -75,6 +75,12 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             if settings.rank == 0:
                 scrub_request(blobs, uri, text, tracker)
             raise
+        except Exception as e:
+            if settings.last_attempt and settings.rank == 0:  # retryable, but no retry is left to need them
+                tracker.fail(e)
+                tracker.write({"retries_exhausted": True}, final=True)
+                scrub_request(blobs, uri, text, tracker)
+            raise
     if settings.rank == 0:
         scrub_request(blobs, uri, text, tracker)
     return result

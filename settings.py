@@ -40,6 +40,8 @@ class Settings(StrictModel):
     wandb_init_timeout_s: float = Field(20.0, gt=0, le=300, description="WANDB_INIT_TIMEOUT: how long W&B may "
                                         "take to start online before the run continues offline.")
     attempt: int = Field(0, ge=0)
+    max_retries: int | None = Field(None, ge=0, description="The Cloud Run job's --max-retries (MAX_RETRIES): the "
+                                    "attempt numbered so is the last, so its failure, retryable or not, ends the job.")
     task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Check the memory estimate against this GPU "
                                          "size instead of the visible GPU's (GPU_MEMORY_GIB).")
@@ -64,6 +66,11 @@ class Settings(StrictModel):
                              "document, its checkpoints and its exports; execute the job with `--tasks 1` (one "
                              "job per execution: start another execution with its own JOB_ID for another job)")
         return v
+
+    @property
+    def last_attempt(self) -> bool:
+        """No retry follows this attempt, whatever it ends with (unknown without max_retries)."""
+        return self.max_retries is not None and self.attempt >= self.max_retries
 
     def bucket_for(self, artifact: str) -> str:
         """The bucket an artifact goes to: a single file the UI opens as a public URL (the GGUF) goes to the

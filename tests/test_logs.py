@@ -106,13 +106,13 @@ TRACKER_SECRETS = {"COMET_API_KEY": "cometFAKEkey0123456789", "MLFLOW_TRACKING_T
                    "MLFLOW_TRACKING_PASSWORD": "mlflowFAKEpassword0123"}
 
 
-@pytest.mark.parametrize("outcome", ["completed", "permanent failure", "crash"])
+@pytest.mark.parametrize("outcome", ["completed", "permanent failure", "crash", "crash on the last attempt"])
 def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatch):
     """Recognizable fake secrets (the request's token, the environment's W&B key, every other tracker's key)
     through a job reporting to W&B and TensorBoard that completes, one that fails permanently and one that
     crashes with the token in its exception: zero hits in every log line, the document, the W&B offline
     files, the TensorBoard event files, the artifacts and, once the job is over for good, the request object
-    itself (a retry still needs it after a crash)."""
+    itself (a retry still needs it after a crash, but not after a crash on the attempt MAX_RETRIES names)."""
     req = sample_request(tiny_root)
     req["hf_token"] = HF_SECRET
     req["training_config"]["wandb_config"] = {"project": "leak-test", "api_key": WANDB_SECRET}
@@ -120,15 +120,17 @@ def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatc
     req["training_config"]["hyperparameters"].update(epochs=1, max_steps=2)
     if outcome == "permanent failure":
         req["processed_dataset_id"] = "no-such-data"
-    if outcome == "crash":
+    if outcome.startswith("crash"):
         def crash(self, trainer):
             raise ConnectionError(f"HTTP 500 from https://example.invalid/?token={HF_SECRET}")
         monkeypatch.setattr(base.BaseTrainingJob, "train", crash)
     monkeypatch.setattr(tracking.WandbRunLogger, "start", offline_start)
-    job = f"secret-{outcome.split()[0]}"
+    job = "secret-" + "-".join(outcome.split()[:2])
     put_request(local_dir, job, req)
-    expected = {"completed": 0, "permanent failure": 2, "crash": 1}[outcome]
-    assert main.main([], env_for(local_dir, job, WANDB_API_KEY=WANDB_SECRET, **TRACKER_SECRETS)) == expected
+    expected = {"completed": 0, "permanent failure": 2, "crash": 1, "crash on the last attempt": 1}[outcome]
+    last = {"CLOUD_RUN_TASK_ATTEMPT": "3", "MAX_RETRIES": "3"} if outcome.endswith("last attempt") else \
+        {"CLOUD_RUN_TASK_ATTEMPT": "1", "MAX_RETRIES": "3"}
+    assert main.main([], env_for(local_dir, job, WANDB_API_KEY=WANDB_SECRET, **TRACKER_SECRETS, **last)) == expected
     out = capfd.readouterr()
     logs = out.out + out.err
     assert "**********" in logs  # the request was logged, masked
@@ -143,10 +145,12 @@ def test_secrets_appear_nowhere(outcome, local_dir, tiny_root, capfd, monkeypatc
         hits = [p for p in files if secret.encode() in p.read_bytes()]
         assert hits == [], hits
     doc = read_doc(local_dir, job)
+    if outcome.startswith("crash"):
+        assert "token=**********" in doc["error"] and doc["error_type"] == "retryable"
     if outcome == "crash":
-        assert "token=**********" in doc["error"]
-        assert HF_SECRET in request_file.read_text()  # the retry needs it
+        assert HF_SECRET in request_file.read_text() and "retries_exhausted" not in doc  # the retry needs it
     else:
+        assert doc.get("retries_exhausted") is (True if outcome.endswith("last attempt") else None)
         kept = json.loads(request_file.read_text())
         assert "hf_token" not in kept and "api_key" not in kept["training_config"]["wandb_config"]
         assert kept["training_config"]["wandb_config"]["project"] == "leak-test"
