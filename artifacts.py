@@ -112,16 +112,18 @@ def write_portable_adapter_config(folder: Path) -> dict[str, Any]:
 VISION_16BIT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
-def nf4_config(compute_dtype, vision: bool = False, sharded: bool = False):
+def nf4_config(compute_dtype, vision: bool = False, sharded: bool = False, keep: tuple[str, ...] = ()):
     """The one 4-bit form of the job: NF4 with double quantization, for QLoRA's base and the q4 merge. Sharded
     (FSDP): the packed 4-bit weights stored in the compute dtype, which FSDP can flatten and shard with the
-    other parameters (stored as uint8 it cannot)."""
+    other parameters (stored as uint8 it cannot). `keep`: layers left in 16 bits besides (by the end of their
+    names: language_model.KEEP_16BIT)."""
     from transformers import BitsAndBytesConfig
 
+    skip = (VISION_16BIT if vision else []) + (["lm_head", *keep] if keep else [])
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype,
                               **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
-                              **({"llm_int8_skip_modules": VISION_16BIT} if vision else {}))
+                              **({"llm_int8_skip_modules": sorted(set(skip))} if skip else {}))
 
 
 def save_4bit(merged16: Path, out: Path, vision: bool = False) -> Path:

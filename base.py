@@ -334,8 +334,12 @@ class BaseTrainingJob:
         if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
-            kwargs["quantization_config"] = nf4_config(self.compute_dtype(), self.cfg.vision,
-                                                       sharded=self.strategy == FSDP)
+            from base_models import base_config
+            from language_model import KEEP_16BIT
+
+            model_type = base_config(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code).model_type
+            kwargs["quantization_config"] = nf4_config(self.compute_dtype(), self.cfg.vision, self.strategy == FSDP,
+                                                       KEEP_16BIT.get(model_type, ()))
         elif self.cfg.hyperparameters.load_in_8bit:
             from transformers import BitsAndBytesConfig
 

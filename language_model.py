@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 # model_type -> the class that loads its language model alone
 TEXT_ONLY = {"gemma3n": "Gemma3nForCausalLM"}
 LANGUAGE = "model.language_model."
+# Layers a 4-bit load must leave in 16 bits: Gemma 3n's AltUp coefficients, which its forward pass clamps in place
+# while training (bitsandbytes' packed bytes cannot be: "result type Float can't be cast ... unsigned char").
+KEEP_16BIT = {"gemma3n": ("correction_coefs", "prediction_coefs", "modality_router")}
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 

@@ -79,3 +79,20 @@ def test_a_4_bit_merge_of_gemma_3n_is_refused_before_training(tiny_root):
 
     with pytest.raises(PermanentError, match="export_config.merged_dtype: 'q4' .*Gemma 3n.*needs timm"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma3n"), None, False, False, merged_q4=True)
+
+
+def test_qlora_keeps_the_altup_coefficients_in_16_bits_and_trains(local_dir, tiny_root):
+    """Gemma 3n's forward pass clamps its AltUp coefficients in place while training, which bitsandbytes' packed
+    4-bit bytes cannot take: the 4-bit load leaves them in 16 bits, and QLoRA trains."""
+    req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma3n"), method="QLoRA")
+    req["training_config"]["hyperparameters"].update(epochs=3, batch_size=16)
+    job = make_job(local_dir, req, "gemma3n-qlora")
+    prep = job.preflight()
+    model = job.model_to_train(prep.tokenizer)
+    kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules()
+             if n.endswith(("prediction_coefs", "correction_coefs", "modality_router", "q_proj.base_layer"))}
+    assert kinds["prediction_coefs"] == kinds["correction_coefs"] == kinds["modality_router"] == "Linear"
+    assert kinds["base_layer"] == "Linear4bit"
+    trainer = job.build_trainer(model, prep)
+    before = trainer.evaluate()["eval_loss"]
+    assert job.evaluate(trainer, prep, job.train(trainer))["eval_loss"] < 0.8 * before
