@@ -434,3 +434,6 @@ def test_agreement_counts_decided_positions_and_keeps_near_ties_apart():
     assert misses_decided.share == round(2 / 3, 4) and misses_decided.flipped_ties == 0
     with pytest.raises(errors.PermanentError, match=r"only 66.7% of 3 decided tokens"):
         record("merged model", "bf16", "transformers", misses_decided, ref, 0.95)
+    # a reference of near ties (a model that barely trained): agreement over every position, ties included
+    ties = Reference([[1, 2, 3, 4, 5, 6]], [2], margins=[[9.0, tie, tie, tie, 9.0, 0.0]])
+    assert agreement(ties, lambda ids, k: [0, 3, 7, 8, 6, 0]).share == 0.5
