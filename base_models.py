@@ -58,6 +58,8 @@ GEMMA_4_CONSUMERS = ("the platform's inference service pins transformers 4.56, w
 
 
 TEXT_INSTEAD = "choose a Gemma 4 or Gemma 3 model (e.g. google/gemma-4-E2B-it, google/gemma-3-1b-it)"
+DRAFT = "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead"
+ENCODER_DECODER = "an encoder-decoder model; this job trains decoders"
 FAMILIES: dict[str, Family] = {
     "gemma": Family("Gemma (1.x), CodeGemma", "2B, 7B", "text"),
     "gemma2": Family("Gemma 2", "2B, 9B, 27B", "text"),
@@ -71,14 +73,12 @@ FAMILIES: dict[str, Family] = {
     "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio",
                              consumer_note=GEMMA_4_CONSUMERS.format("gemma4_unified")),
     "gemma3n": Family("Gemma 3n", "E2B, E4B", "text (its language model alone: language_model.py)"),
-    "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=(
-        "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead")),
-    "gemma4_unified_assistant": Family("Gemma 4 unified assistant (draft)", "-", "text", refused=(
-        "a speculative-decoding draft that only runs beside its target model; fine-tune the target instead")),
+    "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=DRAFT),
+    "gemma4_unified_assistant": Family("Gemma 4 unified assistant (draft)", "-", "text", refused=DRAFT),
     "diffusion_gemma": Family("DiffusionGemma", "-", "text", refused=(
         "a text-diffusion model: it does not generate left to right, which SFT, DPO, ORPO and GRPO train")),
-    "t5gemma": Family("T5Gemma", "-", "text", refused="an encoder-decoder model; this job trains decoders"),
-    "t5gemma2": Family("T5Gemma 2", "-", "text, images", refused="an encoder-decoder model; this job trains decoders"),
+    "t5gemma": Family("T5Gemma", "-", "text", refused=ENCODER_DECODER),
+    "t5gemma2": Family("T5Gemma 2", "-", "text, images", refused=ENCODER_DECODER),
     "paligemma": Family("PaliGemma", "-", "text, images", refused=(
         "PaliGemma's prefix-LM format differs from Gemma's chat turns that this job trains")),
     "recurrent_gemma": Family("RecurrentGemma", "-", "text", refused=(

@@ -326,6 +326,12 @@ def gemma_3n_refused(model_id: str, why: str) -> str:
 
 
 GEMMA_3N = re.compile(r"gemma-?3n", re.IGNORECASE)
+
+
+def model_name(base_model_id: str) -> str:
+    """The model's own name in a Hub id or a local path (the repo, the folder), which the name checks read: not
+    its owner, nor the folders above a local copy."""
+    return base_model_id.rstrip("/").rsplit("/", 1)[-1]
 # Gemma variants the job cannot fine-tune, refused by name before anything is read (base_models.FAMILIES
 # says why, from config.json, for a copy whose name does not say it).
 NOT_TRAINABLE = re.compile(r"-assistant$|(diffusion|t5|pali|recurrent|shield|embedding)-?gemma", re.IGNORECASE)
@@ -358,7 +364,7 @@ class TrainingConfig(StrictModel):
     @field_validator("base_model_id")
     @classmethod
     def _trainable_family(cls, v: str) -> str:
-        if NOT_TRAINABLE.search(v.rstrip("/")):
+        if NOT_TRAINABLE.search(model_name(v)):
             raise ValueError(f"{v!r} is a Gemma variant this job cannot fine-tune (a speculative-decoding draft, "
                              "DiffusionGemma, T5Gemma, PaliGemma, RecurrentGemma, ShieldGemma or an embedding "
                              "model); choose a Gemma 4 or Gemma 3 model (e.g. google/gemma-4-E2B-it, "
@@ -494,13 +500,18 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _check_gemma_3n(self) -> TrainingConfig:
+        """Gemma 3n by its name: its text trains (language_model.py), its images and Unsloth's path do not."""
+        if GEMMA_3N.search(model_name(self.base_model_id)) and (self.vision or self.provider == "unsloth"):
+            raise ValueError(gemma_3n_refused(self.base_model_id, "images" if self.vision else "with Unsloth"))
+        return self
+
+    @model_validator(mode="after")
     def _check_vision(self) -> TrainingConfig:
         """Image+text training (vision.py) is built for SFT, DPO and GRPO through the Hugging Face provider (every
         export form, GGUF with its mmproj projector); the rest is refused with what to do, never trained as
         something else."""
         hp = self.hyperparameters
-        if GEMMA_3N.search(self.base_model_id) and (self.vision or self.provider == "unsloth"):
-            raise ValueError(gemma_3n_refused(self.base_model_id, "images" if self.vision else "with Unsloth"))
         towers = [n for n in ("finetune_vision_layers", "finetune_language_layers") if n in hp.model_fields_set]
         if self.modality == "text":
             if towers:

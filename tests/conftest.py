@@ -131,6 +131,17 @@ def make_job(local_dir: Path, request: dict, job_id: str = "unit"):
     return local_job(request, local_dir, job_id)
 
 
+def train_steps(local_dir: Path, request: dict, job_id: str):
+    """A job driven through pre-flight, the model (its LoRA targets recorded), training and evaluation:
+    (job, prep, model, trainer, eval metrics before training, the job's metrics after)."""
+    job = make_job(local_dir, request, job_id)
+    prep = job.preflight()
+    model = job.model_to_train(prep.tokenizer)
+    trainer = job.build_trainer(model, prep)
+    before = trainer.evaluate()
+    return job, prep, model, trainer, before, job.evaluate(trainer, prep, job.train(trainer))
+
+
 # ---- the cloud: Firestore and GCS emulators, reached through the real Google clients -------------
 
 def need(reason: str) -> None:

@@ -4,6 +4,7 @@ written to the job document, exit 2, and no model loaded."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,14 +43,32 @@ def top(**values):
     return lambda req, local_dir: req.update(values)
 
 
-def gemma_3n_copy(local_dir) -> str:
-    """A Gemma 3n base under a name that does not say so: its config.json alone (nothing else is read before the
+def config_copy(local_dir, config_class: str = "Gemma3nConfig", **fields) -> str:
+    """A base under a name that does not say what it is: its config.json alone (nothing else is read before the
     refusal)."""
-    from transformers import Gemma3nConfig
+    import transformers
 
-    folder = local_dir / "models" / "edge-model"
-    Gemma3nConfig().save_pretrained(str(folder))
+    folder = local_dir / "models" / "renamed-model"
+    getattr(transformers, config_class)(**fields).save_pretrained(str(folder))
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
     return str(folder)
+
+
+def base(config_class: str, **fields):
+    return lambda req, local_dir: req["training_config"].update(
+        base_model_id=config_copy(local_dir, config_class, **fields))
+
+
+def tiny(model: str, **hyperparameters):
+    """The request on another of the tiny models, beside the one it names."""
+    def change(req, local_dir):
+        tc = req["training_config"]
+        tc["base_model_id"] = str(Path(tc["base_model_id"]).with_name(model))
+        tc["hyperparameters"].update(hyperparameters)
+    return change
+
+
+CANNOT_FINE_TUNE = "This job cannot fine-tune it; choose a Gemma 4 or Gemma 3 model"
 
 
 CASES = {
@@ -92,7 +111,7 @@ CASES = {
         "training_config.base_model_id: 'google/gemma-3n-E2B' is Gemma 3n, whose text this job trains (its language "
         "model alone), but not with Unsloth"),
     "gemma 3n images from its config": (
-        lambda req, d: req["training_config"].update(base_model_id=gemma_3n_copy(d), modality="vision"),
+        lambda req, d: req["training_config"].update(base_model_id=config_copy(d), modality="vision"),
         "is Gemma 3n, whose text this job trains (its language model alone), but not images: its image tower is "
         "built through timm"),
     "vision with unsloth": (lambda req, d: req["training_config"].update(modality="vision", provider="unsloth"),
@@ -114,6 +133,21 @@ CASES = {
                         "do not fit trainer_type 'dpo': it needs prompt+chosen+rejected"),
     "python grader": (lambda req, d: req["training_config"].update(
         trainer_type="grpo", reward_config=[{"name": "x", "type": "python", "source": "import os"}]), "python"),
+    # Gemma variants the job cannot fine-tune, under a name that does not say so: refused from config.json
+    "gemma 4 draft": (base("Gemma4AssistantConfig"), "fine-tune the target instead. " + CANNOT_FINE_TUNE),
+    "diffusion gemma": (base("DiffusionGemmaConfig"), "text-diffusion model: it does not generate left to right"),
+    "t5gemma": (base("T5GemmaConfig"), "an encoder-decoder model; this job trains decoders. " + CANNOT_FINE_TUNE),
+    "paligemma": (base("PaliGemmaConfig"), "prefix-LM format differs from Gemma's chat turns"),
+    "recurrent gemma": (base("RecurrentGemmaConfig"), "Griffin recurrent layers are not trained"),
+    "shieldgemma 2": (base("ShieldGemma2Config"), "an image-safety classifier"),
+    "embedding gemma": (base("Gemma3TextConfig", architectures=["Gemma3TextModel"], use_bidirectional_attention=True),
+                        "is saved as Gemma3TextModel (an embedding or classification model, e.g. EmbeddingGemma)"),
+    "not a gemma": (base("LlamaConfig"), "is a 'llama' model, not a Gemma this job knows"),
+    "expert weights that are not there": (tiny("tiny-gemma4-moe", lora_target_parameters=["experts.up_proj"]),
+                                          "hyperparameters.lora_target_parameters: ['experts.up_proj'] name no "
+                                          "parameter of"),
+    "expert weights without experts": (tiny("tiny-gemma4", lora_target_parameters=["experts.gate_up_proj"]),
+                                       "language model; it has no mixture of experts: leave the field unset."),
 }
 
 

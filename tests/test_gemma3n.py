@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import make_job, read_doc, sample_request
+from conftest import make_job, read_doc, sample_request, train_steps
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -25,12 +25,7 @@ def trained(tiny_root, tmp_path_factory):
     shutil.copytree(tiny_root / "gemma-dataset-bucket", local_dir / "gemma-dataset-bucket")
     req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma3n"))
     req["training_config"]["hyperparameters"].update(epochs=8, batch_size=16)
-    job = make_job(local_dir, req, "gemma3n")
-    prep = job.preflight()
-    model = job.model_to_train(prep.tokenizer)
-    trainer = job.build_trainer(model, prep)
-    before = trainer.evaluate()
-    metrics = job.evaluate(trainer, prep, job.train(trainer))
+    job, prep, model, trainer, before, metrics = train_steps(local_dir, req, "gemma3n")
     adapter = job.export(trainer, prep.tokenizer, metrics, prep)
     req["training_config"]["export_config"].update(format="merged")
     merged = make_job(local_dir, req, "gemma3n-merged").export(trainer, prep.tokenizer, metrics, prep)
@@ -86,13 +81,9 @@ def test_qlora_keeps_the_altup_coefficients_in_16_bits_and_trains(local_dir, tin
     4-bit bytes cannot take: the 4-bit load leaves them in 16 bits, and QLoRA trains."""
     req = sample_request(tiny_root, base_model_id=str(tiny_root / "models" / "tiny-gemma3n"), method="QLoRA")
     req["training_config"]["hyperparameters"].update(epochs=3, batch_size=16)
-    job = make_job(local_dir, req, "gemma3n-qlora")
-    prep = job.preflight()
-    model = job.model_to_train(prep.tokenizer)
+    _, _, model, _, before, metrics = train_steps(local_dir, req, "gemma3n-qlora")
     kinds = {n.rsplit(".", 1)[-1]: type(m).__name__ for n, m in model.named_modules()
              if n.endswith(("prediction_coefs", "correction_coefs", "modality_router", "q_proj.base_layer"))}
     assert kinds["prediction_coefs"] == kinds["correction_coefs"] == kinds["modality_router"] == "Linear"
     assert kinds["base_layer"] == "Linear4bit"
-    trainer = job.build_trainer(model, prep)
-    before = trainer.evaluate()["eval_loss"]
-    assert job.evaluate(trainer, prep, job.train(trainer))["eval_loss"] < 0.8 * before
+    assert metrics["eval_loss"] < 0.8 * before["eval_loss"]
