@@ -87,3 +87,38 @@ def test_qlora_keeps_the_altup_coefficients_in_16_bits_and_trains(local_dir, tin
     assert kinds["prediction_coefs"] == kinds["correction_coefs"] == kinds["modality_router"] == "Linear"
     assert kinds["base_layer"] == "Linear4bit"
     assert metrics["eval_loss"] < 0.8 * before["eval_loss"]
+
+
+CONSUMER_CHECK = """
+import json, sys, torch, peft
+from transformers import Gemma3nForCausalLM
+merged, adapter, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, info = Gemma3nForCausalLM.from_pretrained(merged, torch_dtype=torch.float32, output_loading_info=True)
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0].tolist()
+config = peft.PeftConfig.from_pretrained(adapter)
+print(json.dumps({"missing": info["missing_keys"], "logits": logits, "targets": sorted(config.target_modules)}))
+"""
+
+
+def test_the_exports_read_in_the_inference_services_pinned_versions(trained):
+    """In the inference service's transformers 4.56 and PEFT 0.14: the whole merged checkpoint gives the text
+    decoder every weight it has, with the logits the job's transformers gives, and the adapter's config reads.
+    (The service builds the whole model, towers included, which needs timm: not importable here.)"""
+    import subprocess
+
+    from test_consumers import consumer
+    from transformers import Gemma3nForCausalLM
+
+    export = trained["local_dir"] / "gemma-export-bucket"
+    merged, adapter = export / "merged_models" / "gemma3n-merged", export / "trained_adapters" / "gemma3n"
+    ids = [2, 13, 40, 71, 100, 150, 200]
+    out = subprocess.run([consumer(), "-c", CONSUMER_CHECK, str(merged), str(adapter), json.dumps(ids)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["missing"] == [] and found["targets"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    with torch.no_grad():
+        ours = Gemma3nForCausalLM.from_pretrained(str(merged), dtype=torch.float32)(torch.tensor([ids])).logits[0]
+    assert torch.allclose(torch.tensor(found["logits"]), ours, atol=1e-3)

@@ -29,14 +29,21 @@ def demo_rows() -> list[list[dict]]:
     return [row["messages"] for row in conversations()]
 
 
+def end_of_turn(tokenizer) -> str:
+    """The family's end-of-turn marker as its template closes an answer: Gemma 4's, else Gemma 3's (and 3n's)."""
+    return "<turn|>\n" if "<turn|>" in tokenizer.get_vocab() else "<end_of_turn>\n"
+
+
 def answer_tokens(tokenizer, rows) -> int:
     """The tokens of every answer with its end-of-turn marker, counted on their own: what must be trained."""
-    return sum(len(tokenizer(m["content"] + "<turn|>\n", add_special_tokens=False)["input_ids"])
+    return sum(len(tokenizer(m["content"] + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"])
                for row in rows for m in row if m["role"] == "assistant")
 
 
-@pytest.mark.parametrize("model", ARCHITECTURES + ["llama.cpp 31B"])
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma3n", *ARCHITECTURES, "llama.cpp 31B"])
 def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_root):
+    """Each family's own template (Gemma 3's, which Gemma 3n shares; Gemma 4's E2B-style and 31B-style): every
+    answer token and its end-of-turn marker trained, nothing else, no row dropped."""
     from data import load_tokenizer, tokenize
 
     if model == "llama.cpp 31B":
@@ -49,15 +56,15 @@ def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_r
     rows = demo_rows()
     prompt = tokenizer.apply_chat_template(rows[0][:2], tokenize=False, add_generation_prompt=True)
     history = tokenizer.apply_chat_template(rows[0], tokenize=False)
-    # E2B's generation prompt is a prefix of the answered history; 31B's, 26B's and 12B's are not
-    assert prompt.endswith("<|channel>thought\n<channel|>") == (model != "tiny-gemma4-e2b")
-    assert history.startswith(prompt) == (model == "tiny-gemma4-e2b")
+    # Gemma 3's and E2B's generation prompt is a prefix of the answered history; 31B's, 26B's and 12B's are not
+    thought = model not in ("tiny-gemma3", "tiny-gemma3n", "tiny-gemma4-e2b")
+    assert prompt.endswith("<|channel>thought\n<channel|>") == thought and history.startswith(prompt) != thought
     out = tokenize(rows, tokenizer, 128, assistant_only=True)
     assert out.dropped == 0 and len(out.rows) == len(rows)
     assert out.trained_tokens == answer_tokens(tokenizer, rows)
     first = out.rows[0]
     trained = tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != -100])
-    assert trained == rows[0][2]["content"] + "<turn|>\n"
+    assert trained == rows[0][2]["content"] + end_of_turn(tokenizer)
 
 
 def test_a_template_that_renders_an_earlier_answer_otherwise_is_found_or_refused(tiny_root):

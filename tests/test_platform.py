@@ -198,11 +198,14 @@ def test_wandb_project_and_grader_nulls_are_unset():
     assert tc.reward_config[2].gemini_api_key is None
 
 
-def test_platform_sft_request_runs_end_to_end(local_dir, tiny_root):
-    """The service's upload, nulls and all, with only the model, data and size made local: exit 0."""
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma4", "tiny-gemma3n"])
+def test_platform_sft_request_runs_end_to_end(model, local_dir, tiny_root):
+    """The service's upload, nulls and all, with only the model, data and size made local: exit 0, on Gemma 3, on
+    Gemma 4 (the 31B-style template) and on Gemma 3n (its language model alone, the adapter keyed for the whole
+    model)."""
     import main
 
-    request = facet_request("sft", base_model_id=str(tiny_root / "models" / "tiny-gemma3"),
+    request = facet_request("sft", base_model_id=str(tiny_root / "models" / model),
                             dataset="tiny-animals", method="LoRA",
                             hyperparameters={"max_length": 128, "max_steps": 4, "batch_size": 4,
                                              "gradient_accumulation_steps": 1, "logging_steps": 2},
@@ -215,6 +218,7 @@ def test_platform_sft_request_runs_end_to_end(local_dir, tiny_root):
     assert doc["status"] == "completed" and doc["step"] == 4
     assert doc["adapter_path"] == "gs://gemma-export-bucket/trained_adapters/platform-sft/"
     assert (local_dir / "gemma-export-bucket" / "trained_adapters" / "platform-sft" / "adapter_config.json").is_file()
+    assert doc["dataset"]["dropped_rows"] == 0 and doc["dataset"]["trained_tokens"] > 0
 
 
 @pytest.mark.parametrize("modality", ["text", "vision"])
