@@ -145,6 +145,7 @@ class BaseTrainingJob:
         finally:
             self.finish_tracking(ok)
         self.require_improvement(comparison, artifacts)
+        self.export_failed(artifacts)
         self.timings["state_writes"] = round(self.tracker.write_s, 3)
         self.tracker.complete(metrics, {**artifacts, "timings": self.timings})
         self.clear_checkpoints()
@@ -200,6 +201,20 @@ class BaseTrainingJob:
         self.timings[name] = round(time.perf_counter() - t, 3)
         logger.info("%s took %.1fs", name, self.timings[name])
         return result
+
+    def export_step(self, name: str, fn, *args):
+        """One step of the export, as watched as a training step: named in the job document (`export_step`,
+        with the heartbeat) as it starts, once the guard has had its say: a cancel ends the job there (what was
+        uploaded stays), the task deadline ahead stops it for the next attempt, which resumes from training's
+        last checkpoint and exports again."""
+        reason = self.guard.check()
+        if self.guard.cancelled:
+            raise Cancelled(f"{reason} during the export, before its step {name}")
+        if reason:
+            raise Interrupted(f"{reason}: the export stopped before its step {name}; the next attempt exports "
+                              "again from training's last checkpoint")
+        self.tracker.write({"export_step": name})
+        return self.timed(name, fn, *args)
 
     def preflight(self) -> Prepared:
         self.tracker.phase("validating", JobStatus.PREPARING)
@@ -625,6 +640,20 @@ class BaseTrainingJob:
             f"'better' needs more than +{found['margin']}) over {found['rows']} eval rows; the artifacts are "
             f"uploaded ({artifacts.get('adapter_path')}), marked promoted: false.")
 
+    def export_failed(self, artifacts: dict[str, Any]) -> None:
+        """An artifact that failed its check costs that artifact alone: the others are uploaded and recorded, the
+        failure is recorded by artifact (`export_failures`, and `verification` with `passed: false`), and the job
+        fails with exit 2: nothing a retry could change, so nothing trains again (the checkpoints go)."""
+        failed = artifacts.pop("export_failures", None)
+        if not failed:
+            return
+        self.tracker.write({**{k: artifacts[k] for k in ("adapter_path", "gguf_path", "artifacts", "verification")
+                               if k in artifacts}, "export_failures": failed})
+        self.clear_checkpoints()
+        uploaded = [f"{kind} {uri}" for group in artifacts["artifacts"].values() for kind, uri in group.items()]
+        raise PermanentError(" ".join(failed.values()) + f" The other exports passed their checks and are uploaded: "
+                             f"{', '.join(uploaded)}.")
+
     def curves(self, trainer) -> dict[str, str | bytes]:
         """log_history.json and training_curve.png for the export folders (curves.py); the figure to W&B too.
         A figure that cannot be drawn costs a warning."""
@@ -653,7 +682,7 @@ class BaseTrainingJob:
                            "not to the Hub repo %s", self.cfg.export_config.hf_repo_id)
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
-                        s.run_logger, self.timed, self.timings, self.parent.lineage if self.parent else None, extra,
+                        s.run_logger, self.export_step, self.timings, self.parent.lineage if self.parent else None, extra,
                         prep.processor, held_back)
         if prep.processor is None:
             return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))

@@ -1,8 +1,9 @@
 """Training that survives the machine: checkpoints in the export bucket, and early stops that save one.
 
 `CheckpointStore` mirrors the trainer's checkpoints to `gs://{export}/checkpoints/{job_id}/checkpoint-{step}/`.
-A checkpoint counts only once its marker `_COMPLETE.json` (written last, listing every file) is there
-and every file it lists is present, so a checkpoint cut off mid-upload is never resumed from.
+A checkpoint counts only once its manifest `_COMPLETE.json` (written last: every file's name, size and
+CRC32C) is there and the bucket holds every file it lists with that size and checksum, so a checkpoint cut
+off mid-upload, or an object replaced after the manifest, is never resumed from.
 
 `Guard` says when training must stop before its end: SIGTERM (Cloud Run gives 10 s before SIGKILL),
 the task timeout ahead, or `cancel_requested: true` in the job document. `checkpoint_callback` acts
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from distributed import Topology, agree, barrier
 from errors import Interrupted
-from storage import BlobStore
+from storage import BlobStore, crc32c
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +54,29 @@ class CheckpointStore:
     def __init__(self, blobs: BlobStore, prefix_uri: str, keep: int = 2):
         self.blobs, self.prefix, self.keep = blobs, prefix_uri.rstrip("/") + "/", keep
 
-    def _listing(self) -> dict[int, set[str]]:
-        found: dict[int, set[str]] = {}
-        for uri in self.blobs.list(self.prefix):
+    def _listing(self) -> dict[int, dict[str, tuple[int, str]]]:
+        """step -> {file name: (size, CRC32C)} as the bucket has them."""
+        found: dict[int, dict[str, tuple[int, str]]] = {}
+        for uri, stat in self.blobs.stat(self.prefix).items():
             m = re.fullmatch(r"checkpoint-(\d+)/(.+)", uri[len(self.prefix):])
             if m:
-                found.setdefault(int(m[1]), set()).add(m[2])
+                found.setdefault(int(m[1]), {})[m[2]] = stat
         return found
 
     def complete(self) -> list[int]:
-        """Steps of the complete checkpoints, oldest first."""
+        """Steps of the complete checkpoints, oldest first: each file its manifest lists is in the bucket with
+        the size and CRC32C the manifest gives (a manifest from before checksums: the sizes)."""
         steps = []
-        for step, names in sorted(self._listing().items()):
-            if MARKER not in names:
+        for step, held in sorted(self._listing().items()):
+            if MARKER not in held:
                 continue
-            marker = json.loads(self.blobs.read_bytes(f"{self.prefix}checkpoint-{step}/{MARKER}"))
-            missing = set(marker["files"]) - names
-            if missing:
-                logger.warning("checkpoint-%d lacks %s: not resumable", step, sorted(missing))
+            manifest = json.loads(self.blobs.read_bytes(f"{self.prefix}checkpoint-{step}/{MARKER}"))
+            sums = manifest.get("crc32c", {})
+            wrong = sorted(name for name, size in manifest["files"].items() if name not in held
+                           or held[name][0] != size or held[name][1] != sums.get(name, held[name][1]))
+            if wrong:
+                logger.warning("checkpoint-%d: %s missing or not as its manifest lists them: not resumable", step,
+                               wrong)
             else:
                 steps.append(step)
         return steps
@@ -80,8 +86,10 @@ class CheckpointStore:
         uri = f"{self.prefix}checkpoint-{step}/"
         t = time.perf_counter()
         self.blobs.upload_dir(local, uri)  # also removes an older marker of the same step first
-        files = {p.relative_to(local).as_posix(): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
-        self.blobs.write_bytes(uri + MARKER, json.dumps({"step": step, "files": files}).encode())
+        paths = {p.relative_to(local).as_posix(): p for p in sorted(local.rglob("*")) if p.is_file()}
+        manifest = {"step": step, "files": {name: p.stat().st_size for name, p in paths.items()},
+                    "crc32c": {name: crc32c(p) for name, p in paths.items()}}
+        self.blobs.write_bytes(uri + MARKER, json.dumps(manifest).encode())
         logger.info("checkpoint-%d uploaded to %s in %.1fs", step, uri, time.perf_counter() - t)
         self.prune(newest=step, best=best_step(local))
         return uri
@@ -91,7 +99,9 @@ class CheckpointStore:
         drop older ones and incomplete leftovers below them."""
         complete = self.complete()
         keep = set(complete[-self.keep:]) | {newest} | ({best} if best is not None else set())
-        for step in self._listing():
+        held = {int(m[1]) for uri in self.blobs.list(self.prefix)
+                if (m := re.match(r"checkpoint-(\d+)/", uri[len(self.prefix):]))}
+        for step in held:
             if step not in keep and step < newest:
                 self.blobs.delete_prefix(f"{self.prefix}checkpoint-{step}/")
 

@@ -17,5 +17,14 @@ class Interrupted(Exception):
     and the next attempt resumes."""
 
 
+class CheckFailed(PermanentError):
+    """An exported artifact disagrees with the trained model in the program that loads it: that artifact is
+    not uploaded, the others are (export.py); `entry` is its verification record, `passed: false`."""
+
+    def __init__(self, message: str, entry: dict | None = None):
+        super().__init__(message)
+        self.entry = entry or {}
+
+
 class RequestError(PermanentError, ValueError):
     """The request (or the job's environment) is invalid: permanent, exit code 2."""

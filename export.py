@@ -9,8 +9,10 @@ program that will load it and compared with the trained model, then uploaded (DE
 - q4_k_m, q5_k_m, q2_k: f16 first, then `llama_model_quantize` (k-quants need rows that are
   multiples of 256; Gemma's hidden sizes are).
 - Verification (verification.py): each artifact predicts the trained model's greedy continuation of
-  evaluation prompts; agreement below what its form explains fails the job with exit 2, and nothing is
-  uploaded until every artifact has passed.
+  evaluation prompts; agreement below what its form explains costs that artifact alone: it is not
+  uploaded, the others are once every artifact is checked, and the job then fails with exit 2 naming it.
+- Each step (merge, conversion, quantization, each check, each upload) goes through `job.timed`, which
+  names it in the job document as it starts and stops there on a cancel or the task deadline.
 - Beside the weights (cards.py): a model card, README.md, in every folder, and an Ollama Modelfile
   beside the GGUF. Each folder is published as a mirror (GCS: upload_dir; the Hub: one commit with
   delete_patterns, the GGUF in the same folder as the adapter or merge, under one card).
@@ -62,7 +64,7 @@ class ExportJob:
     blobs: BlobStore
     hub: ModelHub
     run_logger: RunLogger
-    timed: Callable[..., Any]  # the job's step timer
+    timed: Callable[..., Any]  # the job's export step: named in the document, guarded, timed (base.export_step)
     timings: dict[str, float]  # the job's timings so far (the manifests carry them)
     parent: dict[str, Any] | None = None  # the adapter this job continued (lineage.py), for the manifests
     extra_files: dict[str, str | bytes] | None = None  # into the adapter/merged folder: eval_generations.jsonl,
@@ -77,8 +79,9 @@ class ExportJob:
 
 def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
                      prompts: list[list[int]], images: list[list[bytes]] | None = None) -> dict[str, Any]:
-    """The job document's artifact fields, once every artifact is verified and uploaded; each local copy
-    goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes, and
+    """The job document's artifact fields, once every artifact is checked and those that passed are uploaded
+    (`export_failures` names the others, and why; with none passed, the first failure is raised); each local
+    copy goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes, and
     for an image+text job each probe's encoded pictures `images`."""
     import torch
 
@@ -111,7 +114,20 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
                     image_token_id(tokenizer) if images is not None else None, images)
     saver = job.processor if job.processor is not None else tokenizer  # a processor saves its tokenizer too
     verified: dict[str, dict] = {}
-    ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are verified
+    failed: dict[str, str] = {}  # artifact -> why its check failed: it alone is not uploaded
+
+    def check(artifact: str, fn, *args) -> bool:
+        try:
+            verified[artifact] = job.timed(f"verify_{artifact}", fn, *args)
+            return True
+        except PermanentError as e:
+            logger.error("%s not exported: %s", artifact, e)
+            verified[artifact] = {**getattr(e, "entry", {}), "passed": False, "error": str(e)[:1000]}
+            failed[artifact] = str(e)
+            return False
+
+    ready: list[tuple[Path, str]] = []  # (folder, artifact), uploaded once all are checked
+    gguf = mmproj = None  # the GGUF once it has passed its check, and its projector
     if fmt == "adapter":
         out = root / "adapter"
         # The trained adapter alone: DPO and GRPO give the PeftModel a second adapter, TRL's reference
@@ -124,11 +140,11 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
             write_portable_adapter_config(out)
         saver.save_pretrained(str(out))
         complete_tokenizer_files(out, tokenizer, job.cfg.base_model_id, job.token)
-        verified["adapter"] = job.timed("verify_adapter", verify_adapter, out, ref, trainer.model,
-                                        job.cfg.base_model_id, job.base_kwargs, job.cfg.vision)
-        if alone:  # checked on the language model it trained; keyed for the whole model its consumers load
-            whole_adapter_keys(out)
-        ready.append((out, "adapter"))
+        if check("adapter", verify_adapter, out, ref, trainer.model, job.cfg.base_model_id, job.base_kwargs,
+                 job.cfg.vision):
+            if alone:  # checked on the language model it trained; keyed for the whole model its consumers load
+                whole_adapter_keys(out)
+            ready.append((out, "adapter"))
     if fmt == "merged" or ex.wants_gguf:
         merged16 = root / "merged16"
         job.timed("merge", job.save_merged, trainer.model, saver, merged16)
@@ -142,24 +158,29 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
             # an image+text model's projector first: the language model's conversion may delete the merge
             mmproj = job.timed("mmproj_convert", export_mmproj, merged16, root / "gguf") \
                 if job.cfg.vision else None
-            gguf = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
+            made = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
                              fmt != "merged")
-            verified["gguf"] = job.timed("verify_gguf", verify_gguf, gguf, ref, ex.gguf_quantization,
-                                         job.cfg.method, mmproj)
+            if check("gguf", verify_gguf, made, ref, ex.gguf_quantization, job.cfg.method, mmproj):
+                gguf = made
+            else:
+                shutil.rmtree(made.parent, ignore_errors=True)
         if fmt == "merged":
             out = merged16
             if ex.merged_dtype == "q4":
                 out = job.timed("quantize_4bit", save_4bit, merged16, root / "merged", job.cfg.vision)
-            verified["merged"] = job.timed("verify_merged", verify_merged, out, ref, ex.merged_dtype,
-                                           job.cfg.method, job.cfg.vision)
-            ready.append((out, "merged"))
+            if check("merged", verify_merged, out, ref, ex.merged_dtype, job.cfg.method, job.cfg.vision):
+                ready.append((out, "merged"))
         if merged16 not in [f for f, _ in ready]:
             shutil.rmtree(merged16, ignore_errors=True)
-    result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified}
+    if failed and not ready and gguf is None:  # nothing passed: the job fails as its first artifact did
+        shutil.rmtree(root, ignore_errors=True)
+        raise PermanentError(" ".join(failed.values()))
+    result: dict[str, Any] = {"adapter_path": None, "gguf_path": None, "artifacts": {}, "verification": verified,
+                              **({"export_failures": failed} if failed else {})}
     # On the Hub one repo holds the folder and the GGUF beside it: one card for both, one commit that mirrors it.
-    together = job.to_hub and bool(ready) and ex.wants_gguf
+    together = job.to_hub and bool(ready) and gguf is not None
     license_ = base_license(job.cfg.base_model_id, job.hub)
-    if ex.wants_gguf:
+    if gguf is not None:
         (gguf.parent / "Modelfile").write_text(job.timed("modelfile", modelfile, gguf, mmproj))
         if not together:
             write_card(job, gguf.parent, {"gguf": ex.gguf_quantization}, metrics, verified, license_, gguf.name)
@@ -177,10 +198,11 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         if together:  # the GGUF, its manifest and its Modelfile join the folder (no name is shared)
             for path in gguf.parent.iterdir():
                 shutil.move(str(path), folder / path.name)
-        uri = publish(job, folder, artifact)
+        uri = job.timed(f"upload_{artifact}", publish, job, folder, artifact)
         result.update(adapter_path=uri, artifacts={"raw": {artifact: uri}})
-    if ex.wants_gguf:
-        folder_uri = destination(job, "gguf") if together else publish(job, gguf.parent, "gguf")
+    if gguf is not None:
+        folder_uri = destination(job, "gguf") if together else \
+            job.timed("upload_gguf", publish, job, gguf.parent, "gguf")
         uri = folder_uri + gguf.name if folder_uri.startswith("gs://") else f"{folder_uri}/{gguf.name}"
         result["gguf_path"] = uri
         result["artifacts"]["file"] = {"gguf": uri}

@@ -6,6 +6,7 @@ URIs stay `gs://bucket/key` everywhere; `LocalBlobStore(root)` maps them to `roo
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import os
@@ -31,9 +32,22 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def crc32c(path: Path) -> str:
+    """A file's CRC32C as GCS keeps an object's: base64 of its four big-endian bytes."""
+    import google_crc32c
+
+    found = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            found.update(chunk)
+    return base64.b64encode(found.digest()).decode()
+
+
 class BlobStore(Protocol):
     def read_bytes(self, uri: str) -> bytes: ...
     def list(self, prefix_uri: str) -> list[str]: ...
+    def stat(self, prefix_uri: str) -> dict[str, tuple[int, str]]:
+        """Each object under prefix_uri: its size and CRC32C (crc32c's form), as the store has them."""
     def download(self, uri: str, path: Path) -> Path: ...
     def write_bytes(self, uri: str, data: bytes) -> None: ...
     def write_new(self, uri: str, data: bytes) -> bool:
@@ -71,6 +85,9 @@ class LocalBlobStore:
         if not base.is_dir():
             return []
         return [f"gs://{bucket}/{p.relative_to(self.root / bucket).as_posix()}" for p in _files(base)]
+
+    def stat(self, prefix_uri: str) -> dict[str, tuple[int, str]]:
+        return {uri: (self.path(uri).stat().st_size, crc32c(self.path(uri))) for uri in self.list(prefix_uri)}
 
     def download(self, uri: str, path: Path) -> Path:
         src = self.path(uri)
@@ -147,6 +164,10 @@ class GcsBlobStore:
     def list(self, prefix_uri: str) -> list[str]:
         bucket, key = parse_gs_uri(prefix_uri)
         return [f"gs://{bucket}/{b.name}" for b in self.client.list_blobs(bucket, prefix=key)]
+
+    def stat(self, prefix_uri: str) -> dict[str, tuple[int, str]]:
+        bucket, key = parse_gs_uri(prefix_uri)  # the listing carries both: nothing is downloaded
+        return {f"gs://{bucket}/{b.name}": (b.size, b.crc32c) for b in self.client.list_blobs(bucket, prefix=key)}
 
     def download(self, uri: str, path: Path) -> Path:
         from google.api_core.exceptions import NotFound

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from errors import PermanentError
+from errors import CheckFailed, PermanentError
 from libraries import cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -309,18 +309,18 @@ def record(artifact: str, form: str, consumer: str, agreed: Agreement, ref: Refe
     found = agreed.share
     entry = {"consumer": consumer, "form": form, "top1_agreement": found, "tokens": agreed.decided,
              "prompts": len(ref.sequences), "required": required, "near_ties": agreed.near_ties,
-             "near_ties_flipped": agreed.flipped_ties, "near_tie_margin": NEAR_TIE}
+             "near_ties_flipped": agreed.flipped_ties, "near_tie_margin": NEAR_TIE, "passed": found >= required}
     logger.info("verified %s (%s) in %s: top-1 agreement %.2f%% over %d decided tokens (at least %.0f%% required); "
                 "%d near ties (margin < %.2f), %d flipped", artifact, form, consumer, 100 * found, agreed.decided,
                 100 * required, agreed.near_ties, NEAR_TIE, agreed.flipped_ties)
     if found < required:
-        raise PermanentError(
+        raise CheckFailed(
             f"export_config: the exported {artifact} ({form}), loaded in {consumer}, predicts the trained model's "
             f"next token for only {found:.1%} of {agreed.decided} decided tokens on {len(ref.sequences)} evaluation "
-            f"prompts (at least {required:.0%} expected for {form}); nothing was uploaded. "
+            f"prompts (at least {required:.0%} expected for {form}); it was not uploaded. "
             + ("Choose a larger gguf_quantization (q8_0 or f16)." if form in ("q5_k_m", "q4_k_m", "q2_k") else
                "Choose merged_dtype 'bf16'." if form in ("q4", "fp16") else
-               "A 16-bit or 8-bit form should not disagree: report this with the job id."))
+               "A 16-bit or 8-bit form should not disagree: report this with the job id."), entry)
     return entry
 
 

@@ -237,6 +237,40 @@ def test_checkpoints_round_trip_through_gcs_with_concurrent_transfers(gcp, tmp_p
     assert got == {name: data[:-1] + bytes([10]) for name, data in files.items()} and MARKER not in got
 
 
+def test_a_checkpoint_is_complete_by_its_manifest_not_by_its_file_names(gcp, tmp_path):
+    """Every file present by name is not enough: an object cut off mid-upload by a second writer after the
+    manifest (the same name, fewer bytes), or the same size with other bytes, makes its checkpoint unresumable;
+    the restore takes the newest one the manifest vouches for, from sizes and CRC32Cs GCS lists (nothing is
+    downloaded to decide)."""
+    import json
+    import os
+
+    from checkpoints import MARKER, CheckpointStore
+    from storage import GcsBlobStore
+
+    store = CheckpointStore(GcsBlobStore(project=gcp.env["PROJECT_ID"]), f"gs://{gcp.export_bucket}/checkpoints/mf/",
+                            keep=3)
+    data = {"adapter_model.safetensors": os.urandom(1 << 20), "optimizer.pt": os.urandom(1 << 19)}
+    for step in (10, 20, 30):
+        local = tmp_path / "out" / f"checkpoint-{step}"
+        local.mkdir(parents=True)
+        for name, blob in data.items():
+            (local / name).write_bytes(blob[:-1] + bytes([step]))
+        store.upload(local)
+    bucket = gcp.gcs.bucket(gcp.export_bucket)
+    manifest = json.loads(bucket.blob(f"checkpoints/mf/checkpoint-30/{MARKER}").download_as_bytes())
+    assert manifest["files"] == {n: len(b) for n, b in data.items()} and set(manifest["crc32c"]) == set(data)
+    assert store.complete() == [10, 20, 30]
+    bucket.blob("checkpoints/mf/checkpoint-30/optimizer.pt").upload_from_string(data["optimizer.pt"][:1000])
+    same_size = bytearray(data["adapter_model.safetensors"][:-1] + bytes([20]))
+    same_size[0] ^= 0xFF
+    bucket.blob("checkpoints/mf/checkpoint-20/adapter_model.safetensors").upload_from_string(bytes(same_size))
+    assert store.complete() == [10]
+    restored = store.restore(tmp_path / "resume")
+    assert restored.name == "checkpoint-10"
+    assert (restored / "optimizer.pt").read_bytes() == data["optimizer.pt"][:-1] + bytes([10])
+
+
 def test_a_job_continues_another_jobs_adapter_through_gcs(gcp, tiny_root, tmp_path):
     """init_from_job_id on the cloud backend: the parent's adapter found and downloaded through the real
     client (list, then the transfer manager), the lineage in the document and the manifest."""
