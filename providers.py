@@ -26,10 +26,12 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
             self.cfg.base_model_id, **self.base_model_kwargs())
         if self.cfg.method == "Full":
             return model
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import LoraConfig, PeftModel, get_peft_model
 
-        if self.cfg.method == "QLoRA" or self.cfg.hyperparameters.load_in_8bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Not PEFT's prepare_model_for_kbit_training: it casts every parameter the 4- or 8-bit loader left in
+        # 16 bits to fp32 (the embeddings; Gemma 4's experts and per-layer table), twice the memory the
+        # pre-flight counts on a GPU (tests/test_gpu_config.py). PEFT freezes the base either way, and Gemma's
+        # norms compute in fp32 whatever their weights' dtype.
         if self.parent:  # continue its adapter, its shape as it is (lineage.py); the dropout is this job's
             config = LoraConfig.from_pretrained(str(self.parent.folder))
             config.lora_dropout, config.inference_mode = self.cfg.hyperparameters.lora_dropout, False
