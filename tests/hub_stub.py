@@ -11,7 +11,8 @@ push set HF_HUB_DISABLE_XET, so the classic LFS path is the one taken.
 
 It keeps what it receives in memory: `hub.repos[repo_id]` is `{"private": bool, "files": {path: bytes}}`
 (a new repo starts with `.gitattributes`); `hub.lfs_uploads` lists the paths committed as LFS files.
-Tokens: `HubStub(token=...)` is the only one accepted; `readable` repos may be read but not written.
+Tokens: `HubStub(token=...)` is the only one accepted; `readable` repos may be read but not written; `gated`
+repos answer as the Hub does a token whose account has not accepted the licence (403, GatedRepo).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class HubStub:
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, uploaded through the LFS batch API
         self.lfs_uploads: list[str] = []  # paths committed as LFS files
         self.license: str | None = "gemma"  # what model_info's cardData says of every readable repo
+        self.gated: set[str] = set()  # repos whose licence the token's account has not accepted: 403 GatedRepo
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -93,6 +95,9 @@ class HubStub:
                 if repo is None or (repo["private"] and not self.authorised()):
                     self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
                     return True
+                if m[1] in hub.gated:
+                    self.reply(403, {"error": "Access to this model is restricted"}, "GatedRepo")
+                    return True
                 data = repo["files"].get(unquote(m[3]))
                 if data is None:
                     self.reply(404, {"error": "Entry not found"}, "EntryNotFound")
@@ -133,6 +138,8 @@ class HubStub:
                 repo = hub.repos.get(m[1])
                 if repo is None or (repo["private"] and not self.authorised()):
                     return self.reply(404, {"error": "Repository not found"}, "RepoNotFound")
+                if m[1] in hub.gated:
+                    return self.reply(403, {"error": "Access to this model is restricted"}, "GatedRepo")
                 if m[2] and not (repo["writable"] and self.authorised()):
                     return self.reply(403, {"error": "no write access"})
                 return self.reply(200, {})
