@@ -40,7 +40,8 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
        "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
-       "execution": "CLOUD_RUN_EXECUTION", "max_retries": "MAX_RETRIES"}
+       "execution": "CLOUD_RUN_EXECUTION", "max_retries": "MAX_RETRIES",
+       "give_up_s": "STORE_GIVE_UP_SECONDS"}
 TRACKER_SECRETS = ("COMET_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 STORE_VARS = ("JOB_ID", "BACKEND", "CLOUD_RUN_JOB", "PROJECT_ID", "FIRESTORE_DB", "LOCAL_DIR")
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None, env=None) -> int:
     # first process downloads for the others
     writes = place.main and (place.distributed or nodes.node_rank == 0)
     tracker = JobTracker(store if writes else ReadOnlyStore(store), settings.job_id, settings.attempt,
-                         redact=redact.redact, execution=settings.execution)
+                         redact=redact.redact, execution=settings.execution, final_retry_s=settings.give_up_s)
     if place.distributed:  # said at the end of each worker: rank 0 writes, the others do not
         import atexit
 

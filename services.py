@@ -31,7 +31,9 @@ def open_store(settings: Settings, dry_run: bool = False):
 
 
 def make_blobs(settings: Settings):
-    return LocalBlobStore(settings.local_dir) if settings.backend == "local" else GcsBlobStore(settings.project_id)
+    if settings.backend == "local":
+        return LocalBlobStore(settings.local_dir)
+    return GcsBlobStore(settings.project_id, give_up_s=settings.give_up_s)
 
 
 def make_services(settings: Settings, request: TrainRequest, tracker, blobs, guard=None):

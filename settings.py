@@ -47,6 +47,9 @@ class Settings(StrictModel):
                                          "size instead of the visible GPU's (GPU_MEMORY_GIB).")
     deadline_reserve_s: float = Field(60.0, ge=0, description="Stop this long before the task timeout, plus "
                                       "the time of one step and one checkpoint.")
+    give_up_s: float = Field(300.0, gt=0, description="STORE_GIVE_UP_SECONDS: how long an outage of the bucket or "
+                             "the job document is retried through before the attempt fails, retryably (the next "
+                             "resumes from the newest complete checkpoint).")
     host_memory_gib: float | None = Field(None, gt=0, description="Check the job's files and process against "
                                           "this much container memory (HOST_MEMORY_GIB).")
     disk_is_memory: bool = Field(False, description="The container's disk is its memory (Cloud Run): its "

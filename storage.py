@@ -139,8 +139,9 @@ class LocalBlobStore:
 class GcsBlobStore:
     """Google Cloud Storage with the official client; uploads run concurrently and are checksummed."""
 
-    def __init__(self, project: str | None = None, workers: int = 8):
+    def __init__(self, project: str | None = None, workers: int = 8, give_up_s: float = 300.0):
         self.project, self.workers = project, workers
+        self.give_up_s = give_up_s  # writes retried through an outage this long (settings.give_up_s)
 
     @functools.cached_property
     def client(self):
@@ -198,7 +199,8 @@ class GcsBlobStore:
     def write_bytes(self, uri: str, data: bytes) -> None:
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        self._blob(uri).upload_from_string(data, checksum="crc32c", retry=DEFAULT_RETRY.with_timeout(300))
+        self._blob(uri).upload_from_string(data, checksum="crc32c",
+                                           retry=DEFAULT_RETRY.with_timeout(self.give_up_s))
 
     def write_new(self, uri: str, data: bytes) -> bool:
         from google.api_core.exceptions import PreconditionFailed
@@ -206,7 +208,7 @@ class GcsBlobStore:
 
         try:  # generation 0: only if no live object has the name; with a precondition the retry is safe
             self._blob(uri).upload_from_string(data, checksum="crc32c", if_generation_match=0,
-                                               retry=DEFAULT_RETRY.with_timeout(300))
+                                               retry=DEFAULT_RETRY.with_timeout(self.give_up_s))
             return True
         except PreconditionFailed:
             return False
@@ -227,8 +229,8 @@ class GcsBlobStore:
             bucket, names, source_directory=str(local_dir), blob_name_prefix=key, max_workers=self.workers,
             # An explicit retry: uploads without a generation precondition are not retried by default, and
             # a resumable upload cut off mid-file resumes where it stopped. Same bytes, so it is idempotent.
-            upload_kwargs={"checksum": "crc32c", "retry": DEFAULT_RETRY.with_timeout(300)}, raise_exception=True,
-            worker_type=transfer_manager.THREAD)
+            upload_kwargs={"checksum": "crc32c", "retry": DEFAULT_RETRY.with_timeout(self.give_up_s)},
+            raise_exception=True, worker_type=transfer_manager.THREAD)
         wanted = {key + n for n in names}
         for blob in self.client.list_blobs(bucket_name, prefix=key):
             if blob.name not in wanted:

@@ -3,12 +3,15 @@ test), so that `make test` can run it beside the other reliability tests."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import put_request, read_doc
+from conftest import ROOT, put_request, read_doc
 from test_reliability import RESUMED, Job, checkpoint_store, problems_local, short_request, wait_for_checkpoint
 
 
@@ -63,3 +66,46 @@ def test_kill_9_at_random_points_then_rerun(local_dir, tiny_root):
     assert kills >= 3  # at least half the kills landed on a running job
     assert resumes >= 1  # the seeds are fixed: at least one trial's final attempt resumed (the point of the test)
     print(f"kill -9: {kills} kills, {resumes} final attempts resumed from a checkpoint")
+
+
+def test_kill_9_against_the_emulators_then_rerun(gcp, tiny_root):
+    """The same on GCS and Firestore (the emulators, through the real clients), where a checkpoint is many objects
+    and its manifest the last: killed at a random moment within half a second after a checkpoint completes
+    (often mid-upload of the next), twice, then run to the end. Each attempt resumes from the newest checkpoint
+    that was complete by its manifest when the last was killed, and the job completes with every step."""
+    from google.cloud import storage as gcs
+
+    from checkpoints import CheckpointStore
+    from storage import GcsBlobStore
+
+    gcp.put_dataset(tiny_root)
+    job_id = "kill-gcs"
+    gcp.put_request(job_id, short_request(tiny_root, epochs=10))
+    store = CheckpointStore(GcsBlobStore(gcp.env["PROJECT_ID"]), f"gs://{gcp.export_bucket}/checkpoints/{job_id}/")
+    env = {**os.environ, **gcp.env, "JOB_ID": job_id}
+    rng, resumed_from, complete_before = random.Random(7), [], [None]
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "main.py"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True,
+                                env={**env, "CLOUD_RUN_TASK_ATTEMPT": str(attempt)})
+        if attempt < 2:
+            before, deadline = max(store.complete(), default=0), time.monotonic() + 90
+            while proc.poll() is None and time.monotonic() < deadline and max(store.complete(), default=0) <= before:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
+            proc.kill()
+        output, _ = proc.communicate(timeout=300)
+        found = RESUMED.search(output)
+        resumed_from.append(int(found[1]) if found else None)
+        if attempt < 2:
+            complete = store.complete()  # what the next attempt will find
+            assert complete, output[-2000:]
+            complete_before.append(complete[-1])
+    assert proc.returncode == 0, output[-3000:]
+    assert resumed_from == complete_before, (resumed_from, complete_before)
+    doc = gcp.doc(job_id)
+    assert doc["status"] == "completed" and doc["step"] == doc["total_steps"] == 120
+    assert doc["resumed_from_step"] == complete_before[-1]
+    names = {b.name for b in gcs.Client(project=gcp.env["PROJECT_ID"]).list_blobs(gcp.export_bucket)}
+    assert f"trained_adapters/{job_id}/adapter_model.safetensors" in names
+    assert not any(n.startswith(f"checkpoints/{job_id}/") for n in names)  # cleared once completed

@@ -288,3 +288,48 @@ def test_emulators_stopped_and_restarted_mid_run(gcp, tiny_root, firestore_emula
     assert doc["step"] == doc["total_steps"] == 144
     files = gcp.blobs(gcp.export_bucket, f"trained_adapters/{job_id}/")
     assert "adapter_model.safetensors" in files and "manifest.json" in files
+
+
+def test_an_outage_longer_than_the_give_up_fails_the_attempt_and_the_next_resumes(gcp, tiny_root, firestore_emulator,
+                                                                                  gcs_emulator):
+    """Firestore and GCS go away after the first checkpoints and stay away past STORE_GIVE_UP_SECONDS: the attempt
+    stops retrying and exits 1 (not hanging on, not training on with nowhere to save); once they are back the next
+    attempt resumes from the newest complete checkpoint in the bucket and completes."""
+    from storage import GcsBlobStore
+
+    job_id = "outage-2"
+    gcp.put_dataset(tiny_root)
+    gcp.put_request(job_id, short_request(tiny_root, epochs=12))
+    env = {**gcp.env, "JOB_ID": job_id, "STORE_GIVE_UP_SECONDS": "3"}
+    store = CheckpointStore(GcsBlobStore(gcp.env["PROJECT_ID"]), f"gs://{gcp.export_bucket}/checkpoints/{job_id}/")
+    down = {}
+
+    def break_things():
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(down.setdefault("saved", [])) < 2:
+            try:
+                down["saved"] = store.complete()
+            except Exception:  # a checkpoint being written
+                pass
+            time.sleep(0.1)
+        firestore_emulator.stop()
+        gcs_emulator.stop()
+        down["at"] = time.monotonic()
+
+    thread = threading.Thread(target=break_things)
+    thread.start()
+    try:
+        rc = main([], env)
+        ended = time.monotonic()
+    finally:
+        thread.join()
+        gcs_emulator.start()
+        firestore_emulator.start()
+    assert rc == 1 and len(down["saved"]) >= 2
+    assert ended - down["at"] < 90  # gave up: 3 s per write, not the default 300
+    saved = store.complete()
+    assert saved and saved[-1] < 144
+    assert main([], {**env, "CLOUD_RUN_TASK_ATTEMPT": "1"}) == 0
+    doc = gcp.doc(job_id)  # the Firestore emulator came back empty: the second attempt made the document again
+    assert doc["status"] == "completed" and doc["resumed_from_step"] == saved[-1]
+    assert doc["step"] == doc["total_steps"] == 144
