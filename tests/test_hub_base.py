@@ -31,8 +31,9 @@ def run_job(gcp, hub: HubStub, job_id: str, cache, attempt: int = 0, **request_h
     request["training_config"]["hyperparameters"].update(epochs=1, max_steps=2, **request_hp)
     gcp.put_request(job_id, request)
     env = {**os.environ, **gcp.env, "JOB_ID": job_id, "HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url,
-           "HF_HOME": str(cache), "HF_HUB_DISABLE_XET": "1", "CLOUD_RUN_TASK_ATTEMPT": str(attempt)}
-    env.pop("HF_HUB_OFFLINE", None)
+           "HF_HOME": str(cache), "CLOUD_RUN_TASK_ATTEMPT": str(attempt)}
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET"):  # Xet on, as in production: no Xet repo here, so
+        env.pop(name, None)  # the client downloads over plain HTTP, as it does a repo the Hub serves that way
     out = subprocess.run([sys.executable, "main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return out.returncode, out.stdout + out.stderr
 
