@@ -38,8 +38,8 @@ from settings import Settings
 from storage import BlobStore, ModelHub
 from tracking import RunLogger, TensorBoardLog, Tolerant
 from verification import pad_id, probe_prompts
-from vision import VisionCollator, encode_vision, fit_vision_prompts, image_stats, \
-    image_token_ids, load_processor, vision_cases, vision_dataset, vision_probes
+from vision import VisionCollator, encode_vision, fit_vision_prompts, image_stats, image_token_id, \
+    image_token_ids, load_processor, pixel_values, vision_cases, vision_dataset, vision_probes
 from vision_rows import load_vision_splits
 
 logger = logging.getLogger(__name__)
@@ -686,4 +686,6 @@ class BaseTrainingJob:
                         prep.processor, held_back)
         if prep.processor is None:
             return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))
-        return export_artifacts(job, trainer, tokenizer, metrics, *vision_probes(prep))
+        prompts, images = vision_probes(prep)
+        return export_artifacts(job, trainer, tokenizer, metrics, prompts, images,
+                                [pixel_values(prep.processor, b) for b in images], image_token_id(prep.tokenizer))

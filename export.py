@@ -77,12 +77,14 @@ class ExportJob:
         return self.cfg.export_config.destination == "hfhub" and not self.held_back
 
 
-def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any],
-                     prompts: list[list[int]], images: list[list[bytes]] | None = None) -> dict[str, Any]:
+def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any], prompts: list[list[int]],
+                     images: list[list[bytes]] | None = None, pixels: list | None = None,
+                     image_token: int | None = None) -> dict[str, Any]:
     """The job document's artifact fields, once every artifact is checked and those that passed are uploaded
     (`export_failures` names the others, and why; with none passed, the first failure is raised); each local
     copy goes once it is uploaded (the container's disk is memory). `prompts`: the verification's probes, and
-    for an image+text job each probe's encoded pictures `images`."""
+    for an image+text job each probe's encoded pictures `images`, their `pixels` as the processor makes them and
+    `image_token`, the token a picture's embeddings take the place of."""
     import torch
 
     from artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
@@ -106,12 +108,9 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     # The local checkpoints are in the bucket (a retry restores from there): on a disk that is memory,
     # Full's are 4 bytes per parameter each.
     shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
-    from vision import image_token_id, pixel_values
-
-    pixels = [pixel_values(job.processor, b) for b in images] if images is not None else None
     ref = job.timed("verify_reference", greedy_reference, trainer.model, prompts,
-                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels,
-                    image_token_id(tokenizer) if images is not None else None, images)
+                    stop_ids(trainer.model, tokenizer), pad_id(tokenizer), MAX_NEW_TOKENS, 16, pixels, image_token,
+                    images)
     saver = job.processor if job.processor is not None else tokenizer  # a processor saves its tokenizer too
     verified: dict[str, dict] = {}
     failed: dict[str, str] = {}  # artifact -> why its check failed: it alone is not uploaded

@@ -42,7 +42,8 @@ class StrictModel(BaseModel):
 class Hyperparameters(StrictModel):
     learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
     batch_size: int = Field(2, ge=1, le=1024, description="Per-device train and eval batch size.")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024, description="Batches whose gradients are summed "
+                                             "before each optimizer step: the effective batch is batch_size times this.")
     epochs: float = Field(3, gt=0, le=100, description="Training epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: off.")
     packing: bool = Field(False, description="SFT: pack several rows into one sequence; rows never attend "
@@ -54,7 +55,8 @@ class Hyperparameters(StrictModel):
     max_length: int = Field(1024, ge=16, le=131072, validation_alias=AliasChoices("max_length", "max_seq_length"),
                             description="Maximum tokens per row; longer rows are truncated.")
     lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                               "constant_with_warmup", "inverse_sqrt"] = "linear"
+                               "constant_with_warmup", "inverse_sqrt"] = Field(
+        "linear", description="How the learning rate falls from its peak after warmup (transformers' schedulers).")
     save_strategy: Literal["no", "steps", "epoch"] = Field(
         "epoch", description="When to checkpoint besides every checkpoint_minutes, at the end of training, on "
         "SIGTERM and before the task timeout (those always happen).")
@@ -62,10 +64,13 @@ class Hyperparameters(StrictModel):
     checkpoint_minutes: float = Field(10.0, gt=0, description="Also checkpoint when this long has passed since "
                                       "the last one: the most training a preemption can lose.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept, locally and in the bucket.")
-    logging_steps: int = Field(10, ge=1)
-    lora_rank: int = Field(16, ge=1, le=1024)
-    lora_alpha: int = Field(16, ge=1, le=4096)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    logging_steps: int = Field(10, ge=1, description="Optimizer steps between the loss lines of the log, the "
+                               "tracker and the job document's loss.")
+    lora_rank: int = Field(16, ge=1, le=1024, description="LoRA's rank r: the adapter's width (methods LoRA, "
+                           "QLoRA).")
+    lora_alpha: int = Field(16, ge=1, le=4096, description="LoRA's alpha: the adapter's output is scaled by "
+                            "alpha / r (alpha / sqrt(r) with use_rslora).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input while training.")
     use_dora: bool = Field(False, description="DoRA (PEFT's weight-decomposed LoRA): methods LoRA and QLoRA, "
                            "provider huggingface.")
     use_rslora: bool = Field(False, description="rsLoRA: the adapter scaled by lora_alpha / sqrt(lora_rank), not "
@@ -106,9 +111,10 @@ class Hyperparameters(StrictModel):
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction of steps spent warming up; "
                                        "default 0.1 for GRPO, TRL's 0 for the others.")
     beta: float = Field(0.1, ge=0, description="KL / preference strength (GRPO, DPO, ORPO); SFT does not read it.")
-    weight_decay: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW's decoupled weight decay.")
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, description="Seeds Python's, NumPy's and torch's generators before the adapter "
+                      "is made and the data shuffled: the same request trains the same model.")
 
     @field_validator("lora_target_modules", "modules_to_save", "lora_target_parameters")
     @classmethod
@@ -206,10 +212,12 @@ GGUF_DIRECT = ("f16", "bf16", "q8_0")
 class ExportConfig(StrictModel):
     format: Literal["adapter", "merged", "gguf"] = Field(
         "adapter", description="adapter: PEFT weights; merged (or full): merged 16-bit model; gguf: GGUF only.")
-    destination: Literal["gcs", "hfhub"] = "gcs"
+    destination: Literal["gcs", "hfhub"] = Field("gcs", description="gcs: the export bucket (the GGUF to the files "
+                                                 "bucket); hfhub: the Hugging Face repo hf_repo_id.")
     hf_repo_id: str | None = Field(None, pattern=HF_REPO_ID, description="owner/name, needed for destination hfhub.")
-    hf_private: bool = True
-    include_gguf: bool = False
+    hf_private: bool = Field(True, description="Destination hfhub: create the repo private.")
+    include_gguf: bool = Field(False, description="Also export a GGUF (gguf_quantization) beside the adapter or "
+                               "merged model.")
     gguf_quantization: GgufQuant = Field("none", description="none (or unset): q8_0 when a GGUF is exported.")
     merged_dtype: Literal["bf16", "fp16", "q4"] = Field(
         "bf16", description="merged weights: bf16; fp16 (Gemma's activations can overflow it); q4, the bf16 merge "
@@ -246,9 +254,11 @@ class ExportConfig(StrictModel):
 
 
 class WandbConfig(StrictModel):
-    api_key: SecretStr | None = None
-    project: str = Field("gemma-fine-tuning", min_length=1, max_length=128)
-    log_model: Literal["false", "checkpoint", "end"] = "false"
+    api_key: SecretStr | None = Field(None, description="The W&B key for this job (else WANDB_API_KEY); removed "
+                                      "from the request object once the job is over.")
+    project: str = Field("gemma-fine-tuning", min_length=1, max_length=128, description="The W&B project of the run.")
+    log_model: Literal["false", "checkpoint", "end"] = Field(
+        "false", description="Upload to W&B as artifacts: each checkpoint, or the exported folder at the end.")
 
     @field_validator("log_model", mode="before")
     @classmethod
@@ -261,28 +271,38 @@ class BuiltInParameters(StrictModel):
     answer_tag: str = Field("answer", min_length=1, description="The answer tag built-in graders look for.")
 
 
+JUDGES = "The judges' (score_model, label_model, ruler), which are refused: accepted as the training service sends it."
+GraderType = Literal["string_check", "text_similarity", "built_in", "score_model", "label_model", "ruler", "python"]
+
+
 class Grader(StrictModel):
-    name: str = Field(min_length=1)
-    type: Literal["string_check", "text_similarity", "built_in", "score_model", "label_model", "ruler", "python"]
-    weight: float = 1.0
+    name: str = Field(min_length=1, description="The grader's name: its reward's name in the metrics.")
+    type: GraderType = Field(description="string_check, text_similarity and built_in run here; the judges "
+                             "(score_model, label_model, ruler) and python are refused.")
+    weight: float = Field(1.0, description="The reward's weight in GRPO's weighted sum of the graders.")
     reference_field: str | None = Field(None, description="The dataset column the completion is compared with "
                                         "(built-in accuracy graders: 'answer' when unset).")
-    operation: Literal["eq", "ne", "like", "ilike"] | None = None
+    operation: Literal["eq", "ne", "like", "ilike"] | None = Field(
+        None, description="string_check: equal, not equal, contains, contains ignoring case (reward 1 or 0).")
     evaluation_metric: Literal["fuzzy_match", "bleu", "gleu", "meteor", "cosine", "rouge_1", "rouge_2", "rouge_3",
-                               "rouge_4", "rouge_5", "rouge_l"] | None = None
+                               "rouge_4", "rouge_5", "rouge_l"] | None = Field(
+        None, description="text_similarity: the score in [0, 1] against reference_field; meteor and cosine are "
+        "refused.")
     embedding_model: str | None = Field(None, description="Read only by evaluation_metric 'cosine', which is "
                                         "refused; the training service sends its default with every grader.")
     gemini_api_key: SecretStr | None = Field(None, description="Judges and 'cosine' only, which are refused: "
                                              "null or unset.")
-    function_name: Literal["format_reward", "count_xml", "expression_accuracy", "numerical_accuracy"] | None = None
-    parameters: BuiltInParameters = Field(default_factory=BuiltInParameters)
-    model: str | None = None
-    prompt: str | None = None
-    range: list[float] | None = None
-    labels: list[str] | None = None
-    passing_labels: list[str] | None = None
-    rules: list[str] | None = None
-    source: str | None = None
+    function_name: Literal["format_reward", "count_xml", "expression_accuracy", "numerical_accuracy"] | None = Field(
+        None, description="built_in: which of the built-in graders.")
+    parameters: BuiltInParameters = Field(default_factory=BuiltInParameters, description="built_in: the tags they "
+                                          "read.")
+    model: str | None = Field(None, description=JUDGES)
+    prompt: str | None = Field(None, description=JUDGES)
+    range: list[float] | None = Field(None, description=JUDGES)
+    labels: list[str] | None = Field(None, description=JUDGES)
+    passing_labels: list[str] | None = Field(None, description=JUDGES)
+    rules: list[str] | None = Field(None, description=JUDGES)
+    source: str | None = Field(None, description="python graders' code, which is refused: never run.")
 
     @model_validator(mode="after")
     def _check(self) -> Grader:
@@ -339,17 +359,20 @@ NOT_TRAINABLE = re.compile(r"-assistant$|(diffusion|t5|pali|recurrent|shield|emb
 
 class TrainingConfig(StrictModel):
     base_model_id: str = Field(min_length=1, description="Hub id (google/gemma-3-1b-it) or a local directory.")
-    provider: Literal["huggingface", "unsloth"] = "huggingface"
-    method: Literal["QLoRA", "LoRA", "Full"] = "QLoRA"
-    trainer_type: Literal["sft", "dpo", "grpo", "orpo"] = "sft"
-    modality: Literal["text", "vision"] = "text"
+    provider: Literal["huggingface", "unsloth"] = Field("huggingface", description="huggingface: transformers, PEFT "
+                                                        "and TRL; unsloth: Unsloth's kernels (an NVIDIA GPU).")
+    method: Literal["QLoRA", "LoRA", "Full"] = Field("QLoRA", description="QLoRA: LoRA on a 4-bit base; LoRA: on a "
+                                                    "16-bit base; Full: every weight trained.")
+    trainer_type: Literal["sft", "dpo", "grpo", "orpo"] = Field(
+        "sft", description="sft: supervised; dpo, orpo: preference pairs; grpo: rewards from reward_config.")
+    modality: Literal["text", "vision"] = Field("text", description="vision: image+text rows on an image+text base.")
     peft_method: Literal["lora", "adalora"] = Field("lora", description="The adapter: LoRA (with use_dora / "
                                                     "use_rslora for its variants); 'adalora' is refused, with why.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; off unless asked.")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    eval_config: EvalConfig = Field(default_factory=EvalConfig)
-    export_config: ExportConfig = Field(default_factory=ExportConfig)
-    wandb_config: WandbConfig | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="How it trains.")
+    eval_config: EvalConfig = Field(default_factory=EvalConfig, description="How it is evaluated and judged.")
+    export_config: ExportConfig = Field(default_factory=ExportConfig, description="What is exported, and where.")
+    wandb_config: WandbConfig | None = Field(None, description="The W&B run, where report_to names wandb.")
     report_to: list[Literal["wandb", "tensorboard", "comet_ml", "mlflow"]] | None = Field(
         None, description="Trackers: wandb (with wandb_config, or its defaults), tensorboard (event files "
         "uploaded to the export bucket's tensorboard/{job_id}/), comet_ml and mlflow (where their packages are "
@@ -562,9 +585,12 @@ class TrainingConfig(StrictModel):
 
 class TrainRequest(StrictModel):
     processed_dataset_id: str = Field(pattern=SAFE_ID, description="Folder under processed_datasets/.")
-    job_name: str | None = Field(None, max_length=200)
-    hf_token: SecretStr | None = None
-    training_config: TrainingConfig
+    job_name: str | None = Field(None, max_length=200, description="A name for people: the job document's "
+                                 "job_name, unless the training service set one.")
+    hf_token: SecretStr | None = Field(None, description="The Hugging Face token for this job (else HF_TOKEN): to "
+                                       "read the base and push to hf_repo_id; removed from the request object once "
+                                       "the job is over.")
+    training_config: TrainingConfig = Field(description="What to train and how.")
 
     @model_validator(mode="before")
     @classmethod
