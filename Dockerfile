@@ -54,7 +54,14 @@ ENV PATH=/opt/venv/bin:$PATH HF_HOME=/work/cache/huggingface LOCAL_DIR=/work/loc
 ENV UNSLOTH_COMPILE_DISABLE=1
 RUN useradd --create-home --uid 1000 trainer && mkdir -p /work/cache /work/local && chown -R trainer /work
 WORKDIR /app
+# The named files at the top, and the packages by concern (pyproject.toml lists both)
 COPY --chown=trainer *.py ./
+COPY --chown=trainer runtime ./runtime
+COPY --chown=trainer models ./models
+COPY --chown=trainer exporting ./exporting
+COPY --chown=trainer training ./training
+COPY --chown=trainer job ./job
+COPY --chown=trainer operating ./operating
 COPY --chown=trainer examples ./examples
 # Numeric, so that the runtime can check it is not root without reading /etc/passwd.
 USER 1000:1000

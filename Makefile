@@ -7,11 +7,13 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 
 .PHONY: setup setup-gguf consumer fixtures demo demo-vision test test-fresh validate lint
 
-# Wheels only: nothing here compiles, so a fresh machine is set up in about a minute.
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# Wheels only: nothing here compiles, so a fresh machine is set up in about a minute. The project itself is
+# installed editable (pyproject.toml), which puts `gemma-job` in $(BIN); its dependencies are requirements.txt's.
+$(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 setup: $(BIN)/.installed

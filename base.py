@@ -17,30 +17,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from base_models import check_base_model
-from chat_templates import ensure_chat_template
-from checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
-from curves import curve_png, history_json
-from distributed import DDP, FSDP, first_on_node, strategy_for, trainer_args as strategy_args
-from data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
-from errors import Cancelled, Interrupted, PermanentError
-from evaluation import eval_token_accuracy, reader_metrics
-from generation import answers, cases as generation_cases, compare
-from export import ExportJob, check_installed, export_artifacts
+from models.base_models import check_base_model
+from models.chat_templates import ensure_chat_template
+from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
+from training.curves import curve_png, history_json
+from runtime.distributed import DDP, FSDP, first_on_node, strategy_for, trainer_args as strategy_args
+from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
+from runtime.errors import Cancelled, Interrupted, PermanentError
+from training.evaluation import eval_token_accuracy, reader_metrics
+from training.generation import answers, cases as generation_cases, compare
+from exporting.export import ExportJob, check_installed, export_artifacts
 from job_manager import JobStatus, JobTracker
-from lineage import Parent, fetch_parent
-from libraries import check_attention, import_libraries, trl_classes
-from memory import check_memory
-from progress import progress_callback
-from rewards import build_reward, reference_fields
+from training.lineage import Parent, fetch_parent
+from runtime.libraries import check_attention, import_libraries, trl_classes
+from models.memory import check_memory
+from runtime.progress import progress_callback
+from training.rewards import build_reward, reference_fields
 from schema import TrainRequest
-from settings import Settings
+from runtime.settings import Settings
 from storage import BlobStore, ModelHub
-from tracking import RunLogger, TensorBoardLog, Tolerant
-from verification import pad_id, probe_prompts
-from vision import VisionCollator, encode_vision, fit_vision_prompts, image_stats, image_token_id, \
+from runtime.tracking import RunLogger, TensorBoardLog, Tolerant
+from exporting.verification import pad_id, probe_prompts
+from training.vision import VisionCollator, encode_vision, fit_vision_prompts, image_stats, image_token_id, \
     image_token_ids, load_processor, pixel_values, vision_cases, vision_dataset, vision_probes
-from vision_rows import load_vision_splits
+from training.vision_rows import load_vision_splits
 
 logger = logging.getLogger(__name__)
 
@@ -342,15 +342,15 @@ class BaseTrainingJob:
 
     def base_model_kwargs(self) -> dict[str, Any]:
         """How transformers loads the base model: to train it (Hugging Face) and under an adapter to check it."""
-        from artifacts import nf4_config
+        from models.artifacts import nf4_config
 
         kwargs: dict[str, Any] = {"dtype": self.compute_dtype(), "token": self.token(), "use_safetensors": True,
                                   "trust_remote_code": self.cfg.trust_remote_code}
         if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
-            from base_models import base_config
-            from language_model import KEEP_16BIT
+            from models.base_models import base_config
+            from models.language_model import KEEP_16BIT
 
             model_type = base_config(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code).model_type
             kwargs["quantization_config"] = nf4_config(self.compute_dtype(), self.cfg.vision, self.strategy == FSDP,
@@ -376,7 +376,7 @@ class BaseTrainingJob:
         named = {field: names for field, names in named.items() if isinstance(names, list)}
         if self.cfg.method == "Full" or not (named or hp.lora_target_parameters):
             return
-        from memory import meta_model
+        from models.memory import meta_model
 
         model = meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
         modules = [n for n, _ in model.named_modules() if n and not re.fullmatch(NOT_LANGUAGE, n)]

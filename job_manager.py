@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from errors import Cancelled, PermanentError
+from runtime.errors import Cancelled, PermanentError
 
 logger = logging.getLogger(__name__)
 

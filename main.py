@@ -17,15 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints import Guard
-from distributed import Nodes, NodeFiles, ReadOnlyStore, Topology, processes_per_node, record_error, start
-from errors import Cancelled, PermanentError, RequestError
+from training.checkpoints import Guard
+from runtime.distributed import Nodes, NodeFiles, ReadOnlyStore, Topology, processes_per_node, record_error, start
+from runtime.errors import Cancelled, PermanentError, RequestError
 from job_manager import JobTracker
-from lifecycle import process_age, record_failure, run_attempt, summary
-from logs import setup_logging
+from job.lifecycle import process_age, record_failure, run_attempt, summary
+from runtime.logs import setup_logging
 from schema import TrainRequest
-from settings import Settings, check_job_id, parse_settings
-from services import make_blobs, make_services, open_store
+from runtime.settings import Settings, check_job_id, parse_settings
+from job.services import make_blobs, make_services, open_store
 
 logger = logging.getLogger("main")
 DEFAULT_REQUEST = Path(__file__).parent / "examples" / "local_default.json"
@@ -142,7 +142,7 @@ def launch_workers(request: TrainRequest, env, nodes: Nodes, settings: Settings,
     permanent error on any rank is exit 2, and said in the document if rank 0 did not say it (it was stopped
     by the launcher when another rank failed). Called once the request is valid: counting the GPUs imports
     torch, which a bad request never waits for."""
-    from distributed import WorkersFailed, describe_failure, launch
+    from runtime.distributed import WorkersFailed, describe_failure, launch
 
     nproc = processes_per_node(env)
     if nproc <= 1 and nodes.nnodes <= 1:

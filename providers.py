@@ -12,15 +12,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from artifacts import cast_saved
+from models.artifacts import cast_saved
 from base import NOT_LANGUAGE, BaseTrainingJob
-from errors import PermanentError
+from runtime.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 
 class HuggingFaceTrainingJob(BaseTrainingJob):
     def load_model(self, tokenizer) -> Any:
-        from verification import auto_class
+        from exporting.verification import auto_class
 
         model = auto_class(self.cfg.vision, self.cfg.base_model_id, self.token()).from_pretrained(
             self.cfg.base_model_id, **self.base_model_kwargs())
@@ -48,7 +48,7 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
         """`tokenizer`: an image+text job's processor, which saves its tokenizer too."""
-        from verification import auto_class
+        from exporting.verification import auto_class
 
         dtype = merge_dtype(self.cfg.export_config.merged_dtype)
         if self.cfg.method == "Full":

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from errors import PermanentError
+from runtime.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def in_peft(ref, folder: Path, job):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from verification import check_transformers
+    from exporting.verification import check_transformers
 
     def load(device: str):
         base = AutoModelForCausalLM.from_pretrained(job.cfg.base_model_id, device_map=device,
@@ -51,8 +51,8 @@ def in_peft(ref, folder: Path, job):
 def in_transformers(ref, folder: Path):
     from transformers import AutoModelForCausalLM
 
-    from artifacts import weight_bytes
-    from verification import check_transformers
+    from models.artifacts import weight_bytes
+    from exporting.verification import check_transformers
 
     return check_transformers(ref, lambda device: AutoModelForCausalLM.from_pretrained(str(folder), device_map=device),
                               weight_bytes(folder))
@@ -61,10 +61,10 @@ def in_transformers(ref, folder: Path):
 def main() -> None:
     from transformers import set_seed
 
-    from artifacts import complete_tokenizer_files, library_versions, save_4bit
-    from export import export_gguf
+    from models.artifacts import complete_tokenizer_files, library_versions, save_4bit
+    from exporting.export import export_gguf
     from scripts.testbed import demo_request, local_job, make_tiny_fixtures
-    from verification import (check_gguf, greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts,
+    from exporting.verification import (check_gguf, greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts,
                               stop_ids)
 
     with tempfile.TemporaryDirectory() as tmp:

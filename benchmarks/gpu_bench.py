@@ -234,7 +234,7 @@ def main() -> None:
         args.shapes, args.seq, args.batch = "small", 64, 2
     import torch
 
-    from artifacts import library_versions
+    from models.artifacts import library_versions
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp())

@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    from artifacts import library_versions
+    from models.artifacts import library_versions
     from scripts.testbed import demo_request, local_job, make_tiny_fixtures
 
     work = make_tiny_fixtures(Path(tempfile.mkdtemp()))

@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from data import PARALLEL_ROWS, tokenize
+    from training.data import PARALLEL_ROWS, tokenize
     from scripts.testbed import make_tiny_fixtures
 
     root = make_tiny_fixtures(Path(tempfile.mkdtemp()))

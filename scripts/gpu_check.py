@@ -81,7 +81,7 @@ def unsloth_compile_disable() -> str:
 
 
 def has_gguf() -> bool:
-    from export import converter
+    from exporting.export import converter
 
     try:
         import llama_cpp  # noqa: F401
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--job-timeout", type=float, help="seconds one job may take before it is stopped")
     parser.add_argument("--logs", type=Path, help="a folder for each job's whole output, <job>.log")
     args = parser.parse_args()
-    from artifacts import library_versions
+    from models.artifacts import library_versions
 
     device, gguf = device_name(), has_gguf()
     out = args.out or ROOT / "benchmarks" / "results" / f"gpu-check-{re.sub(r'[^a-z0-9]+', '-', device.lower())}.json"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chat_templates import GEMMA3, GEMMA3_TEXT  # noqa: E402  (the repository root, for this script run alone)
+from models.chat_templates import GEMMA3, GEMMA3_TEXT  # noqa: E402  (the repository root, for this script run alone)
 from scripts.tiny_gemma3n import make_gemma3n_model  # noqa: E402
 from scripts.tiny_gemma4 import make_gemma4_models  # noqa: E402
 

@@ -23,10 +23,10 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     from job_manager import JobTracker
     from providers import PROVIDERS
     from schema import TrainRequest
-    from services import make_blobs, open_store
-    from settings import Settings
+    from job.services import make_blobs, open_store
+    from runtime.settings import Settings
     from storage import LocalModelHub
-    from tracking import NullRunLogger
+    from runtime.tracking import NullRunLogger
 
     import random
 

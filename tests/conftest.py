@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 EXAMPLES = ROOT / "examples"
+# The installed command (pyproject.toml's console script; `make setup` installs the project editable)
+GEMMA_JOB = str(Path(sys.executable).with_name("gemma-job"))
 
 # The longest files, started first so that none is left to run alone at the end (`make test` hands each
 # worker a whole file at a time: pytest-xdist's --dist loadfile, with --no-loadscope-reorder, which keeps

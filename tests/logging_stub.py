@@ -1,5 +1,5 @@
 """A stand-in for the Cloud Logging API (v2, REST), which has no emulator: test code, like the Hub stub.
-It answers `POST /v2/entries:list` with the entries it holds that match the two filter terms cli.py sends
+It answers `POST /v2/entries:list` with the entries it holds that match the two filter terms the CLI sends
 (`labels.job_id="..."` and `timestamp>="..."`), oldest first, as Cloud Logging would, and keeps each request
 for the test to read. Entries are written as Cloud Run writes the job's JSON lines: the message in
 jsonPayload, the severity and the `logging.googleapis.com/labels` moved to the entry."""

@@ -13,7 +13,7 @@ import pytest
 import main
 import providers
 from conftest import env_for, put_request, read_doc, sample_request
-from errors import PermanentError
+from runtime.errors import PermanentError
 
 USER_ASSISTANT = [{"role": "user", "content": "What does a cow say?"}, {"role": "assistant", "content": "Moo."}]
 
@@ -205,8 +205,7 @@ def test_gguf_on_a_cpu_the_llama_cpp_build_cannot_run_on(flags, missing, tmp_pat
     import platform
     import types
 
-    import export
-
+    from exporting import export
     monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
     monkeypatch.setattr(export, "converter", lambda: tmp_path / "convert_hf_to_gguf.py")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")

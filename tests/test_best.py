@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-import checkpoints
+from training import checkpoints
 import main
 from conftest import env_for, put_request, read_doc, sample_request
-from errors import RequestError
-from request import parse_request
+from runtime.errors import RequestError
+from runtime.request import parse_request
 from storage import LocalBlobStore
 
 EXPORT = "gemma-export-bucket"

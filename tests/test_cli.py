@@ -1,5 +1,5 @@
-"""cli.py (issue 20, first part): submit --local queues and runs a job as the training service would start
-it, and without --local starts the Cloud Run job (against a stand-in for its Admin API); status reads the
+"""gemma-job, the command line (operating/cli.py; issue 20, first part): submit --local queues and runs a job as
+the training service would start it, and without --local starts the Cloud Run job (against a stand-in for its Admin API); status reads the
 document back; cancel asks a job to stop, or cancels an execution that has not started; bad input exits 2 and
 queues nothing."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-import cli
-from conftest import env_for, read_doc, sample_request
+from operating import cli
+from conftest import GEMMA_JOB, env_for, read_doc, sample_request
 
 
 def request_file(tmp_path, req) -> str:
@@ -23,7 +23,7 @@ def test_submit_local_runs_the_job_and_status_reads_it(local_dir, tiny_root, tmp
     env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
     assert cli.main(["submit", request_file(tmp_path, req), "--local", "--job-id", "cli-1"], env) == 0
     out = capfd.readouterr().out
-    assert out.startswith("job cli-1 queued; follow it with `python cli.py status cli-1`")
+    assert out.startswith("job cli-1 queued; follow it with `gemma-job status cli-1`")
     doc = read_doc(local_dir, "cli-1")
     assert doc["status"] == "completed" and doc["job_name"] == req["job_name"]
     assert (local_dir / "gemma-train-config" / "cli-1.json").is_file()
@@ -132,7 +132,7 @@ def test_watch_follows_a_running_job_to_its_end(local_dir, tiny_root, tmp_path, 
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
-    terminal = subprocess.Popen([sys.executable, "cli.py", "watch", "watched", "--interval", "0.2", "--timeout", "300"],
+    terminal = subprocess.Popen([GEMMA_JOB, "watch", "watched", "--interval", "0.2", "--timeout", "300"],
                                 cwd=ROOT, env={**os.environ, **env}, stdin=slave, stdout=slave,
                                 stderr=slave)
     os.close(slave)

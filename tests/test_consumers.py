@@ -113,7 +113,7 @@ def test_adapter_folder_holds_only_what_consumers_load(job_id, exported):
     folder = exported[job_id]
     assert not [p.name for p in folder.iterdir() if p.is_dir()]  # no ref/ (TRL's reference copy) or other
     config = json.loads((folder / "adapter_config.json").read_text())
-    from artifacts import PEFT_014_KEYS
+    from models.artifacts import PEFT_014_KEYS
 
     assert set(config) <= PEFT_014_KEYS and config["r"] == 16 and config["peft_type"] == "LORA"
     from safetensors import safe_open

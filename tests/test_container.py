@@ -85,3 +85,16 @@ def test_the_gpu_check_runs_unsloth_as_the_image_does():
     spec.loader.exec_module(gpu_check)
     assert re.search(r"^ENV UNSLOTH_COMPILE_DISABLE=1$", DOCKERFILE, re.M)
     assert gpu_check.image_env("UNSLOTH_COMPILE_DISABLE") == "1"
+
+
+def test_the_image_copies_every_module_the_project_declares():
+    """pyproject.toml's modules and packages (the installable project) are what the image copies: a package added
+    to one and not the other fails here, not at the job's first import on Cloud Run."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "COPY --chown=trainer *.py ./" in DOCKERFILE
+    assert sorted(project["py-modules"]) == sorted(p.stem for p in ROOT.glob("*.py"))
+    copied = re.findall(r"^COPY --chown=trainer (\w+) \./(\w+)$", DOCKERFILE, re.M)
+    assert sorted(src for src, dst in copied if src == dst and src != "examples") == sorted(project["packages"])
+    assert sorted(project["packages"]) == sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from data import DatasetError, check_rows, row_form, split_uris, to_conversation, tokenize
+from training.data import DatasetError, check_rows, row_form, split_uris, to_conversation, tokenize
 
 
 @pytest.fixture(scope="module")

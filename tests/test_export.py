@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import main
-from libraries import cpu_threads
+from runtime.libraries import cpu_threads
 from reader import export_job_problems
 from conftest import env_for, make_job, put_request, read_doc, sample_request
 
@@ -45,8 +45,8 @@ def trained(tiny_root, tmp_path_factory):
     """The demo's LoRA run, trained once, its reference continuations and its bf16 merge."""
     from transformers import set_seed
 
-    from artifacts import complete_tokenizer_files
-    from verification import greedy_reference, pad_id, probe_prompts, stop_ids
+    from models.artifacts import complete_tokenizer_files
+    from exporting.verification import greedy_reference, pad_id, probe_prompts, stop_ids
 
     root = tmp_path_factory.mktemp("export")
     shutil.copytree(tiny_root / "gemma-dataset-bucket", root / "gemma-dataset-bucket")
@@ -71,7 +71,7 @@ def test_batched_reference_is_the_unbatched_one_token_for_token(trained, tiny_ro
     import torch
     from transformers import AutoModelForCausalLM
 
-    from verification import greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts, stop_ids
+    from exporting.verification import greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts, stop_ids
 
     tok, model = trained["prep"].tokenizer, trained["trainer"].model
     prompts = probe_prompts(trained["prep"])
@@ -90,7 +90,7 @@ def test_batched_reference_is_the_unbatched_one_token_for_token(trained, tiny_ro
 
 
 def test_a_generate_that_fails_gives_the_unbatched_reference_and_a_warning(trained, monkeypatch, caplog):
-    from verification import greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts, stop_ids
+    from exporting.verification import greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts, stop_ids
 
     tok, model = trained["prep"].tokenizer, trained["trainer"].model
     monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(RuntimeError("patched generate")))
@@ -123,7 +123,7 @@ def test_the_merge_reloads_the_base_as_training_loaded_it(trained, trust, tmp_pa
 def test_qlora_trains_on_the_same_4bit_form_the_q4_merge_is_saved_in(trained, monkeypatch):
     import torch
 
-    from artifacts import nf4_config
+    from models.artifacts import nf4_config
 
     job = trained["job"]
     monkeypatch.setattr(job, "cfg", job.cfg.model_copy(update={"method": "QLoRA"}))
@@ -135,7 +135,7 @@ def test_qlora_trains_on_the_same_4bit_form_the_q4_merge_is_saved_in(trained, mo
 
 @pytest.fixture(scope="module")
 def gguf_f16(trained):
-    from export import export_gguf
+    from exporting.export import export_gguf
 
     return export_gguf(trained["merged"], trained["root"] / "gguf-f16", "f16")
 
@@ -146,8 +146,8 @@ def load(path, n_ctx=256):
 
 @pytest.mark.parametrize("quant", list(EXPECTED))
 def test_each_gguf_quantization_agrees_with_the_trained_model(trained, quant):
-    from export import export_gguf
-    from verification import check_gguf
+    from exporting.export import export_gguf
+    from exporting.verification import check_gguf
 
     t = time.perf_counter()
     path = export_gguf(trained["merged"], trained["root"] / f"gguf-{quant}", quant)
@@ -165,15 +165,14 @@ def test_each_gguf_quantization_agrees_with_the_trained_model(trained, quant):
 
 def test_a_merge_not_exported_is_gone_before_the_k_quant_is_made(trained, monkeypatch):
     """On a disk that is memory, the k-quant never sits beside both the merge and its f16 conversion."""
-    import export
-
+    from exporting import export
     merged = trained["root"] / "merged-copy"
     shutil.copytree(trained["merged"], merged)
     seen, real = [], export.quantize
     monkeypatch.setattr(export, "quantize", lambda src, dst, q: (seen.append(merged.exists()), real(src, dst, q))[1])
     path = export.export_gguf(merged, trained["root"] / "gguf-drop", "q4_k_m", drop_merged=True)
     assert seen == [False] and path.is_file() and not (path.parent.parent / "model-f16.tmp.gguf").exists()
-    from verification import check_gguf
+    from exporting.verification import check_gguf
 
     assert check_gguf(trained["ref"], path).share >= EXPECTED["q4_k_m"]
 
@@ -181,7 +180,7 @@ def test_a_merge_not_exported_is_gone_before_the_k_quant_is_made(trained, monkey
 def test_drop_cached_deletes_that_hub_models_files_only(tmp_path):
     """On Cloud Run the base's cached files are deleted once merged: the real huggingface_hub cache API
     on a cache laid out as it lays it out."""
-    from export import drop_cached
+    from exporting.export import drop_cached
 
     def cached(repo: str, commit: str):
         folder = tmp_path / f"models--{repo.replace('/', '--')}"
@@ -217,7 +216,7 @@ def test_special_tokens_are_control_tokens_and_tokenize_as_in_transformers(train
 
 
 def test_greedy_chat_in_llama_cpp_matches_the_trained_model_and_stops_at_end_of_turn(trained, gguf_f16):
-    from verification import probe_prompts
+    from exporting.verification import probe_prompts
 
     tok, ref = trained["prep"].tokenizer, trained["ref"]
     llm = load(gguf_f16)
@@ -240,7 +239,7 @@ def test_greedy_chat_in_llama_cpp_matches_the_trained_model_and_stops_at_end_of_
 def test_gguf_goes_to_the_files_bucket_and_only_there():
     """GCS_EXPORT_FILES_BUCKET_NAME (the platform's public files bucket, which the web UI downloads from)
     takes the GGUF; unset, the GGUF goes to the export bucket as before. Folders stay in the export bucket."""
-    from settings import Settings
+    from runtime.settings import Settings
 
     plain, platform = Settings(job_id="j"), Settings(job_id="j", export_files_bucket="gemma-facet-files")
     assert plain.bucket_for("gguf") == plain.bucket_for("merged") == plain.export_bucket
@@ -297,7 +296,7 @@ def check_modelfile(modelfile: Path, gguf: Path, tokenizer_dir: Path) -> None:
     not on this machine: the TEMPLATE's Go syntax is not parsed here."""
     from transformers import AutoTokenizer
 
-    from cards import SAMPLES, gguf_chat, read_turns
+    from exporting.cards import SAMPLES, gguf_chat, read_turns
 
     lines = modelfile.read_text().splitlines()
     assert lines[1] == f"FROM ./{gguf.name}"
@@ -330,8 +329,7 @@ def test_gemma3_image_text_architecture_trains_its_language_model_only(local_dir
     req["training_config"]["hyperparameters"]["epochs"] = 8
     req["training_config"]["export_config"] = {"format": "adapter", "include_gguf": True, "gguf_quantization": "q8_0"}
     put_request(local_dir, "mm", req)
-    import export
-
+    from exporting import export
     checkpoints_left, publish = [], export.publish
 
     def spy(job, folder, artifact):  # the local checkpoints are gone before anything is uploaded
@@ -358,7 +356,7 @@ def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     import bitsandbytes as bnb
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memory import count_params, nf4_bytes
+    from models.memory import count_params, nf4_bytes
 
     req = trained_request(tiny_root, format="merged", merged_dtype="q4", include_gguf=True,
                           gguf_quantization="q4_k_m", destination="hfhub", hf_repo_id="me/tiny-animals")
@@ -421,8 +419,8 @@ def test_an_artifact_that_disagrees_fails_the_job_and_nothing_is_uploaded(local_
 def test_agreement_counts_decided_positions_and_keeps_near_ties_apart():
     """A near tie (the trained model's top two logits closer than NEAR_TIE) that flips never fails a job; a
     decided position that differs does."""
-    import errors
-    from verification import NEAR_TIE, Reference, agreement, record
+    from runtime import errors
+    from exporting.verification import NEAR_TIE, Reference, agreement, record
 
     tie = NEAR_TIE / 2
     ref = Reference([[1, 2, 3, 4, 5, 6]], [2], margins=[[9.0, 9.0, tie, 9.0, 9.0, 0.0]])

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-import export
+from exporting import export
 import main
-from checkpoints import CheckpointStore, Guard
+from training.checkpoints import CheckpointStore, Guard
 from conftest import env_for, make_job, put_request, read_doc, sample_request
-from errors import Cancelled, Interrupted
+from runtime.errors import Cancelled, Interrupted
 from job_manager import LocalJobStore
 from storage import LocalBlobStore
 

@@ -217,7 +217,7 @@ def test_checkpoints_round_trip_through_gcs_with_concurrent_transfers(gcp, tmp_p
     nested ones included, back byte for byte; a checkpoint that lost a file after its marker is passed over."""
     import os
 
-    from checkpoints import MARKER, CheckpointStore
+    from training.checkpoints import MARKER, CheckpointStore
     from storage import GcsBlobStore
 
     store = CheckpointStore(GcsBlobStore(project=gcp.env["PROJECT_ID"], workers=4),
@@ -245,7 +245,7 @@ def test_a_checkpoint_is_complete_by_its_manifest_not_by_its_file_names(gcp, tmp
     import json
     import os
 
-    from checkpoints import MARKER, CheckpointStore
+    from training.checkpoints import MARKER, CheckpointStore
     from storage import GcsBlobStore
 
     store = CheckpointStore(GcsBlobStore(project=gcp.env["PROJECT_ID"]), f"gs://{gcp.export_bucket}/checkpoints/mf/",
@@ -274,7 +274,7 @@ def test_a_checkpoint_is_complete_by_its_manifest_not_by_its_file_names(gcp, tmp
 def test_a_job_continues_another_jobs_adapter_through_gcs(gcp, tiny_root, tmp_path):
     """init_from_job_id on the cloud backend: the parent's adapter found and downloaded through the real
     client (list, then the transfer manager), the lineage in the document and the manifest."""
-    from artifacts import sha256
+    from models.artifacts import sha256
 
     gcp.put_dataset(tiny_root)
     req = sample_request(tiny_root)

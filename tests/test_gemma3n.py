@@ -69,8 +69,8 @@ def test_the_merge_is_the_whole_checkpoint_with_the_trained_language_model(train
 
 
 def test_a_4_bit_merge_of_gemma_3n_is_refused_before_training(tiny_root):
-    from base_models import check_base_model
-    from errors import PermanentError
+    from models.base_models import check_base_model
+    from runtime.errors import PermanentError
 
     with pytest.raises(PermanentError, match="export_config.merged_dtype: 'q4' .*Gemma 3n.*needs timm"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma3n"), None, False, False, merged_q4=True)

@@ -44,7 +44,7 @@ def answer_tokens(tokenizer, rows) -> int:
 def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_root):
     """Each family's own template (Gemma 3's, which Gemma 3n shares; Gemma 4's E2B-style and 31B-style): every
     answer token and its end-of-turn marker trained, nothing else, no row dropped."""
-    from data import load_tokenizer, tokenize
+    from training.data import load_tokenizer, tokenize
 
     if model == "llama.cpp 31B":
         if not SHIPPED_31B.is_file():
@@ -70,7 +70,7 @@ def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_r
 def test_a_template_that_renders_an_earlier_answer_otherwise_is_found_or_refused(tiny_root):
     """Where a turn renders differently once later turns follow, its answer is looked for in the whole rendering;
     where it is not there either, the row is refused with what to do, never trained on the wrong tokens."""
-    from data import DatasetError, encode, load_tokenizer
+    from training.data import DatasetError, encode, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
     turns = [{"role": "user", "content": "What does the cow say?"}, {"role": "assistant", "content": "moo"},
@@ -94,7 +94,7 @@ def test_a_template_that_renders_an_earlier_answer_otherwise_is_found_or_refused
 def test_the_fixtures_thought_template_renders_as_the_31b_ships_it(tiny_root):
     if not SHIPPED_31B.is_file():
         pytest.skip("llama.cpp's copy of the 31B template comes with make setup-gguf")
-    from data import load_tokenizer
+    from training.data import load_tokenizer
 
     ours = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
     shipped = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
@@ -106,7 +106,7 @@ def test_the_fixtures_thought_template_renders_as_the_31b_ships_it(tiny_root):
 
 
 def test_rows_with_nothing_to_train_beyond_a_small_share_are_refused(tiny_root):
-    from data import DatasetError, MAX_DROPPED_SHARE, check_dropped, load_tokenizer, tokenize
+    from training.data import DatasetError, MAX_DROPPED_SHARE, check_dropped, load_tokenizer, tokenize
 
     tokenizer = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
     rows = demo_rows()
@@ -144,7 +144,7 @@ def trained(request, tiny_root, tmp_path_factory):
 
 
 def test_each_architecture_trains_every_answer_and_learns(trained):
-    from data import check_rows, row_form
+    from training.data import check_rows, row_form
 
     doc, prep = trained["doc"], trained["prep"]
     import pyarrow.parquet as pq
@@ -198,8 +198,8 @@ def test_their_hub_names_are_refused_at_validation(name):
 
 
 def test_gemma_4_images_are_refused_with_exit_2_naming_why(tiny_root):
-    from base_models import check_base_model
-    from errors import PermanentError
+    from models.base_models import check_base_model
+    from runtime.errors import PermanentError
 
     with pytest.raises(PermanentError, match=r"training_config.modality: 'vision' with .*Gemma 4.*modality 'text'"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, True)
@@ -214,8 +214,8 @@ def test_qlora_memory_counts_what_bitsandbytes_leaves_in_16_bits(model, tiny_roo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from artifacts import nf4_config
-    from memory import meta_model, sixteen_bit_params
+    from models.artifacts import nf4_config
+    from models.memory import meta_model, sixteen_bit_params
 
     path = str(tiny_root / "models" / model)
     counted = sixteen_bit_params(meta_model(path, None, False))

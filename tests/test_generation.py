@@ -10,10 +10,10 @@ import pytest
 
 import main
 from conftest import env_for, make_job, put_request, read_doc, sample_request
-from errors import RequestError
-from generation import Cases, answers, compare, exact_match
-from request import parse_request
-from rewards import similarity
+from runtime.errors import RequestError
+from training.generation import Cases, answers, compare, exact_match
+from runtime.request import parse_request
+from training.rewards import similarity
 from schema import TrainRequest
 
 EXPORT = "gemma-export-bucket"
@@ -163,7 +163,7 @@ def test_a_model_the_improvement_gate_holds_back_never_reaches_the_hub(local_dir
 def test_preference_rows_compare_with_the_chosen_answer_and_grpo_with_its_graders(tiny_root):
     from transformers import AutoTokenizer
 
-    from generation import cases as find_cases, scores
+    from training.generation import cases as find_cases, scores
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))
     prompt = [{"role": "user", "content": "What does the cat say?"}]
@@ -190,7 +190,7 @@ def test_preference_rows_compare_with_the_chosen_answer_and_grpo_with_its_grader
 def test_a_preference_curve_draws_the_margin_under_the_losses(tmp_path):
     from PIL import Image
 
-    from curves import curve_png
+    from training.curves import curve_png
 
     history = [{"step": s, "loss": 1 / s, "rewards/margins": 0.1 * s} for s in range(1, 11)] + \
         [{"step": 10, "eval_loss": 0.2, "eval_rewards/margins": 0.8}]

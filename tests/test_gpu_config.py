@@ -12,8 +12,8 @@ import torch
 
 from base import Prepared
 from conftest import make_job, sample_request
-from errors import PermanentError
-from libraries import check_attention, trl_classes
+from runtime.errors import PermanentError
+from runtime.libraries import check_attention, trl_classes
 from scripts.testbed import local_job
 
 GB = 10**9
@@ -126,7 +126,7 @@ def test_the_base_stays_in_the_l4s_16_bits_under_lora_as_the_memory_model_counts
     loader leaves unquantized (embeddings, norms; Gemma 4's experts and per-layer table) stays in bf16, as
     memory.py counts it, and only the adapter is fp32. PEFT's prepare_model_for_kbit_training casts them all to
     fp32, twice the memory the pre-flight allowed for (Gemma 3 4B's embeddings alone: 1.3 GB more)."""
-    from memory import sixteen_bit_params
+    from models.memory import sixteen_bit_params
 
     job = make_job(local_dir, request_for(tiny_root, "huggingface", method, "sft"), f"dtype-{method}")
     monkeypatch.setattr(type(job), "compute_dtype", lambda self: torch.bfloat16)

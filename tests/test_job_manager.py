@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from errors import Cancelled, PermanentError
+from runtime.errors import Cancelled, PermanentError
 from job_manager import JobStatus, JobTracker, LocalJobStore
 
 READER_STATUSES = {"queued", "preparing", "training", "completed", "failed"}
@@ -68,7 +68,7 @@ def test_progress_is_throttled_and_has_eta(tmp_path):
 def test_progress_reaches_the_log_every_30_s(tmp_path, caplog):
     from types import SimpleNamespace
 
-    from progress import progress_callback
+    from runtime.progress import progress_callback
 
     clock = FakeClock()
     tracker = JobTracker(LocalJobStore(tmp_path), "j", clock=clock)

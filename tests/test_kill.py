@@ -75,7 +75,7 @@ def test_kill_9_against_the_emulators_then_rerun(gcp, tiny_root):
     that was complete by its manifest when the last was killed, and the job completes with every step."""
     from google.cloud import storage as gcs
 
-    from checkpoints import CheckpointStore
+    from training.checkpoints import CheckpointStore
     from storage import GcsBlobStore
 
     gcp.put_dataset(tiny_root)

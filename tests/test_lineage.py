@@ -10,10 +10,10 @@ import shutil
 import pytest
 
 import main
-from artifacts import sha256
+from models.artifacts import sha256
 from conftest import env_for, make_job, put_request, read_doc, sample_request
-from errors import RequestError
-from request import parse_request
+from runtime.errors import RequestError
+from runtime.request import parse_request
 
 EXPORT = "gemma-export-bucket"
 
@@ -131,7 +131,7 @@ def test_continuation_fields_accepted_and_refused():
 def test_the_hub_client_downloads_an_adapter_and_names_what_is_missing(parent, tmp_path):
     """HfModelHub.download_adapter through huggingface_hub against the Hub stub: the files arrive whole, with
     the token; a repo without the files, or none at all, is a permanent error naming the field."""
-    from errors import PermanentError
+    from runtime.errors import PermanentError
     from hub_stub import HubStub
     from storage import HfModelHub
 

@@ -14,9 +14,9 @@ import pytest
 
 import base
 import main
-import tracking
+from runtime import tracking
 from conftest import ROOT, env_for, put_request, read_doc, sample_request
-from logs import JsonFormatter, RedactingFilter
+from runtime.logs import JsonFormatter, RedactingFilter
 
 HF_SECRET = "hf_FAKEsecretVALUE1234567890abcdefghij"
 ORIGINAL_START = tracking.WandbRunLogger.start
@@ -49,7 +49,7 @@ def test_on_cloud_run_progress_bars_are_off_in_the_libraries_already_imported(mo
     import huggingface_hub.utils as hub
     import transformers.utils.logging as hf_logging
 
-    from logs import setup_logging
+    from runtime.logs import setup_logging
 
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         monkeypatch.delenv(name, raising=False)

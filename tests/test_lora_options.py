@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import make_job, sample_request
-from errors import RequestError
-from request import parse_request
+from runtime.errors import RequestError
+from runtime.request import parse_request
 
 
 def train(local_dir, tiny_root, job_id, export=None, **hp):
@@ -122,7 +122,7 @@ def test_8bit_loads_linear8bitlt_layers_trains_and_exports_a_verified_adapter(lo
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
-    from memory import count_params, estimate_bytes, int8_bytes
+    from models.memory import count_params, estimate_bytes, int8_bytes
 
     job, prep, trainer, before = train(local_dir, tiny_root, "int8", {"format": "merged"}, load_in_8bit=True)
     layers = [m for n, m in trainer.model.named_modules() if n.endswith("mlp.down_proj.base_layer")]
@@ -142,7 +142,7 @@ def test_8bit_loads_linear8bitlt_layers_trains_and_exports_a_verified_adapter(lo
 
 
 def test_neftune_reaches_trl_and_the_trainer(local_dir, tiny_root):
-    from libraries import trl_classes
+    from runtime.libraries import trl_classes
 
     req = sample_request(tiny_root)
     req["training_config"]["hyperparameters"]["neftune_noise_alpha"] = 5.0
@@ -255,7 +255,7 @@ def test_modules_to_save_refused_at_preflight_naming_the_field(saved, export, me
 def test_modules_to_save_are_in_the_memory_estimate(tiny_root):
     from transformers import AutoConfig
 
-    from memory import count_params, empty_model, estimate_bytes, saved_params
+    from models.memory import count_params, empty_model, estimate_bytes, saved_params
 
     config = AutoConfig.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))
     model = empty_model(config)
@@ -275,7 +275,7 @@ def test_no_trainer_of_the_pinned_versions_calls_adalora_s_allocator():
     import transformers.trainer
     import trl
 
-    from libraries import trl_classes
+    from runtime.libraries import trl_classes
 
     sources = [inspect.getsource(transformers.trainer)] + [inspect.getsource(inspect.getmodule(trl_classes(kind)[1]))
                                                            for kind in ("sft", "dpo", "orpo", "grpo")]

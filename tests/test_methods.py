@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import make_job, sample_request
-from data import load_tokenizer
+from training.data import load_tokenizer
 
 
 def train_and_export(local_dir, tiny_root, method, job_id):
@@ -64,7 +64,7 @@ def test_full_fine_tuning_updates_every_weight_and_exports_model(local_dir, tiny
 def test_memory_estimate_matches_gemma_sizes_and_refuses_what_cannot_fit(local_dir, tiny_root):
     from transformers import Gemma3TextConfig
 
-    from memory import GIB, count_params, estimate_bytes, fit_message
+    from models.memory import GIB, count_params, estimate_bytes, fit_message
 
     gemma_1b = Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
                                 num_attention_heads=4, num_key_value_heads=1, head_dim=256)
@@ -77,7 +77,7 @@ def test_memory_estimate_matches_gemma_sizes_and_refuses_what_cannot_fit(local_d
     assert too_big.startswith("training_config.method: Full on g needs about") and "use method 'LoRA'" in too_big
     assert estimate_bytes(total, emb, "QLoRA", 2, 1024, gemma_1b)["total"] < estimate_bytes(
         total, emb, "LoRA", 2, 1024, gemma_1b)["total"]
-    from memory import table
+    from models.memory import table
 
     # the README's table: the published sizes, 4B and 12B with their vision towers
     sizes = {row["model"]: round(row["params_b"], 1) for row in table()}
@@ -88,8 +88,8 @@ def test_container_memory_estimate_where_the_disk_is_memory():
     """Cloud Run (32 GiB): the base's cached files, the merge and the GGUF are memory too."""
     import pytest
 
-    from errors import PermanentError
-    from memory import GIB, PROCESS, check_host, host_bytes
+    from runtime.errors import PermanentError
+    from models.memory import GIB, PROCESS, check_host, host_bytes
     from schema import TrainRequest
 
     def cfg(method="QLoRA", **export):

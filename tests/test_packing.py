@@ -50,7 +50,7 @@ def test_packed_rows_have_their_own_loss(local_dir, tiny_root, option):
 
 
 def test_use_fa2_is_refused_on_a_cpu(local_dir, tiny_root):
-    from errors import PermanentError
+    from runtime.errors import PermanentError
 
     job = make_job(local_dir, sample_request(tiny_root, hyperparameters={"use_fa2": True, "max_length": 128}))
     with pytest.raises(PermanentError, match=r"use_fa2: FlashAttention 2 needs an NVIDIA GPU"):

@@ -11,12 +11,12 @@ import pytest
 
 from base import Prepared
 from conftest import put_request, read_doc
-from errors import RequestError
+from runtime.errors import RequestError
 from scripts.testbed import local_job
 from platform_requests import facet_flat, facet_request, grader, predecessor_flat, predecessor_grouped
-from request import parse_request
+from runtime.request import parse_request
 from schema import RL_DEFAULTS, TRL_DEFAULTS
-from libraries import trl_classes
+from runtime.libraries import trl_classes
 
 LENGTHS = [128, 256, 512, 1024, 4096]
 GRADERS = [grader("built_in", name="format", function_name="format_reward"),
@@ -261,7 +261,7 @@ def test_a_pretrained_base_without_a_chat_template_trains_in_gemma_3s_turn_forma
     import shutil
 
     import main
-    from chat_templates import GEMMA3, GEMMA3_TEXT
+    from models.chat_templates import GEMMA3, GEMMA3_TEXT
 
     vision = modality == "vision"
     model = "tiny-gemma3-mm" if vision else "tiny-gemma3"
@@ -312,8 +312,8 @@ def test_conversations_for_a_base_with_no_template_and_no_turn_tokens_are_refuse
     and says so (exit 2, naming base_model_id); the same tokenizer still takes plain-text rows."""
     from types import SimpleNamespace
 
-    from chat_templates import ensure_chat_template
-    from data import DatasetError, fit_prompts, load_tokenizer, tokenize
+    from models.chat_templates import ensure_chat_template
+    from training.data import DatasetError, fit_prompts, load_tokenizer, tokenize
 
     tok = load_tokenizer(str(tiny_root / "models" / "tiny-gemma3"), None, False)
     tok.chat_template = None

@@ -15,9 +15,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from checkpoints import MARKER, CheckpointStore, Guard
+from training.checkpoints import MARKER, CheckpointStore, Guard
 from conftest import ROOT, env_for, put_request, read_doc, sample_request
-from errors import Interrupted
+from runtime.errors import Interrupted
 from job_manager import LocalJobStore
 from main import main
 from reader import problems
@@ -101,7 +101,7 @@ def test_checkpoint_uploads_run_beside_training_one_at_a_time(tmp_path):
 
     from transformers import TrainerControl, TrainerState
 
-    from checkpoints import checkpoint_callback
+    from training.checkpoints import checkpoint_callback
 
     events, release = [], threading.Event()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rewards import (arithmetic, build_reward, completion_text, count_xml_score, expression_score, extract_answer,
+from training.rewards import (arithmetic, build_reward, completion_text, count_xml_score, expression_score, extract_answer,
                      first_number, format_score, numerical_score, reference_fields, similarity, string_check)
 from schema import Grader
 

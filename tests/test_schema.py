@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import EXAMPLES, ROOT
-from errors import RequestError
-from request import parse_request
+from runtime.errors import RequestError
+from runtime.request import parse_request
 from schema import TrainRequest
 
 
@@ -202,7 +202,7 @@ def test_schema_flag_prints_json_schema():
 
 
 def test_the_request_s_secrets_win_over_the_environment_s_decided_in_one_place():
-    from settings import Settings
+    from runtime.settings import Settings
 
     def req(tc=None, **top):
         return TrainRequest.model_validate({"processed_dataset_id": "d", **top, "training_config": {

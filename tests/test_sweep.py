@@ -1,4 +1,4 @@
-"""cli.py sweep (issue 20): Optuna's ask and tell over ordinary jobs, run here (--local) or as Cloud Run
+"""gemma-job sweep (issue 20): Optuna's ask and tell over ordinary jobs, run here (--local) or as Cloud Run
 executions (against the stand-in for its Admin API, which runs each execution's container command on the
 Firestore and GCS emulators); the study in a journal beside the exports, resumed after the command is killed
 without rerunning a finished trial; a space the job would refuse is refused before any trial runs."""
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from conftest import ROOT, env_for, read_doc, sample_request
+from operating import cli
+from conftest import GEMMA_JOB, ROOT, env_for, read_doc, sample_request
 
 SPACE = "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nlora_rank: {choices: [4, 8]}\n"
 
@@ -44,7 +44,7 @@ def test_local_sweep_of_six_trials_killed_midway_resumes_without_rerunning_finis
     req = write(tmp_path, "req.json", json.dumps(short_request(tiny_root, max_steps=10)))
     space = write(tmp_path, "s.yaml", SPACE)
     first = subprocess.Popen(
-        [sys.executable, "cli.py", "sweep", req, "--space", space, "--trials", "6", "--parallel", "2", "--local",
+        [GEMMA_JOB, "sweep", req, "--space", space, "--trials", "6", "--parallel", "2", "--local",
          "--seed", "0", "--interval", "0.3", "--sweep-id", "sw"], cwd=ROOT, env={**os.environ, **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
@@ -63,7 +63,7 @@ def test_local_sweep_of_six_trials_killed_midway_resumes_without_rerunning_finis
     interrupted = {k: d for k, d in trial_docs(local_dir, "sw").items() if k not in finished}
     assert interrupted and all(d["status"] != "completed" for d in interrupted.values())
 
-    resumed = subprocess.run([sys.executable, "cli.py", "sweep", "--resume", "sw", "--interval", "0.3",
+    resumed = subprocess.run([GEMMA_JOB, "sweep", "--resume", "sw", "--interval", "0.3",
                               "--best-out", str(tmp_path / "best.json")], cwd=ROOT, env={**os.environ, **env},
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -120,7 +120,7 @@ def test_the_pruner_cancels_a_trial_that_trails_and_it_is_told_as_pruned(local_d
     from optuna.trial import TrialState
 
     from job_manager import LocalJobStore
-    from sweep import Sweep, SweepSpec
+    from operating.sweep import Sweep, SweepSpec
 
     env = {k: v for k, v in env_for(local_dir, "unused").items() if k != "JOB_ID"}
     spec = SweepSpec(sweep_id="pr", request=short_request(tiny_root), space={"lora_dropout": {"low": 0.0, "high": 0.1}},
@@ -132,7 +132,7 @@ def test_the_pruner_cancels_a_trial_that_trails_and_it_is_told_as_pruned(local_d
         trial = sweep.study.ask(sweep.dists)
         trial.report(loss, 4)
         sweep.study.tell(trial, loss)
-    from sweep import Running
+    from operating.sweep import Running
 
     trial = sweep.study.ask(sweep.dists)
     run = Running(2, sweep.job_id(2), trial)
@@ -154,7 +154,7 @@ def test_the_journal_in_a_gcs_bucket_keeps_both_writers_records(gcp):
     import optuna
 
     from storage import GcsBlobStore
-    from sweep import BlobJournal
+    from operating.sweep import BlobJournal
 
     prefix = f"gs://{gcp.export_bucket}/sweeps/two/journal/"
     one, two = BlobJournal(GcsBlobStore(), prefix), BlobJournal(GcsBlobStore(), prefix)
@@ -221,8 +221,8 @@ def test_a_trial_of_a_platform_request_trains_with_the_trials_values(form, tiny_
     space is checked against it, and each trial's values are what the job reads, also in the flat forms,
     where training_config's own learning_rate would otherwise win over a merged `hyperparameters` group."""
     import platform_requests
-    from request import parse_request
-    from sweep import check_space, distributions, trial_request
+    from runtime.request import parse_request
+    from operating.sweep import check_space, distributions, trial_request
 
     base = str(tiny_root / "models" / "tiny-gemma3")
     build = {"facet": platform_requests.facet_request, "facet_flat": platform_requests.facet_flat,

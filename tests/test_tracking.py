@@ -173,9 +173,9 @@ def test_a_tracker_this_image_lacks_is_refused_with_the_install_line(tracker, lo
 
 
 def test_report_to_wandb_without_wandb_config_uses_its_defaults(local_dir, tiny_root):
-    from request import parse_request
+    from runtime.request import parse_request
     from scripts.testbed import local_job
-    from services import make_services
+    from job.services import make_services
 
     req = sample_request(tiny_root, report_to=["wandb"])
     parsed = parse_request(json.dumps(req))
@@ -192,8 +192,8 @@ def test_report_to_wandb_without_wandb_config_uses_its_defaults(local_dir, tiny_
     ({"report_to": ["neptune"]}, "report_to.0: Input should be 'wandb', 'tensorboard', 'comet_ml' or 'mlflow'"),
 ])
 def test_report_to_refused_naming_the_field(tc, message):
-    from errors import RequestError
-    from request import parse_request
+    from runtime.errors import RequestError
+    from runtime.request import parse_request
 
     with pytest.raises(RequestError) as err:
         parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {"base_model_id": "m", **tc}}))
@@ -205,7 +205,7 @@ def test_report_to_refused_naming_the_field(tc, message):
     ({"report_to": ["tensorboard", "wandb"], "wandb_config": {"project": "p"}}, ["tensorboard", "wandb"]),
 ])
 def test_report_to_accepted(tc, trackers):
-    from request import parse_request
+    from runtime.request import parse_request
 
     parsed = parse_request(json.dumps({"processed_dataset_id": "d", "training_config": {"base_model_id": "m", **tc}}))
     assert parsed.training_config.trackers == trackers

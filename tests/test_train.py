@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from artifacts import sha256
+from models.artifacts import sha256
 from conftest import make_job, sample_request
-from evaluation import token_accuracy
+from training.evaluation import token_accuracy
 
 
 def test_token_accuracy_hand_counted():
@@ -148,7 +148,7 @@ def test_token_accuracy_recomputed_when_the_trainer_reports_none(trained):
 
     from transformers import Trainer
 
-    from evaluation import eval_token_accuracy
+    from training.evaluation import eval_token_accuracy
 
     job, trainer, prep = trained["job"], trained["trainer"], trained["prep"]
     assert eval_token_accuracy(trainer) == pytest.approx(trained["metrics"]["accuracy"], abs=1e-6)
@@ -172,7 +172,7 @@ def test_token_accuracy_takes_its_labels_off_the_gpu(trained, monkeypatch):
     job on the H100, benchmarks/results/gpu-check-h100.md): stood in for by a tensor that refuses the same way."""
     import torch
 
-    from evaluation import eval_token_accuracy
+    from training.evaluation import eval_token_accuracy
 
     class OnGpu(torch.Tensor):
         def numpy(self, *args, **kwargs):
@@ -195,7 +195,7 @@ def test_cast_saved_rewrites_a_saved_model_in_the_asked_dtype(tiny_root, tmp_pat
     """Unsloth's merge keeps the dtype the base is stored in; the job then rewrites it as merged_dtype asks."""
     from safetensors.torch import load_file
 
-    from artifacts import cast_saved
+    from models.artifacts import cast_saved
 
     folder = shutil.copytree(tiny_root / "models" / "tiny-gemma3", tmp_path / "merged")
     original = load_file(folder / "model.safetensors")

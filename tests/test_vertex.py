@@ -1,4 +1,4 @@
-"""The Vertex AI side of issue 18 without calling the API: the CustomJob `cli.py submit --vertex` builds is read
+"""The Vertex AI side of issue 18 without calling the API: the CustomJob `gemma-job submit --vertex` builds is read
 back by google-cloud-aiplatform's own types (unknown fields and bad enums refused); the nodes and ranks
 the job reads from what Vertex sets; the strategy and its Trainer settings."""
 
@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-import cli
+from operating import cli
 from conftest import sample_request
-from distributed import DDP, FSDP, Nodes, Topology, strategy_for, trainer_args
+from runtime.distributed import DDP, FSDP, Nodes, Topology, strategy_for, trainer_args
 
 
 def dry_run(tmp_path, capsys, req: dict, *args: str) -> tuple[int, str, str]:
@@ -76,13 +76,13 @@ def test_nodes_and_ranks_from_what_vertex_and_torchrun_set():
     assert Nodes.from_env({"MASTER_ADDR": "10.0.0.2", "MASTER_PORT": "1234", "WORLD_SIZE": "2", "RANK": "1"}) == \
         Nodes(2, 1, "10.0.0.2", 1234)
     assert Nodes.from_env({}) == Nodes()
-    from errors import RequestError
+    from runtime.errors import RequestError
 
     with pytest.raises(RequestError, match="CLUSTER_SPEC is not Vertex AI's cluster spec"):
         Nodes.from_env({"CLUSTER_SPEC": '{"cluster": {}}'})
     with pytest.raises(RequestError, match="WORLD_SIZE='two'"):
         Nodes.from_env({"MASTER_ADDR": "h", "WORLD_SIZE": "two"})
-    from distributed import processes_per_node
+    from runtime.distributed import processes_per_node
 
     assert processes_per_node({"NPROC_PER_NODE": "3"}) == 3
     for bad in ("0", "two", "-1"):
@@ -116,7 +116,7 @@ def test_the_trainer_settings_of_each_strategy_are_the_trainers_own():
 def test_the_nodes_other_processes_read_the_files_its_first_one_downloaded(tmp_path):
     """NodeFiles, the buckets as seen by a node's processes after its first: what the first downloaded is read
     where it is; what it did not download is fetched; everything else is the store's own."""
-    from distributed import NodeFiles
+    from runtime.distributed import NodeFiles
     from storage import LocalBlobStore
 
     blobs = LocalBlobStore(tmp_path / "buckets")
@@ -142,11 +142,11 @@ def test_the_launcher_records_a_killed_rank_that_rank_0_did_not_record(tmp_path,
 
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    import distributed
+    from runtime import distributed
     import main
     from job_manager import JobTracker, LocalJobStore
     from schema import TrainRequest
-    from settings import Settings
+    from runtime.settings import Settings
 
     store = LocalJobStore(tmp_path)
     store.create("k", {"job_id": "k", "status": status, "error": "rank 0: SIGTERM"})

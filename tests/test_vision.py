@@ -89,8 +89,8 @@ def test_the_job_learns_to_name_the_colour_it_is_shown(jobs, tiny_root):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vision import VisionCollator, encode_vision, load_processor
-    from vision_rows import check_vision_rows, vision_form
+    from training.vision import VisionCollator, encode_vision, load_processor
+    from training.vision_rows import check_vision_rows, vision_form
 
     doc = jobs["adapter"]
     assert doc["status"] == "completed"
@@ -314,7 +314,7 @@ def test_the_memory_estimate_counts_the_pictures_and_the_tower():
     """Gemma 3 4B's SigLIP (896 px, patch 14, 27 layers of 1152): a batch of 2 rows of 1 image each."""
     from types import SimpleNamespace
 
-    from memory import vision_bytes
+    from models.memory import vision_bytes
 
     tower = 417_000_000
     config = SimpleNamespace(vision_config=SimpleNamespace(image_size=896, patch_size=14, num_hidden_layers=27,
@@ -332,8 +332,8 @@ def test_gemma_3n_images_and_text_only_bases_are_refused_from_their_config(tmp_p
     folder is called; its text trains), and images for a text-only Gemma."""
     from transformers import Gemma3nConfig
 
-    from base_models import check_base_model
-    from errors import PermanentError
+    from models.base_models import check_base_model
+    from runtime.errors import PermanentError
 
     Gemma3nConfig().save_pretrained(str(tmp_path))
     assert check_base_model(str(tmp_path), None, False, False).name == "Gemma 3n"
@@ -354,8 +354,8 @@ def test_rows_with_several_pictures_and_turns_reach_the_model_in_order(tmp_path,
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vision import VisionCollator, encode_vision, load_processor, pixel_values
-    from vision_rows import check_vision_rows, vision_form
+    from training.vision import VisionCollator, encode_vision, load_processor, pixel_values
+    from training.vision_rows import check_vision_rows, vision_form
 
     base_dir = str(tiny_root / "models" / "tiny-gemma3-mm")
     processor = load_processor(base_dir, None, False)

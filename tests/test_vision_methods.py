@@ -62,7 +62,7 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from verification import check_gguf_images, greedy_reference, stop_ids
+    from exporting.verification import check_gguf_images, greedy_reference, stop_ids
 
     root = new_root(tiny_root, tmp_path)
     request = vision_request(tiny_root, export_config={"format": "adapter", "include_gguf": True,

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from data import encode
-from errors import PermanentError
-from vision_rows import SKIPPED, VisionSplit, decode
+from training.data import encode
+from runtime.errors import PermanentError
+from training.vision_rows import SKIPPED, VisionSplit, decode
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def vision_dataset(rows: list[dict[str, Any]]):
 def vision_probes(prep, n: int = 16) -> tuple[list[list[int]], list[list[bytes]]]:
     """The verification's probes of an image+text job: up to n eval rows' prompts (training rows without an
     eval split) as token ids, images expanded and never cut, and the pictures each holds."""
-    from verification import probe_prompts
+    from exporting.verification import probe_prompts
 
     processor, rows = prep.processor, (prep.eval or prep.train).rows[:n]
     if rows and "prompt" in rows[0]:
@@ -139,8 +139,8 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
     they are, by split, row and sha256, for the samples."""
     import hashlib
 
-    from generation import Cases
-    from rewards import completion_text
+    from training.generation import Cases
+    from training.rewards import completion_text
 
     tok = processor.tokenizer
     out = Cases([], [], [], [], [], partial(pixel_values, processor), image_token_id(tok), [])

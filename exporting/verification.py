@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from errors import CheckFailed, PermanentError
-from libraries import cpu_threads
+from runtime.errors import CheckFailed, PermanentError
+from runtime.libraries import cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -340,8 +340,8 @@ def auto_class(vision: bool, path: str | Path | None = None, token: str | None =
     if vision:
         return transformers.AutoModelForImageTextToText
     if path is not None:
-        from base_models import base_config
-        from language_model import causal_class
+        from models.base_models import base_config
+        from models.language_model import causal_class
 
         return causal_class(base_config(str(path), token, False))
     return transformers.AutoModelForCausalLM
@@ -364,7 +364,7 @@ def verify_adapter(folder: Path, ref: Reference, trained, base_model_id: str, ba
 
 def verify_merged(folder: Path, ref: Reference, form: str, method: str, vision: bool = False) -> dict:
     """The merged model in transformers, as saved (form: the request's merged_dtype)."""
-    from artifacts import weight_bytes
+    from models.artifacts import weight_bytes
 
     def load(device: str):
         return auto_class(vision, folder).from_pretrained(str(folder), device_map=device)

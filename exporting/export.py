@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cards import CardFacts, base_license, model_card, modelfile
-from errors import PermanentError
-from libraries import cpu_threads
+from exporting.cards import CardFacts, base_license, model_card, modelfile
+from runtime.errors import PermanentError
+from runtime.libraries import cpu_threads
 from schema import GGUF_DIRECT, TrainingConfig
-from settings import Settings
+from runtime.settings import Settings
 from storage import BlobStore, ModelHub
-from tracking import RunLogger
+from runtime.tracking import RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     `image_token`, the token a picture's embeddings take the place of."""
     import torch
 
-    from artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
-    from verification import (MAX_NEW_TOKENS, greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf,
+    from models.artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
+    from exporting.verification import (MAX_NEW_TOKENS, greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf,
                               verify_merged)
 
-    from base_models import base_config
-    from language_model import trains_alone, whole_adapter_keys, whole_merged
+    from models.base_models import base_config
+    from models.language_model import trains_alone, whole_adapter_keys, whole_merged
 
     fmt, ex = job.cfg.export_format, job.cfg.export_config
     base = base_config(job.cfg.base_model_id, job.token, job.cfg.trust_remote_code)
@@ -248,7 +248,7 @@ def drop_cached(model_id: str, cache_dir: Path | None = None) -> float:
 # ---- manifests and uploads --------------------------------------------------------------------------
 def write_manifest(job: ExportJob, out: Path, artifact: str, metrics: dict[str, Any],
                    verified: dict[str, dict], name: str = "manifest.json") -> None:
-    from artifacts import write_manifest as write
+    from models.artifacts import write_manifest as write
 
     ex = job.cfg.export_config
     custom = {"job_id": job.job_id, "base_model_id": job.cfg.base_model_id,

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from rewards import build_reward, completion_text, normalise, similarity
+from training.rewards import build_reward, completion_text, normalise, similarity
 from schema import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def cases(cfg: TrainingConfig, rows: list[Any], tokenizer, limit: int) -> Cases:
 
 def answers(model, tokenizer, found: Cases, max_new_tokens: int, batch_size: int = 16) -> list[str]:
     """Greedy answers to every prompt, decoded without special tokens; the model's mode is restored."""
-    from verification import greedy_reference, pad_id, stop_ids
+    from exporting.verification import greedy_reference, pad_id, stop_ids
 
     training = model.training
     try:

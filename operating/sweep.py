@@ -32,10 +32,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
-from errors import PermanentError, RequestError
-from launch import (cloud_run_job_name, execution_finished, queue_job, run_cloud_job,
+from runtime.errors import PermanentError, RequestError
+from operating.launch import (cloud_run_job_name, execution_finished, queue_job, run_cloud_job,
                     settings_for, start_local, stop_local)
-from request import parse_request
+from runtime.request import parse_request
 from schema import Hyperparameters, normalise
 
 # What Optuna users expect to tune, for the methods it applies to (the LoRA fields only with an adapter).
@@ -189,7 +189,7 @@ class Running:
 
 class Sweep:
     def __init__(self, spec: SweepSpec, env, out=print, interval: float = 10.0, sleep=time.sleep):
-        from services import make_blobs, open_store
+        from job.services import make_blobs, open_store
 
         self.spec, self.env, self.out, self.interval, self.sleep = spec, env, out, interval, sleep
         self.settings = settings_for(spec.sweep_id, env)
@@ -211,7 +211,7 @@ class Sweep:
     @staticmethod
     def record(sweep_id: str, env):
         """The buckets and the URI of sweep.json (a sweep id is checked as a job id is)."""
-        from services import make_blobs
+        from job.services import make_blobs
 
         settings = settings_for(sweep_id, env)
         return make_blobs(settings), f"gs://{settings.export_bucket}/sweeps/{sweep_id}/sweep.json"
@@ -350,7 +350,7 @@ class Sweep:
                     break
                 self.sleep(self.interval)
                 self.poll()
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (cli.py makes it SystemExit)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI makes it SystemExit)
             self.interrupted()
             return 130
         except BaseException:
@@ -363,7 +363,7 @@ class Sweep:
         stop_local(local)
         self.out(f"sweep {self.spec.sweep_id} stopped with {len(self.running)} trials running"
                  f"{' (each saved a checkpoint)' if local else ' (their Cloud Run executions go on)'}; continue it "
-                 f"with `python cli.py sweep --resume {self.spec.sweep_id}`")
+                 f"with `gemma-job sweep --resume {self.spec.sweep_id}`")
 
     # --- the end ----------------------------------------------------------------------------------------
     def table(self) -> list[dict[str, Any]]:
@@ -397,7 +397,7 @@ class Sweep:
         """The best trial's exported folders copied under sweeps/{id}/best/{adapter,merged,gguf}/."""
         import tempfile
 
-        from export import FOLDERS
+        from exporting.export import FOLDERS
 
         best_job = self.job_id(self.study.best_trial.number)
         copied = []
@@ -425,7 +425,7 @@ def render_table(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def start(args, env, out=print) -> int:
-    """`cli.py sweep`: a new sweep from a request and a space, or --resume ID."""
+    """`gemma-job sweep`: a new sweep from a request and a space, or --resume ID."""
     if args.resume:
         spec = Sweep.load(args.resume, env)
     else:

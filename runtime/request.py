@@ -12,7 +12,7 @@ from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from errors import RequestError
+from runtime.errors import RequestError
 from schema import Hyperparameters, TrainRequest
 
 

@@ -5,8 +5,8 @@ trainer type trains with. The request-to-TRL mapping itself is `BaseTrainingJob.
 
 from __future__ import annotations
 
-from errors import PermanentError
-from logs import route_transformers_logs
+from runtime.errors import PermanentError
+from runtime.logs import route_transformers_logs
 
 
 def import_libraries() -> None:

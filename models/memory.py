@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from base_models import base_config
-from errors import PermanentError
+from models.base_models import base_config
+from runtime.errors import PermanentError
 from schema import GGUF_DIRECT
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def empty_model(config, trust_remote_code: bool = False):
     """The model a text job trains (for Gemma 3n its language model alone: language_model.py)."""
     import torch
 
-    from language_model import causal_class, language_config
+    from models.language_model import causal_class, language_config
 
     cls = causal_class(config)
     with torch.device("meta"):
@@ -141,7 +141,7 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
     if estimate["total"] <= HEADROOM * gpu_bytes:
         return None
     advice = {"Full": "use method 'LoRA' or 'QLoRA'", "LoRA": "use method 'QLoRA'",
-              "QLoRA": "use a smaller model, or several GPUs (cli.py submit --vertex --gpus N)"}[method]
+              "QLoRA": "use a smaller model, or several GPUs (gemma-job submit --vertex --gpus N)"}[method]
     return (f"training_config.method: {method} on {model_id} needs about {estimate['total'] / GIB:.1f} GiB "
             f"(weights and optimizer {estimate['weights_and_optimizer'] / GIB:.1f}, activations for batch_size "
             f"{batch} x max_length {length} {estimate['activations'] / GIB:.1f}, overhead "
@@ -306,7 +306,7 @@ def multi_gpu_table() -> list[dict[str, Any]]:
     """Per GPU with several processes, batch 2 x 1024 tokens on each: DDP (the whole model on each GPU) for a
     LoRA or QLoRA that fits one, else FSDP (`sharded`). 22 GiB usable of an L4's 24, 74 of an 80 GB A100's
     or H100's."""
-    from distributed import FSDP, strategy_for
+    from runtime.distributed import FSDP, strategy_for
 
     rows = []
     for name, config, total, emb in gemma3_shapes():

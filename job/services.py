@@ -10,12 +10,12 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from errors import PermanentError
+from runtime.errors import PermanentError
 from job_manager import FirestoreJobStore, LocalJobStore
 from schema import TrainRequest, WandbConfig
-from settings import Settings
+from runtime.settings import Settings
 from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
-from tracking import NullRunLogger, TensorBoardLog, WandbRunLogger
+from runtime.tracking import NullRunLogger, TensorBoardLog, WandbRunLogger
 
 # Trackers handed to the Trainer's own integration where their package (of the same name) is installed; this
 # image has neither.

@@ -8,7 +8,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import PermanentError
+from runtime.errors import PermanentError
 from schema import gemma_3n_refused
 
 

@@ -1,7 +1,7 @@
-"""Starting a job as the training service does, for cli.py's submit and its sweeps: the request stored in
+"""Starting a job as the training service does, for gemma-job's submit and its sweeps: the request stored in
 the config bucket, the job document created `queued` (never over a job that exists), then either the Cloud
 Run job executed with the one override env JOB_ID, or main.py run here in a process of its own with its
-output in LOCAL_DIR/logs/JOB_ID.log (what `cli.py logs --local` reads).
+output in LOCAL_DIR/logs/JOB_ID.log (what `gemma-job logs --local` reads).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from job_manager import JobStatus, now
 from main import read_settings
 from schema import TrainRequest
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout, where main.py is
 
 
 def settings_for(job_id: str, env):

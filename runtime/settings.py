@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
-from distributed import Topology
-from errors import RequestError
+from runtime.distributed import Topology
+from runtime.errors import RequestError
 from schema import SAFE_ID, StrictModel, TrainRequest
 
 

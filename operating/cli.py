@@ -1,17 +1,20 @@
-"""Run and follow jobs without the upstream training service (issue 20).
+"""The command line (issue 20), installed as `gemma-job` (pyproject.toml): run one job here, or run and follow
+jobs without the upstream training service.
 
-    python cli.py submit REQUEST.json [--job-id ID]          # validate, store the request, create the
-                                                             # document `queued`, start the Cloud Run job
-    python cli.py submit REQUEST.json --local [--job-id ID]   # the same, the job run here instead
-    python cli.py status JOB_ID [--json]                     # one readable block, or the document as JSON
-    python cli.py cancel JOB_ID                              # cancel_requested: the job stops at its next step
-    python cli.py watch JOB_ID [--interval S]                # follow it until it ends (a bar on a terminal)
-    python cli.py list [--limit N]                           # recent jobs: status, step, eval loss
-    python cli.py download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
-    python cli.py submit REQUEST.json --vertex --image IMAGE --gpus N [--nodes M] [--dry-run]   # Vertex AI
-    python cli.py logs JOB_ID [--follow] [--local]           # its log lines: Cloud Logging, or the local file
-    python cli.py sweep REQUEST.json [--space SPACE.yaml] --trials N --parallel P [--local]   # Optuna (sweep.py)
-    python cli.py sweep --resume SWEEP_ID                    # continue a stopped sweep
+    gemma-job run [--config REQUEST.json] [--validate] [--schema]   # one job in this process, as main.py
+    gemma-job submit REQUEST.json [--job-id ID]          # validate, store the request, create the
+                                                         # document `queued`, start the Cloud Run job
+    gemma-job submit REQUEST.json --local [--job-id ID]  # the same, the job run here instead
+    gemma-job status JOB_ID [--json]                     # one readable block, or the document as JSON
+    gemma-job cancel JOB_ID                              # cancel_requested: the job stops at its next step
+    gemma-job watch JOB_ID [--interval S]                # follow it until it ends (a bar on a terminal)
+    gemma-job list [--limit N]                           # recent jobs: status, step, eval loss
+    gemma-job download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
+    gemma-job submit REQUEST.json --vertex --image IMAGE --gpus N [--nodes M] [--dry-run]   # Vertex AI
+    gemma-job logs JOB_ID [--follow] [--local]           # its log lines: Cloud Logging, or the local file
+    gemma-job sweep REQUEST.json [--space SPACE.yaml] --trials N --parallel P [--local]   # Optuna (sweep.py)
+    gemma-job sweep --resume SWEEP_ID                    # continue a stopped sweep
+    gemma-job reference                                  # the request's reference page, from its models
 
 The same environment as main.py chooses the backend (BACKEND, LOCAL_DIR, PROJECT_ID, the bucket names):
 on `local` the buckets and the document store are folders; on `gcp` they are GCS and Firestore. Without
@@ -34,11 +37,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from errors import PermanentError
-from launch import (cancel_execution, cloud_run_job_name, log_path, queue_job, run_cloud_job, settings_for,
+from runtime.errors import PermanentError
+from operating.launch import (cancel_execution, cloud_run_job_name, log_path, queue_job, run_cloud_job, settings_for,
                     start_local, tee_output)
-from request import parse_request
-from services import make_blobs, open_store
+from runtime.request import parse_request
+from job.services import make_blobs, open_store
 
 
 def submit(args, env) -> int:
@@ -50,8 +53,7 @@ def submit(args, env) -> int:
         return 2
     job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
     if args.vertex:  # several GPUs on Vertex AI (vertex.py)
-        import vertex
-
+        from operating import vertex
         if not args.image:
             print("submit: --vertex needs --image (the job's image in Artifact Registry)", file=sys.stderr)
             return 2
@@ -69,7 +71,7 @@ def submit(args, env) -> int:
         return 2
     if not args.local:
         return start_cloud_run(args, env, settings, job_id, store)
-    print(f"job {job_id} queued; follow it with `python cli.py status {job_id}` (its log: {log_path(settings)})",
+    print(f"job {job_id} queued; follow it with `gemma-job status {job_id}` (its log: {log_path(settings)})",
           flush=True)
     code = tee_output(start_local(settings, env, tee=True), settings)
     print(describe(store.get(job_id) or {}))
@@ -95,7 +97,7 @@ def start_cloud_run(args, env, settings, job_id: str, store) -> int:
     if execution:
         store.merge(job_id, {"cloud_run_execution": execution})
     print(f"job {job_id} queued and started on Cloud Run ({execution or name}); follow it with "
-          f"`python cli.py watch {job_id}`")
+          f"`gemma-job watch {job_id}`")
     return 0
 
 
@@ -217,14 +219,14 @@ def recent(args, env) -> int:
 
 
 def download(args, env) -> int:
-    from export import FOLDERS
+    from exporting.export import FOLDERS
 
     settings = settings_for(args.job_id, env)
     blobs = make_blobs(settings)
     prefix = f"gs://{settings.bucket_for(args.what)}/{FOLDERS[args.what]}/{args.job_id}/"
     names = [uri[len(prefix):] for uri in blobs.list(prefix)]
     if not names:
-        print(f"download: nothing at {prefix}: job {args.job_id} exported no {args.what} (see `cli.py status "
+        print(f"download: nothing at {prefix}: job {args.job_id} exported no {args.what} (see `gemma-job status "
               f"{args.job_id}`)", file=sys.stderr)
         return 1
     dest = Path(args.to or f"{args.job_id}-{args.what}")
@@ -273,7 +275,7 @@ def logs(args, env, sleep=time.sleep) -> int:
 def local_logs(args, settings, store, sleep) -> int:
     path = log_path(settings)
     if not path.is_file() and not args.follow:
-        print(f"logs: no log for job {args.job_id} at {path} (a local job started by cli.py writes one)",
+        print(f"logs: no log for job {args.job_id} at {path} (a local job started by gemma-job writes one)",
               file=sys.stderr)
         return 1
     offset = 0
@@ -303,8 +305,20 @@ def as_datetime(value) -> datetime | None:
 
 
 def main(argv: list[str] | None = None, env=None) -> int:
-    parser = argparse.ArgumentParser(description="Run and follow fine-tuning jobs without the training service.")
+    """`gemma-job`, the installed command (pyproject.toml): `run` is one job in this process (main.py's own
+    options), the rest run and follow jobs without the training service."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # main.py's own parser, options and exit codes, unchanged
+        import main as job
+
+        return job.main(argv[1:], env)
+    parser = argparse.ArgumentParser(prog="gemma-job", description="Fine-tune Gemma: run one job here (`run`), or "
+                                     "run and follow jobs without the training service.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="run one job in this process: gemma-job run [--config FILE] [--validate] "
+                        "[--schema] (what `python main.py` takes)", add_help=False)
+    commands.add_parser("reference", help="print the request's reference page (docs/request-reference.md), "
+                        "generated from its models")
     p = commands.add_parser("submit", help="validate a request, queue it and start it on Cloud Run (or --local)")
     p.add_argument("request", help="the request JSON file")
     p.add_argument("--local", action="store_true", help="run the job in a subprocess here")
@@ -365,9 +379,14 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("--cloud-run-job", default="training-job", help="the Cloud Run job's name")
     args = parser.parse_args(argv)
     env = dict(os.environ if env is None else env)
+    if args.command == "reference":
+        from operating.reference import render
+
+        print(render(), end="")
+        return 0
     try:
         if args.command == "sweep":
-            from sweep import start
+            from operating.sweep import start
 
             return start(args, env)
         return {"submit": submit, "status": status, "cancel": cancel, "list": recent, "watch": watch,

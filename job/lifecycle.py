@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from checkpoints import CANCEL
-from errors import Cancelled, PermanentError
+from training.checkpoints import CANCEL
+from runtime.errors import Cancelled, PermanentError
 from job_manager import JobStatus, JobTracker
-from request import parse_request, strip_secrets
+from runtime.request import parse_request, strip_secrets
 from schema import TrainRequest
-from settings import Settings
+from runtime.settings import Settings
 from storage import BlobStore
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts import sha256
-from errors import PermanentError
+from models.artifacts import sha256
+from runtime.errors import PermanentError
 from schema import TrainingConfig
 from storage import BlobStore, ModelHub
 

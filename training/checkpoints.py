@@ -21,8 +21,8 @@ import signal
 import time
 from pathlib import Path
 
-from distributed import Topology, agree, barrier
-from errors import Interrupted
+from runtime.distributed import Topology, agree, barrier
+from runtime.errors import Interrupted
 from storage import BlobStore, crc32c
 
 logger = logging.getLogger(__name__)

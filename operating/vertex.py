@@ -1,10 +1,10 @@
 """Vertex AI custom training jobs for requests that outgrow one L4 (issue 18): the same image, request,
 Firestore document and GCS layout on g2 (1-8 x L4), a2 (A100) or a3 (H100) machines, one or more nodes.
 
-    python cli.py submit REQUEST.json --vertex --image IMAGE --gpus 4 [--accelerator L4|A100|A100_80GB|H100]
+    gemma-job submit REQUEST.json --vertex --image IMAGE --gpus 4 [--accelerator L4|A100|A100_80GB|H100]
         [--nodes 2] [--job-id ID] [--region us-central1] [--dry-run]
 
-`cli.py submit --vertex` validates the request with the job's schema, stores it in the config bucket and
+`gemma-job submit --vertex` validates the request with the job's schema, stores it in the config bucket and
 creates the job document `queued` (as for Cloud Run; not with --dry-run), then creates the CustomJob with
 google-cloud-aiplatform (`JobServiceClient.create_custom_job`), or prints its JSON with --dry-run. Each node
 runs `python main.py`, which starts one worker per GPU itself (distributed.py): NPROC_PER_NODE is the GPU
@@ -56,8 +56,8 @@ def build(request_job_id: str, project: str, image: str, accelerator: str, gpus:
 
 
 def submit(args, env, text: str, request, job_id: str) -> int:
-    """`cli.py submit --vertex`: 0 created (or printed with --dry-run), 2 bad input."""
-    from errors import PermanentError
+    """`gemma-job submit --vertex`: 0 created (or printed with --dry-run), 2 bad input."""
+    from runtime.errors import PermanentError
 
     if request.training_config.provider == "unsloth" and args.gpus * args.nodes > 1:
         print("submit: training_config.provider: Unsloth trains on one GPU; use --gpus 1 --nodes 1, or provider "
@@ -82,8 +82,8 @@ def submit(args, env, text: str, request, job_id: str) -> int:
     if args.dry_run:
         print(aip.CustomJob.to_json(custom))
         return 0
-    from launch import queue_job, settings_for
-    from services import make_blobs, open_store
+    from operating.launch import queue_job, settings_for
+    from job.services import make_blobs, open_store
 
     try:
         settings = settings_for(job_id, {**env, "BACKEND": "gcp"})
@@ -99,6 +99,6 @@ def submit(args, env, text: str, request, job_id: str) -> int:
     client = aip.JobServiceClient(client_options={"api_endpoint": f"{region}-aiplatform.googleapis.com"})
     created = client.create_custom_job(parent=f"projects/{project}/locations/{region}", custom_job=custom)
     store.merge(job_id, {"vertex_custom_job": created.name})
-    print(f"job {job_id} queued and started on Vertex AI ({created.name}); follow it with `python cli.py watch "
+    print(f"job {job_id} queued and started on Vertex AI ({created.name}); follow it with `gemma-job watch "
           f"{job_id}`")
     return 0

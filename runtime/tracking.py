@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
-from errors import PermanentError
+from runtime.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from base_models import reading_base
-from errors import PermanentError
+from models.base_models import reading_base
+from runtime.errors import PermanentError
 
 logger = logging.getLogger(__name__)
 

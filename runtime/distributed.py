@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from errors import RequestError
+from runtime.errors import RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def launch(nproc: int, nodes: Nodes, job_id: str, argv: list[str]) -> tuple[int,
         rdzv_configs={"is_host": nodes.node_rank == 0} if not single else {},  # the chief holds the store
         max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=8)
     try:
-        elastic_launch(config, sys.executable)("-u", str(Path(__file__).with_name("main.py")), *argv)
+        elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve().parent.parent / "main.py"), *argv)
     except ChildFailedError as e:
         failures = dict(e.failures)
         return (2 if any(f.exitcode == 2 for f in failures.values()) else 1), failures

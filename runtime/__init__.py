@@ -1,0 +1,1 @@
+"""The job's running: its settings, logs, errors, processes, trackers and progress."""

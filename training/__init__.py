@@ -1,0 +1,1 @@
+"""The training steps: data and images, rewards, evaluation, generation, checkpoints, curves, lineage."""
