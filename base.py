@@ -77,7 +77,7 @@ class Prepared:
     eval: Tokenized | None
     total_steps: int
     cases: Any = None  # generation.Cases: the eval prompts both models answer, or None
-    processor: Any = None  # image+text jobs: the base's processor (vision.py)
+    processor: Any = None  # image+text jobs: the base's processor (training/vision.py)
 
 
 class BaseTrainingJob:
@@ -94,8 +94,8 @@ class BaseTrainingJob:
             services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
             keep=self.cfg.hyperparameters.save_total_limit)
         self.guard = services.guard or Guard(read_doc=self.tracker.read)
-        self.parent: Parent | None = None  # the adapter this job continues (lineage.py), found at pre-flight
-        # one of several processes (distributed.py): rank 0 alone compares, exports and records
+        self.parent: Parent | None = None  # the adapter this job continues (training/lineage.py), found at pre-flight
+        # one of several processes (runtime/distributed.py): rank 0 alone compares, exports and records
         self.place = settings.place
         self.strategy: str | None = None  # DDP or FSDP with several processes, chosen at pre-flight
 
@@ -253,7 +253,7 @@ class BaseTrainingJob:
             raise PermanentError(f"hyperparameters.batch_size: {hp.batch_size} is the batch of one optimizer step (before "
                                  f"gradient accumulation), split over the {world} processes; make it a multiple of "
                                  f"{world}, or run fewer processes (NPROC_PER_NODE).")
-        # memory.py: refuse what cannot fit; with several processes, whether each needs the whole model (DDP)
+        # models/memory.py: refuse what cannot fit; with several processes, whether each needs the whole model (DDP)
         fits_one = check_memory(self.cfg, self.settings, self.token(), per_row)
         if world > 1:
             import torch
@@ -468,9 +468,9 @@ class BaseTrainingJob:
                           restore_callback_states_from_checkpoint=ev.early_stopping_patience is not None)
         if gpu and self.cfg.method == "Full":
             # AdamW's state in 8 bits (bitsandbytes): 6 bytes per parameter in all with bf16 weights and
-            # gradients, which is what lets a 1B Gemma fine-tune fully on an L4 (memory.py).
+            # gradients, which is what lets a 1B Gemma fine-tune fully on an L4 (models/memory.py).
             common["optim"] = "adamw_8bit"
-        if self.strategy is not None:  # several processes: DDP's or FSDP's settings (distributed.py)
+        if self.strategy is not None:  # several processes: DDP's or FSDP's settings (runtime/distributed.py)
             common.update(strategy_args(self.strategy, self.cfg.method, gpu))
         completion = hp.max_length - hp.prompt_length
         specific = {
@@ -478,7 +478,7 @@ class BaseTrainingJob:
             "sft": dict(max_length=None if hp.padding_free and not hp.packing else hp.max_length,
                         packing=hp.packing, padding_free=hp.padding_free, neftune_noise_alpha=hp.neftune_noise_alpha,
                         label_names=["labels"], batch_eval_metrics=False,
-                        # image+text rows are encoded here (vision.py) and batched by the job's collator, which
+                        # image+text rows are encoded here (training/vision.py) and batched by the job's collator, which
                         # reads their image bytes: TRL neither prepares them nor drops that column
                         **(dict(dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
                            if self.cfg.vision else {})),
@@ -526,7 +526,7 @@ class BaseTrainingJob:
         runs = self.services.run_logger
         for callback in list(trainer.callback_handler.callbacks):
             if type(callback).__name__ in ("WandbCallback", "CometCallback", "MLflowCallback"):
-                trainer.remove_callback(callback)  # tracking never costs a run (tracking.py)
+                trainer.remove_callback(callback)  # tracking never costs a run (runtime/tracking.py)
                 trainer.add_callback(Tolerant(callback, runs.warn))
         if self.services.tensorboard:
             try:
@@ -593,7 +593,7 @@ class BaseTrainingJob:
         return reader_metrics(raw, train_metrics, self.cfg.trainer_type)
 
     def generate(self, trainer, prep: Prepared) -> list[str] | None:
-        """The current model's answers to the comparison's prompts (generation.py); None without them. A
+        """The current model's answers to the comparison's prompts (training/generation.py); None without them. A
         failure costs the comparison (a warning), not the run."""
         if prep.cases is None:
             return None
@@ -655,7 +655,7 @@ class BaseTrainingJob:
                              f"{', '.join(uploaded)}.")
 
     def curves(self, trainer) -> dict[str, str | bytes]:
-        """log_history.json and training_curve.png for the export folders (curves.py); the figure to W&B too.
+        """log_history.json and training_curve.png for the export folders (training/curves.py); the figure to W&B too.
         A figure that cannot be drawn costs a warning."""
         history = list(trainer.state.log_history)
         files: dict[str, str | bytes] = {"log_history.json": history_json(history)}
@@ -670,7 +670,7 @@ class BaseTrainingJob:
 
     def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared,
                comparison: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Each artifact made, verified in its consumer, then uploaded (export.py)."""
+        """Each artifact made, verified in its consumer, then uploaded (exporting/export.py)."""
         s = self.services
         extra: dict[str, str | bytes] = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
         extra.update(self.curves(trainer))

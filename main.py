@@ -1,4 +1,4 @@
-"""Run one fine-tuning job. The only reader of the environment (see README and DESIGN.md).
+"""Run one fine-tuning job. The only reader of the environment (see docs/operating.md and DESIGN.md).
 
     python main.py                       # BACKEND=local: JOB_ID, or a new id on the embedded default request
     python main.py --config req.json     # take the request from a file

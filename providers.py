@@ -32,7 +32,7 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         # 16 bits to fp32 (the embeddings; Gemma 4's experts and per-layer table), twice the memory the
         # pre-flight counts on a GPU (tests/test_gpu_config.py). PEFT freezes the base either way, and Gemma's
         # norms compute in fp32 whatever their weights' dtype.
-        if self.parent:  # continue its adapter, its shape as it is (lineage.py); the dropout is this job's
+        if self.parent:  # continue its adapter, its shape as it is (training/lineage.py); the dropout is this job's
             config = LoraConfig.from_pretrained(str(self.parent.folder))
             config.lora_dropout, config.inference_mode = self.cfg.hyperparameters.lora_dropout, False
             return PeftModel.from_pretrained(model, str(self.parent.folder), config=config, is_trainable=True)

@@ -172,7 +172,7 @@ class EvalConfig(StrictModel):
                                      "alias: the job's metrics (loss, perplexity, token accuracy) are always "
                                      "accumulated over the eval set batch by batch, which is what it asks for.")
     generation_rows: int | None = Field(None, ge=0, le=1024, description="Eval rows the starting model and the "
-                                        "tuned model both answer, scored against the reference (generation.py); 0: "
+                                        "tuned model both answer, scored against the reference (training/generation.py); 0: "
                                         "off. Unset: 64, and 0 with provider unsloth (not shown on a GPU yet).")
     max_new_tokens: int = Field(128, ge=1, le=2048, description="The longest answer generated for that "
                                 "comparison, in tokens.")
@@ -205,7 +205,7 @@ class EvalConfig(StrictModel):
 
 
 GgufQuant = Literal["none", "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q2_k"]
-# What llama.cpp's converter writes directly; the k-quants are quantized from an f16 conversion (export.py).
+# What llama.cpp's converter writes directly; the k-quants are quantized from an f16 conversion (exporting/export.py).
 GGUF_DIRECT = ("f16", "bf16", "q8_0")
 
 
@@ -336,7 +336,7 @@ class Grader(StrictModel):
 
 
 def gemma_3n_refused(model_id: str, why: str) -> str:
-    """Why a Gemma 3n job (E2B, E4B) is refused where its text job trains (language_model.py): images, and the
+    """Why a Gemma 3n job (E2B, E4B) is refused where its text job trains (models/language_model.py): images, and the
     Unsloth provider. Said by name at validation, and from config.json at pre-flight for a base whose name does
     not say it."""
     return (f"training_config.base_model_id: {model_id!r} is Gemma 3n, whose text this job trains (its language "
@@ -402,7 +402,7 @@ class TrainingConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
         if self.peft_method == "adalora":
-            # Measured on the pinned versions (transformers 5.17, TRL 1.14, PEFT 0.21): see the README.
+            # Measured on the pinned versions (transformers 5.17, TRL 1.14, PEFT 0.21): see docs/request.md.
             raise ValueError("peft_method 'adalora': AdaLoRA reallocates its ranks only when the training loop "
                              "calls PEFT's update_and_allocate after every step, which neither transformers' "
                              "Trainer nor TRL does, and its allocator's state is not in a checkpoint, so a "
@@ -524,14 +524,14 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_gemma_3n(self) -> TrainingConfig:
-        """Gemma 3n by its name: its text trains (language_model.py), its images and Unsloth's path do not."""
+        """Gemma 3n by its name: its text trains (models/language_model.py), its images and Unsloth's path do not."""
         if GEMMA_3N.search(model_name(self.base_model_id)) and (self.vision or self.provider == "unsloth"):
             raise ValueError(gemma_3n_refused(self.base_model_id, "images" if self.vision else "with Unsloth"))
         return self
 
     @model_validator(mode="after")
     def _check_vision(self) -> TrainingConfig:
-        """Image+text training (vision.py) is built for SFT, DPO and GRPO through the Hugging Face provider (every
+        """Image+text training (training/vision.py) is built for SFT, DPO and GRPO through the Hugging Face provider (every
         export form, GGUF with its mmproj projector); the rest is refused with what to do, never trained as
         something else."""
         hp = self.hyperparameters
@@ -565,7 +565,7 @@ class TrainingConfig(StrictModel):
 
     @property
     def comparison_rows(self) -> int:
-        """Eval rows both models answer (generation.py): generation_rows, else 64 (Unsloth: 0, not shown yet)."""
+        """Eval rows both models answer (training/generation.py): generation_rows, else 64 (Unsloth: 0, not shown yet)."""
         rows = self.eval_config.generation_rows
         return rows if rows is not None else 0 if self.provider == "unsloth" else 64
 

@@ -8,12 +8,12 @@ program that will load it and compared with the trained model, then uploaded (DE
 - f16, bf16, q8_0: written by `convert_hf_to_gguf.py` directly.
 - q4_k_m, q5_k_m, q2_k: f16 first, then `llama_model_quantize` (k-quants need rows that are
   multiples of 256; Gemma's hidden sizes are).
-- Verification (verification.py): each artifact predicts the trained model's greedy continuation of
+- Verification (exporting/verification.py): each artifact predicts the trained model's greedy continuation of
   evaluation prompts; agreement below what its form explains costs that artifact alone: it is not
   uploaded, the others are once every artifact is checked, and the job then fails with exit 2 naming it.
 - Each step (merge, conversion, quantization, each check, each upload) goes through `job.timed`, which
   names it in the job document as it starts and stops there on a cancel or the task deadline.
-- Beside the weights (cards.py): a model card, README.md, in every folder, and an Ollama Modelfile
+- Beside the weights (exporting/cards.py): a model card, README.md, in every folder, and an Ollama Modelfile
   beside the GGUF. Each folder is published as a mirror (GCS: upload_dir; the Hub: one commit with
   delete_patterns, the GGUF in the same folder as the adapter or merge, under one card).
 
@@ -66,7 +66,7 @@ class ExportJob:
     run_logger: RunLogger
     timed: Callable[..., Any]  # the job's export step: named in the document, guarded, timed (base.export_step)
     timings: dict[str, float]  # the job's timings so far (the manifests carry them)
-    parent: dict[str, Any] | None = None  # the adapter this job continued (lineage.py), for the manifests
+    parent: dict[str, Any] | None = None  # the adapter this job continued (training/lineage.py), for the manifests
     extra_files: dict[str, str | bytes] | None = None  # into the adapter/merged folder: eval_generations.jsonl,
     # log_history.json, training_curve.png
     processor: Any = None  # image+text jobs: the base's processor, saved beside the tokenizer in every folder
@@ -214,7 +214,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
 
 def write_card(job: ExportJob, folder: Path, artifacts: dict[str, str], metrics: dict[str, Any],
                verified: dict[str, dict], license_: str | None, gguf_file: str | None) -> None:
-    """README.md, the model card (cards.py), for the folder's artifacts; it replaces PEFT's placeholder."""
+    """README.md, the model card (exporting/cards.py), for the folder's artifacts; it replaces PEFT's placeholder."""
     facts = CardFacts(job.job_id, job.request.get("job_name"), job.cfg.base_model_id,
                       job.request["processed_dataset_id"], job.cfg.provider, job.cfg.method, job.cfg.trainer_type,
                       job.cfg.hyperparameters.model_dump(mode="json"), metrics, verified, license_,

@@ -334,7 +334,7 @@ def required(form: str, method: str) -> float:
 def auto_class(vision: bool, path: str | Path | None = None, token: str | None = None):
     """The transformers class an artifact loads with: the image+text one for image+text jobs, as the
     platform's inference service loads them; for a text job on a base whose language model trains alone
-    (language_model.py: Gemma 3n, read from `path`'s config), its text-only class."""
+    (models/language_model.py: Gemma 3n, read from `path`'s config), its text-only class."""
     import transformers
 
     if vision:

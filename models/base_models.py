@@ -33,7 +33,7 @@ def reading_base(model_id: str):
 
 @functools.lru_cache(maxsize=2)
 def base_config(model_id: str, token: str | None, trust_remote_code: bool):
-    """The base's config (config.json alone): read once per job by the checks below and by memory.py."""
+    """The base's config (config.json alone): read once per job by the checks below and by models/memory.py."""
     from transformers import AutoConfig
 
     with reading_base(model_id):
@@ -72,7 +72,7 @@ FAMILIES: dict[str, Family] = {
                      consumer_note=GEMMA_4_CONSUMERS.format("gemma4")),
     "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio",
                              consumer_note=GEMMA_4_CONSUMERS.format("gemma4_unified")),
-    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text (its language model alone: language_model.py)"),
+    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text (its language model alone: models/language_model.py)"),
     "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=DRAFT),
     "gemma4_unified_assistant": Family("Gemma 4 unified assistant (draft)", "-", "text", refused=DRAFT),
     "diffusion_gemma": Family("DiffusionGemma", "-", "text", refused=(

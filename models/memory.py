@@ -17,7 +17,7 @@ Hugging Face cache (2 B/param, for the whole job), the merge (the 16-bit base in
 files), the GGUF (the f16 conversion before a k-quant, and the quantized file), Full's local
 checkpoints (bf16 weights and 8-bit AdamW state, `save_total_limit` of them), and the process itself.
 
-Run `python memory.py` for the tables of Gemma 3 sizes on an L4 that the README shows.
+Run `python -m models.memory` for the tables of Gemma 3 sizes on an L4 that docs/request.md and docs/operating.md show.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def meta_model(model_id: str, token: str | None, trust_remote_code: bool):
 
 
 def empty_model(config, trust_remote_code: bool = False):
-    """The model a text job trains (for Gemma 3n its language model alone: language_model.py)."""
+    """The model a text job trains (for Gemma 3n its language model alone: models/language_model.py)."""
     import torch
 
     from models.language_model import causal_class, language_config
@@ -105,7 +105,7 @@ def int8_bytes(total: int, embeddings: int) -> float:
 
 
 def vision_bytes(config, images: int, tower: int, method: str, tower_trains: bool) -> float:
-    """An image+text job's extra memory (vision.py): the processor's fp32 pixel tensors of a batch's `images`,
+    """An image+text job's extra memory (training/vision.py): the processor's fp32 pixel tensors of a batch's `images`,
     the SigLIP tower's activations (every layer's kept when the tower trains, about two layers' otherwise),
     and, with QLoRA, the tower kept in 16 bits rather than 4 (artifacts.VISION_16BIT). Each image's tokens
     in the language model (256 for Gemma 3) are inside max_length, which the activations count already."""
@@ -209,7 +209,7 @@ GGUF_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 1.07, "q5_k_m": 0.72, "q4_k_m": 0
 
 def host_bytes(total: int, embeddings: int, cfg, cache_dropped: bool = False, tower: int = 0) -> dict[str, float]:
     """Peak container memory of each stage where the disk is memory, and the largest ("total").
-    cache_dropped: the base's cached files are deleted once merged (export.py does so on Cloud Run).
+    cache_dropped: the base's cached files are deleted once merged (exporting/export.py does so on Cloud Run).
     tower: an image+text job's vision tower parameters, whose GGUF projector (mmproj, f16) sits beside the
     language model's GGUF."""
     ex, fmt = cfg.export_config, cfg.export_format

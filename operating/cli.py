@@ -12,7 +12,7 @@ jobs without the upstream training service.
     gemma-job download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
     gemma-job submit REQUEST.json --vertex --image IMAGE --gpus N [--nodes M] [--dry-run]   # Vertex AI
     gemma-job logs JOB_ID [--follow] [--local]           # its log lines: Cloud Logging, or the local file
-    gemma-job sweep REQUEST.json [--space SPACE.yaml] --trials N --parallel P [--local]   # Optuna (sweep.py)
+    gemma-job sweep REQUEST.json [--space SPACE.yaml] --trials N --parallel P [--local]   # Optuna (operating/sweep.py)
     gemma-job sweep --resume SWEEP_ID                    # continue a stopped sweep
     gemma-job reference                                  # the request's reference page, from its models
 
@@ -52,7 +52,7 @@ def submit(args, env) -> int:
         print(f"{args.request}: {e}", file=sys.stderr)
         return 2
     job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
-    if args.vertex:  # several GPUs on Vertex AI (vertex.py)
+    if args.vertex:  # several GPUs on Vertex AI (operating/vertex.py)
         from operating import vertex
         if not args.image:
             print("submit: --vertex needs --image (the job's image in Artifact Registry)", file=sys.stderr)

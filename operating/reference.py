@@ -22,13 +22,15 @@ def type_of(prop: dict[str, Any]) -> str:
         name = prop["$ref"].rsplit("/", 1)[1]
         return f"[{name}](#{name.lower()})"
     if "enum" in prop:
-        return " \\| ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
+        return " | ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
     if "const" in prop:
         return f"`{json.dumps(prop['const'])}`"
     if "anyOf" in prop:
         kinds = [type_of(p) for p in prop["anyOf"]]
         return " or ".join(dict.fromkeys(kinds))
     kind = prop.get("type", "any")
+    if prop.get("format") == "password":  # a SecretStr: masked in logs, removed from the request object after
+        kind = "secret string"
     if kind == "array":
         return f"list of {type_of(prop.get('items', {}))}"
     if kind == "object" and "additionalProperties" in prop and isinstance(prop["additionalProperties"], dict):
@@ -56,13 +58,34 @@ def section(name: str, schema: dict[str, Any]) -> list[str]:
 
 
 def render() -> str:
+    """The page: the request's own fields, then each section it refers to, in the order a reader meets them."""
     from schema import TrainRequest
 
     schema = TrainRequest.model_json_schema()
+    defs, order = schema.get("$defs", {}), []
+
+    def visit(sub: dict[str, Any]) -> None:
+        for prop in sub.get("properties", {}).values():
+            for ref in refs(prop):
+                if ref not in order:
+                    order.append(ref)
+                    visit(defs[ref])
+
+    visit(schema)
     lines = [HEADER, *section("TrainRequest", schema)]
-    for name, sub in schema.get("$defs", {}).items():
-        lines += section(name, sub)
+    for name in order + sorted(set(defs) - set(order)):
+        lines += section(name, defs[name])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def refs(prop: Any) -> list[str]:
+    """The sections a property refers to, wherever in it ($ref, items, anyOf)."""
+    if isinstance(prop, dict):
+        own = [prop["$ref"].rsplit("/", 1)[1]] if "$ref" in prop else []
+        return own + [r for value in prop.values() for r in refs(value)]
+    if isinstance(prop, list):
+        return [r for value in prop for r in refs(value)]
+    return []
 
 
 def undocumented() -> list[str]:

@@ -7,7 +7,7 @@ Firestore document and GCS layout on g2 (1-8 x L4), a2 (A100) or a3 (H100) machi
 `gemma-job submit --vertex` validates the request with the job's schema, stores it in the config bucket and
 creates the job document `queued` (as for Cloud Run; not with --dry-run), then creates the CustomJob with
 google-cloud-aiplatform (`JobServiceClient.create_custom_job`), or prints its JSON with --dry-run. Each node
-runs `python main.py`, which starts one worker per GPU itself (distributed.py): NPROC_PER_NODE is the GPU
+runs `python main.py`, which starts one worker per GPU itself (runtime/distributed.py): NPROC_PER_NODE is the GPU
 count, and Vertex's CLUSTER_SPEC gives the nodes. The container gets BACKEND=gcp and the buckets.
 """
 

@@ -19,7 +19,7 @@ class Interrupted(Exception):
 
 class CheckFailed(PermanentError):
     """An exported artifact disagrees with the trained model in the program that loads it: that artifact is
-    not uploaded, the others are (export.py); `entry` is its verification record, `passed: false`."""
+    not uploaded, the others are (exporting/export.py); `entry` is its verification record, `passed: false`."""
 
     def __init__(self, message: str, entry: dict | None = None):
         super().__init__(message)

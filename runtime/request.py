@@ -1,7 +1,7 @@
 """Reading the request: JSON text to a validated `TrainRequest` (schema.py), with errors a user can
 act on (the field path, the value given, what is allowed, the nearest known key), and the raw request
 without its secrets, which is what stays in the config bucket once the job is over. (The job's
-environment is read into `Settings` by settings.py.)
+environment is read into `Settings` by runtime/settings.py.)
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ class Settings(StrictModel):
 
     @property
     def place(self) -> Topology:
-        """This process's place among the run's processes (distributed.py), from WORLD_SIZE, RANK, LOCAL_RANK."""
+        """This process's place among the run's processes (runtime/distributed.py), from WORLD_SIZE, RANK, LOCAL_RANK."""
         return Topology(self.world_size, self.rank, self.local_rank)
 
     @property

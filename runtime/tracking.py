@@ -3,7 +3,7 @@
 TensorBoard: transformers' TensorBoardCallback writing to the job's own folder, uploaded when the attempt ends
 to `gs://{export bucket}/tensorboard/{job_id}/attempt-{n}/` (one run per attempt under one logdir); the
 document's `tensorboard_path` is that logdir. comet_ml and mlflow go to the Trainer's own integrations,
-where their packages are installed (services.py refuses them otherwise), with their keys from the
+where their packages are installed (job/services.py refuses them otherwise), with their keys from the
 environment (COMET_API_KEY, MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_PASSWORD), masked in every log line.
 Every tracker's callback is wrapped in `Tolerant`: its failure is a warning, never the job's.
 

@@ -36,7 +36,7 @@ QUESTIONS = ["What does the {a} say?", "What sound does a {a} make?", "Which noi
              "Tell me the sound of a {a}.", "How does the {a} speak?", "I hear a {a}. What sound is it?"]
 SYSTEM = "You answer with the animal's sound."
 
-# Gemma 3's chat template, as the job itself knows it (chat_templates.py).
+# Gemma 3's chat template, as the job itself knows it (models/chat_templates.py).
 CHAT_TEMPLATE = GEMMA3_TEXT
 
 

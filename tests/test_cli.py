@@ -1,6 +1,6 @@
 """gemma-job, the command line (operating/cli.py; issue 20, first part): submit --local queues and runs a job as
-the training service would start it, and without --local starts the Cloud Run job (against a stand-in for its Admin API); status reads the
-document back; cancel asks a job to stop, or cancels an execution that has not started; bad input exits 2 and
+the training service would start it, and without --local starts the Cloud Run job (against a stand-in for its
+Admin API); status reads the document back; cancel asks a job to stop, or cancels an execution that has not started; bad input exits 2 and
 queues nothing."""
 
 from __future__ import annotations
@@ -15,6 +15,26 @@ def request_file(tmp_path, req) -> str:
     path = tmp_path / "request.json"
     path.write_text(json.dumps(req))
     return str(path)
+
+
+def test_the_installed_command_runs_one_job_as_main_py_does(local_dir, tiny_root, tmp_path):
+    """`gemma-job run` (pyproject.toml's console script, installed by make setup) takes main.py's options and gives
+    its exit codes, from any folder."""
+    import os
+    import subprocess
+
+    env = {"PATH": os.environ["PATH"], **env_for(local_dir, "cli-run")}
+    ok = subprocess.run([GEMMA_JOB, "run", "--validate", "--config", request_file(tmp_path, sample_request(tiny_root))],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "request and dataset are valid" in ok.stdout, ok.stderr[-2000:]
+    bad = sample_request(tiny_root)
+    bad["training_config"]["method"] = "LoRAX"
+    refused = subprocess.run([GEMMA_JOB, "run", "--config", request_file(tmp_path, bad)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "training_config.method" in refused.stdout + refused.stderr
+    schema = subprocess.run([GEMMA_JOB, "run", "--schema"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert schema.returncode == 0 and json.loads(schema.stdout)["title"] == "TrainRequest"
 
 
 def test_submit_local_runs_the_job_and_status_reads_it(local_dir, tiny_root, tmp_path, capfd):

@@ -386,7 +386,7 @@ def test_merged_4bit_and_gguf_to_the_hub(local_dir, tiny_root):
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True  # QLoRA's own form (nf4_config)
     model = AutoModelForCausalLM.from_pretrained(str(repo))
     assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
-    # the size memory.py counts for the 4-bit files (its container-memory estimate), within 5 %
+    # the size models/memory.py counts for the 4-bit files (its container-memory estimate), within 5 %
     total, embeddings = count_params(AutoConfig.from_pretrained(str(tiny_root / "models" / "tiny-gemma3")))
     assert (repo / "model.safetensors").stat().st_size == pytest.approx(nf4_bytes(total, embeddings), rel=0.05)
     assert (repo / "model.safetensors").stat().st_size < 0.6 * (tiny_root / "models" / "tiny-gemma3" /

@@ -1,4 +1,4 @@
-"""Gemma 3n's text on a machine without timm (language_model.py), on the tiny whole checkpoint
+"""Gemma 3n's text on a machine without timm (models/language_model.py), on the tiny whole checkpoint
 (scripts/tiny_gemma3n.py): its language model trains alone, and its adapter and merge are keyed for the whole
 model that the platform's inference service loads (AutoModelForImageTextToText, model.language_model.*)."""
 

@@ -124,7 +124,7 @@ def test_the_base_stays_in_the_l4s_16_bits_under_lora_as_the_memory_model_counts
                                                                                     monkeypatch):
     """Loaded in the dtype the L4 configuration picks (bf16, above), on this CPU: every base parameter the 4-bit
     loader leaves unquantized (embeddings, norms; Gemma 4's experts and per-layer table) stays in bf16, as
-    memory.py counts it, and only the adapter is fp32. PEFT's prepare_model_for_kbit_training casts them all to
+    models/memory.py counts it, and only the adapter is fp32. PEFT's prepare_model_for_kbit_training casts them all to
     fp32, twice the memory the pre-flight allowed for (Gemma 3 4B's embeddings alone: 1.3 GB more)."""
     from models.memory import sixteen_bit_params
 

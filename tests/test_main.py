@@ -56,7 +56,7 @@ def test_bad_request_exits_2_fast_without_model_libraries(local_dir, tiny_root):
     out, seconds = run_subprocess(local_dir, "job-bad")
     assert out.returncode == 2, out.stderr
     assert "MODEL_LIBS_LOADED=False" in out.stdout
-    assert seconds < 5  # the README's target (1 s) is measured by benchmarks/cpu_bench.py, not here
+    assert seconds < 5  # docs/outputs.md's target (1 s) is measured by benchmarks/cpu_bench.py, not here
     doc = read_doc(local_dir, "job-bad")
     assert doc["status"] == "failed" and doc["error_type"] == "permanent"
     assert "unknown key 'learning_rte'; did you mean 'learning_rate'" in doc["error"]

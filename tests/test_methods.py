@@ -79,7 +79,7 @@ def test_memory_estimate_matches_gemma_sizes_and_refuses_what_cannot_fit(local_d
         total, emb, "LoRA", 2, 1024, gemma_1b)["total"]
     from models.memory import table
 
-    # the README's table: the published sizes, 4B and 12B with their vision towers
+    # docs/request.md's table: the published sizes, 4B and 12B with their vision towers
     sizes = {row["model"]: round(row["params_b"], 1) for row in table()}
     assert sizes == {"gemma-3-270m": 0.3, "gemma-3-1b": 1.0, "gemma-3-4b": 4.3, "gemma-3-12b": 12.2}
 

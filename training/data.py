@@ -232,7 +232,7 @@ PARALLEL_ROWS = 4000
 def encode(conv: list[dict[str, Any]] | str, tokenizer, max_length: int, assistant_only: bool,
            render=None) -> dict[str, Any]:
     """One row's input_ids and labels (-100 where no loss), truncated to max_length. `render(messages,
-    add_generation_prompt)` is the text of a conversation: the chat template, unless given (vision.py)."""
+    add_generation_prompt)` is the text of a conversation: the chat template, unless given (training/vision.py)."""
     if render is None:
         def render(messages, add_generation_prompt=False):
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -277,7 +277,7 @@ def _encode_batch(batch: dict[str, list], tokenizer, max_length: int, assistant_
 
 def require_chat_template(tokenizer) -> None:
     """Conversations are rendered with the tokenizer's chat template; a base without one (and without Gemma's
-    turn tokens, for which chat_templates.py gives it Gemma 3's) cannot take them."""
+    turn tokens, for which models/chat_templates.py gives it Gemma 3's) cannot take them."""
     if not tokenizer.chat_template:
         raise DatasetError("the rows are conversations, and the base's tokenizer has no chat template to render "
                            "them with (nor Gemma's turn tokens, for which the job has Gemma 3's); choose an "

@@ -7,7 +7,7 @@ scored against the reference answers.
 - The starting model answers before training begins: the base model (a new LoRA adapter is the identity
   until trained; Full has not moved yet), or the parent adapter of a continued job. No second model is
   loaded. The tuned model answers after training, on the same prompts.
-- Image+text jobs (vision.py builds their cases): the prompts carry their pictures, and each sample names
+- Image+text jobs (training/vision.py builds their cases): the prompts carry their pictures, and each sample names
   them (split, row, sha256), never their bytes.
 - Decoding: greedy, up to `eval_config.max_new_tokens`, ending at the chat template's stop tokens, batched
   with the KV cache (verification.greedy_reference, on the GPU where the model is).
@@ -41,7 +41,7 @@ class Cases:
     texts: list[str]  # the prompts as text, for people
     references: list[str]  # the reference answers (GRPO: the first grader's reference column, for people)
     columns: list[dict[str, Any]]  # GRPO: each row's reference columns, for the graders
-    files: list[list[bytes]] | None = None  # image+text: each prompt's encoded pictures (vision.py)
+    files: list[list[bytes]] | None = None  # image+text: each prompt's encoded pictures (training/vision.py)
     pixels_of: Any = None  # their pixels, made when the models answer (a Gemma 3 picture is 9.6 MB of floats)
     image_token_id: int | None = None
     images: list[str] | None = None  # and which pictures they are, for people: split, row, sha256

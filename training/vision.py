@@ -1,5 +1,5 @@
 """Image+text jobs on the model's side (modality 'vision'): the base's processor and the checks on the base,
-the rows vision_rows.py read turned into token ids and loss labels with the processor's own image expansion,
+the rows training/vision_rows.py read turned into token ids and loss labels with the processor's own image expansion,
 the collator that makes each batch's pixels, and the prompts with pictures that the verification and the
 base/tuned comparison show the models.
 
@@ -134,7 +134,7 @@ def vision_probes(prep, n: int = 16) -> tuple[list[list[int]], list[list[bytes]]
 
 
 def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "eval"):
-    """The base/tuned comparison's cases of an image+text job (generation.py): each eval row's prompt with its
+    """The base/tuned comparison's cases of an image+text job (training/generation.py): each eval row's prompt with its
     pictures, its reference answer (SFT: the last assistant turn; DPO: the chosen answer), and which pictures
     they are, by split, row and sha256, for the samples."""
     import hashlib

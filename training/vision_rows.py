@@ -1,5 +1,5 @@
 """Image+text rows (modality 'vision'): read as the preprocessing service writes them, checked, and their
-pictures decoded with Pillow. vision.py turns them into what the model reads.
+pictures decoded with Pillow. training/vision.py turns them into what the model reads.
 
 The platform's rows (gemma-facet/cloud-services preprocessing, written by `datasets` `to_parquet`):
 `messages` whose content parts carry `{type: "image"}` placeholders (in parquet `{type: "image", text:
