@@ -76,11 +76,12 @@ def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_d
     assert abs(two["metrics"]["eval_loss"] - one["metrics"]["eval_loss"]) <= 0.02 * one["metrics"]["eval_loss"]
     writes = dict(re.findall(r"\[rank (\d)\] INFO main: rank \d wrote the job document (\d+) times", out))
     assert writes["1"] == "0" and int(writes["0"]) > 5, out[-3000:]  # counted in each process
-    assert out.count("INFO export: uploaded adapter to") == 1 and "[rank 0] INFO export: uploaded adapter" in out
+    assert out.count("INFO exporting.export: uploaded adapter to") == 1
+    assert "[rank 0] INFO exporting.export: uploaded adapter" in out
     # one download per machine: rank 1 read the dataset rank 0 had downloaded
-    assert "[rank 1] INFO distributed: gs://gemma-dataset-bucket/processed_datasets/tiny-animals/train.parquet: " \
+    assert "[rank 1] INFO runtime.distributed: gs://gemma-dataset-bucket/processed_datasets/tiny-animals/train.parquet: " \
         "read where the node's first process downloaded it" in out
-    uploaded = re.findall(r"\[rank (\d)\] INFO checkpoints: checkpoint-(\d+) uploaded", out)
+    uploaded = re.findall(r"\[rank (\d)\] INFO training.checkpoints: checkpoint-(\d+) uploaded", out)
     steps = [int(step) for _, step in uploaded]
     assert {rank for rank, _ in uploaded} == {"0"} and len(steps) == len(set(steps))  # once each, by rank 0
     assert set(steps) - {15 * e for e in range(1, 5)}, steps  # and saves the clock asked for, between epochs
@@ -171,7 +172,7 @@ def test_a_permanent_error_on_rank_1_alone_is_exit_2(local_dir, tiny_root, tmp_p
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import base\n"
-        "    from errors import PermanentError\n"
+        "    from runtime.errors import PermanentError\n"
         "    def refuse(self):\n"
         "        raise PermanentError('the dataset copy on this machine is unreadable (rank 1 only)')\n"
         "    base.BaseTrainingJob.preflight = refuse\n")

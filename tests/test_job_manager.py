@@ -73,7 +73,7 @@ def test_progress_reaches_the_log_every_30_s(tmp_path, caplog):
     clock = FakeClock()
     tracker = JobTracker(LocalJobStore(tmp_path), "j", clock=clock)
     callback = progress_callback(tracker, log_every_s=30.0, clock=clock)
-    with caplog.at_level(logging.INFO, logger="progress"):
+    with caplog.at_level(logging.INFO, logger="runtime.progress"):
         for step in range(1, 121):  # one step a second for two minutes, each one logged by the Trainer
             clock.t = float(step)
             callback.on_log(None, SimpleNamespace(global_step=step, max_steps=120, epoch=step / 60), None,
@@ -82,7 +82,7 @@ def test_progress_reaches_the_log_every_30_s(tmp_path, caplog):
                              metrics={"eval_loss": 1.25, "eval_runtime": 0.5, "eval_samples_per_second": 9.0,
                                       "epoch": 2.0})
         callback.on_train_end(None, SimpleNamespace(global_step=120, max_steps=120, epoch=2.0), None)
-    assert [r.getMessage() for r in caplog.records if r.name == "progress"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "runtime.progress"] == [
         "step 1/120 (1%), epoch 0.02, loss 100",  # no time left to tell from one step
         "step 31/120 (26%), epoch 0.52, loss 3.226, about 1m29s left",  # 1 s a step, 89 to go
         "step 61/120 (51%), epoch 1.02, loss 1.639, about 59s left",

@@ -102,7 +102,7 @@ def test_log_model_end_logs_the_exported_adapter(log_model, local_dir, tiny_root
     job = f"wb-model-{log_model}"
     put_request(local_dir, job, wandb_request(tiny_root, log_model=log_model))
     assert main.main([], env_for(local_dir, job, WANDB_MODE="offline")) == 0
-    logged = re.findall(r"INFO tracking: (logged .* to W&B as artifact .*)", capfd.readouterr().err)
+    logged = re.findall(r"INFO runtime.tracking: (logged .* to W&B as artifact .*)", capfd.readouterr().err)
     run = offline_run(local_dir, job)
     in_run = any(b"adapter_model.safetensors" in data for name, data in run.items() if name.endswith(".wandb"))
     if log_model == "end":
