@@ -67,8 +67,9 @@ FRESH := tests/test_logs.py tests/test_main.py tests/test_kill.py \
 test-fresh: setup setup-gguf consumer
 	PREFORK=0 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(FRESH)
 
-# The Dockerfile linted, and the image's pins (requirements.txt, -gguf and -gpu) resolved together
+# The imports' order checked (ruff), the Dockerfile linted, and the image's pins (requirements.txt, -gguf and -gpu) resolved together
 # against the package registry without installing (nor compiling) anything.
 lint: setup
+	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pip install --dry-run --ignore-installed --quiet -r requirements.txt -r requirements-gguf.txt -r requirements-gpu.txt

@@ -17,29 +17,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from exporting.export import ExportJob, check_installed, export_artifacts
+from exporting.verification import pad_id, probe_prompts
+from job_manager import JobStatus, JobTracker
 from models.base_models import check_base_model
 from models.chat_templates import ensure_chat_template
+from models.memory import check_memory
+from runtime.distributed import DDP, FSDP, first_on_node, strategy_for
+from runtime.distributed import trainer_args as strategy_args
+from runtime.errors import Cancelled, Interrupted, PermanentError
+from runtime.libraries import check_attention, import_libraries, trl_classes
+from runtime.progress import progress_callback
+from runtime.settings import Settings
+from runtime.tracking import RunLogger, TensorBoardLog, Tolerant
+from schema import TrainRequest
+from storage import BlobStore, ModelHub
 from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
 from training.curves import curve_png, history_json
-from runtime.distributed import DDP, FSDP, first_on_node, strategy_for, trainer_args as strategy_args
 from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
-from runtime.errors import Cancelled, Interrupted, PermanentError
 from training.evaluation import eval_token_accuracy, reader_metrics
-from training.generation import answers, cases as generation_cases, compare
-from exporting.export import ExportJob, check_installed, export_artifacts
-from job_manager import JobStatus, JobTracker
+from training.generation import answers, compare
+from training.generation import cases as generation_cases
 from training.lineage import Parent, fetch_parent
-from runtime.libraries import check_attention, import_libraries, trl_classes
-from models.memory import check_memory
-from runtime.progress import progress_callback
 from training.rewards import build_reward, reference_fields
-from schema import TrainRequest
-from runtime.settings import Settings
-from storage import BlobStore, ModelHub
-from runtime.tracking import RunLogger, TensorBoardLog, Tolerant
-from exporting.verification import pad_id, probe_prompts
-from training.vision import VisionCollator, encode_vision, fit_vision_prompts, image_stats, image_token_id, \
-    image_token_ids, load_processor, pixel_values, vision_cases, vision_dataset, vision_probes
+from training.vision import (
+    VisionCollator,
+    encode_vision,
+    fit_vision_prompts,
+    image_stats,
+    image_token_id,
+    image_token_ids,
+    load_processor,
+    pixel_values,
+    vision_cases,
+    vision_dataset,
+    vision_probes,
+)
 from training.vision_rows import load_vision_splits
 
 logger = logging.getLogger(__name__)
@@ -94,7 +107,7 @@ class BaseTrainingJob:
             services.blobs, f"gs://{settings.export_bucket}/checkpoints/{settings.job_id}/",
             keep=self.cfg.hyperparameters.save_total_limit)
         self.guard = services.guard or Guard(read_doc=self.tracker.read)
-        self.parent: Parent | None = None  # the adapter this job continues (training/lineage.py), found at pre-flight
+        self.parent: Parent | None = None  # the adapter this job continues (training/lineage.py), from pre-flight
         # one of several processes (runtime/distributed.py): rank 0 alone compares, exports and records
         self.place = settings.place
         self.strategy: str | None = None  # DDP or FSDP with several processes, chosen at pre-flight
@@ -682,7 +695,8 @@ class BaseTrainingJob:
                            "not to the Hub repo %s", self.cfg.export_config.hf_repo_id)
         job = ExportJob(self.settings.job_id, self.cfg, self.request.model_dump(mode="json"), self.settings,
                         self.workdir, self.token(), self.base_model_kwargs(), self.save_merged, s.blobs, s.hub,
-                        s.run_logger, self.export_step, self.timings, self.parent.lineage if self.parent else None, extra,
+                        s.run_logger, self.export_step, self.timings,
+                        self.parent.lineage if self.parent else None, extra,
                         prep.processor, held_back)
         if prep.processor is None:
             return export_artifacts(job, trainer, tokenizer, metrics, probe_prompts(prep))

@@ -17,15 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from training.checkpoints import Guard
-from runtime.distributed import Nodes, NodeFiles, ReadOnlyStore, Topology, processes_per_node, record_error, start
-from runtime.errors import Cancelled, PermanentError, RequestError
-from job_manager import JobTracker
 from job.lifecycle import process_age, record_failure, run_attempt, summary
-from runtime.logs import setup_logging
-from schema import TrainRequest
-from runtime.settings import Settings, check_job_id, parse_settings
 from job.services import make_blobs, make_services, open_store
+from job_manager import JobTracker
+from runtime.distributed import NodeFiles, Nodes, ReadOnlyStore, Topology, processes_per_node, record_error, start
+from runtime.errors import Cancelled, PermanentError, RequestError
+from runtime.logs import setup_logging
+from runtime.settings import Settings, check_job_id, parse_settings
+from schema import TrainRequest
+from training.checkpoints import Guard
 
 logger = logging.getLogger("main")
 DEFAULT_REQUEST = Path(__file__).parent / "examples" / "local_default.json"

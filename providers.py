@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from models.artifacts import cast_saved
 from base import NOT_LANGUAGE, BaseTrainingJob
+from models.artifacts import cast_saved
 from runtime.errors import PermanentError
 
 logger = logging.getLogger(__name__)

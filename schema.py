@@ -13,8 +13,16 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # A path component that cannot escape its prefix: no slash, no leading dot.
 SAFE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -43,7 +51,8 @@ class Hyperparameters(StrictModel):
     learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
     batch_size: int = Field(2, ge=1, le=1024, description="Per-device train and eval batch size.")
     gradient_accumulation_steps: int = Field(4, ge=1, le=1024, description="Batches whose gradients are summed "
-                                             "before each optimizer step: the effective batch is batch_size times this.")
+                                             "before each optimizer step: the effective batch is batch_size times "
+                                             "this.")
     epochs: float = Field(3, gt=0, le=100, description="Training epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: off.")
     packing: bool = Field(False, description="SFT: pack several rows into one sequence; rows never attend "
@@ -565,7 +574,8 @@ class TrainingConfig(StrictModel):
 
     @property
     def comparison_rows(self) -> int:
-        """Eval rows both models answer (training/generation.py): generation_rows, else 64 (Unsloth: 0, not shown yet)."""
+        """Eval rows both models answer (training/generation.py): generation_rows, else 64 (Unsloth: 0, not shown
+        yet)."""
         rows = self.eval_config.generation_rows
         return rows if rows is not None else 0 if self.provider == "unsloth" else 64
 

@@ -51,8 +51,8 @@ def in_peft(ref, folder: Path, job):
 def in_transformers(ref, folder: Path):
     from transformers import AutoModelForCausalLM
 
-    from models.artifacts import weight_bytes
     from exporting.verification import check_transformers
+    from models.artifacts import weight_bytes
 
     return check_transformers(ref, lambda device: AutoModelForCausalLM.from_pretrained(str(folder), device_map=device),
                               weight_bytes(folder))
@@ -61,11 +61,17 @@ def in_transformers(ref, folder: Path):
 def main() -> None:
     from transformers import set_seed
 
-    from models.artifacts import complete_tokenizer_files, library_versions, save_4bit
     from exporting.export import export_gguf
+    from exporting.verification import (
+        check_gguf,
+        greedy_reference,
+        greedy_reference_unbatched,
+        pad_id,
+        probe_prompts,
+        stop_ids,
+    )
+    from models.artifacts import complete_tokenizer_files, library_versions, save_4bit
     from scripts.testbed import demo_request, local_job, make_tiny_fixtures
-    from exporting.verification import (check_gguf, greedy_reference, greedy_reference_unbatched, pad_id, probe_prompts,
-                              stop_ids)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_tiny_fixtures(Path(tmp))

@@ -139,7 +139,6 @@ def run_variant(variant: str, method: str, model_dir: Path, shape: str, seq: int
                                                     task_type="CAUSAL_LM"), callbacks=[timer.callback])
     else:
         from base import Prepared
-
         from scripts.testbed import local_job
 
         request["training_config"]["provider"] = "huggingface" if variant == "job" else "unsloth"

@@ -25,8 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from training.data import PARALLEL_ROWS, tokenize
     from scripts.testbed import make_tiny_fixtures
+    from training.data import PARALLEL_ROWS, tokenize
 
     root = make_tiny_fixtures(Path(tempfile.mkdtemp()))
     tok = AutoTokenizer.from_pretrained(str(root / "models" / "tiny-gemma3"))

@@ -38,10 +38,10 @@ from typing import Any
 from exporting.cards import CardFacts, base_license, model_card, modelfile
 from runtime.errors import PermanentError
 from runtime.libraries import cpu_threads
-from schema import GGUF_DIRECT, TrainingConfig
 from runtime.settings import Settings
-from storage import BlobStore, ModelHub
 from runtime.tracking import RunLogger
+from schema import GGUF_DIRECT, TrainingConfig
+from storage import BlobStore, ModelHub
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,21 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
     `image_token`, the token a picture's embeddings take the place of."""
     import torch
 
-    from models.artifacts import complete_tokenizer_files, portable_vision_keys, save_4bit, write_portable_adapter_config
-    from exporting.verification import (MAX_NEW_TOKENS, greedy_reference, pad_id, stop_ids, verify_adapter, verify_gguf,
-                              verify_merged)
-
+    from exporting.verification import (
+        MAX_NEW_TOKENS,
+        greedy_reference,
+        pad_id,
+        stop_ids,
+        verify_adapter,
+        verify_gguf,
+        verify_merged,
+    )
+    from models.artifacts import (
+        complete_tokenizer_files,
+        portable_vision_keys,
+        save_4bit,
+        write_portable_adapter_config,
+    )
     from models.base_models import base_config
     from models.language_model import trains_alone, whole_adapter_keys, whole_merged
 

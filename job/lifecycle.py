@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from training.checkpoints import CANCEL
-from runtime.errors import Cancelled, PermanentError
 from job_manager import JobStatus, JobTracker
+from runtime.errors import Cancelled, PermanentError
 from runtime.request import parse_request, strip_secrets
-from schema import TrainRequest
 from runtime.settings import Settings
+from schema import TrainRequest
 from storage import BlobStore
+from training.checkpoints import CANCEL
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-from runtime.errors import PermanentError
 from job_manager import FirestoreJobStore, LocalJobStore
-from schema import TrainRequest, WandbConfig
+from runtime.errors import PermanentError
 from runtime.settings import Settings
-from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
 from runtime.tracking import NullRunLogger, TensorBoardLog, WandbRunLogger
+from schema import TrainRequest, WandbConfig
+from storage import GcsBlobStore, HfModelHub, LocalBlobStore, LocalModelHub
 
 # Trackers handed to the Trainer's own integration where their package (of the same name) is installed; this
 # image has neither.

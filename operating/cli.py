@@ -37,11 +37,19 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import PermanentError
-from operating.launch import (cancel_execution, cloud_run_job_name, log_path, queue_job, run_cloud_job, settings_for,
-                    start_local, tee_output)
-from runtime.request import parse_request
 from job.services import make_blobs, open_store
+from operating.launch import (
+    cancel_execution,
+    cloud_run_job_name,
+    log_path,
+    queue_job,
+    run_cloud_job,
+    settings_for,
+    start_local,
+    tee_output,
+)
+from runtime.errors import PermanentError
+from runtime.request import parse_request
 
 
 def submit(args, env) -> int:

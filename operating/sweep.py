@@ -32,9 +32,16 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
+from operating.launch import (
+    cloud_run_job_name,
+    execution_finished,
+    queue_job,
+    run_cloud_job,
+    settings_for,
+    start_local,
+    stop_local,
+)
 from runtime.errors import PermanentError, RequestError
-from operating.launch import (cloud_run_job_name, execution_finished, queue_job, run_cloud_job,
-                    settings_for, start_local, stop_local)
 from runtime.request import parse_request
 from schema import Hyperparameters, normalise
 

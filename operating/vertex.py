@@ -82,8 +82,8 @@ def submit(args, env, text: str, request, job_id: str) -> int:
     if args.dry_run:
         print(aip.CustomJob.to_json(custom))
         return 0
-    from operating.launch import queue_job, settings_for
     from job.services import make_blobs, open_store
+    from operating.launch import queue_job, settings_for
 
     try:
         settings = settings_for(job_id, {**env, "BACKEND": "gcp"})

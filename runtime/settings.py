@@ -94,7 +94,8 @@ class Settings(StrictModel):
 
     @property
     def place(self) -> Topology:
-        """This process's place among the run's processes (runtime/distributed.py), from WORLD_SIZE, RANK, LOCAL_RANK."""
+        """This process's place among the run's processes (runtime/distributed.py), from WORLD_SIZE, RANK and
+        LOCAL_RANK."""
         return Topology(self.world_size, self.rank, self.local_rank)
 
     @property

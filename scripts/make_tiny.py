@@ -112,8 +112,14 @@ def make_multimodal_model(out: Path, tokenizer_dir: Path) -> None:
     import shutil
 
     import torch
-    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil,
-                              Gemma3Processor, SiglipVisionConfig)
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        SiglipVisionConfig,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), extra_special_tokens=IMAGE_TOKENS)
     tok.chat_template = MM_CHAT_TEMPLATE

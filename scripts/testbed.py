@@ -19,19 +19,19 @@ def local_job(request: dict[str, Any], root: Path, job_id: str = "unit"):
     """A provider's job wired to the local services under `root`, for driving the workflow step by step
     (tests and benchmarks): the same classes main() builds for BACKEND=local, without W&B, and the
     random generators seeded with the request's seed."""
-    from base import Services
-    from job_manager import JobTracker
-    from providers import PROVIDERS
-    from schema import TrainRequest
-    from job.services import make_blobs, open_store
-    from runtime.settings import Settings
-    from storage import LocalModelHub
-    from runtime.tracking import NullRunLogger
-
     import random
 
     import numpy
     import torch
+
+    from base import Services
+    from job.services import make_blobs, open_store
+    from job_manager import JobTracker
+    from providers import PROVIDERS
+    from runtime.settings import Settings
+    from runtime.tracking import NullRunLogger
+    from schema import TrainRequest
+    from storage import LocalModelHub
 
     req, settings = TrainRequest.model_validate(request), Settings(job_id=job_id, local_dir=str(root))
     # Seeded as run() seeds before the model is loaded (transformers.set_seed: Python's, NumPy's and torch's

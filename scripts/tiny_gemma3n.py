@@ -17,8 +17,15 @@ from pathlib import Path
 def make_gemma3n_model(out: Path, tokenizer_dir: Path) -> Path:
     import torch
     from safetensors.torch import save_file
-    from transformers import (AutoTokenizer, Gemma3nAudioConfig, Gemma3nAudioEncoder, Gemma3nConfig,
-                              Gemma3nForCausalLM, Gemma3nTextConfig, Gemma3nVisionConfig)
+    from transformers import (
+        AutoTokenizer,
+        Gemma3nAudioConfig,
+        Gemma3nAudioEncoder,
+        Gemma3nConfig,
+        Gemma3nForCausalLM,
+        Gemma3nTextConfig,
+        Gemma3nVisionConfig,
+    )
     from transformers.models.gemma3n.modeling_gemma3n import Gemma3nMultimodalEmbedder
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -78,8 +78,15 @@ def save(model, tok, out: Path, name: str) -> None:
 
 def make_gemma4_models(models: Path, tokenizer_dir: Path) -> list[Path]:
     import torch
-    from transformers import (Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig,
-                              Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration, Gemma4VisionConfig)
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4TextConfig,
+        Gemma4UnifiedConfig,
+        Gemma4UnifiedForConditionalGeneration,
+        Gemma4VisionConfig,
+    )
 
     shipped = templates()
     vision = Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,

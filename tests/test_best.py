@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from training import checkpoints
 import main
 from conftest import env_for, put_request, read_doc, sample_request
 from runtime.errors import RequestError
 from runtime.request import parse_request
 from storage import LocalBlobStore
+from training import checkpoints
 
 EXPORT = "gemma-export-bucket"
 

@@ -1,14 +1,15 @@
 """gemma-job, the command line (operating/cli.py; issue 20, first part): submit --local queues and runs a job as
 the training service would start it, and without --local starts the Cloud Run job (against a stand-in for its
-Admin API); status reads the document back; cancel asks a job to stop, or cancels an execution that has not started; bad input exits 2 and
+Admin API); status reads the document back; cancel asks a job to stop, or cancels an execution that has not
+started; bad input exits 2 and
 queues nothing."""
 
 from __future__ import annotations
 
 import json
 
-from operating import cli
 from conftest import GEMMA_JOB, env_for, read_doc, sample_request
+from operating import cli
 
 
 def request_file(tmp_path, req) -> str:

@@ -10,9 +10,9 @@ import pytest
 
 from base import Prepared
 from conftest import sample_request
-from scripts.testbed import local_job
 from providers import PROVIDERS
 from runtime.libraries import trl_classes
+from scripts.testbed import local_job
 
 HP = {"learning_rate": 3e-5, "batch_size": 4, "gradient_accumulation_steps": 3, "epochs": 2, "max_steps": 7,
       "lr_scheduler_type": "cosine", "max_grad_norm": 0.5, "adam_beta1": 0.8, "adam_beta2": 0.95,

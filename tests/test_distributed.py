@@ -79,7 +79,8 @@ def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_d
     assert out.count("INFO exporting.export: uploaded adapter to") == 1
     assert "[rank 0] INFO exporting.export: uploaded adapter" in out
     # one download per machine: rank 1 read the dataset rank 0 had downloaded
-    assert "[rank 1] INFO runtime.distributed: gs://gemma-dataset-bucket/processed_datasets/tiny-animals/train.parquet: " \
+    assert "[rank 1] INFO runtime.distributed: " \
+        "gs://gemma-dataset-bucket/processed_datasets/tiny-animals/train.parquet: " \
         "read where the node's first process downloaded it" in out
     uploaded = re.findall(r"\[rank (\d)\] INFO training.checkpoints: checkpoint-(\d+) uploaded", out)
     steps = [int(step) for _, step in uploaded]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import main
-from runtime.libraries import cpu_threads
-from reader import export_job_problems
 from conftest import env_for, make_job, put_request, read_doc, sample_request
+from reader import export_job_problems
+from runtime.libraries import cpu_threads
 
 try:
     import llama_cpp
@@ -45,8 +45,8 @@ def trained(tiny_root, tmp_path_factory):
     """The demo's LoRA run, trained once, its reference continuations and its bf16 merge."""
     from transformers import set_seed
 
-    from models.artifacts import complete_tokenizer_files
     from exporting.verification import greedy_reference, pad_id, probe_prompts, stop_ids
+    from models.artifacts import complete_tokenizer_files
 
     root = tmp_path_factory.mktemp("export")
     shutil.copytree(tiny_root / "gemma-dataset-bucket", root / "gemma-dataset-bucket")
@@ -419,8 +419,8 @@ def test_an_artifact_that_disagrees_fails_the_job_and_nothing_is_uploaded(local_
 def test_agreement_counts_decided_positions_and_keeps_near_ties_apart():
     """A near tie (the trained model's top two logits closer than NEAR_TIE) that flips never fails a job; a
     decided position that differs does."""
-    from runtime import errors
     from exporting.verification import NEAR_TIE, Reference, agreement, record
+    from runtime import errors
 
     tie = NEAR_TIE / 2
     ref = Reference([[1, 2, 3, 4, 5, 6]], [2], margins=[[9.0, 9.0, tie, 9.0, 9.0, 0.0]])

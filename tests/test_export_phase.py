@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 
-from exporting import export
 import main
-from training.checkpoints import CheckpointStore, Guard
 from conftest import env_for, make_job, put_request, read_doc, sample_request
-from runtime.errors import Cancelled, Interrupted
+from exporting import export
 from job_manager import LocalJobStore
+from runtime.errors import Cancelled, Interrupted
 from storage import LocalBlobStore
+from training.checkpoints import CheckpointStore, Guard
 
 EXPORT = "gemma-export-bucket"
 

@@ -217,8 +217,8 @@ def test_checkpoints_round_trip_through_gcs_with_concurrent_transfers(gcp, tmp_p
     nested ones included, back byte for byte; a checkpoint that lost a file after its marker is passed over."""
     import os
 
-    from training.checkpoints import MARKER, CheckpointStore
     from storage import GcsBlobStore
+    from training.checkpoints import MARKER, CheckpointStore
 
     store = CheckpointStore(GcsBlobStore(project=gcp.env["PROJECT_ID"], workers=4),
                             f"gs://{gcp.export_bucket}/checkpoints/rt/", keep=2)
@@ -245,8 +245,8 @@ def test_a_checkpoint_is_complete_by_its_manifest_not_by_its_file_names(gcp, tmp
     import json
     import os
 
-    from training.checkpoints import MARKER, CheckpointStore
     from storage import GcsBlobStore
+    from training.checkpoints import MARKER, CheckpointStore
 
     store = CheckpointStore(GcsBlobStore(project=gcp.env["PROJECT_ID"]), f"gs://{gcp.export_bucket}/checkpoints/mf/",
                             keep=3)

@@ -106,7 +106,7 @@ def test_the_fixtures_thought_template_renders_as_the_31b_ships_it(tiny_root):
 
 
 def test_rows_with_nothing_to_train_beyond_a_small_share_are_refused(tiny_root):
-    from training.data import DatasetError, MAX_DROPPED_SHARE, check_dropped, load_tokenizer, tokenize
+    from training.data import MAX_DROPPED_SHARE, DatasetError, check_dropped, load_tokenizer, tokenize
 
     tokenizer = load_tokenizer(str(tiny_root / "models" / "tiny-gemma4"), None, False)
     rows = demo_rows()

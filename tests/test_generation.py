@@ -11,10 +11,10 @@ import pytest
 import main
 from conftest import env_for, make_job, put_request, read_doc, sample_request
 from runtime.errors import RequestError
-from training.generation import Cases, answers, compare, exact_match
 from runtime.request import parse_request
-from training.rewards import similarity
 from schema import TrainRequest
+from training.generation import Cases, answers, compare, exact_match
+from training.rewards import similarity
 
 EXPORT = "gemma-export-bucket"
 
@@ -163,7 +163,8 @@ def test_a_model_the_improvement_gate_holds_back_never_reaches_the_hub(local_dir
 def test_preference_rows_compare_with_the_chosen_answer_and_grpo_with_its_graders(tiny_root):
     from transformers import AutoTokenizer
 
-    from training.generation import cases as find_cases, scores
+    from training.generation import cases as find_cases
+    from training.generation import scores
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_root / "models" / "tiny-gemma3"))
     prompt = [{"role": "user", "content": "What does the cat say?"}]

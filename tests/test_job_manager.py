@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from runtime.errors import Cancelled, PermanentError
 from job_manager import JobStatus, JobTracker, LocalJobStore
+from runtime.errors import Cancelled, PermanentError
 
 READER_STATUSES = {"queued", "preparing", "training", "completed", "failed"}
 

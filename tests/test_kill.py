@@ -75,8 +75,8 @@ def test_kill_9_against_the_emulators_then_rerun(gcp, tiny_root):
     that was complete by its manifest when the last was killed, and the job completes with every step."""
     from google.cloud import storage as gcs
 
-    from training.checkpoints import CheckpointStore
     from storage import GcsBlobStore
+    from training.checkpoints import CheckpointStore
 
     gcp.put_dataset(tiny_root)
     job_id = "kill-gcs"

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 import main
-from models.artifacts import sha256
 from conftest import env_for, make_job, put_request, read_doc, sample_request
+from models.artifacts import sha256
 from runtime.errors import RequestError
 from runtime.request import parse_request
 
@@ -131,8 +131,8 @@ def test_continuation_fields_accepted_and_refused():
 def test_the_hub_client_downloads_an_adapter_and_names_what_is_missing(parent, tmp_path):
     """HfModelHub.download_adapter through huggingface_hub against the Hub stub: the files arrive whole, with
     the token; a repo without the files, or none at all, is a permanent error naming the field."""
-    from runtime.errors import PermanentError
     from hub_stub import HubStub
+    from runtime.errors import PermanentError
     from storage import HfModelHub
 
     folder = parent / EXPORT / "trained_adapters" / "parent"

@@ -14,8 +14,8 @@ import pytest
 
 import base
 import main
-from runtime import tracking
 from conftest import ROOT, env_for, put_request, read_doc, sample_request
+from runtime import tracking
 from runtime.logs import JsonFormatter, RedactingFilter
 
 HF_SECRET = "hf_FAKEsecretVALUE1234567890abcdefghij"

@@ -69,9 +69,8 @@ def test_a_dora_adapter_serves_what_was_trained_in_the_inference_service(local_d
     the job's libraries. transformers 5.17's own adapter loading does not (a trap the card warns of):
     should that part start failing, transformers has mended it and the card's warning can go."""
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
-
     from test_consumers import consumer_loads
+    from transformers import AutoModelForCausalLM
 
     job, prep, trainer, _ = train(local_dir, tiny_root, "dora", use_dora=True)
     artifacts = job.export(trainer, prep.tokenizer, {}, prep)

@@ -88,8 +88,8 @@ def test_container_memory_estimate_where_the_disk_is_memory():
     """Cloud Run (32 GiB): the base's cached files, the merge and the GGUF are memory too."""
     import pytest
 
-    from runtime.errors import PermanentError
     from models.memory import GIB, PROCESS, check_host, host_bytes
+    from runtime.errors import PermanentError
     from schema import TrainRequest
 
     def cfg(method="QLoRA", **export):

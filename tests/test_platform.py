@@ -11,12 +11,12 @@ import pytest
 
 from base import Prepared
 from conftest import put_request, read_doc
-from runtime.errors import RequestError
-from scripts.testbed import local_job
 from platform_requests import facet_flat, facet_request, grader, predecessor_flat, predecessor_grouped
+from runtime.errors import RequestError
+from runtime.libraries import trl_classes
 from runtime.request import parse_request
 from schema import RL_DEFAULTS, TRL_DEFAULTS
-from runtime.libraries import trl_classes
+from scripts.testbed import local_job
 
 LENGTHS = [128, 256, 512, 1024, 4096]
 GRADERS = [grader("built_in", name="format", function_name="format_reward"),
@@ -293,9 +293,8 @@ def test_a_pretrained_base_without_a_chat_template_trains_in_gemma_3s_turn_forma
     # the inference service's pinned peft 0.14.0 / transformers 4.56.0 render prompts with the exported template
     # (the base has none to give them) and answer as the job's own libraries do
     import torch
-    from transformers import AutoTokenizer
-
     from test_consumers import PROMPT, consumer_loads, our_logits
+    from transformers import AutoTokenizer
 
     got = consumer_loads({"pt": exported}, tmp_path)["pt"]
     assert (got["peft"], got["transformers"]) == ("0.14.0", "4.56.0")

@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 
 import pytest
 
-from training.checkpoints import MARKER, CheckpointStore, Guard
 from conftest import ROOT, env_for, put_request, read_doc, sample_request
-from runtime.errors import Interrupted
 from job_manager import LocalJobStore
 from main import main
 from reader import problems
+from runtime.errors import Interrupted
 from storage import LocalBlobStore
+from training.checkpoints import MARKER, CheckpointStore, Guard
 
 STEP_LOSS = re.compile(r"step (\d+)/\d+: loss=([0-9.e+-]+)")
 RESUMED = re.compile(r"resuming from checkpoint-(\d+)")

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from training.rewards import (arithmetic, build_reward, completion_text, count_xml_score, expression_score, extract_answer,
-                     first_number, format_score, numerical_score, reference_fields, similarity, string_check)
 from schema import Grader
+from training.rewards import (
+    arithmetic,
+    build_reward,
+    completion_text,
+    count_xml_score,
+    expression_score,
+    extract_answer,
+    first_number,
+    format_score,
+    numerical_score,
+    reference_fields,
+    similarity,
+    string_check,
+)
 
 GOOD = "<think>2 and 2</think>\n<answer>4</answer>"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from operating import cli
 from conftest import GEMMA_JOB, ROOT, env_for, read_doc, sample_request
+from operating import cli
 
 SPACE = "learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nlora_rank: {choices: [4, 8]}\n"
 
@@ -153,8 +153,8 @@ def test_the_journal_in_a_gcs_bucket_keeps_both_writers_records(gcp):
     enforces the precondition), so neither loses the other's records; a study reloaded from it has both."""
     import optuna
 
-    from storage import GcsBlobStore
     from operating.sweep import BlobJournal
+    from storage import GcsBlobStore
 
     prefix = f"gs://{gcp.export_bucket}/sweeps/two/journal/"
     one, two = BlobJournal(GcsBlobStore(), prefix), BlobJournal(GcsBlobStore(), prefix)
@@ -221,8 +221,8 @@ def test_a_trial_of_a_platform_request_trains_with_the_trials_values(form, tiny_
     space is checked against it, and each trial's values are what the job reads, also in the flat forms,
     where training_config's own learning_rate would otherwise win over a merged `hyperparameters` group."""
     import platform_requests
-    from runtime.request import parse_request
     from operating.sweep import check_space, distributions, trial_request
+    from runtime.request import parse_request
 
     base = str(tiny_root / "models" / "tiny-gemma3")
     build = {"facet": platform_requests.facet_request, "facet_flat": platform_requests.facet_flat,

@@ -173,9 +173,9 @@ def test_a_tracker_this_image_lacks_is_refused_with_the_install_line(tracker, lo
 
 
 def test_report_to_wandb_without_wandb_config_uses_its_defaults(local_dir, tiny_root):
+    from job.services import make_services
     from runtime.request import parse_request
     from scripts.testbed import local_job
-    from job.services import make_services
 
     req = sample_request(tiny_root, report_to=["wandb"])
     parsed = parse_request(json.dumps(req))

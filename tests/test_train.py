@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.artifacts import sha256
 from conftest import make_job, sample_request
+from models.artifacts import sha256
 from training.evaluation import token_accuracy
 
 

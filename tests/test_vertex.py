@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from operating import cli
 from conftest import sample_request
+from operating import cli
 from runtime.distributed import DDP, FSDP, Nodes, Topology, strategy_for, trainer_args
 
 
@@ -142,11 +142,11 @@ def test_the_launcher_records_a_killed_rank_that_rank_0_did_not_record(tmp_path,
 
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from runtime import distributed
     import main
     from job_manager import JobTracker, LocalJobStore
-    from schema import TrainRequest
+    from runtime import distributed
     from runtime.settings import Settings
+    from schema import TrainRequest
 
     store = LocalJobStore(tmp_path)
     store.create("k", {"job_id": "k", "status": status, "error": "rank 0: SIGTERM"})

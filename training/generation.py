@@ -25,8 +25,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from training.rewards import build_reward, completion_text, normalise, similarity
 from schema import TrainingConfig
+from training.rewards import build_reward, completion_text, normalise, similarity
 
 logger = logging.getLogger(__name__)
 

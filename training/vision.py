@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from training.data import encode
 from runtime.errors import PermanentError
+from training.data import encode
 from training.vision_rows import SKIPPED, VisionSplit, decode
 
 logger = logging.getLogger(__name__)

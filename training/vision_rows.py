@@ -20,8 +20,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.data import DatasetError, check_reference_columns, check_turns, read_splits
 from runtime.errors import PermanentError
+from training.data import DatasetError, check_reference_columns, check_turns, read_splits
 
 logger = logging.getLogger(__name__)
 
