@@ -61,7 +61,7 @@ test: setup setup-gguf consumer
 
 # The tests about the process itself (JSON log lines from the first byte, SIGTERM and its checkpoint, kill -9 and
 # a rerun, exit codes) with every job in a fresh interpreter, as production starts it, not forked from
-# tests/prefork's warm server (about 2 min on 2 cores). CI runs it after `make test`.
+# tests/prefork's warm server (about 3 min on 2 cores). CI runs it after `make test`.
 FRESH := tests/test_logs.py tests/test_main.py tests/test_kill.py \
 	tests/test_reliability.py::test_sigterm_saves_a_checkpoint_and_exits_1
 test-fresh: setup setup-gguf consumer
