@@ -640,7 +640,8 @@ class BaseTrainingJob:
         if found and found["verdict"] == "better":
             artifacts["promoted"] = True
             return
-        self.tracker.write({**{k: artifacts[k] for k in ("adapter_path", "gguf_path", "artifacts") if k in artifacts},
+        kept = ("adapter_path", "gguf_path", "artifacts", "verification", "export_failures")  # an artifact's failure too
+        self.tracker.write({**{k: artifacts[k] for k in kept if k in artifacts},
                             "promoted": False})
         self.clear_checkpoints()  # the export is done and uploaded: no retry will train again
         if not found:
@@ -660,8 +661,8 @@ class BaseTrainingJob:
         failed = artifacts.pop("export_failures", None)
         if not failed:
             return
-        self.tracker.write({**{k: artifacts[k] for k in ("adapter_path", "gguf_path", "artifacts", "verification")
-                               if k in artifacts}, "export_failures": failed})
+        self.tracker.write({**{k: artifacts[k] for k in ("adapter_path", "gguf_path", "artifacts", "verification",
+                                                         "promoted") if k in artifacts}, "export_failures": failed})
         self.clear_checkpoints()
         uploaded = [f"{kind} {uri}" for group in artifacts["artifacts"].values() for kind, uri in group.items()]
         raise PermanentError(" ".join(failed.values()) + f" The other exports passed their checks and are uploaded: "

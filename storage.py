@@ -68,6 +68,7 @@ def _files(local_dir: Path) -> list[Path]:
 class LocalBlobStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._sums: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> CRC32C: each file read once
 
     def path(self, uri: str) -> Path:
         bucket, key = parse_gs_uri(uri)
@@ -87,7 +88,15 @@ class LocalBlobStore:
         return [f"gs://{bucket}/{p.relative_to(self.root / bucket).as_posix()}" for p in _files(base)]
 
     def stat(self, prefix_uri: str) -> dict[str, tuple[int, str]]:
-        return {uri: (self.path(uri).stat().st_size, crc32c(self.path(uri))) for uri in self.list(prefix_uri)}
+        found = {}
+        for uri in self.list(prefix_uri):
+            path = self.path(uri)
+            info = path.stat()
+            key = (str(path), info.st_size, info.st_mtime_ns)
+            if key not in self._sums:
+                self._sums[key] = crc32c(path)
+            found[uri] = (info.st_size, self._sums[key])
+        return found
 
     def download(self, uri: str, path: Path) -> Path:
         src = self.path(uri)
