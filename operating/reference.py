@@ -1,5 +1,5 @@
 """The request's reference page (docs/request-reference.md), generated from the pydantic models that validate it
-(schema.py): every field of every section, its type, default and description, in the models' own order.
+(schema.py): every field of every section, its type, default and description, in the order a reader meets them.
 `gemma-job reference > docs/request-reference.md` writes it; tests/test_docs.py fails when the committed page
 differs from what the models generate."""
 
