@@ -58,6 +58,13 @@ def test_local_sweep_of_six_trials_killed_midway_resumes_without_rerunning_finis
     first.kill()
     before_kill = first.communicate()[0]
     finished = {k: read_doc(local_dir, k)["completed_at"] for k in done}
+    # Until the stopped trials have recorded their SIGTERM (a second attempt beside a first still writing its end
+    # would be two processes on one job, which Cloud Run never runs): its final write may replay an older state
+    wait_until = time.monotonic() + 30
+    while time.monotonic() < wait_until and any(
+            d["status"] not in ("failed", "completed") for k, d in trial_docs(local_dir, "sw").items()
+            if k not in finished):
+        time.sleep(0.2)
     time.sleep(1.0)
     # the trials it had started were stopped with it (SIGTERM on their parent's death), each with a checkpoint
     interrupted = {k: d for k, d in trial_docs(local_dir, "sw").items() if k not in finished}
@@ -74,7 +81,8 @@ def test_local_sweep_of_six_trials_killed_midway_resumes_without_rerunning_finis
     docs = trial_docs(local_dir, "sw")
     assert sorted(docs) == [f"sw-{n:03d}" for n in range(6)] and all(d["status"] == "completed" for d in docs.values())
     assert all(d["sweep_id"] == "sw" and d["trial"] == int(k[-3:]) for k, d in docs.items())
-    assert all(d["last_eval"]["step"] == d["total_steps"] for d in docs.values())  # the pruner's reading
+    assert all(d["last_eval"]["step"] == d["total_steps"] for d in docs.values()), \
+        {k: (d["last_eval"], d["total_steps"], d.get("resumed_from_step")) for k, d in docs.items()}  # the pruner's
 
     results = json.loads((local_dir / "gemma-export-bucket" / "sweeps" / "sw" / "results.json").read_text())
     values = {r["job_id"]: r["eval_loss"] for r in results["trials"]}
