@@ -32,7 +32,7 @@ from runtime.settings import Settings
 from runtime.tracking import RunLogger, TensorBoardLog, Tolerant
 from schema import TrainRequest
 from storage import BlobStore, ModelHub
-from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step
+from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step, ended
 from training.curves import curve_png, history_json
 from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
 from training.evaluation import eval_token_accuracy, reader_metrics
@@ -558,6 +558,8 @@ class BaseTrainingJob:
             step = int(last.name.rsplit("-", 1)[1])
             logger.info("resuming from checkpoint-%d", step)
             self.tracker.write({"resumed_from_step": step})
+        if last and ended(last) and not self.place.distributed:
+            return self.finished_training(trainer, last)
         if self.parent and not last and trainer.eval_dataset is not None:
             # Where the continued adapter starts: its parent's eval loss on this job's eval split
             start = trainer.evaluate()
@@ -576,6 +578,21 @@ class BaseTrainingJob:
                               f"checkpoint saved; the next attempt resumes from it.")
         self.record_best(trainer)  # training is over (a stopped attempt's best is the next one's to say)
         return dict(result.metrics)
+
+    def finished_training(self, trainer, last: Path) -> dict[str, Any]:
+        """Training had ended before an earlier attempt stopped (in its export): the weights and state of its last
+        checkpoint, and no further step. Resumed there mid-epoch, the Trainer (transformers 5.17) trains one step
+        past max_steps before it checks, which would change the model the request asked for. Its own loaders, as
+        train(resume_from_checkpoint=...) calls them; the best checkpoint where the request exports that."""
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(last))
+        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+        if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+            trainer._load_best_model()
+        logger.info("training had ended at step %d: its weights restored, no step trained", trainer.state.global_step)
+        self.record_best(trainer)
+        return {}
 
     def record_best(self, trainer) -> None:
         """best_step, best_metric and stop_reason in the document, where the request picks a best checkpoint."""

@@ -50,6 +50,15 @@ def best_step(folder: Path) -> int | None:
     return checkpoint_step(best)
 
 
+def ended(folder: Path) -> bool:
+    """Whether a checkpoint folder is training's last: its Trainer state's global step reached max_steps."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
 class CheckpointStore:
     def __init__(self, blobs: BlobStore, prefix_uri: str, keep: int = 2):
         self.blobs, self.prefix, self.keep = blobs, prefix_uri.rstrip("/") + "/", keep
