@@ -72,6 +72,14 @@ def adapted_modules(model) -> dict[str, Any]:
     return {"modules": sorted({re.sub(r"\.\d+(?=\.)", ".*", n) for n in names}), "count": len(names)}
 
 
+# What an export that ends the job early (require_improvement, a failed check) records of what it uploaded
+EXPORTED = ("adapter_path", "gguf_path", "artifacts", "verification", "export_failures", "promoted")
+
+
+def exported(artifacts: dict[str, Any]) -> dict[str, Any]:
+    return {k: artifacts[k] for k in EXPORTED if k in artifacts}
+
+
 @dataclass
 class Services:
     blobs: BlobStore
@@ -657,9 +665,7 @@ class BaseTrainingJob:
         if found and found["verdict"] == "better":
             artifacts["promoted"] = True
             return
-        kept = ("adapter_path", "gguf_path", "artifacts", "verification", "export_failures")  # an artifact's failure too
-        self.tracker.write({**{k: artifacts[k] for k in kept if k in artifacts},
-                            "promoted": False})
+        self.tracker.write({**exported(artifacts), "promoted": False})
         self.clear_checkpoints()  # the export is done and uploaded: no retry will train again
         if not found:
             raise PermanentError("eval_config.require_improvement: the models' answers could not be compared (see "
@@ -678,8 +684,7 @@ class BaseTrainingJob:
         failed = artifacts.pop("export_failures", None)
         if not failed:
             return
-        self.tracker.write({**{k: artifacts[k] for k in ("adapter_path", "gguf_path", "artifacts", "verification",
-                                                         "promoted") if k in artifacts}, "export_failures": failed})
+        self.tracker.write({**exported(artifacts), "export_failures": failed})
         self.clear_checkpoints()
         uploaded = [f"{kind} {uri}" for group in artifacts["artifacts"].values() for kind, uri in group.items()]
         raise PermanentError(" ".join(failed.values()) + f" The other exports passed their checks and are uploaded: "

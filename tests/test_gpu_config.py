@@ -111,8 +111,8 @@ def test_gradient_checkpointing_as_on_a_gpu_trains_the_adapter_the_same(method, 
         job.train(trainer)
         layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         assert layers and all(m.gradient_checkpointing == checkpointing for m in layers)
-        assert hasattr(model.get_input_embeddings(), "_forward_hooks") and \
-            (len(model.get_input_embeddings()._forward_hooks) > 0) == checkpointing  # the input-grads hook
+        hooks = model.get_input_embeddings()._forward_hooks
+        assert (len(hooks) > 0) == checkpointing  # transformers' input-grads hook, only with checkpointing
         adapters[checkpointing] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
         assert all(not torch.equal(adapters[checkpointing][n], initial[n]) for n in initial)  # every one trained
     for name, plain in adapters[False].items():
