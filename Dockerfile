@@ -1,5 +1,5 @@
 # The training job's image: one NVIDIA L4 on Cloud Run (driver CUDA 12.2).
-# torch's cu126 wheels carry their own CUDA 12.6 libraries, which run on a 12.2 driver through
+# torch's (and torchvision's) cu126 wheels carry their own CUDA 12.6 libraries, which run on a 12.2 driver through
 # CUDA minor-version compatibility. The base stays at 12.2 because nvidia/cuda images declare
 # NVIDIA_REQUIRE_CUDA=cuda>=<their version>, and the NVIDIA container runtime refuses to start a
 # 12.6 image on a 12.2 driver; "base" (cudart only) because torch brings the rest.
@@ -36,9 +36,11 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY requirements.txt requirements-gguf.txt requirements-gpu.txt /tmp/
 COPY --from=llama-wheel /wheels /wheels
 COPY --from=llama-wheel /opt/llama.cpp /opt/venv/share/llama.cpp
-# The CUDA build of the pinned torch first, so that requirements.txt's torch==X is already met; then
-# llama-cpp-python from the wheel built above (--only-binary: met from /wheels, never compiled here).
+# The CUDA 12.6 builds of the pinned torch and torchvision first (PyTorch 2.14 publishes 12.6 as its legacy CUDA
+# line; PyPI's builds are CUDA 13, which a 12.2 driver cannot run), so that requirements.txt's pins are already
+# met; then llama-cpp-python from the wheel built above (--only-binary: met from /wheels, never compiled here).
 RUN pip install --index-url https://download.pytorch.org/whl/cu126 "$(grep '^torch==' /tmp/requirements.txt)" \
+    "$(grep '^torchvision==' /tmp/requirements.txt)" \
  && pip install --only-binary llama-cpp-python --find-links /wheels \
     -r /tmp/requirements.txt -r /tmp/requirements-gguf.txt -r /tmp/requirements-gpu.txt \
  && rm -rf /wheels

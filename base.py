@@ -48,6 +48,7 @@ from training.vision import (
     image_token_id,
     image_token_ids,
     load_processor,
+    per_image,
     pixel_values,
     vision_cases,
     vision_dataset,
@@ -60,8 +61,8 @@ logger = logging.getLogger(__name__)
 # What LoRA never adapts by accident: the parts of a multimodal Gemma (3 at 4B and up, 3n, 4) that are not its
 # language model (towers, projectors, Gemma 4's embedders), Gemma 4's per-layer-embedding projections and its
 # MoE routers. 'all-linear' would reach every one of them.
-NOT_LANGUAGE = (r".*\.(vision_tower|audio_tower|multi_modal_projector|embed_vision|embed_audio)\..*"
-                r"|.*\.per_layer_(input_gate|projection|model_projection)|.*\.router\..*")
+NEVER_ADAPTED = r".*\.per_layer_(input_gate|projection|model_projection)|.*\.router\..*"
+NOT_LANGUAGE = r".*\.(vision_tower|audio_tower|multi_modal_projector|embed_vision|embed_audio)\..*|" + NEVER_ADAPTED
 
 
 def adapted_modules(model) -> dict[str, Any]:
@@ -255,7 +256,8 @@ class BaseTrainingJob:
             # image path), refused from the config alone
             family = check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code,
                                       self.cfg.vision, self.cfg.provider, self.cfg.export_format == "merged"
-                                      and self.cfg.export_config.merged_dtype == "q4")
+                                      and self.cfg.export_config.merged_dtype == "q4",
+                                      self.cfg.export_config.wants_gguf)
             if family.consumer_note:
                 self.services.run_logger.warn(family.consumer_note)
             splits = self.timed("load_data", self.load_data)
@@ -293,7 +295,7 @@ class BaseTrainingJob:
         if not train.rows and getattr(train, "too_many", None):
             budget = f"max_length {hp.max_length}" if sft else f"max_prompt_length {hp.prompt_length}"
             raise DatasetError(f"every train row was left out: {len(train.too_many)} hold more image tokens than fit "
-                               f"in {budget} ({processor.image_seq_length} per image), {train.dropped} have no "
+                               f"in {budget} ({per_image(processor)} per image), {train.dropped} have no "
                                f"trainable token within it; raise hyperparameters.{budget.split()[0]}, or send "
                                "fewer images per row.")
         if not train.rows:

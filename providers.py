@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from base import NOT_LANGUAGE, BaseTrainingJob
+from base import NEVER_ADAPTED, NOT_LANGUAGE, BaseTrainingJob
 from models.artifacts import cast_saved
 from runtime.errors import PermanentError
 
@@ -43,7 +43,7 @@ class HuggingFaceTrainingJob(BaseTrainingJob):
         kwargs = self.lora_kwargs()
         exclude = NOT_LANGUAGE if towers else None
         if self.cfg.vision:
-            kwargs, exclude = vision_lora(kwargs, self.cfg.hyperparameters)
+            kwargs, exclude = vision_lora(kwargs, self.cfg.hyperparameters, model)
         return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", exclude_modules=exclude, **kwargs))
 
     def save_merged(self, model, tokenizer, out_dir: Path) -> None:
@@ -129,23 +129,29 @@ class UnslothTrainingJob(BaseTrainingJob):
         cast_saved(out_dir, merge_dtype(self.cfg.export_config.merged_dtype))
 
 
-# SigLIP's linear layers (Gemma 3's vision tower), which LoRA adapts beside the language model's when
-# finetune_vision_layers is on; the projector is a weight, not a layer, and is trained whole.
+# The vision tower's linear layers, which LoRA adapts beside the language model's when finetune_vision_layers is
+# on: SigLIP's (Gemma 3), and the linear inside each of Gemma 4's Gemma4ClippableLinear wrappers (PEFT adapts
+# linear layers, not the wrapper, whose names are the language model's q_proj...: excluded in the tower). The
+# projector (Gemma 3's multi_modal_projector, Gemma 4's embed_vision) is trained whole.
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+GEMMA4_VISION_TARGETS = ("linear",)
 LANGUAGE = r".*language_model\..*"
 
 
-def vision_lora(kwargs: dict[str, Any], hp) -> tuple[dict[str, Any], str | None]:
+def vision_lora(kwargs: dict[str, Any], hp, model) -> tuple[dict[str, Any], str | None]:
     """LoRA's targets and exclusions for an image+text model: the language model's layers, the vision
     tower's (finetune_vision_layers, with the projector in modules_to_save), or both."""
     if not hp.finetune_vision_layers:
         return kwargs, NOT_LANGUAGE
+    gemma4 = any(type(m).__name__ == "Gemma4ClippableLinear" for m in model.modules())
     targets = kwargs["target_modules"]
     if not isinstance(targets, str):
-        targets = sorted(set(targets) | set(VISION_TARGETS))
-    saved = sorted(set(kwargs.get("modules_to_save") or []) | {"multi_modal_projector"})
-    exclude = r".*audio_tower\..*" if hp.finetune_language_layers else f"({LANGUAGE}|.*audio_tower\\..*)"
-    return kwargs | {"target_modules": targets, "modules_to_save": saved}, exclude
+        targets = sorted(set(targets) | set(GEMMA4_VISION_TARGETS if gemma4 else VISION_TARGETS))
+    projector = "embed_vision" if gemma4 else "multi_modal_projector"
+    saved = sorted(set(kwargs.get("modules_to_save") or []) | {projector})
+    never = [r".*(audio_tower|embed_audio)\..*", NEVER_ADAPTED] + ([r".*vision_tower\..*_proj"] if gemma4 else []) + \
+        ([] if hp.finetune_language_layers else [LANGUAGE])
+    return kwargs | {"target_modules": targets, "modules_to_save": saved}, "|".join(f"({x})" for x in never)
 
 
 def merge_dtype(merged_dtype: str):

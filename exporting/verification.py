@@ -41,10 +41,26 @@ Predict = Callable[[list[int], int], list[int]]  # (a reference sequence, its in
 
 
 @dataclass
+class Pictures:
+    """Pictures as an image+text model reads them: the image processor's tensors (pixel_values; Gemma 4's also
+    image_position_ids) and the key under which the model takes the image tokens' marks (Gemma 3:
+    token_type_ids; Gemma 4: mm_token_type_ids)."""
+    tensors: dict[str, Any]
+    type_key: str = "token_type_ids"
+
+    def inputs(self, ids, image_token_id: int | None, dtype=None) -> dict[str, Any]:
+        """What the model reads beside `ids`: the tensors on their device (floats in `dtype`, where given) and the
+        image tokens marked."""
+        out = {k: v.to(ids.device, dtype) if dtype is not None and v.is_floating_point() else v.to(ids.device)
+               for k, v in self.tensors.items()}
+        return out | {self.type_key: (ids == image_token_id).long()}
+
+
+@dataclass
 class Reference:
     sequences: list[list[int]]  # prompt + the trained model's greedy continuation
     starts: list[int]  # where each continuation begins
-    pixels: list[Any] | None = None  # image+text: each prompt's images as the processor's pixel tensor (or None)
+    pixels: list[Any] | None = None  # image+text: each prompt's Pictures (or None)
     image_token_id: int | None = None
     image_files: list[list[bytes]] | None = None  # and as encoded pictures, for llama.cpp's own preprocessing
     margins: list[list[float]] | None = None  # the trained model's top-1 minus top-2 logit at each position
@@ -123,8 +139,7 @@ def with_margins(model, ref: Reference) -> Reference:
     with torch.no_grad():
         for i, seq in enumerate(ref.sequences):
             ids = torch.tensor([seq], device=device)
-            pixels = ref.images(i)
-            extra = image_inputs(ids, None if pixels is None else pixels.to(model.dtype), ref.image_token_id)
+            extra = image_inputs(ids, ref.images(i), ref.image_token_id, model.dtype)
             top = model(input_ids=ids, use_cache=False, **extra).logits[0].float().topk(2, dim=-1).values
             ref.margins.append((top[:, 0] - top[:, 1]).tolist())
     return ref
@@ -151,12 +166,9 @@ def _generate_batches(model, prompts, stops, pad, batch_size, config, device) ->
     return sequences
 
 
-def image_inputs(ids, pixels, image_token_id: int | None) -> dict[str, Any]:
-    """What an image+text model reads beside the ids: the pixels, and token_type_ids marking the image tokens
-    (Gemma 3 attends over an image's tokens both ways)."""
-    if pixels is None:
-        return {}
-    return {"pixel_values": pixels.to(ids.device), "token_type_ids": (ids == image_token_id).long()}
+def image_inputs(ids, pixels: Pictures | None, image_token_id: int | None, dtype=None) -> dict[str, Any]:
+    """What an image+text model reads beside the ids (Pictures.inputs); nothing for a prompt without pictures."""
+    return {} if pixels is None else pixels.inputs(ids, image_token_id, dtype)
 
 
 def _generate_with_images(model, prompts, stops, config, device, images, image_token_id, image_files) -> Reference:
@@ -167,7 +179,7 @@ def _generate_with_images(model, prompts, stops, config, device, images, image_t
     with torch.no_grad():
         for prompt, pixels in zip(prompts, images):
             ids = torch.tensor([list(prompt)], device=device)
-            extra = image_inputs(ids, None if pixels is None else pixels.to(model.dtype), image_token_id)
+            extra = image_inputs(ids, pixels, image_token_id, model.dtype)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                  **extra)
             new = []
@@ -243,8 +255,7 @@ def transformers_predict(model, ref: Reference) -> Predict:
     def predict(ids: list[int], i: int) -> list[int]:
         with torch.no_grad():
             tensor = torch.tensor([ids], device=device)
-            pixels = ref.images(i)
-            extra = image_inputs(tensor, None if pixels is None else pixels.to(model.dtype), ref.image_token_id)
+            extra = image_inputs(tensor, ref.images(i), ref.image_token_id, model.dtype)
             return model(input_ids=tensor, use_cache=False, **extra).logits[0].argmax(-1).tolist()
 
     return predict

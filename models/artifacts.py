@@ -105,11 +105,12 @@ def write_portable_adapter_config(folder: Path) -> dict[str, Any]:
     return dropped
 
 
-# Kept in 16 bits in an image+text model's 4-bit form: the SigLIP tower and the projector lose too much in
-# NF4 (Unsloth keeps them too), and the output head, which bitsandbytes keeps by default (a list replaces it).
+# Kept in 16 bits in an image+text model's 4-bit form: the vision tower and its projector (Gemma 3's SigLIP and
+# multi_modal_projector, Gemma 4's tower and embed_vision) lose too much in NF4 (Unsloth keeps them too), and the
+# output head, which bitsandbytes keeps by default (a list replaces it).
 # Full module paths: transformers 5 matches these from the start of a module's name (a bare "vision_tower"
 # matches nothing and the tower went 4-bit: tests/test_vision_methods.py), 4.x anywhere in it.
-VISION_16BIT = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+VISION_16BIT = ["model.vision_tower", "model.multi_modal_projector", "model.embed_vision", "lm_head"]
 
 
 def nf4_config(compute_dtype, vision: bool = False, sharded: bool = False, keep: tuple[str, ...] = ()):

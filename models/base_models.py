@@ -110,11 +110,11 @@ def family_of(config, model_id: str) -> Family:
 
 
 def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool,
-                     provider: str = "huggingface", merged_q4: bool = False) -> Family:
+                     provider: str = "huggingface", merged_q4: bool = False, gguf: bool = False) -> Family:
     """Refuse, from the config alone (before any weight is downloaded), a base this job cannot train (family_of),
-    and, for images, a text-only Gemma (Gemma 3 270M and 1B) or one whose image path the job has not shown
-    (Gemma 4: its processor, with a variable number of image tokens per image, needs torchvision; Gemma 3n:
-    its tower needs timm); Gemma 3n with Unsloth, or merged in 4 bits (`merged_q4`)."""
+    and, for images, a text-only Gemma (Gemma 3 270M and 1B), one whose image path the job has not shown (Gemma 4
+    12B's linear embedder; Gemma 3n: its tower needs timm), or Gemma 4 where torchvision, which its processor needs,
+    cannot be imported, or Gemma 4's images in a GGUF; Gemma 3n with Unsloth, or merged in 4 bits (`merged_q4`)."""
     config = base_config(model_id, token, trust_remote_code)
     family = family_of(config, model_id)
     if config.model_type == "gemma3n" and (images or provider == "unsloth"):
@@ -130,15 +130,21 @@ def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, 
                              f"({config.model_type}), and modality 'vision' sends it images; use an image+text "
                              "Gemma (Gemma 3 4B, 12B or 27B, e.g. google/gemma-3-4b-it), or modality 'text' "
                              "with a text dataset.")
+    if config.model_type == "gemma4_unified":
+        raise PermanentError(f"training_config.modality: 'vision' with {model_id!r} (Gemma 4 12B, gemma4_unified): "
+                             "its linear image embedder has not been shown with this job; train it on text (modality "
+                             "'text'), or images on another Gemma 4 (e.g. google/gemma-4-E4B-it) or a Gemma 3.")
     if config.model_type.startswith("gemma4"):
         try:
-            import torchvision  # noqa: F401  (Gemma 4's processor imports its video processor, which needs it)
-            missing = ""
-        except Exception as e:  # noqa: BLE001 - a CUDA torchvision beside a CPU torch fails with RuntimeError
-            missing = f" here torchvision cannot be imported ({type(e).__name__}: {str(e)[:120]}), which its " \
-                      "processor needs, and"
-        raise PermanentError(f"training_config.modality: 'vision' with {model_id!r} (Gemma 4):{missing} this job "
-                             "trains images on Gemma 3's processor only (a fixed 256 tokens per image), not yet "
-                             "on Gemma 4's; train Gemma 4 on text (modality 'text'), or images on a Gemma 3 "
-                             "(e.g. google/gemma-3-4b-it).")
+            import torchvision  # noqa: F401  (Gemma 4's processor builds its video processor, which needs it)
+        except Exception as e:  # noqa: BLE001 - a torchvision built for another torch fails with RuntimeError
+            raise PermanentError(f"training_config.modality: 'vision' with {model_id!r} (Gemma 4): its processor needs "
+                                 f"torchvision, which cannot be imported here ({type(e).__name__}: {str(e)[:120]}); "
+                                 "install the torchvision that requirements.txt pins (the job's image has it), or "
+                                 "train Gemma 4 on text (modality 'text').") from None
+        if gguf:
+            raise PermanentError(f"export_config.format: a GGUF of {model_id!r} (Gemma 4) trained on images: the pinned "
+                                 "llama.cpp's Gemma 4 image path (its mmproj and mtmd) does not read pictures as "
+                                 "transformers does (docs/request.md), so the GGUF would fail its check after "
+                                 "training; export 'adapter' or 'merged', or train Gemma 4 on text for a GGUF.")
     return family

@@ -104,16 +104,24 @@ def int8_bytes(total: int, embeddings: int) -> float:
     return 2.0 * embeddings + 1.0 * (total - embeddings)
 
 
+GEMMA4_IMAGE_TOKENS = 280  # Gemma4ImageProcessor's max_soft_tokens by default
+
+
 def vision_bytes(config, images: int, tower: int, method: str, tower_trains: bool) -> float:
     """An image+text job's extra memory (training/vision.py): the processor's fp32 pixel tensors of a batch's `images`,
     the SigLIP tower's activations (every layer's kept when the tower trains, about two layers' otherwise),
     and, with QLoRA, the tower kept in 16 bits rather than 4 (artifacts.VISION_16BIT). Each image's tokens
-    in the language model (256 for Gemma 3) are inside max_length, which the activations count already."""
+    in the language model (256 for Gemma 3, up to 280 for Gemma 4) are inside max_length, which the activations
+    count already. Gemma 4's tower reads a picture as up to its processor's budget of patches (280 tokens at
+    its default, each pooled from 3 x 3 patches of 16 x 16 pixels: 2,520 patches), padded to that budget."""
     vision = getattr(config, "vision_config", None)
     if vision is None or not images:
         return 0.0
-    patches = (vision.image_size // vision.patch_size) ** 2
-    pixels = images * 3 * vision.image_size ** 2 * 4
+    if getattr(vision, "image_size", None):  # Gemma 3: a fixed square
+        patches = (vision.image_size // vision.patch_size) ** 2
+    else:  # Gemma 4: the processor's default budget
+        patches = GEMMA4_IMAGE_TOKENS * vision.pooling_kernel_size ** 2
+    pixels = images * patches * 3 * vision.patch_size ** 2 * 4
     kept = vision.num_hidden_layers if tower_trains else 2
     activations = images * patches * (vision.hidden_size * 6 + vision.intermediate_size) * 2 * kept
     return pixels + activations + ((2.0 - 0.52) * tower if method == "QLoRA" else 0.0)

@@ -23,6 +23,8 @@ def test_image_installs_the_tested_pins_with_cuda_torch_and_portable_llama_cpp()
     pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert re.search(r"--index-url https://download.pytorch.org/whl/cu12\d+ .*grep '\^torch=='", DOCKERFILE)
+    # torchvision from the same CUDA 12 index, in the same command (PyPI's would bring a CUDA 13 torch)
+    assert re.search(r"whl/cu12\d+ .*grep '\^torch==' [^\n]*\\\n\s+\"\$\(grep '\^torchvision=='", DOCKERFILE)
     assert "torch" in pins and "llama-cpp-python" not in pins  # an extra: make demo never compiles it
     assert "-r /tmp/requirements.txt -r /tmp/requirements-gguf.txt -r /tmp/requirements-gpu.txt" in DOCKERFILE
     assert re.search(r"^USER 1000:1000$", DOCKERFILE, re.M) and "PYTHONUNBUFFERED=1" in DOCKERFILE

@@ -197,15 +197,6 @@ def test_their_hub_names_are_refused_at_validation(name):
         TrainRequest.model_validate({"processed_dataset_id": "d", "training_config": {"base_model_id": fine}})
 
 
-def test_gemma_4_images_are_refused_with_exit_2_naming_why(tiny_root):
-    from models.base_models import check_base_model
-    from runtime.errors import PermanentError
-
-    with pytest.raises(PermanentError, match=r"training_config.modality: 'vision' with .*Gemma 4.*modality 'text'"):
-        check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, True)
-    assert check_base_model(str(tiny_root / "models" / "tiny-gemma4-e2b"), None, False, False).name == "Gemma 4"
-
-
 
 @pytest.mark.parametrize("model", ["tiny-gemma4-moe", "tiny-gemma4-e2b"])
 def test_qlora_memory_counts_what_bitsandbytes_leaves_in_16_bits(model, tiny_root):

@@ -23,7 +23,7 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 
 def vision_request(tiny_root: Path, **training) -> dict:
     request = json.loads((ROOT / "examples" / "local_vision.json").read_text())
-    request["training_config"].update(base_model_id=str(tiny_root / "models" / "tiny-gemma3-mm"), **training)
+    request["training_config"].update({"base_model_id": str(tiny_root / "models" / "tiny-gemma3-mm"), **training})
     return request
 
 

@@ -3,8 +3,13 @@ the rows training/vision_rows.py read turned into token ids and loss labels with
 the collator that makes each batch's pixels, and the prompts with pictures that the verification and the
 base/tuned comparison show the models.
 
+- Two processors: Gemma 3's (the template's <start_of_image> becomes a fixed 256 image tokens) and Gemma 4's (the
+  template's <|image|> becomes as many tokens as the picture's size gives, up to the processor's budget: 280 by
+  default; its tensors carry each patch's position, and the model reads the image tokens' marks as
+  mm_token_type_ids). The counts come from the processor itself (`_get_num_multimodal_tokens`, from each
+  picture's size, read from its header); tests/test_vision_gemma4.py checks them against the processor's own call.
 - Labels: the assistant's text only (or every text token with assistant_only_loss off); image tokens never.
-- A row whose images do not fit in max_length (Gemma 3: 256 tokens each) is left out and counted.
+- A row whose images do not fit in max_length is left out and counted.
 - Pixels are made per batch by the collator (a Gemma 3 image is 3 x 896 x 896 floats: 9.6 MB), from the
   encoded bytes each row keeps.
 """
@@ -16,8 +21,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from exporting.verification import Pictures
 from runtime.errors import PermanentError
-from training.data import encode
+from training.data import DatasetError, encode
 from training.vision_rows import SKIPPED, VisionSplit, decode
 
 logger = logging.getLogger(__name__)
@@ -27,11 +33,19 @@ def load_processor(model_id: str, token: str | None, trust_remote_code: bool):
     """The base's processor (tokenizer + image processor), with the image expansion this module relies on."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
-    if not hasattr(processor, "full_image_sequence") or not hasattr(processor, "image_processor"):
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, token=token, trust_remote_code=trust_remote_code)
+    except OSError as e:  # a file the processor needs is not there (a network failure reads otherwise: retried)
+        if "Can't load" not in str(e):
+            raise
+        raise PermanentError(f"training_config.base_model_id: {model_id!r} lacks its image processor's files "
+                             f"({str(e)[:160]}); an image+text job needs Gemma 3's or Gemma 4's image+text processor "
+                             "saved with the model (as Google's repos have it): use the published repo, or save "
+                             "the processor into the folder.") from None
+    if not hasattr(processor, "image_processor") or not (fixed(processor) or sized(processor)):
         raise PermanentError(f"training_config.base_model_id: {model_id!r} has a {type(processor).__name__}, not "
-                             "Gemma 3's image+text processor; use a Gemma 3 model of 4B or more (e.g. "
-                             "google/gemma-3-4b-it).")
+                             "Gemma 3's or Gemma 4's image+text processor; use a Gemma 3 model of 4B or more (e.g. "
+                             "google/gemma-3-4b-it) or a Gemma 4 (e.g. google/gemma-4-E4B-it).")
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
@@ -48,15 +62,48 @@ class Encoded:
     dropped_truncated: int = 0
 
 
+def fixed(processor) -> bool:
+    """Gemma 3's processor: every picture the same number of tokens, in place of the template's <start_of_image>."""
+    return hasattr(processor, "full_image_sequence")
+
+
+def sized(processor) -> bool:
+    """Gemma 4's processor: each picture as many tokens as its size gives, in place of the template's <|image|>."""
+    return type(processor).__name__ == "Gemma4Processor"
+
+
+def image_counts(processor, images: list[bytes]) -> list[int]:
+    """How many image tokens each picture takes, in order, from its size alone (its header, not its pixels)."""
+    if not images:
+        return []
+    import io
+
+    from PIL import Image
+
+    sizes = []
+    for b in images:
+        with Image.open(io.BytesIO(b)) as image:
+            sizes.append((image.height, image.width))
+    return list(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
+
+
+def per_image(processor) -> str:
+    """How many tokens a picture takes, for people: Gemma 3's fixed count, or Gemma 4's budget."""
+    if fixed(processor):
+        return str(processor.image_seq_length)
+    return f"up to {processor.image_processor.max_soft_tokens}, by its size,"
+
+
 def encode_vision(split: VisionSplit, processor, max_length: int, assistant_only: bool) -> Encoded:
     """input_ids and labels of each row with its images expanded to the model's image tokens (the
     processor's own expansion), and the encoded images beside them; rows whose image tokens do not fit in
     max_length are left out (Encoded.too_many: their indices in split.rows)."""
-    tok, image_id, per_image = processor.tokenizer, image_token_id(processor.tokenizer), processor.image_seq_length
+    tok, image_id = processor.tokenizer, image_token_id(processor.tokenizer)
     out = Encoded()
     for i, row in enumerate(split.rows):
-        enc = encode(row["messages"], tok, max_length, assistant_only, partial(render, processor))
-        if enc["input_ids"].count(image_id) < per_image * len(row["images"]):
+        counts = image_counts(processor, row["images"])
+        enc = encode(row["messages"], tok, max_length, assistant_only, partial(render, processor, counts=counts))
+        if enc["input_ids"].count(image_id) < sum(counts):
             out.too_many.append(i)
             continue
         labels = [-100 if t == image_id else x for t, x in zip(enc["input_ids"], enc["labels"])]
@@ -78,16 +125,24 @@ def image_token_id(tokenizer) -> int:
 
 
 def image_token_ids(processor) -> list[int]:
-    """The tokens that stand for pictures (Gemma 3: start, soft and end of image), which no answer may hold."""
+    """The tokens that stand for pictures (start, soft and end of image), which no answer may hold."""
     tok = processor.tokenizer
     return sorted({tok.convert_tokens_to_ids(t) for t in (tok.boi_token, tok.image_token, tok.eoi_token)})
 
 
-def render(processor, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    """A conversation as the model reads it: the chat template, each image expanded to its tokens (the
-    processor's own expansion)."""
+def render(processor, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+           counts: list[int] | tuple[int, ...] = ()) -> str:
+    """A conversation as the model reads it: the chat template, each image expanded to its tokens as the processor
+    expands it (Gemma 4: the i-th picture to counts[i] tokens, image_counts)."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return text.replace(processor.boi_token, processor.full_image_sequence)
+    if fixed(processor):
+        return text.replace(processor.boi_token, processor.full_image_sequence)
+    parts = text.split(processor.image_token)
+    if len(parts) - 1 > len(counts):
+        raise DatasetError(f"a conversation renders {len(parts) - 1} pictures and has {len(counts)}: each "
+                           "{'type': 'image'} part needs its image in the row's images, in order.")
+    return parts[0] + "".join(f"{processor.boi_token}{processor.image_token * n}{processor.eoi_token}{part}"
+                              for n, part in zip(counts, parts[1:]))
 
 
 def fit_vision_prompts(split: VisionSplit, processor, max_prompt_length: int) -> Encoded:
@@ -97,9 +152,10 @@ def fit_vision_prompts(split: VisionSplit, processor, max_prompt_length: int) ->
     tok = processor.tokenizer
     out = Encoded()
     for i, row in enumerate(split.rows):
-        n = len(tok(render(processor, row["prompt"], True), add_special_tokens=False)["input_ids"])
+        counts = image_counts(processor, row["images"])
+        n = len(tok(render(processor, row["prompt"], True, counts), add_special_tokens=False)["input_ids"])
         if n > max_prompt_length:
-            if processor.image_seq_length * len(row["images"]) >= max_prompt_length:
+            if sum(counts) >= max_prompt_length:
                 out.too_many.append(i)
             else:
                 out.dropped += 1
@@ -127,7 +183,8 @@ def vision_probes(prep, n: int = 16) -> tuple[list[list[int]], list[list[bytes]]
     processor, rows = prep.processor, (prep.eval or prep.train).rows[:n]
     if rows and "prompt" in rows[0]:
         tok = processor.tokenizer
-        prompts = [tok(render(processor, r["prompt"], True), add_special_tokens=False)["input_ids"] for r in rows]
+        prompts = [tok(render(processor, r["prompt"], True, image_counts(processor, r["images"])),
+                       add_special_tokens=False)["input_ids"] for r in rows]
     else:
         prompts = probe_prompts(prep, n, longest=1 << 30)  # never cut: an image's tokens go whole or not at all
     return prompts, probe_images(processor, rows, prompts)
@@ -159,7 +216,8 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
             prompt, reference = row["messages"][:-1], completion_text(row["messages"][-1:])
         else:
             continue
-        ids = tok(render(processor, prompt, True), add_special_tokens=False)["input_ids"]
+        ids = tok(render(processor, prompt, True, image_counts(processor, row["images"])),
+                  add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.hyperparameters.max_length:
             continue
         out.prompts.append(ids)
@@ -172,18 +230,22 @@ def vision_cases(cfg, split: VisionSplit, processor, limit: int, name: str = "ev
     return out
 
 
-def pixel_values(processor, images: list[bytes]):
-    """The processor's pixel tensor for encoded images, in order; None for none."""
+def pixel_values(processor, images: list[bytes]) -> Pictures | None:
+    """The image processor's tensors for encoded images, in order (those the model reads: Gemma 4's patch
+    positions beside the pixels); None for none."""
     if not images:
         return None
-    return processor.image_processor(images=[decode(b) for b in images], return_tensors="pt")["pixel_values"]
+    out = processor.image_processor(images=[decode(b) for b in images], return_tensors="pt")
+    names = processor.model_input_names
+    return Pictures({k: v for k, v in out.items() if k in names},
+                    "mm_token_type_ids" if "mm_token_type_ids" in names else "token_type_ids")
 
 
 @dataclass
 class VisionCollator:
-    """A batch of encoded rows: right-padded ids, labels and attention mask, token_type_ids marking the
-    image tokens (Gemma 3 attends over an image's tokens both ways), and the pixels of every image in the
-    batch, in order."""
+    """A batch of encoded rows: right-padded ids, labels and attention mask, the image tokens marked (Gemma 3's
+    token_type_ids, Gemma 4's mm_token_type_ids: an image's tokens attend to each other both ways), and the
+    pixels of every image in the batch, in order."""
     processor: Any
     pad_id: int
 
@@ -196,11 +258,10 @@ class VisionCollator:
         batch = {"input_ids": ids,
                  "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"]))
                                                  for r in rows]),
-                 "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
-                 "token_type_ids": (ids == image_id).long()}
-        pixels = pixel_values(self.processor, [b for r in rows for b in r["image_bytes"]])
-        if pixels is not None:
-            batch["pixel_values"] = pixels
+                 "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])}
+        pictures = pixel_values(self.processor, [b for r in rows for b in r["image_bytes"]])
+        if pictures is not None:
+            batch |= pictures.inputs(ids, image_id)
         return batch
 
 
@@ -221,7 +282,12 @@ def image_stats(splits: dict[str, VisionSplit], encoded: dict[str, Encoded]) -> 
 def probe_images(processor, rows: list[dict[str, Any]], prompts: list[list[int]]) -> list[list[bytes]]:
     """For each verification prompt (the first tokens of rows, in order), the encoded images whose tokens
     it holds."""
-    tok = processor.tokenizer
-    image_id = image_token_id(tok)
-    return [row.get("image_bytes", row.get("images"))[:prompt.count(image_id) // processor.image_seq_length]
-            for row, prompt in zip(rows, prompts)]
+    import itertools
+
+    image_id = image_token_id(processor.tokenizer)
+    held = []
+    for row, prompt in zip(rows, prompts):
+        images = row.get("image_bytes", row.get("images"))
+        room = prompt.count(image_id)
+        held.append(images[:sum(1 for n in itertools.accumulate(image_counts(processor, images)) if n <= room)])
+    return held

@@ -1,0 +1,202 @@
+"""Image+text fine-tuning of Gemma 4 (modality 'vision'): its processor gives each picture as many image tokens as
+its size does, with each patch's position, and the model reads the image tokens' marks as mm_token_type_ids. The
+job's expansion and tensors are the processor's own; the tiny E2B-like model learns to name the colour it is shown
+from the platform's vision dataset unchanged, and its merged export is an image+text model whose answer follows the
+picture; the 31B-like template trains every answer token beside the pictures; LoRA on the tower adapts the linear
+inside each Gemma4ClippableLinear; the 12B's embedder, and Gemma 4 images without torchvision, are refused."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from conftest import read_doc
+from test_vision import EXPORT, colour_of, eval_rows, new_root, run_job, vision_request
+
+E2B, DENSE = "tiny-gemma4-e2b", "tiny-gemma4"
+
+
+def picture(width: int, height: int, colour=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def processor_of(tiny_root, model: str = DENSE):
+    from training.vision import load_processor
+
+    return load_processor(str(tiny_root / "models" / model), None, False)
+
+
+def test_the_expansion_and_the_tensors_are_the_processors_own(tiny_root):
+    """Three pictures of three sizes in one turn: the job's rendering, tokenized, is the processor's own call's
+    input_ids, and the model's inputs beside them (pixels, patch positions, image-token marks) are its tensors."""
+    import torch
+
+    from training.vision import image_counts, image_token_id, pixel_values, render
+    from training.vision_rows import decode
+
+    processor = processor_of(tiny_root)
+    pictures = [picture(28, 28), picture(300, 100, (30, 60, 220)), picture(200, 500, (30, 180, 40))]
+    messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "This,"},
+                                             {"type": "image", "text": None}, {"type": "image", "text": None},
+                                             {"type": "text", "text": "which colours?"}]}]
+    counts = image_counts(processor, pictures)
+    assert len(set(counts)) == 3 and max(counts) <= 70, counts  # by each picture's size, within the budget
+    ids = processor.tokenizer(render(processor, messages, True, counts), add_special_tokens=False)["input_ids"]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    theirs = processor(text=[text], images=[[decode(b) for b in pictures]], return_tensors="pt",
+                       add_special_tokens=False)
+    assert ids == theirs["input_ids"][0].tolist()
+    assert ids.count(image_token_id(processor.tokenizer)) == sum(counts)
+    ours = pixel_values(processor, pictures).inputs(torch.tensor([ids]), image_token_id(processor.tokenizer))
+    assert set(ours) == {"pixel_values", "image_position_ids", "mm_token_type_ids"}
+    for key, tensor in ours.items():
+        assert torch.equal(tensor, theirs[key]), key
+
+
+def test_the_31b_template_trains_every_answer_token_beside_the_pictures(tiny_root):
+    """The template that ends its generation prompt in an empty thought channel: each shapes row keeps all its
+    image tokens, trains its answer and end-of-turn marker alone, and none is dropped."""
+    from training.vision import encode_vision, image_token_id
+    from training.vision_rows import check_vision_rows, vision_form
+
+    processor = processor_of(tiny_root)
+    rows = eval_rows(tiny_root)
+    split = check_vision_rows(rows, vision_form(list(rows[0])), "test")
+    encoded = encode_vision(split, processor, 128, True)
+    assert len(encoded.rows) == len(rows) and encoded.dropped == 0 and not encoded.too_many
+    tok = processor.tokenizer
+    for row, enc in zip(rows, encoded.rows):
+        assert enc["input_ids"].count(image_token_id(tok)) == 64  # a 28 x 28 picture at the 70-token budget
+        trained = tok.decode([t for t, label in zip(enc["input_ids"], enc["labels"]) if label != -100])
+        assert trained == row["messages"][-1]["content"][0]["text"] + "<turn|>\n"  # as a text row's
+
+
+@pytest.fixture(scope="module")
+def merged_job(tiny_root, tmp_path_factory):
+    root = new_root(tiny_root, tmp_path_factory.mktemp("vision-gemma4"))
+    request = vision_request(tiny_root, base_model_id=str(tiny_root / "models" / E2B),
+                             export_config={"format": "merged"})
+    return root, run_job(root, "g4-merged", request)
+
+
+def test_gemma_4_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_picture(merged_job, tiny_root):
+    """The demo's vision request on the E2B-like model: eval loss falls clearly from the base's (measured with
+    the job's own encoding and collator), the base/tuned comparison names every colour, the merged export
+    passes its check and is Gemma 4's whole image+text checkpoint with its processor, and, loaded as the
+    inference service loads it, answers each eval row's colour; swapping two rows' pictures swaps the answers."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from test_vision import answer
+    from training.vision import VisionCollator, encode_vision
+    from training.vision_rows import check_vision_rows, vision_form
+
+    root, doc = merged_job
+    assert doc["status"] == "completed"
+    assert doc["dataset"]["images"] == 72 and doc["dataset"]["train_rows"] == 60
+    assert doc["dataset"]["rows_images_too_many"] == 0 and doc["dataset"]["dropped_rows"] == 0
+    processor = processor_of(tiny_root, E2B)
+    rows = eval_rows(tiny_root)
+    encoded = encode_vision(check_vision_rows(rows, vision_form(list(rows[0])), "test"), processor, 128, True)
+    batch = VisionCollator(processor, processor.tokenizer.pad_token_id)(encoded.rows)
+    base = AutoModelForImageTextToText.from_pretrained(str(tiny_root / "models" / E2B), dtype=torch.float32)
+    with torch.no_grad():
+        base_loss = base(**batch).loss.item()
+    tuned = doc["metrics"]["eval_loss"]
+    assert tuned < base_loss - 2.0, (base_loss, tuned)  # measured: about 6.3 -> 1.4
+    found = doc["generation"]
+    assert found["exact_match"]["base"] == 0.0 and found["exact_match"]["tuned"] >= 0.9, found
+    assert doc["verification"]["merged"]["passed"] is True
+    folder = root / EXPORT / "merged_models" / "g4-merged"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Gemma4ForConditionalGeneration"]
+    assert "vision_config" in config and "audio_config" in config  # the whole checkpoint, towers included
+    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "Gemma4Processor"
+    named = [colour_of(r) in answer(model, processor, r, r["images"][0]["bytes"]) for r in rows]
+    assert sum(named) >= len(rows) - 1, named
+    a = rows[0]
+    b = next(r for r in rows if colour_of(r) != colour_of(a))
+    assert colour_of(b) in answer(model, processor, a, b["images"][0]["bytes"])
+    assert colour_of(a) in answer(model, processor, b, a["images"][0]["bytes"])
+
+
+def test_lora_on_the_tower_adapts_the_linear_inside_each_clippable_wrapper(tiny_root):
+    """finetune_vision_layers on Gemma 4: the tower's attention and MLP linears (inside Gemma4ClippableLinear,
+    which PEFT cannot wrap) beside the language model's, the image embedder trained whole; the audio tower, its
+    embedder and the per-layer-embedding projections never. Off: the language model alone."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from base import adapted_modules
+    from providers import vision_lora
+    from schema import Hyperparameters
+
+    def adapted(**towers) -> list[str]:
+        model = AutoModelForImageTextToText.from_pretrained(str(tiny_root / "models" / E2B), dtype=torch.float32)
+        kwargs, exclude = vision_lora({"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"], "r": 4},
+                                      Hyperparameters(**towers), model)
+        peft = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", exclude_modules=exclude, **kwargs))
+        saved = [n for n, _ in peft.named_modules() if n.endswith("embed_vision.modules_to_save")]
+        return adapted_modules(peft)["modules"] + [f"saved: {n}" for n in saved]
+
+    both = adapted(finetune_vision_layers=True)
+    tower = [m for m in both if "vision_tower" in m]
+    assert sorted(m.rsplit(".", 2)[-2] for m in tower) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                           "up_proj", "v_proj"]
+    assert all(m.endswith(".linear") for m in tower)
+    assert any(m.startswith("saved: ") for m in both)
+    assert any("language_model" in m for m in both)
+    assert not [m for m in both if "audio" in m or "per_layer" in m]
+    language = adapted()
+    assert language and all("language_model" in m and "vision" not in m for m in language)
+    alone = adapted(finetune_vision_layers=True, finetune_language_layers=False)
+    assert alone and not [m for m in alone if "language_model" in m]
+
+
+def test_gemma_4_images_are_refused_where_the_job_has_not_shown_them(tiny_root, monkeypatch):
+    """From the config alone: the 12B's linear embedder, a GGUF of Gemma 4 trained on images (the pinned llama.cpp
+    reads its pictures otherwise), and any Gemma 4 where torchvision cannot be imported (its processor's video
+    processor needs it), each naming what to do; text is unaffected."""
+    import sys
+
+    from models.base_models import check_base_model
+    from runtime.errors import PermanentError
+
+    with pytest.raises(PermanentError, match=r"modality: 'vision' with .*gemma4_unified.*modality 'text'"):
+        check_base_model(str(tiny_root / "models" / "tiny-gemma4-unified"), None, False, True)
+    assert check_base_model(str(tiny_root / "models" / E2B), None, False, True).name == "Gemma 4"
+    with pytest.raises(PermanentError, match=r"export_config.format: a GGUF of .* trained on images.*'adapter'"):
+        check_base_model(str(tiny_root / "models" / E2B), None, False, True, gguf=True)
+    assert check_base_model(str(tiny_root / "models" / E2B), None, False, False, gguf=True).name == "Gemma 4"
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as where it is not installed
+    with pytest.raises(PermanentError, match=r"needs torchvision, which cannot be imported here.*modality 'text'"):
+        check_base_model(str(tiny_root / "models" / E2B), None, False, True)
+    assert check_base_model(str(tiny_root / "models" / E2B), None, False, False).name == "Gemma 4"
+
+
+def test_a_gemma_4_vision_job_without_its_processor_exits_2(tiny_root, tmp_path):
+    """A Gemma 4 folder without processor files (a text-only copy): AutoProcessor gives the tokenizer alone, and
+    the job says which processor it needs, exit 2, nothing trained."""
+    import shutil
+
+    import main
+    from conftest import env_for, put_request
+
+    root = new_root(tiny_root, tmp_path)
+    base = tmp_path / "text-only-gemma4"
+    shutil.copytree(tiny_root / "models" / E2B, base)
+    (base / "processor_config.json").unlink()
+    put_request(root, "g4-noproc", vision_request(tiny_root, base_model_id=str(base)))
+    assert main.main([], env_for(root, "g4-noproc")) == 2
+    doc = read_doc(root, "g4-noproc")
+    assert doc["status"] == "failed" and "Gemma 4's image+text processor" in doc["error"]
