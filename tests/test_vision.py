@@ -376,7 +376,7 @@ def test_rows_with_several_pictures_and_turns_reach_the_model_in_order(tmp_path,
     batch = VisionCollator(processor, processor.tokenizer.pad_token_id)(encoded.rows)
     assert batch["pixel_values"].shape[0] == 4  # three pictures, then the second row's one, in order
     for i, picture in enumerate([png((220, 30, 30)), png((30, 180, 40)), png((30, 60, 220)), png()]):
-        assert torch.equal(batch["pixel_values"][i], pixel_values(processor, [picture])[0])
+        assert torch.equal(batch["pixel_values"][i], pixel_values(processor, [picture]).tensors["pixel_values"][0])
     trained = processor.tokenizer.decode([t for t, x in zip(encoded.rows[0]["input_ids"], encoded.rows[0]["labels"])
                                           if x != -100])
     assert "The first." in trained and "It is blue." in trained and "Which is red" not in trained

@@ -62,7 +62,7 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from exporting.verification import check_gguf_images, greedy_reference, stop_ids
+    from exporting.verification import Pictures, check_gguf_images, greedy_reference, stop_ids
 
     root = new_root(tiny_root, tmp_path)
     request = vision_request(tiny_root, export_config={"format": "adapter", "include_gguf": True,
@@ -99,7 +99,8 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
     inputs = [prompt_inputs(processor, r, f[0]) for r, f in zip(rows, files_of)]
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
     ref = greedy_reference(model, [x["input_ids"][0].tolist() for x in inputs], stop_ids(model, processor.tokenizer),
-                           0, images=[x["pixel_values"] for x in inputs], image_token_id=image_id,
+                           0, images=[Pictures({"pixel_values": x["pixel_values"]}) for x in inputs],
+                           image_token_id=image_id,
                            image_files=files_of)
     own = check_gguf_images(ref, gguf, mmproj).share
     ref.image_files = files_of[1:] + files_of[:1]
