@@ -351,7 +351,8 @@ def gemma_3n_refused(model_id: str, why: str) -> str:
     return (f"training_config.base_model_id: {model_id!r} is Gemma 3n, whose text this job trains (its language "
             f"model alone), but not {why}: its image tower is built through timm, which this image cannot import, "
             "and Unsloth's Gemma 3n path has not been shown for this job on a GPU. Train it on text with provider "
-            "'huggingface', or choose Gemma 3 4B or larger for images (e.g. google/gemma-3-4b-it).")
+            "'huggingface', or choose Gemma 4 (e.g. google/gemma-4-E2B-it, as small) or Gemma 3 4B or larger "
+            "for images.")
 
 
 GEMMA_3N = re.compile(r"gemma-?3n", re.IGNORECASE)

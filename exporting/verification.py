@@ -172,9 +172,15 @@ def image_inputs(ids, pixels: Pictures | None, image_token_id: int | None, dtype
 
 
 def _generate_with_images(model, prompts, stops, config, device, images, image_token_id, image_files) -> Reference:
-    """Image+text prompts one at a time (their images differ in number), with the KV cache."""
+    """Image+text prompts one at a time (their images differ in number), with the KV cache. The image token is never
+    generated: one in a continuation would ask the forward pass for a picture that is not there ("Image features
+    and image tokens do not match", seen after DPO on the tiny Gemma 4)."""
+    import copy
+
     import torch
 
+    config = copy.deepcopy(config)
+    config.suppress_tokens = [image_token_id]
     sequences = []
     with torch.no_grad():
         for prompt, pixels in zip(prompts, images):

@@ -82,6 +82,7 @@ def merged_job(tiny_root, tmp_path_factory):
     root = new_root(tiny_root, tmp_path_factory.mktemp("vision-gemma4"))
     request = vision_request(tiny_root, base_model_id=str(tiny_root / "models" / E2B),
                              export_config={"format": "merged"})
+    request["training_config"]["hyperparameters"]["epochs"] = 4  # measured: every colour named from 4 on
     return root, run_job(root, "g4-merged", request)
 
 
@@ -109,7 +110,7 @@ def test_gemma_4_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_pi
     with torch.no_grad():
         base_loss = base(**batch).loss.item()
     tuned = doc["metrics"]["eval_loss"]
-    assert tuned < base_loss - 2.0, (base_loss, tuned)  # measured: about 6.3 -> 1.4
+    assert tuned < base_loss - 2.0, (base_loss, tuned)  # measured: about 6.3 -> 1.8
     found = doc["generation"]
     assert found["exact_match"]["base"] == 0.0 and found["exact_match"]["tuned"] >= 0.9, found
     assert doc["verification"]["merged"]["passed"] is True
@@ -200,3 +201,32 @@ def test_a_gemma_4_vision_job_without_its_processor_exits_2(tiny_root, tmp_path)
     assert main.main([], env_for(root, "g4-noproc")) == 2
     doc = read_doc(root, "g4-noproc")
     assert doc["status"] == "failed" and "Gemma 4's image+text processor" in doc["error"]
+
+
+def test_the_reference_never_generates_an_image_token(tiny_root):
+    """A model that puts the image token first (its logit raised by 100) still gets a reference: the token is
+    suppressed in the greedy continuation, where it would ask the forward pass for a picture that is not there
+    (the job failed so after DPO on the tiny Gemma 4: "Image features and image tokens do not match")."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from exporting.verification import greedy_reference, stop_ids
+    from training.vision import image_counts, image_token_id, pixel_values, render
+
+    processor = processor_of(tiny_root, E2B)
+    image_id = image_token_id(processor.tokenizer)
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_root / "models" / E2B), dtype=torch.float32)
+
+    def favour_the_image_token(module, args, output):
+        output[..., image_id] += 100.0
+        return output
+
+    model.lm_head.register_forward_hook(favour_the_image_token)
+    shown = picture(28, 28)
+    messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Colour?"}]}]
+    prompt = processor.tokenizer(render(processor, messages, True, image_counts(processor, [shown])),
+                                 add_special_tokens=False)["input_ids"]
+    ref = greedy_reference(model, [prompt], stop_ids(model, processor.tokenizer), 0, max_new_tokens=4,
+                           images=[pixel_values(processor, [shown])], image_token_id=image_id)
+    continuation = ref.sequences[0][ref.starts[0]:]
+    assert continuation and image_id not in continuation
