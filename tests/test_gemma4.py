@@ -43,7 +43,8 @@ def answer_tokens(tokenizer, rows) -> int:
 @pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma3n", *ARCHITECTURES, "llama.cpp 31B"])
 def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_root):
     """Each family's own template (Gemma 3's, which Gemma 3n shares; Gemma 4's E2B-style and 31B-style): every
-    answer token and its end-of-turn marker trained, nothing else, no row dropped."""
+    answer token and its end-of-turn marker trained, nothing else, no row dropped; the answer follows the
+    generation prompt the model is given at inference (31B-style: the empty thought channel before it)."""
     from training.data import load_tokenizer, tokenize
 
     if model == "llama.cpp 31B":
@@ -65,6 +66,9 @@ def test_every_answer_token_is_trained_under_each_shipped_template(model, tiny_r
     first = out.rows[0]
     trained = tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != -100])
     assert trained == rows[0][2]["content"] + end_of_turn(tokenizer)
+    # the answer follows the generation prompt, thought channel included, as the model is given it at inference
+    given = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert first["input_ids"][:len(given)] == given and first["labels"][len(given)] != -100
 
 
 def test_a_template_that_renders_an_earlier_answer_otherwise_is_found_or_refused(tiny_root):

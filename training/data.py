@@ -240,15 +240,34 @@ def encode(conv: list[dict[str, Any]] | str, tokenizer, max_length: int, assista
         text = (tokenizer.bos_token or "") + conv + (tokenizer.eos_token or "")
         spans = [(0, len(text))]
     else:
-        text = render(conv)
+        text, last = as_answered(render, conv)
         spans = [(0, len(text))] if not assistant_only else []
         for i, m in enumerate(conv):
             if assistant_only and m["role"] == "assistant":
-                spans.append(answer_span(render, conv, i, text, spans[-1][1] if spans else 0))
+                spans.append((last, len(text)) if last is not None and i == len(conv) - 1 else
+                             answer_span(render, conv, i, text, spans[-1][1] if spans else 0))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, enc["offset_mapping"])]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length}
+
+
+def as_answered(render, conv: list[dict[str, Any]]) -> tuple[str, int | None]:
+    """The conversation's text as the model reads it when it gives the last answer, and where that answer starts
+    if the text is not the template's whole rendering (else None). Where the generation prompt is a prefix of the
+    answered history (Gemma 3, Gemma 4 E2B/E4B), that is the rendering itself. Where it is not (Gemma 4 31B,
+    26B-A4B and 12B end it with an empty thought channel, `<|channel>thought\n<channel|>`, that the history never
+    shows), the last answer follows the generation prompt, as it does at inference: trained after the history
+    alone, the tiny 31B-like model answered the demo's prompts from a prefix it had never seen ("dove says neigh."
+    for "The duck says quack.", exact match 0.0)."""
+    text = render(conv)
+    if not conv or conv[-1].get("role") != "assistant":
+        return text, None
+    prompt = render(conv[:-1], add_generation_prompt=True)
+    if text.startswith(prompt):
+        return text, None
+    start = max(len(render(conv[:-1])), len(os.path.commonprefix([prompt, text])))
+    return prompt + text[start:], len(prompt)
 
 
 def answer_span(render, conv: list[dict[str, Any]], i: int, text: str, after: int) -> tuple[int, int]:
