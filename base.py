@@ -254,10 +254,10 @@ class BaseTrainingJob:
                                      self.settings.export_bucket, self.workdir)
             # before the data: what the job cannot train (base_models.FAMILIES, images for a base without its
             # image path), refused from the config alone
-            family = check_base_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code,
-                                      self.cfg.vision, self.cfg.provider, self.cfg.export_format == "merged"
-                                      and self.cfg.export_config.merged_dtype == "q4",
-                                      self.cfg.export_config.wants_gguf)
+            family = self.timed("check_base_model", check_base_model, self.cfg.base_model_id, self.token(),
+                                self.cfg.trust_remote_code, self.cfg.vision, self.cfg.provider,
+                                self.cfg.export_format == "merged" and self.cfg.export_config.merged_dtype == "q4",
+                                self.cfg.export_config.wants_gguf)
             if family.consumer_note:
                 self.services.run_logger.warn(family.consumer_note)
             splits = self.timed("load_data", self.load_data)
