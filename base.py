@@ -509,6 +509,9 @@ class BaseTrainingJob:
             "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),
             "grpo": dict(beta=hp.beta, num_generations=hp.num_generations, max_completion_length=completion,
                          reward_weights=[g.weight for g in self.cfg.reward_config], log_completions=False,
+                         # TRL's own defaults (dapo, token) where the request names none
+                         **{n: getattr(hp, n) for n in ("loss_type", "importance_sampling_level")
+                            if getattr(hp, n) is not None},
                          # an image token sampled into a completion would ask the forward pass for a picture
                          # that does not exist ("Image features and image tokens do not match")
                          **({"generation_kwargs": {"suppress_tokens": image_token_ids(prep.processor)}}

@@ -120,6 +120,15 @@ class Hyperparameters(StrictModel):
     warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Fraction of steps spent warming up; "
                                        "default 0.1 for GRPO, TRL's 0 for the others.")
     beta: float = Field(0.1, ge=0, description="KL / preference strength (GRPO, DPO, ORPO); SFT does not read it.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] | None = Field(
+        None, description="GRPO only: how its token losses are averaged, as the pinned TRL names them: 'grpo' (over "
+        "each completion's length, then over completions), 'dr_grpo' (over a constant, the completion budget: "
+        "max_length less the prompt's; Dr. GRPO), 'dapo' (over the accumulated batch's tokens: DAPO), 'bnpo' (over "
+        "the local batch's tokens); default TRL's, 'dapo'. TRL's cispo, sapo, luspo and vespo are not shown with "
+        "this job and are refused.")
+    importance_sampling_level: Literal["token", "sequence"] | None = Field(
+        None, description="GRPO only: the policy ratio per token (TRL's default, 'token') or one per completion, "
+        "its tokens' log-ratios averaged ('sequence': GSPO).")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW's decoupled weight decay.")
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only; false: all tokens.")
     seed: int = Field(42, ge=0, description="Seeds Python's, NumPy's and torch's generators before the adapter "
@@ -477,6 +486,10 @@ class TrainingConfig(StrictModel):
         if hp.neftune_noise_alpha is not None and self.trainer_type != "sft":
             raise ValueError(f"neftune_noise_alpha is an SFT option (TRL's SFT trainer adds the noise), not "
                              f"'{self.trainer_type}': remove it or set trainer_type 'sft'.")
+        grpo_only = [n for n in ("loss_type", "importance_sampling_level") if getattr(hp, n) is not None]
+        if grpo_only and self.trainer_type != "grpo":
+            raise ValueError(f"{grpo_only[0]} is a GRPO option (how TRL's GRPO loss is formed), not "
+                             f"'{self.trainer_type}': remove it or set trainer_type 'grpo'.")
         if self.reward_config and self.trainer_type != "grpo":
             raise ValueError(f"reward_config is used only with trainer_type 'grpo', not '{self.trainer_type}'; "
                              "remove it or set trainer_type 'grpo'.")

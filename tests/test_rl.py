@@ -112,6 +112,51 @@ def test_grpo_raises_an_easy_reward(local_dir, tiny_root, capfd):
         print(f"\ngrpo: reward {early:.2f} (steps 1-10) -> {late:.2f} (steps 21-30); whole job {took:.1f}s")
 
 
+@pytest.mark.parametrize("loss_type,level", [("grpo", "sequence"), ("dr_grpo", "token"), ("bnpo", "sequence")])
+def test_each_grpo_loss_raises_the_easy_reward(loss_type, level, local_dir, tiny_root):
+    """GRPO's loss variants as TRL names them, each with the policy ratio per token or per completion (GSPO),
+    reach TRL's config as asked and raise the same easy reward as the default (dapo, token: the test above)."""
+    req = rl_request(tiny_root, "grpo", says_dataset(local_dir), epochs=1, max_steps=30, max_length=80,
+                     batch_size=8, num_generations=4, learning_rate=0.01, warmup_ratio=0.0, loss_type=loss_type,
+                     importance_sampling_level=level)
+    req["training_config"]["reward_config"] = [
+        {"name": "says", "type": "string_check", "reference_field": "word", "operation": "ilike"}]
+    req["training_config"]["eval_config"] = {"eval_strategy": "no"}
+    job = make_job(local_dir, req, f"grpo-{loss_type}")
+    prep = job.preflight()
+    trainer = job.build_trainer(job.model_to_train(prep.tokenizer), prep)
+    assert (trainer.args.loss_type, trainer.args.importance_sampling_level) == (loss_type, level)
+    job.train(trainer)
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    assert len(rewards) == 30
+    early, late = statistics.mean(rewards[:10]), statistics.mean(rewards[20:])
+    assert late > early + 0.2, (early, late)
+
+
+def test_grpo_loss_options_are_refused_elsewhere_and_trl_defaults_kept(tiny_root):
+    """loss_type and importance_sampling_level are GRPO's: named for another trainer type, or a loss TRL has that
+    this job has not shown, the request is refused naming the field; unnamed, TRL's defaults (dapo, token) hold."""
+    from pydantic import ValidationError
+
+    from schema import TrainRequest
+
+    for trainer_type in ("sft", "dpo", "orpo"):
+        req = rl_request(tiny_root, trainer_type, "tiny-animals-pref", loss_type="dapo")
+        with pytest.raises(ValidationError, match=f"loss_type is a GRPO option .* not '{trainer_type}'"):
+            TrainRequest.model_validate(req)
+    req = rl_request(tiny_root, "dpo", "tiny-animals-pref", importance_sampling_level="sequence")
+    with pytest.raises(ValidationError, match="importance_sampling_level is a GRPO option"):
+        TrainRequest.model_validate(req)
+    req = rl_request(tiny_root, "grpo", "tiny-animals-prompts", loss_type="cispo")
+    req["training_config"]["reward_config"] = [{"name": "n", "type": "string_check", "reference_field": "answer",
+                                                "operation": "ilike"}]
+    with pytest.raises(ValidationError, match="loss_type"):
+        TrainRequest.model_validate(req)
+    req["training_config"]["hyperparameters"].pop("loss_type")
+    hp = TrainRequest.model_validate(req).training_config.hyperparameters
+    assert hp.loss_type is None and hp.importance_sampling_level is None
+
+
 def test_grpo_needs_the_graders_reference_column(local_dir, tiny_root):
     req = rl_request(tiny_root, "grpo", "tiny-animals-prompts", batch_size=8, num_generations=4)
     req["training_config"]["reward_config"] = [
