@@ -35,6 +35,7 @@ from storage import BlobStore, ModelHub
 from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step, ended
 from training.curves import curve_png, history_json
 from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
+from training.data_report import data_report, lengths_png
 from training.evaluation import eval_token_accuracy, reader_metrics
 from training.generation import answers, compare
 from training.generation import cases as generation_cases
@@ -100,6 +101,8 @@ class Prepared:
     total_steps: int
     cases: Any = None  # generation.Cases: the eval prompts both models answer, or None
     processor: Any = None  # image+text jobs: the base's processor (training/vision.py)
+    report: dict[str, Any] | None = None  # the data report (training/data_report.py)
+    report_png: bytes | None = None  # and its picture, for the export folders
 
 
 class BaseTrainingJob:
@@ -330,12 +333,29 @@ class BaseTrainingJob:
         if stats["truncated_rows"]:
             logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
         logger.info("preflight ok: %s", stats)
+        report, report_png = self.data_report(train, tokenizer, images)
         spread = {"distributed": {"world_size": world, "strategy": self.strategy,
                                   "per_device_batch_size": hp.batch_size // world}} if world > 1 else {}
-        self.tracker.phase("validated", dataset=stats, total_steps=total, **spread,
+        self.tracker.phase("validated", dataset=stats, data_report=report, total_steps=total, **spread,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
-                        found if found and found.prompts else None, processor)
+                        found if found and found.prompts else None, processor, report, report_png)
+
+    def data_report(self, train, tokenizer, images: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+        """The train split's data report and its picture (training/data_report.py); a picture that cannot be drawn
+        costs a warning."""
+        hp, sft = self.cfg.hyperparameters, self.cfg.trainer_type == "sft"
+        reason = "no_trained_token_within_max_length" if sft else "prompt_beyond_max_prompt_length"
+        left_out = {reason: train.dropped} | {k.removeprefix("rows_"): v for k, v in images.items()
+                                              if k.startswith("rows_") and not k.endswith("_first")}
+        limit, name = (hp.max_length, "max_length") if sft else (hp.prompt_length, "max_prompt_length")
+        report, (prompts, answers) = data_report(train, tokenizer, limit, left_out, train.prompt_lengths, name)
+        try:
+            png = lengths_png(prompts, answers, limit, name, f"{self.settings.job_id}: token lengths of the train rows")
+        except Exception as e:  # noqa: BLE001 - a picture is never worth a paid run
+            self.services.run_logger.warn(f"the data report's picture could not be drawn ({type(e).__name__}: {e})")
+            png = None
+        return report, png
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id
@@ -715,6 +735,8 @@ class BaseTrainingJob:
         s = self.services
         extra: dict[str, str | bytes] = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
         extra.update(self.curves(trainer))
+        if prep.report_png:
+            extra["data_lengths.png"] = prep.report_png
         # the improvement gate decides before anything is uploaded: a model it fails never reaches the Hub
         held_back = self.cfg.eval_config.require_improvement and \
             ((comparison or {}).get("generation") or {}).get("verdict") != "better"

@@ -64,9 +64,9 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             job = PROVIDERS[request.training_config.provider](request, settings, services, settings.workdir)
             job.timings.update(startup=round(startup_s, 3), validate_request=round(parse_s, 3))
             if validate:
-                job.preflight()
+                prep = job.preflight()
                 shutil.rmtree(job.workdir, ignore_errors=True)
-                return {"valid": True}
+                return {"valid": True, "data_report": prep.report}
             result = job.run()
             if settings.local_rank == 0:  # the node's other processes have finished with it (after evaluation)
                 shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared
@@ -102,7 +102,10 @@ def summary(settings: Settings, result: dict[str, Any], blobs, store) -> str:
     """What main() prints at the end: "valid" after --validate, else the result as JSON and, locally,
     where the adapter and the job document are on disk."""
     if result.get("valid"):
-        return "request and dataset are valid"
+        from training.data_report import as_text
+
+        report = result.get("data_report")
+        return "request and dataset are valid" + (f"\n{as_text(report)}" if report else "")
     text = json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str)
     if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
         text += f"\nadapter:      {blobs.path(result['adapter_path'])}\njob document: {store.path(settings.job_id)}"

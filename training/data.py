@@ -199,6 +199,7 @@ class Tokenized:
     tokens: int = 0
     trained_tokens: int = 0
     dropped_truncated: int = 0  # of the dropped rows, those whose answer lay beyond max_length
+    prompt_lengths: list[int] | None = None  # preference and GRPO rows: each kept prompt's tokens (data report)
 
 
 # A train split may lose this share of its rows (answers cut off by max_length) before the job refuses it: a
@@ -361,7 +362,7 @@ def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_length: int) -
     TRL tokenizes them itself."""
     if rows:
         require_chat_template(tokenizer)
-    out = Tokenized()
+    out = Tokenized(prompt_lengths=[])
     for row in rows:
         text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -370,4 +371,5 @@ def fit_prompts(rows: list[dict[str, Any]], tokenizer, max_prompt_length: int) -
             continue
         out.rows.append(row)
         out.tokens += n
+        out.prompt_lengths.append(n)
     return out

@@ -60,6 +60,7 @@ class Encoded:
     tokens: int = 0
     trained_tokens: int = 0
     dropped_truncated: int = 0
+    prompt_lengths: list[int] | None = None  # preference and GRPO rows: each kept prompt's tokens (data report)
 
 
 def fixed(processor) -> bool:
@@ -150,7 +151,7 @@ def fit_vision_prompts(split: VisionSplit, processor, max_prompt_length: int) ->
     and makes the pixels); the others are left out (Encoded.too_many where their image tokens alone do
     not fit, else dropped)."""
     tok = processor.tokenizer
-    out = Encoded()
+    out = Encoded(prompt_lengths=[])
     for i, row in enumerate(split.rows):
         counts = image_counts(processor, row["images"])
         n = len(tok(render(processor, row["prompt"], True, counts), add_special_tokens=False)["input_ids"])
@@ -162,6 +163,7 @@ def fit_vision_prompts(split: VisionSplit, processor, max_prompt_length: int) ->
             continue
         out.rows.append(row)
         out.tokens += n
+        out.prompt_lengths.append(n)
     return out
 
 
