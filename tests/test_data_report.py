@@ -1,12 +1,9 @@
 """The data report at pre-flight (training/data_report.py): what the train split looks like to the model, before
 a GPU is paid for, in the job document, printed by --validate (which trains nothing and leaves nothing behind),
-and drawn beside the training curve in the export folder. The figures are checked against counts made here with
-the tokenizer and numpy, not against the job's own code."""
+and drawn beside the training curve in the export folder (tests/test_main.py's whole job checks those two). The
+figures are checked against counts made here with the tokenizer and numpy, not against the job's own code."""
 
 from __future__ import annotations
-
-import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -80,26 +77,6 @@ def test_validate_prints_and_records_the_report_and_trains_nothing(local_dir, ti
     # --validate records nothing: no document, no export, no work folder
     assert not (local_dir / "firestore" / "training_jobs" / "report.json").exists()
     assert not (local_dir / "gemma-export-bucket").exists()
-
-
-def test_the_document_has_the_report_and_the_export_folder_its_picture(local_dir, tiny_root):
-    """A whole job (two steps): the document's data_report, and data_lengths.png beside training_curve.png."""
-    from PIL import Image
-
-    req = sample_request(tiny_root)
-    req["training_config"]["hyperparameters"].update(max_steps=2, epochs=1)
-    req["training_config"]["eval_config"] = {"eval_strategy": "no"}
-    put_request(local_dir, "report-job", req)
-    assert main.main([], env_for(local_dir, "report-job")) == 0
-    doc = read_doc(local_dir, "report-job")
-    report = doc["data_report"]
-    assert report["rows"] == doc["dataset"]["train_rows"] == 90 and report["left_out"] == {}
-    assert report["answer_tokens"]["mean"] * report["rows"] == pytest.approx(doc["dataset"]["trained_tokens"], abs=5)
-    folder = local_dir / "gemma-export-bucket" / "trained_adapters" / "report-job"
-    picture = Image.open(io.BytesIO((folder / "data_lengths.png").read_bytes()))
-    assert picture.format == "PNG" and picture.size == (800, 400)
-    assert (folder / "training_curve.png").is_file()
-    assert "data_lengths.png" in json.loads((folder / "manifest.json").read_text())["files"]
 
 
 def test_preference_rows_report_their_prompts_against_max_prompt_length(tiny_root):

@@ -29,6 +29,15 @@ def test_job_completes_and_rerun_does_nothing(local_dir, tiny_root, capsys):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "custom_config.json").is_file()
     assert f"adapter:      {adapter}" in capsys.readouterr().out
     assert not (local_dir / "work" / "job-ok").exists()  # the work folder is removed on success
+    # the data report made at pre-flight (tests/test_data_report.py checks its figures), its picture in the folder
+    report = doc["data_report"]
+    assert report["rows"] == doc["dataset"]["train_rows"] and report["left_out"] == {}
+    assert report["answer_tokens"]["mean"] * report["rows"] == pytest.approx(doc["dataset"]["trained_tokens"], abs=5)
+    from PIL import Image
+
+    with Image.open(adapter / "data_lengths.png") as picture:
+        assert picture.format == "PNG" and picture.size == (800, 400)
+    assert "data_lengths.png" in json.loads((adapter / "manifest.json").read_text())["files"]
     assert main.main([], env_for(local_dir, "job-ok")) == 0
     assert read_doc(local_dir, "job-ok")["updated_at"] == doc["updated_at"]  # nothing was done again
 
