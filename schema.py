@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -607,6 +608,25 @@ class TrainingConfig(StrictModel):
         return "merged" if fmt == "adapter" and self.method == "Full" else fmt
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+class Notify(StrictModel):
+    url: str = Field(description="Where the job POSTs its end (completed, failed, cancelled) as signed JSON "
+                     "(runtime/notify.py): https, or http to this machine alone (localhost, 127.0.0.1, ::1).")
+    secret: SecretStr = Field(min_length=16, description="Keys the body's HMAC-SHA256 signature (at least 16 "
+                              "characters); removed from the request object once the job is over.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.hostname and (parts.scheme == "https" or parts.scheme == "http" and parts.hostname in LOOPBACK):
+            return v
+        raise ValueError(f"{v!r} is not an https URL (http is taken for localhost alone, as the body carries the "
+                         "job's results): use e.g. https://example.com/hooks/gemma")
+
+
 class TrainRequest(StrictModel):
     processed_dataset_id: str = Field(pattern=SAFE_ID, description="Folder under processed_datasets/.")
     job_name: str | None = Field(None, max_length=200, description="A name for people: the job document's "
@@ -615,6 +635,8 @@ class TrainRequest(StrictModel):
                                        "read the base and push to hf_repo_id; removed from the request object once "
                                        "the job is over.")
     training_config: TrainingConfig = Field(description="What to train and how.")
+    notify: Notify | None = Field(None, description="A webhook the job calls, signed, when it ends for good; a "
+                                  "failure to deliver is a warning, never the job's failure.")
 
     @model_validator(mode="before")
     @classmethod
@@ -624,7 +646,7 @@ class TrainRequest(StrictModel):
     def secrets(self) -> list[str]:
         """Secret values in the request, for log redaction."""
         wb = self.training_config.wandb_config
-        found = [self.hf_token, wb.api_key if wb else None,
+        found = [self.hf_token, wb.api_key if wb else None, self.notify.secret if self.notify else None,
                  *(g.gemini_api_key for g in self.training_config.reward_config)]
         return [s.get_secret_value() for s in found if s is not None and s.get_secret_value()]
 

@@ -47,6 +47,7 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             raise PermanentError(doc.get("error") or "failed permanently")
         uri = None if request_file else settings.request_uri
         text = request_file.read_text() if request_file else blobs.read_bytes(uri).decode()
+        request = None
         try:
             t = time.perf_counter()
             request = parse_request(text)
@@ -73,17 +74,41 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
         except (PermanentError, Cancelled) as e:
             tracker.fail(e)  # recorded before the request loses its secrets
             if settings.rank == 0:
+                announce(request, settings, tracker, "cancelled" if isinstance(e, Cancelled) else "failed", e)
                 scrub_request(blobs, uri, text, tracker)
             raise
         except Exception as e:
             if settings.last_attempt and settings.rank == 0:  # retryable, but no retry is left to need them
                 tracker.fail(e)
                 tracker.write({"retries_exhausted": True}, final=True)
+                announce(request, settings, tracker, "failed", e)
                 scrub_request(blobs, uri, text, tracker)
             raise
     if settings.rank == 0:
+        if result is not None and "launched" not in result:  # the workers' rank 0 announced it
+            announce(request, settings, tracker, "completed", None, result)
         scrub_request(blobs, uri, text, tracker)
     return result
+
+
+def announce(request: TrainRequest | None, settings: Settings, tracker: JobTracker, status: str,
+             error: BaseException | None, result: dict[str, Any] | None = None) -> None:
+    """The request's webhook, where it names one (runtime/notify.py), called once the job has ended for good; what
+    happened is recorded in the document. Never raises: a webhook never costs the run."""
+    if request is None or request.notify is None:
+        return
+    from runtime.notify import post_event
+
+    try:
+        event = {"job_id": settings.job_id, "status": status, "job_name": request.job_name,
+                 "processed_dataset_id": request.processed_dataset_id,
+                 "base_model_id": request.training_config.base_model_id,
+                 "error": tracker.redact(str(error) or type(error).__name__) if error is not None else None,
+                 **{k: (result or {}).get(k) for k in ("adapter_path", "gguf_path", "artifacts", "metrics")}}
+        outcome = post_event(request.notify.url, request.notify.secret.get_secret_value(), event)
+        tracker.write({"notify": outcome})
+    except Exception as e:  # noqa: BLE001
+        logger.warning("the webhook could not be called: %s: %s", type(e).__name__, e)
 
 
 def record_failure(open_store: Callable[[], Any], job_id: str, error: PermanentError) -> None:

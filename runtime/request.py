@@ -71,7 +71,7 @@ def parse_request(text: str | bytes) -> TrainRequest:
         raise RequestError(explain(e)) from None
 
 
-SECRET_KEYS = frozenset({"hf_token", "api_key", "gemini_api_key"})
+SECRET_KEYS = frozenset({"hf_token", "api_key", "gemini_api_key", "secret"})  # "secret": notify's
 
 
 def strip_secrets(raw: Any) -> tuple[Any, int]:
