@@ -29,7 +29,8 @@ GEMMA_JOB = str(Path(sys.executable).with_name("gemma-job"))
 LONGEST_FIRST = ("test_export", "test_gemma4_rl", "test_distributed", "test_gemma4", "test_reliability", "test_cli",
                  "test_platform", "test_kill", "test_benchmarks", "test_vision_methods", "test_vision", "test_vision_gemma4", "test_lora_options", "test_gcp",
                  "test_rl", "test_best", "test_tracking", "test_sweep", "test_main", "test_generation",
-                 "test_consumers", "test_train", "test_prefork", "test_methods", "test_logs", "test_lineage")
+                 "test_consumers", "test_train", "test_notify", "test_data_report", "test_prefork", "test_methods",
+                 "test_logs", "test_lineage")
 
 
 def pytest_collection_modifyitems(items) -> None:
