@@ -35,7 +35,7 @@ from storage import BlobStore, ModelHub
 from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step, ended
 from training.curves import curve_png, history_json
 from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
-from training.data_report import data_report, lengths_png
+from training.data_report import train_report
 from training.evaluation import eval_token_accuracy, reader_metrics
 from training.generation import answers, compare
 from training.generation import cases as generation_cases
@@ -344,17 +344,9 @@ class BaseTrainingJob:
     def data_report(self, train, tokenizer, images: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
         """The train split's data report and its picture (training/data_report.py); a picture that cannot be drawn
         costs a warning."""
-        hp, sft = self.cfg.hyperparameters, self.cfg.trainer_type == "sft"
-        reason = "no_trained_token_within_max_length" if sft else "prompt_beyond_max_prompt_length"
-        left_out = {reason: train.dropped} | {k.removeprefix("rows_"): v for k, v in images.items()
-                                              if k.startswith("rows_") and not k.endswith("_first")}
-        limit, name = (hp.max_length, "max_length") if sft else (hp.prompt_length, "max_prompt_length")
-        report, (prompts, answers) = data_report(train, tokenizer, limit, left_out, train.prompt_lengths, name)
-        try:
-            png = lengths_png(prompts, answers, limit, name, f"{self.settings.job_id}: token lengths of the train rows")
-        except Exception as e:  # noqa: BLE001 - a picture is never worth a paid run
-            self.services.run_logger.warn(f"the data report's picture could not be drawn ({type(e).__name__}: {e})")
-            png = None
+        report, png, problem = train_report(self.cfg, train, tokenizer, images, self.settings.job_id)
+        if problem:
+            self.services.run_logger.warn(problem)
         return report, png
 
     def load_data(self) -> dict[str, list]:
