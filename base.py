@@ -107,7 +107,7 @@ class Prepared:
 
 class BaseTrainingJob:
     methods: tuple[str, ...] = ("LoRA", "QLoRA", "Full")
-    trainer_types: tuple[str, ...] = ("sft", "dpo", "orpo", "grpo")
+    trainer_types: tuple[str, ...] = ("sft", "dpo", "orpo", "simpo", "grpo")
 
     def __init__(self, request: TrainRequest, settings: Settings, services: Services, workdir: Path):
         self.request, self.cfg, self.settings = request, request.training_config, settings
@@ -519,6 +519,10 @@ class BaseTrainingJob:
                            if self.cfg.vision else {})),
             "dpo": dict(beta=hp.beta, max_length=hp.max_length, padding_free=hp.padding_free),
             "orpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion),
+            # SimPO: CPO's loss with the log-probabilities averaged over each answer and no reference model;
+            # cpo_alpha 0 leaves out CPO's SFT term (TRL's simpo_gamma margin, 0.5, is kept)
+            "simpo": dict(beta=hp.beta, max_length=hp.max_length, max_completion_length=completion,
+                          loss_type="simpo", cpo_alpha=0.0),
             "grpo": dict(beta=hp.beta, num_generations=hp.num_generations, max_completion_length=completion,
                          reward_weights=[g.weight for g in self.cfg.reward_config], log_completions=False,
                          # TRL's own defaults (dapo, token) where the request names none

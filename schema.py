@@ -174,6 +174,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 BEST_METRICS = {"sft": ("loss", "mean_token_accuracy", "entropy"),
                 "dpo": ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"),
                 "orpo": ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"),
+                "simpo": ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen"),
                 "grpo": ("loss", "reward")}
 
 # The defaults of the optimizer fields: GRPO's are the platform's (form 3), the others' are TRL's.
@@ -383,8 +384,9 @@ class TrainingConfig(StrictModel):
                                                         "and TRL; unsloth: Unsloth's kernels (an NVIDIA GPU).")
     method: Literal["QLoRA", "LoRA", "Full"] = Field("QLoRA", description="QLoRA: LoRA on a 4-bit base; LoRA: on a "
                                                     "16-bit base; Full: every weight trained.")
-    trainer_type: Literal["sft", "dpo", "grpo", "orpo"] = Field(
-        "sft", description="sft: supervised; dpo, orpo: preference pairs; grpo: rewards from reward_config.")
+    trainer_type: Literal["sft", "dpo", "grpo", "orpo", "simpo"] = Field(
+        "sft", description="sft: supervised; dpo, orpo, simpo: preference pairs (simpo: SimPO, reference-free, "
+        "through TRL's CPO trainer); grpo: rewards from reward_config.")
     modality: Literal["text", "vision"] = Field("text", description="vision: image+text rows on an image+text base.")
     peft_method: Literal["lora", "adalora"] = Field("lora", description="The adapter: LoRA (with use_dora / "
                                                     "use_rslora for its variants); 'adalora' is refused, with why.")
@@ -568,8 +570,9 @@ class TrainingConfig(StrictModel):
         if self.provider == "unsloth":
             raise ValueError("modality 'vision' with provider 'unsloth': Unsloth's FastVisionModel has not been shown "
                              "for this job on a GPU yet; use provider 'huggingface'.")
-        if self.trainer_type == "orpo":
-            raise ValueError("modality 'vision' with trainer_type 'orpo': TRL's ORPO trainer takes no images; use "
+        if self.trainer_type in ("orpo", "simpo"):
+            raise ValueError(f"modality 'vision' with trainer_type '{self.trainer_type}': TRL's "
+                             f"{'ORPO' if self.trainer_type == 'orpo' else 'CPO (SimPO)'} trainer takes no images; use "
                              "'dpo' for preference rows with pictures, or a text dataset.")
         if hp.packing or hp.padding_free:
             name = "packing" if hp.packing else "padding_free"

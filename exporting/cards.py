@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 SHOWN = ("learning_rate", "epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "max_length",
          "lr_scheduler_type", "seed")
 LORA = ("lora_rank", "lora_alpha", "lora_dropout")
-BY_TRAINER = {"sft": ("packing",), "dpo": ("beta",), "orpo": ("beta",), "grpo": ("beta", "num_generations")}
+BY_TRAINER = {"sft": ("packing",), "dpo": ("beta",), "orpo": ("beta",), "simpo": ("beta",), "grpo": ("beta", "num_generations")}
 METRICS = ("eval_loss", "perplexity", "accuracy", "train_loss", "reward_accuracy", "reward_margin", "train_reward")
 
 

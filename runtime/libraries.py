@@ -45,7 +45,7 @@ def check_attention(use_fa2: bool) -> None:
 
 
 def trl_classes(trainer_type: str):
-    """TRL's (config, trainer) for a trainer type; ORPO lives in trl.experimental in TRL 1.x."""
+    """TRL's (config, trainer) for a trainer type; ORPO and CPO (SimPO's) live in trl.experimental in TRL 1.x."""
     if trainer_type == "sft":
         from trl import SFTConfig, SFTTrainer
         return SFTConfig, SFTTrainer
@@ -55,5 +55,8 @@ def trl_classes(trainer_type: str):
     if trainer_type == "grpo":
         from trl import GRPOConfig, GRPOTrainer
         return GRPOConfig, GRPOTrainer
+    if trainer_type == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        return CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
     return ORPOConfig, ORPOTrainer

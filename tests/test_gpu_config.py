@@ -18,7 +18,7 @@ from scripts.testbed import local_job
 
 GB = 10**9
 COMBINATIONS = [("huggingface", method, kind) for method in ("LoRA", "QLoRA", "Full")
-                for kind in ("sft", "dpo", "orpo", "grpo")] + [("unsloth", m, "sft") for m in ("LoRA", "QLoRA")]
+                for kind in ("sft", "dpo", "orpo", "simpo", "grpo")] + [("unsloth", m, "sft") for m in ("LoRA", "QLoRA")]
 GRADER = {"name": "says", "type": "string_check", "reference_field": "word", "operation": "ilike"}
 
 
@@ -29,7 +29,7 @@ class Device:
 @pytest.fixture
 def gpu(monkeypatch):
     """torch.cuda as on a Cloud Run L4 (`bf16=False`: a pre-Ampere card), for the test's body only."""
-    for kind in ("sft", "dpo", "orpo", "grpo"):
+    for kind in ("sft", "dpo", "orpo", "simpo", "grpo"):
         trl_classes(kind)  # imported on the CPU as they are: a library's import-time probes see no GPU
 
     def pretend(bf16: bool = True):

@@ -147,6 +147,7 @@ def test_gguf_without_quantization_is_q8_0_in_every_form(quant):
 VISION_REFUSED = {
     "unsloth": ({"provider": "unsloth"}, "FastVisionModel has not been shown"),
     "orpo": ({"trainer_type": "orpo"}, "trainer_type 'orpo'"),
+    "simpo": ({"trainer_type": "simpo"}, "trainer_type 'simpo': TRL's CPO (SimPO) trainer takes no images"),
     "packing": ({"hyperparameters": {"packing": True}}, "`packing: true`"),
     "full with towers": ({"method": "Full", "hyperparameters": {"finetune_vision_layers": True}}, "method 'Full'"),
     "no tower": ({"hyperparameters": {"finetune_language_layers": False}}, "LoRA would adapt nothing"),

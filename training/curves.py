@@ -16,7 +16,8 @@ from typing import Any
 # The signal drawn under the losses, per trainer type: (train key, eval key, label).
 SIGNALS = {"grpo": ("reward", "eval_reward", "reward"),
            "dpo": ("rewards/margins", "eval_rewards/margins", "reward margin (chosen - rejected)"),
-           "orpo": ("rewards/margins", "eval_rewards/margins", "reward margin (chosen - rejected)")}
+           "orpo": ("rewards/margins", "eval_rewards/margins", "reward margin (chosen - rejected)"),
+           "simpo": ("rewards/margins", "eval_rewards/margins", "reward margin (chosen - rejected)")}
 
 
 def history_json(history: list[dict[str, Any]]) -> str:

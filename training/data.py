@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 EVAL_SPLITS = ("test", "validation", "eval")
 COLUMNS = {"sft": [("messages",), ("text",), ("prompt", "completion")],
            "dpo": [("prompt", "chosen", "rejected")], "orpo": [("prompt", "chosen", "rejected")],
+           "simpo": [("prompt", "chosen", "rejected")],
            "grpo": [("prompt",)]}
 ROLES = ("system", "user", "assistant")
 
