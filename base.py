@@ -35,7 +35,7 @@ from storage import BlobStore, ModelHub
 from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, checkpoint_step, ended
 from training.curves import curve_png, history_json
 from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
-from training.data_report import train_report
+from training.data_report import lengths_png, train_report
 from training.evaluation import eval_token_accuracy, reader_metrics
 from training.generation import answers, compare
 from training.generation import cases as generation_cases
@@ -102,7 +102,7 @@ class Prepared:
     cases: Any = None  # generation.Cases: the eval prompts both models answer, or None
     processor: Any = None  # image+text jobs: the base's processor (training/vision.py)
     report: dict[str, Any] | None = None  # the data report (training/data_report.py)
-    report_png: bytes | None = None  # and its picture, for the export folders
+    report_lengths: tuple[list[int], list[int]] = ([], [])  # its (prompt, answer) token counts, drawn at export
 
 
 class BaseTrainingJob:
@@ -333,21 +333,13 @@ class BaseTrainingJob:
         if stats["truncated_rows"]:
             logger.warning("%d rows truncated to max_length %d", stats["truncated_rows"], hp.max_length)
         logger.info("preflight ok: %s", stats)
-        report, report_png = self.data_report(train, tokenizer, images)
+        report, lengths = train_report(self.cfg, train, tokenizer, images)
         spread = {"distributed": {"world_size": world, "strategy": self.strategy,
                                   "per_device_batch_size": hp.batch_size // world}} if world > 1 else {}
         self.tracker.phase("validated", dataset=stats, data_report=report, total_steps=total, **spread,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
-                        found if found and found.prompts else None, processor, report, report_png)
-
-    def data_report(self, train, tokenizer, images: dict[str, Any]) -> tuple[dict[str, Any], bytes | None]:
-        """The train split's data report and its picture (training/data_report.py); a picture that cannot be drawn
-        costs a warning."""
-        report, png, problem = train_report(self.cfg, train, tokenizer, images, self.settings.job_id)
-        if problem:
-            self.services.run_logger.warn(problem)
-        return report, png
+                        found if found and found.prompts else None, processor, report, lengths)
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id
@@ -725,14 +717,27 @@ class BaseTrainingJob:
         self.services.run_logger.log_image("training_curve", png)
         return files | {"training_curve.png": png}
 
+    def data_picture(self, prep: Prepared) -> dict[str, bytes]:
+        """data_lengths.png, the data report's histograms, for the export folders beside the curve (drawn here, not
+        at pre-flight, which --validate shares and which needs no plotting library); a picture that cannot be
+        drawn costs a warning."""
+        if prep.report is None:
+            return {}
+        limit = prep.report["limit"]
+        try:
+            return {"data_lengths.png": lengths_png(*prep.report_lengths, prep.report[limit], limit,
+                                                    f"{self.settings.job_id}: token lengths of the train rows")}
+        except Exception as e:  # noqa: BLE001 - a picture is never worth a paid run
+            self.services.run_logger.warn(f"the data report's picture could not be drawn ({type(e).__name__}: {e})")
+            return {}
+
     def export(self, trainer, tokenizer, metrics: dict[str, Any], prep: Prepared,
                comparison: dict[str, Any] | None = None) -> dict[str, Any]:
         """Each artifact made, verified in its consumer, then uploaded (exporting/export.py)."""
         s = self.services
         extra: dict[str, str | bytes] = {"eval_generations.jsonl": comparison["jsonl"]} if comparison else {}
         extra.update(self.curves(trainer))
-        if prep.report_png:
-            extra["data_lengths.png"] = prep.report_png
+        extra.update(self.data_picture(prep))
         # the improvement gate decides before anything is uploaded: a model it fails never reaches the Hub
         held_back = self.cfg.eval_config.require_improvement and \
             ((comparison or {}).get("generation") or {}).get("verdict") != "better"

@@ -84,9 +84,8 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
                 announce(request, settings, tracker, "failed", e)
                 scrub_request(blobs, uri, text, tracker)
             raise
-    if settings.rank == 0:
-        if result is not None and "launched" not in result:  # the workers' rank 0 announced it
-            announce(request, settings, tracker, "completed", None, result)
+    if settings.rank == 0:  # (a launcher's run returned above: its workers' rank 0 announces and scrubs)
+        announce(request, settings, tracker, "completed", None, result)
         scrub_request(blobs, uri, text, tracker)
     return result
 

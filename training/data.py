@@ -268,8 +268,13 @@ def as_answered(render, conv: list[dict[str, Any]]) -> tuple[str, int | None]:
     prompt = render(conv[:-1], add_generation_prompt=True)
     if text.startswith(prompt):
         return text, None
-    start = max(len(render(conv[:-1])), len(os.path.commonprefix([prompt, text])))
-    return prompt + text[start:], len(prompt)
+    return prompt + text[answer_start(render, conv, len(conv) - 1, prompt, text):], len(prompt)
+
+
+def answer_start(render, conv: list[dict[str, Any]], i: int, prompt: str, answered: str) -> int:
+    """Where assistant turn `i`'s answer starts in `answered` (its history and the turn rendered): where the
+    generation prompt and the answered turn part, and never inside the history."""
+    return max(len(render(conv[:i])), len(os.path.commonprefix([prompt, answered])))
 
 
 def answer_span(render, conv: list[dict[str, Any]], i: int, text: str, after: int) -> tuple[int, int]:
@@ -278,9 +283,8 @@ def answer_span(render, conv: list[dict[str, Any]], i: int, text: str, after: in
     the two part (a generation prompt need not be a prefix of the answered turn: Gemma 4's 31B, 26B and 12B
     end it with an empty thought channel the history never shows) and ends with the turn's end marker. Where
     the template renders a turn differently once later turns follow, the answer is looked for after `after`."""
-    history = render(conv[:i])
     prompt, answered = render(conv[:i], add_generation_prompt=True), render(conv[: i + 1])
-    start = max(len(history), len(os.path.commonprefix([prompt, answered])))
+    start = answer_start(render, conv, i, prompt, answered)
     if text.startswith(answered):
         return start, len(answered)
     found = text.find(answered[start:], after)

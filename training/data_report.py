@@ -119,20 +119,15 @@ def lengths_png(prompts: list[int], answers: list[int], limit: int, limit_name: 
     return out.getvalue()
 
 
-def train_report(cfg, train, tokenizer, images: dict[str, Any], job_id: str
-                 ) -> tuple[dict[str, Any], bytes | None, str | None]:
-    """The report of a job's prepared train split (`images`: pre-flight's image counts), its picture, and why the
-    picture could not be drawn (a picture is never worth a paid run: the job warns and goes on)."""
+def train_report(cfg, train, tokenizer, images: dict[str, Any]) -> tuple[dict[str, Any], tuple[list[int], list[int]]]:
+    """The report of a job's prepared train split (`images`: pre-flight's image counts), and the (prompt, answer)
+    lengths the export draws (lengths_png)."""
     hp, sft = cfg.hyperparameters, cfg.trainer_type == "sft"
     reason = "no_trained_token_within_max_length" if sft else "prompt_beyond_max_prompt_length"
     left_out = {reason: train.dropped} | {k.removeprefix("rows_"): v for k, v in images.items()
                                           if k.startswith("rows_") and not k.endswith("_first")}
     limit, name = (hp.max_length, "max_length") if sft else (hp.prompt_length, "max_prompt_length")
-    report, (prompts, answers) = data_report(train, tokenizer, limit, left_out, train.prompt_lengths, name)
-    try:
-        return report, lengths_png(prompts, answers, limit, name, f"{job_id}: token lengths of the train rows"), None
-    except Exception as e:  # noqa: BLE001
-        return report, None, f"the data report's picture could not be drawn ({type(e).__name__}: {e})"
+    return data_report(train, tokenizer, limit, left_out, train.prompt_lengths, name)
 
 
 def as_text(report: dict[str, Any]) -> str:
