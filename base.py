@@ -260,7 +260,8 @@ class BaseTrainingJob:
             family = self.timed("check_base_model", check_base_model, self.cfg.base_model_id, self.token(),
                                 self.cfg.trust_remote_code, self.cfg.vision, self.cfg.provider,
                                 self.cfg.export_format == "merged" and self.cfg.export_config.merged_dtype == "q4",
-                                self.cfg.export_config.wants_gguf)
+                                self.cfg.export_config.wants_gguf,
+                                self.cfg.vision and self.cfg.hyperparameters.finetune_vision_layers)
             if family.consumer_note:
                 self.services.run_logger.warn(family.consumer_note)
             splits = self.timed("load_data", self.load_data)

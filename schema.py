@@ -355,15 +355,13 @@ class Grader(StrictModel):
         return self.reference_field or "answer"
 
 
-def gemma_3n_refused(model_id: str, why: str) -> str:
-    """Why a Gemma 3n job (E2B, E4B) is refused where its text job trains (models/language_model.py): images, and the
-    Unsloth provider. Said by name at validation, and from config.json at pre-flight for a base whose name does
-    not say it."""
-    return (f"training_config.base_model_id: {model_id!r} is Gemma 3n, whose text this job trains (its language "
-            f"model alone), but not {why}: its image tower is built through timm, which this image cannot import, "
-            "and Unsloth's Gemma 3n path has not been shown for this job on a GPU. Train it on text with provider "
-            "'huggingface', or choose Gemma 4 (e.g. google/gemma-4-E2B-it, as small) or Gemma 3 4B or larger "
-            "for images.")
+def gemma_3n_refused(model_id: str) -> str:
+    """Why a Gemma 3n job (E2B, E4B) with the Unsloth provider is refused where the Hugging Face provider trains it
+    (text: models/language_model.py; images: training/vision.py). Said by name at validation, and from
+    config.json at pre-flight for a base whose name does not say it."""
+    return (f"training_config.provider: 'unsloth' with {model_id!r} (Gemma 3n): Unsloth's Gemma 3n path "
+            "(FastModel) has not been shown for this job on a GPU; use provider 'huggingface', which trains Gemma "
+            "3n's text and images, or choose Gemma 4 (e.g. google/gemma-4-E2B-it, as small) with Unsloth.")
 
 
 GEMMA_3N = re.compile(r"gemma-?3n", re.IGNORECASE)
@@ -550,9 +548,9 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_gemma_3n(self) -> TrainingConfig:
-        """Gemma 3n by its name: its text trains (models/language_model.py), its images and Unsloth's path do not."""
-        if GEMMA_3N.search(model_name(self.base_model_id)) and (self.vision or self.provider == "unsloth"):
-            raise ValueError(gemma_3n_refused(self.base_model_id, "images" if self.vision else "with Unsloth"))
+        """Gemma 3n by its name: its text and images train with the Hugging Face provider; Unsloth's path does not."""
+        if GEMMA_3N.search(model_name(self.base_model_id)) and self.provider == "unsloth":
+            raise ValueError(gemma_3n_refused(self.base_model_id))
         return self
 
     @model_validator(mode="after")

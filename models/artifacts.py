@@ -133,9 +133,14 @@ def save_4bit(merged16: Path, out: Path, vision: bool = False) -> Path:
     import torch
     import transformers
 
-    config = nf4_config(torch.bfloat16, vision)
+    from models.base_models import base_config
+    from models.language_model import KEEP_16BIT, trains_alone
+
+    base = base_config(str(merged16), None, False)
+    whole = vision or trains_alone(base)  # Gemma 3n's merge is the whole checkpoint, towers included
+    config = nf4_config(torch.bfloat16, whole, keep=KEEP_16BIT.get(base.model_type, ()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModelForImageTextToText if whole else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(str(merged16), quantization_config=config, device_map=device)
     model.save_pretrained(str(out))
     del model

@@ -72,7 +72,7 @@ FAMILIES: dict[str, Family] = {
                      consumer_note=GEMMA_4_CONSUMERS.format("gemma4")),
     "gemma4_unified": Family("Gemma 4 unified", "12B", "text, images, audio",
                              consumer_note=GEMMA_4_CONSUMERS.format("gemma4_unified")),
-    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text (its language model alone: models/language_model.py)"),
+    "gemma3n": Family("Gemma 3n", "E2B, E4B", "text (its language model alone: models/language_model.py), images"),
     "gemma4_assistant": Family("Gemma 4 assistant (speculative-decoding draft)", "-", "text", refused=DRAFT),
     "gemma4_unified_assistant": Family("Gemma 4 unified assistant (draft)", "-", "text", refused=DRAFT),
     "diffusion_gemma": Family("DiffusionGemma", "-", "text", refused=(
@@ -110,19 +110,19 @@ def family_of(config, model_id: str) -> Family:
 
 
 def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool,
-                     provider: str = "huggingface", merged_q4: bool = False, gguf: bool = False) -> Family:
+                     provider: str = "huggingface", merged_q4: bool = False, gguf: bool = False,
+                     vision_layers: bool = False) -> Family:
     """Refuse, from the config alone (before any weight is downloaded), a base this job cannot train (family_of),
     and, for images, a text-only Gemma (Gemma 3 270M and 1B), one whose image path the job has not shown (Gemma 4
-    12B's linear embedder; Gemma 3n: its tower needs timm), or Gemma 4 where torchvision, which its processor needs,
-    cannot be imported, or Gemma 4's images in a GGUF; Gemma 3n with Unsloth, or merged in 4 bits (`merged_q4`)."""
+    12B's linear embedder), Gemma 3n where timm, which builds its image tower, or Gemma 4 where torchvision, which
+    its processor needs, cannot be imported, or Gemma 4's or Gemma 3n's images in a GGUF, or LoRA on Gemma 3n's
+    convolutional tower (`vision_layers`); Gemma 3n with Unsloth."""
     config = base_config(model_id, token, trust_remote_code)
     family = family_of(config, model_id)
-    if config.model_type == "gemma3n" and (images or provider == "unsloth"):
-        raise PermanentError(gemma_3n_refused(model_id, "images" if images else "with Unsloth"))
-    if config.model_type == "gemma3n" and merged_q4:  # bitsandbytes loads the whole model, towers and timm too
-        raise PermanentError(f"export_config.merged_dtype: 'q4' for {model_id!r} (Gemma 3n): the 4-bit form is made "
-                             "by loading the whole merged model, whose image tower needs timm, which this image "
-                             "cannot import; use merged_dtype 'bf16', or format 'gguf'.")
+    if config.model_type == "gemma3n" and provider == "unsloth":
+        raise PermanentError(gemma_3n_refused(model_id))
+    if config.model_type == "gemma3n" and (images or merged_q4):  # both load the whole model, its image tower too
+        need_timm(model_id, "training_config.modality: 'vision'" if images else "export_config.merged_dtype: 'q4'")
     if not images:
         return family
     if getattr(config, "vision_config", None) is None:
@@ -142,9 +142,27 @@ def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, 
                                  f"torchvision, which cannot be imported here ({type(e).__name__}: {str(e)[:120]}); "
                                  "install the torchvision that requirements.txt pins (the job's image has it), or "
                                  "train Gemma 4 on text (modality 'text').") from None
-        if gguf:
-            raise PermanentError(f"export_config.format: a GGUF of {model_id!r} (Gemma 4) trained on images: the pinned "
-                                 "llama.cpp's Gemma 4 image path (its mmproj and mtmd) does not read pictures as "
-                                 "transformers does (docs/request.md), so the GGUF would fail its check after "
-                                 "training; export 'adapter' or 'merged', or train Gemma 4 on text for a GGUF.")
+    if vision_layers and config.model_type == "gemma3n":
+        raise PermanentError(f"hyperparameters.finetune_vision_layers with {model_id!r} (Gemma 3n): its image tower "
+                             "(MobileNetV5) is convolutional, and this job's LoRA adapts the linear layers of Gemma 3's "
+                             "and Gemma 4's transformer towers; set finetune_vision_layers false (the language model "
+                             "learns to read the tower's pictures), or choose Gemma 4 or Gemma 3 to adapt the tower.")
+    if gguf and config.model_type in ("gemma4", "gemma3n"):
+        raise PermanentError(f"export_config.format: a GGUF of {model_id!r} ({family.name}) trained on images: the "
+                             f"pinned llama.cpp's {family.name} image path (its mmproj and mtmd) has not been shown to "
+                             "read pictures as transformers does (docs/request.md), so the GGUF would fail its check "
+                             f"after training; export 'adapter' or 'merged', or train {family.name} on text for a "
+                             "GGUF.")
     return family
+
+
+def need_timm(model_id: str, why: str) -> None:
+    """Gemma 3n's whole model builds its MobileNetV5 image tower through timm: a PermanentError naming the field and
+    the library where timm cannot be imported (the job's image has it)."""
+    try:
+        import timm  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - timm built against another torchvision fails with RuntimeError
+        raise PermanentError(f"{why} with {model_id!r} (Gemma 3n): its image tower is built by timm, "
+                             f"which cannot be imported here ({type(e).__name__}: {str(e)[:120]}); install the timm "
+                             "that requirements.txt pins (the job's image has it), or train Gemma 3n on text "
+                             "(modality 'text', merged_dtype 'bf16').") from None

@@ -39,6 +39,12 @@ GEMMA3 = GEMMA3_TEXT.replace(
     "{%- if messages[0]['content'] is string -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
     "{%- else -%}{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}{%- endif -%}")
 
+# Gemma 3n's: Gemma 3's turns, an image part <image_soft_token> and an audio part <audio_soft_token> (its processor
+# expands each), as google/gemma-3n-E2B-it ships it.
+GEMMA3N = GEMMA3.replace("{{ '<start_of_image>' }}", "{{ '<image_soft_token>' }}").replace(
+    "{%- elif item['type'] == 'text' -%}", "{%- elif item['type'] == 'audio' -%}{{ '<audio_soft_token>' }}"
+    "{%- elif item['type'] == 'text' -%}")
+
 TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 GEMMA4_TURN_TOKENS = ("<|turn>", "<turn|>")
 

@@ -289,7 +289,8 @@ def main() -> None:
     print(f"model:   {root / 'models' / 'tiny-gemma3-mm'}")
     for path in make_gemma4_models(root / "models", model_dir):
         print(f"model:   {path}")
-    print(f"model:   {make_gemma3n_model(root / 'models' / 'tiny-gemma3n', model_dir)}")
+    pictures = [shape_image(colour, random.Random(i)) for i in range(4) for colour in COLOURS]
+    print(f"model:   {make_gemma3n_model(root / 'models' / 'tiny-gemma3n', model_dir, pictures)}")
     rows = conversations()
     print(f"dataset: {make_dataset(root, 'tiny-animals', rows)}")
     print(f"dataset: {make_dataset(root, 'tiny-animals-pref', preferences(rows))}")

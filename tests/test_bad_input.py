@@ -108,12 +108,11 @@ CASES = {
                                 "(HFValidationError)"),
     "gemma 3n with unsloth by its hub name": (
         lambda req, d: req["training_config"].update(base_model_id="google/gemma-3n-E2B", provider="unsloth"),
-        "training_config.base_model_id: 'google/gemma-3n-E2B' is Gemma 3n, whose text this job trains (its language "
-        "model alone), but not with Unsloth"),
-    "gemma 3n images from its config": (
-        lambda req, d: req["training_config"].update(base_model_id=config_copy(d), modality="vision"),
-        "is Gemma 3n, whose text this job trains (its language model alone), but not images: its image tower is "
-        "built through timm"),
+        "training_config.provider: 'unsloth' with 'google/gemma-3n-E2B' (Gemma 3n): Unsloth's Gemma 3n path"),
+    "lora on gemma 3n's tower from its config": (
+        lambda req, d: (req["training_config"].update(base_model_id=config_copy(d), modality="vision"),
+                        req["training_config"]["hyperparameters"].update(finetune_vision_layers=True)),
+        "(Gemma 3n): its image tower (MobileNetV5) is convolutional, and this job's LoRA adapts the linear layers"),
     "vision with unsloth": (lambda req, d: req["training_config"].update(modality="vision", provider="unsloth"),
                             "modality 'vision' with provider 'unsloth'"),
     "vision with orpo": (lambda req, d: req["training_config"].update(modality="vision", trainer_type="orpo"),

@@ -1,6 +1,7 @@
-"""Gemma 3n's text on a machine without timm (models/language_model.py), on the tiny whole checkpoint
-(scripts/tiny_gemma3n.py): its language model trains alone, and its adapter and merge are keyed for the whole
-model that the platform's inference service loads (AutoModelForImageTextToText, model.language_model.*)."""
+"""Gemma 3n's text (models/language_model.py), on the tiny whole checkpoint (scripts/tiny_gemma3n.py): its language
+model trains alone (no tower is loaded for text), and its adapter and merges are keyed for the whole model that the
+platform's inference service loads (AutoModelForImageTextToText, model.language_model.*). Its images:
+tests/test_vision_gemma3n.py."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def trained(tiny_root, tmp_path_factory):
     adapter = job.export(trainer, prep.tokenizer, metrics, prep)
     req["training_config"]["export_config"].update(format="merged")
     merged = make_job(local_dir, req, "gemma3n-merged").export(trainer, prep.tokenizer, metrics, prep)
-    return dict(model=model, before=before, metrics=metrics, adapter=adapter, merged=merged, local_dir=local_dir,
+    req["training_config"]["export_config"].update(merged_dtype="q4")
+    q4 = make_job(local_dir, req, "gemma3n-q4").export(trainer, prep.tokenizer, metrics, prep)
+    return dict(model=model, before=before, metrics=metrics, adapter=adapter, merged=merged, q4=q4, local_dir=local_dir,
                 doc=read_doc(local_dir, "gemma3n"), base=tiny_root / "models" / "tiny-gemma3n")
 
 
@@ -68,12 +71,30 @@ def test_the_merge_is_the_whole_checkpoint_with_the_trained_language_model(train
     assert not torch.equal(merged[q], base[q])  # the adapter merged in
 
 
-def test_a_4_bit_merge_of_gemma_3n_is_refused_before_training(tiny_root):
+def test_a_4_bit_merge_is_the_whole_model_in_4_bits_and_passes_its_check(trained, tiny_root):
+    """merged_dtype q4: the whole merged checkpoint loaded 4-bit (its image tower built by timm) and saved; its
+    check against the trained model passes. Where timm cannot be imported, the request is refused before
+    training, naming the field and the library."""
+    import sys
+
     from models.base_models import check_base_model
     from runtime.errors import PermanentError
 
-    with pytest.raises(PermanentError, match="export_config.merged_dtype: 'q4' .*Gemma 3n.*needs timm"):
-        check_base_model(str(tiny_root / "models" / "tiny-gemma3n"), None, False, False, merged_q4=True)
+    check = trained["q4"]["verification"]["merged"]
+    assert check["form"] == "q4" and check["passed"] is True
+    folder = trained["local_dir"] / "gemma-export-bucket" / "merged_models" / "gemma3n-q4"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3nForConditionalGeneration"]
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    names = tensors(folder / "model.safetensors")
+    assert any(k.startswith("model.vision_tower.timm_model.") for k in names)
+    sys.modules["timm"] = None  # as where it is not installed
+    try:
+        with pytest.raises(PermanentError, match="export_config.merged_dtype: 'q4' .*Gemma 3n.*built by timm"):
+            check_base_model(str(tiny_root / "models" / "tiny-gemma3n"), None, False, False, merged_q4=True)
+    finally:
+        del sys.modules["timm"]
+    assert check_base_model(str(tiny_root / "models" / "tiny-gemma3n"), None, False, False).name == "Gemma 3n"
 
 
 def test_qlora_keeps_the_altup_coefficients_in_16_bits_and_trains(local_dir, tiny_root):

@@ -144,11 +144,11 @@ def test_facet_flat_quantization_that_does_not_apply_and_disagreeing_modalities_
                                              ("google/gemma-3n-E4B-pt", "huggingface"),
                                              ("unsloth/gemma-3n-E2B-it", "unsloth"),
                                              ("unsloth/gemma-3n-E4B-it-unsloth-bnb-4bit", "unsloth")])
-def test_the_frontends_gemma_3n_choices_train_text_and_are_refused_with_unsloth(make, model, provider):
+def test_the_frontends_gemma_3n_choices_train_and_are_refused_with_unsloth(make, model, provider):
     """The frontend offers gemma-3n-E2B and -E4B (frontend-ui src/lib/models.ts; its review page appends -it or
-    -pt, and constructFullModelId the google/ or unsloth/ prefix and Unsloth's 4-bit suffix). Its text trains
-    with the Hugging Face provider (tests/test_gemma3n.py); with Unsloth it is refused as the request is read,
-    naming the field and what to do, not after three retries."""
+    -pt, and constructFullModelId the google/ or unsloth/ prefix and Unsloth's 4-bit suffix). Its text and images
+    train with the Hugging Face provider (tests/test_gemma3n.py, test_vision_gemma3n.py); with Unsloth it is
+    refused as the request is read, naming the field and what to do, not after three retries."""
     request = make(base_model_id=model)
     request["training_config"]["provider"] = provider
     for group in (request["training_config"], request["training_config"].get("hyperparameters") or {}):
@@ -157,8 +157,8 @@ def test_the_frontends_gemma_3n_choices_train_text_and_are_refused_with_unsloth(
     if provider == "huggingface":
         assert parse_request(serialised(request)).training_config.base_model_id == model
         return
-    with pytest.raises(RequestError, match=f"training_config.base_model_id: '{model}' is Gemma 3n, whose text this "
-                                           "job trains .* but not with Unsloth.* provider 'huggingface'"):
+    with pytest.raises(RequestError, match=f"training_config.provider: 'unsloth' with '{model}' \\(Gemma 3n\\): "
+                                           "Unsloth's Gemma 3n path .* provider 'huggingface'"):
         parse_request(serialised(request))
 
 

@@ -327,9 +327,12 @@ def test_the_memory_estimate_counts_the_pictures_and_the_tower():
     assert vision_bytes(SimpleNamespace(), 2, 0, "LoRA", False) == 0.0  # a text-only base
 
 
-def test_gemma_3n_images_and_text_only_bases_are_refused_from_their_config(tmp_path, tiny_root):
-    """Read from config.json alone, before any weight: Gemma 3n's images and Gemma 3n with Unsloth (whatever the
-    folder is called; its text trains), and images for a text-only Gemma."""
+def test_gemma_3n_images_and_text_only_bases_are_judged_from_their_config(tmp_path, tiny_root, monkeypatch):
+    """Read from config.json alone, before any weight, whatever the folder is called: Gemma 3n's text and images
+    train (tests/test_vision_gemma3n.py); Gemma 3n with Unsloth, LoRA on its convolutional tower, and its images
+    where timm cannot be imported are refused, each naming the field; images for a text-only Gemma too."""
+    import sys
+
     from transformers import Gemma3nConfig
 
     from models.base_models import check_base_model
@@ -337,11 +340,16 @@ def test_gemma_3n_images_and_text_only_bases_are_refused_from_their_config(tmp_p
 
     Gemma3nConfig().save_pretrained(str(tmp_path))
     assert check_base_model(str(tmp_path), None, False, False).name == "Gemma 3n"
-    with pytest.raises(PermanentError, match="is Gemma 3n, whose text this job trains .* but not images: its image "
-                                             "tower is built through timm"):
-        check_base_model(str(tmp_path), None, False, True)
-    with pytest.raises(PermanentError, match="but not with Unsloth"):
+    assert check_base_model(str(tmp_path), None, False, True).name == "Gemma 3n"
+    with pytest.raises(PermanentError, match=r"training_config.provider: 'unsloth' with .* \(Gemma 3n\)"):
         check_base_model(str(tmp_path), None, False, False, "unsloth")
+    with pytest.raises(PermanentError, match=r"hyperparameters.finetune_vision_layers with .* is convolutional"):
+        check_base_model(str(tmp_path), None, False, True, vision_layers=True)
+    monkeypatch.setitem(sys.modules, "timm", None)  # as where it is not installed
+    with pytest.raises(PermanentError, match=r"training_config.modality: 'vision' with .* \(Gemma 3n\): its image "
+                                             r"tower is built by timm, which cannot be imported here"):
+        check_base_model(str(tmp_path), None, False, True)
+    assert check_base_model(str(tmp_path), None, False, False).name == "Gemma 3n"  # its text needs no timm
     with pytest.raises(PermanentError, match="is a text-only model"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma3"), None, False, True)
     check_base_model(str(tiny_root / "models" / "tiny-gemma3"), None, False, False)

@@ -3,11 +3,12 @@ the rows training/vision_rows.py read turned into token ids and loss labels with
 the collator that makes each batch's pixels, and the prompts with pictures that the verification and the
 base/tuned comparison show the models.
 
-- Two processors: Gemma 3's (the template's <start_of_image> becomes a fixed 256 image tokens) and Gemma 4's (the
-  template's <|image|> becomes as many tokens as the picture's size gives, up to the processor's budget: 280 by
-  default; its tensors carry each patch's position, and the model reads the image tokens' marks as
-  mm_token_type_ids). The counts come from the processor itself (`_get_num_multimodal_tokens`, from each
-  picture's size, read from its header); tests/test_vision_gemma4.py checks them against the processor's own call.
+- Three processors: Gemma 3's (the template's <start_of_image> becomes a fixed 256 image tokens), Gemma 3n's (its
+  <image_soft_token> becomes a fixed 256, from timm's MobileNetV5 at 768x768) and Gemma 4's (the template's <|image|>
+  becomes as many tokens as the picture's size gives, up to the processor's budget: 280 by default; its tensors
+  carry each patch's position, and the model reads the image tokens' marks as mm_token_type_ids). Gemma 4's counts
+  come from the processor itself (`_get_num_multimodal_tokens`, from each picture's size, read from its header);
+  tests/test_vision_gemma4.py checks them against the processor's own call.
 - Labels: the assistant's text only (or every text token with assistant_only_loss off); image tokens never.
 - A row whose images do not fit in max_length is left out and counted.
 - Pixels are made per batch by the collator (a Gemma 3 image is 3 x 896 x 896 floats: 9.6 MB), from the
@@ -39,13 +40,13 @@ def load_processor(model_id: str, token: str | None, trust_remote_code: bool):
         if "Can't load" not in str(e):
             raise
         raise PermanentError(f"training_config.base_model_id: {model_id!r} lacks its image processor's files "
-                             f"({str(e)[:160]}); an image+text job needs Gemma 3's or Gemma 4's image+text processor "
+                             f"({str(e)[:160]}); an image+text job needs its Gemma's image+text processor "
                              "saved with the model (as Google's repos have it): use the published repo, or save "
                              "the processor into the folder.") from None
     if not hasattr(processor, "image_processor") or not (fixed(processor) or sized(processor)):
         raise PermanentError(f"training_config.base_model_id: {model_id!r} has a {type(processor).__name__}, not "
-                             "Gemma 3's or Gemma 4's image+text processor; use a Gemma 3 model of 4B or more (e.g. "
-                             "google/gemma-3-4b-it) or a Gemma 4 (e.g. google/gemma-4-E4B-it).")
+                             "Gemma 3's, Gemma 3n's or Gemma 4's image+text processor; use a Gemma 3 model of 4B or "
+                             "more (e.g. google/gemma-3-4b-it), a Gemma 3n or a Gemma 4 (e.g. google/gemma-4-E4B-it).")
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
@@ -64,8 +65,15 @@ class Encoded:
 
 
 def fixed(processor) -> bool:
-    """Gemma 3's processor: every picture the same number of tokens, in place of the template's <start_of_image>."""
+    """Gemma 3's and Gemma 3n's processors: every picture the same number of tokens (full_image_sequence), in place
+    of the template's mark for it (placeholder)."""
     return hasattr(processor, "full_image_sequence")
+
+
+def placeholder(processor) -> str:
+    """What the template writes for a picture and the processor expands: Gemma 3's <start_of_image>, Gemma 3n's
+    <image_soft_token> and Gemma 4's <|image|> (each processor's own __call__ replaces that one)."""
+    return processor.boi_token if type(processor).__name__ == "Gemma3Processor" else processor.image_token
 
 
 def sized(processor) -> bool:
@@ -77,6 +85,8 @@ def image_counts(processor, images: list[bytes]) -> list[int]:
     """How many image tokens each picture takes, in order, from its size alone (its header, not its pixels)."""
     if not images:
         return []
+    if fixed(processor):
+        return [processor.image_seq_length] * len(images)
     import io
 
     from PIL import Image
@@ -137,7 +147,7 @@ def render(processor, messages: list[dict[str, Any]], add_generation_prompt: boo
     expands it (Gemma 4: the i-th picture to counts[i] tokens, image_counts)."""
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if fixed(processor):
-        return text.replace(processor.boi_token, processor.full_image_sequence)
+        return text.replace(placeholder(processor), processor.full_image_sequence)
     parts = text.split(processor.image_token)
     if len(parts) - 1 > len(counts):
         raise DatasetError(f"a conversation renders {len(parts) - 1} pictures and has {len(counts)}: each "
