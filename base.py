@@ -406,7 +406,7 @@ class BaseTrainingJob:
             return
         from models.memory import meta_model
 
-        model = meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code)
+        model = meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code, self.cfg.vision)
         modules = [n for n, _ in model.named_modules() if n and not re.fullmatch(NOT_LANGUAGE, n)]
         base = self.cfg.base_model_id
         params = [n for n, _ in model.named_parameters() if not re.fullmatch(NOT_LANGUAGE, n.rsplit(".", 1)[0])]

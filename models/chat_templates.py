@@ -49,28 +49,32 @@ TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 GEMMA4_TURN_TOKENS = ("<|turn>", "<turn|>")
 
 
-def family_template(tokenizer, images: bool) -> tuple[str, str] | None:
+def family_template(tokenizer, processor=None) -> tuple[str, str] | None:
     """(template, its name) of the Gemma family whose turn tokens the tokenizer has: Gemma 4's (<|turn>role ...
-    <turn|>, the template TRL ships for it, as E2B's tokenizer carries it), else Gemma 3's; None for neither."""
+    <turn|>, the template TRL ships for it, as E2B's tokenizer carries it), else Gemma 3's (for images, with the
+    picture's mark that the processor expands: Gemma 3n's <image_soft_token>, Gemma 3's <start_of_image>); None
+    for neither."""
     vocab = tokenizer.get_vocab()
     if all(t in vocab for t in GEMMA4_TURN_TOKENS):
         from trl.chat_template_utils import gemma4_chat_template
 
         return gemma4_chat_template, "Gemma 4's"
     if all(t in vocab for t in TURN_TOKENS):
-        return (GEMMA3 if images else GEMMA3_TEXT), "Gemma 3's"
+        if processor is None:
+            return GEMMA3_TEXT, "Gemma 3's"
+        return (GEMMA3N, "Gemma 3n's") if type(processor).__name__ == "Gemma3nProcessor" else (GEMMA3, "Gemma 3's")
     return None
 
 
 def ensure_chat_template(tokenizer, model_id: str, processor=None) -> str | None:
     """Give a Gemma base without a chat template its own family's (family_template: Gemma 4's for Gemma 4, Gemma
-    3's otherwise; for images, its processor's too); what was done, for the job document, or None where the
+    3's otherwise, Gemma 3n's for Gemma 3n's images; for images, its processor's too); what was done, for the job document, or None where the
     base has its own. A tokenizer without Gemma's turn tokens is left as it is: its conversations are refused
     when they are rendered (data.require_chat_template), and plain-text rows need no template."""
     target = processor or tokenizer
     if getattr(target, "chat_template", None):
         return None
-    found = family_template(tokenizer, images=processor is not None)
+    found = family_template(tokenizer, processor)
     if found is None:
         return None
     target.chat_template, name = found

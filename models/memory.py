@@ -40,19 +40,21 @@ HEADROOM = 0.95
 
 
 @functools.lru_cache(maxsize=2)
-def meta_model(model_id: str, token: str | None, trust_remote_code: bool):
+def meta_model(model_id: str, token: str | None, trust_remote_code: bool, images: bool = False):
     """The model as its config describes it, on the meta device: its modules and shapes, no weights. Built
     once per job: pre-flight's module check and the memory estimate both read it."""
-    return empty_model(base_config(model_id, token, trust_remote_code), trust_remote_code)
+    return empty_model(base_config(model_id, token, trust_remote_code), trust_remote_code, images)
 
 
-def empty_model(config, trust_remote_code: bool = False):
-    """The model a text job trains (for Gemma 3n its language model alone: models/language_model.py)."""
+def empty_model(config, trust_remote_code: bool = False, images: bool = False):
+    """The model a job trains: for Gemma 3n's text its language model alone (models/language_model.py), for its
+    images the whole model."""
     import torch
+    import transformers
 
     from models.language_model import causal_class, language_config
 
-    cls = causal_class(config)
+    cls = transformers.AutoModelForImageTextToText if images else causal_class(config)
     with torch.device("meta"):
         if hasattr(cls, "from_config"):  # the Auto class
             return cls.from_config(config, trust_remote_code=trust_remote_code)
@@ -105,6 +107,11 @@ def int8_bytes(total: int, embeddings: int) -> float:
 
 
 GEMMA4_IMAGE_TOKENS = 280  # Gemma4ImageProcessor's max_soft_tokens by default
+# Gemma 3n's MobileNetV5 tower per 768 x 768 picture in bf16 (benchmarks/gemma3n_tower_memory.py, results in
+# benchmarks/results/gemma3n_tower_memory.json): the activations kept for the backward pass when it trains (Full),
+# and the most its forward pass holds at once when it does not.
+GEMMA3N_TOWER_TRAINS = 3_704_877_062
+GEMMA3N_TOWER_FROZEN = 113_246_208
 
 
 def vision_bytes(config, images: int, tower: int, method: str, tower_trains: bool) -> float:
@@ -113,10 +120,14 @@ def vision_bytes(config, images: int, tower: int, method: str, tower_trains: boo
     and, with QLoRA, the tower kept in 16 bits rather than 4 (artifacts.VISION_16BIT). Each image's tokens
     in the language model (256 for Gemma 3, up to 280 for Gemma 4) are inside max_length, which the activations
     count already. Gemma 4's tower reads a picture as up to its processor's budget of patches (280 tokens at
-    its default, each pooled from 3 x 3 patches of 16 x 16 pixels: 2,520 patches), padded to that budget."""
+    its default, each pooled from 3 x 3 patches of 16 x 16 pixels: 2,520 patches), padded to that budget. Gemma
+    3n's convolutional tower: its measured activations per 768 x 768 picture (GEMMA3N_TOWER_*)."""
     vision = getattr(config, "vision_config", None)
     if vision is None or not images:
         return 0.0
+    if getattr(vision, "model_type", None) == "gemma3n_vision":  # MobileNetV5 at 768 x 768, measured
+        kept = GEMMA3N_TOWER_TRAINS if tower_trains else GEMMA3N_TOWER_FROZEN
+        return images * (3 * 768 * 768 * 4 + kept) + ((2.0 - 0.52) * tower if method == "QLoRA" else 0.0)
     if getattr(vision, "image_size", None):  # Gemma 3: a fixed square
         patches = (vision.image_size // vision.patch_size) ** 2
     else:  # Gemma 4: the processor's default budget
@@ -174,7 +185,7 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> b
         container_limit() if settings.disk_is_memory else None
     if gpu is None and host is None:
         return True
-    model = meta_model(cfg.base_model_id, token, cfg.trust_remote_code)
+    model = meta_model(cfg.base_model_id, token, cfg.trust_remote_code, cfg.vision)
     config = model.config
     total, embeddings = count_params(config, model)
     tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)

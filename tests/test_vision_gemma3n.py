@@ -122,3 +122,56 @@ def test_a_gemma_3n_vision_job_with_lora_on_its_tower_exits_2_before_loading(tin
         doc["error"]
     assert "dataset" not in doc and "data_report" not in doc  # refused before the data were read
     assert not (root / EXPORT).exists()
+
+
+def test_a_pretrained_gemma_3n_without_a_template_gets_gemma_3ns_picture_mark(tiny_root, tmp_path):
+    """A -pt copy with no chat template: the job gives it Gemma 3's turns with Gemma 3n's <image_soft_token> (which
+    its processor expands; Gemma 3's <start_of_image> it would not), so every row keeps its picture's tokens and
+    trains its answer."""
+    import shutil
+
+    from models.chat_templates import GEMMA3N, ensure_chat_template
+    from training.vision import encode_vision, image_token_id, load_processor
+    from training.vision_rows import check_vision_rows, vision_form
+
+    base = tmp_path / "gemma-3n-pt"
+    shutil.copytree(tiny_root / "models" / G3N, base)
+    (base / "chat_template.jinja").unlink()
+    processor = load_processor(str(base), None, False)
+    assert not processor.chat_template
+    note = ensure_chat_template(processor.tokenizer, str(base), processor)
+    assert "Gemma 3n's" in note and processor.chat_template == GEMMA3N
+    rows = eval_rows(tiny_root)
+    encoded = encode_vision(check_vision_rows(rows, vision_form(list(rows[0])), "test"), processor, 128, True)
+    assert len(encoded.rows) == len(rows) and encoded.dropped == 0 and not encoded.too_many
+    assert all(r["input_ids"].count(image_token_id(processor.tokenizer)) == processor.image_seq_length
+               for r in encoded.rows)
+
+
+def test_the_memory_estimate_counts_the_whole_model_and_the_towers_activations_per_picture(tmp_path):
+    """Gemma 3n's published config (E4B's sizes): an image+text job's estimate is built from the whole model (the
+    image tower, 294M parameters as in timm's mobilenetv5_300m_enc, and the audio tower beside the language model),
+    a text job's from the language model alone; each picture adds its fp32 pixels and the tower's activations
+    measured by benchmarks/gemma3n_tower_memory.py (kept for the backward pass where the tower trains, the
+    forward pass's peak where it does not), and QLoRA the tower kept in 16 bits."""
+    import json
+    from pathlib import Path
+
+    from transformers import Gemma3nConfig
+
+    from models.memory import GEMMA3N_TOWER_FROZEN, GEMMA3N_TOWER_TRAINS, meta_model, vision_bytes
+
+    Gemma3nConfig().save_pretrained(str(tmp_path))
+    text, whole = meta_model(str(tmp_path), None, False), meta_model(str(tmp_path), None, False, images=True)
+    tower = sum(p.numel() for n, p in whole.named_parameters() if "vision_tower" in n)
+    measured = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" /
+                           "gemma3n_tower_memory.json").read_text())
+    assert tower == measured["params"]
+    assert sum(p.numel() for p in whole.parameters()) > sum(p.numel() for p in text.parameters()) + tower
+    assert (GEMMA3N_TOWER_TRAINS, GEMMA3N_TOWER_FROZEN) == (measured["trains_bytes_bf16"],
+                                                             measured["frozen_bytes_bf16"])
+    pixels = 3 * 768 * 768 * 4
+    assert vision_bytes(whole.config, 8, tower, "LoRA", False) == 8 * (pixels + GEMMA3N_TOWER_FROZEN)
+    assert vision_bytes(whole.config, 8, tower, "Full", True) == 8 * (pixels + GEMMA3N_TOWER_TRAINS)
+    assert vision_bytes(whole.config, 8, tower, "QLoRA", False) == pytest.approx(
+        8 * (pixels + GEMMA3N_TOWER_FROZEN) + 1.48 * tower)
