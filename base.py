@@ -20,8 +20,9 @@ from typing import Any
 from exporting.export import ExportJob, check_installed, export_artifacts
 from exporting.verification import pad_id, probe_prompts
 from job_manager import JobStatus, JobTracker
-from models.base_models import check_base_model
+from models.base_models import base_config, check_base_model
 from models.chat_templates import ensure_chat_template
+from models.language_model import unreadable_tokens
 from models.memory import check_memory
 from runtime.distributed import DDP, FSDP, first_on_node, strategy_for
 from runtime.distributed import trainer_args as strategy_args
@@ -377,7 +378,6 @@ class BaseTrainingJob:
         if self.cfg.hyperparameters.use_fa2:  # check_attention refused it where it cannot run
             kwargs["attn_implementation"] = "flash_attention_2"
         if self.cfg.method == "QLoRA":
-            from models.base_models import base_config
             from models.language_model import KEEP_16BIT
 
             model_type = base_config(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code).model_type
@@ -522,9 +522,12 @@ class BaseTrainingJob:
                          **{n: getattr(hp, n) for n in ("loss_type", "importance_sampling_level")
                             if getattr(hp, n) is not None},
                          # an image token sampled into a completion would ask the forward pass for a picture
-                         # that does not exist ("Image features and image tokens do not match")
-                         **({"generation_kwargs": {"suppress_tokens": image_token_ids(prep.processor)}}
-                            if prep.processor is not None else {})),
+                         # that does not exist ("Image features and image tokens do not match"); Gemma 3n's
+                         # language model alone cannot read its media tokens back (unreadable_tokens)
+                         **({"generation_kwargs": {"suppress_tokens": never}} if (never := (
+                             image_token_ids(prep.processor) if prep.processor is not None else
+                             unreadable_tokens(base_config(self.cfg.base_model_id, self.token(),
+                                                           self.cfg.trust_remote_code)))) else {})),
         }[kind]
         return common | specific
 

@@ -15,7 +15,7 @@ never fail a job.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +64,9 @@ class Reference:
     image_token_id: int | None = None
     image_files: list[list[bytes]] | None = None  # and as encoded pictures, for llama.cpp's own preprocessing
     margins: list[list[float]] | None = None  # the trained model's top-1 minus top-2 logit at each position
+    # tokens the reference never generates (suppress_tokens: image tokens, unreadable_tokens), left out of every
+    # model's choice where artifacts are compared with it
+    never: list[int] = field(default_factory=list)
 
     def decided(self, i: int, position: int) -> bool:
         """Whether the trained model's prediction of sequence i's token at `position` is no near tie."""
@@ -115,18 +118,21 @@ def greedy_reference(model, prompts: list[list[int]], stops: set[int], pad: int,
     tests/test_export.py checks it against `greedy_reference_unbatched` token for token."""
     from transformers import GenerationConfig
 
+    from models.language_model import unreadable_tokens
+
     model.eval()
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops),
-                              pad_token_id=pad, use_cache=True)
+                              pad_token_id=pad, use_cache=True,
+                              **({"suppress_tokens": never} if (never := unreadable_tokens(model.config)) else {}))
     if images is not None:
         return _generate_with_images(model, prompts, stops, config, device, images, image_token_id, image_files)
     try:
         sequences = _generate_batches(model, prompts, stops, pad, batch_size, config, device)
     except Exception as e:  # noqa: BLE001 - a provider's patched generate (Unsloth's, not yet run on a GPU here)
         logger.warning("batched reference failed (%s: %s): one prompt at a time instead", type(e).__name__, e)
-        return greedy_reference_unbatched(model, prompts, stops, max_new_tokens)
-    return with_margins(model, Reference(sequences, [len(p) for p in prompts]))
+        return greedy_reference_unbatched(model, prompts, stops, max_new_tokens, config.suppress_tokens)
+    return with_margins(model, Reference(sequences, [len(p) for p in prompts], never=config.suppress_tokens or []))
 
 
 def with_margins(model, ref: Reference) -> Reference:
@@ -140,7 +146,8 @@ def with_margins(model, ref: Reference) -> Reference:
         for i, seq in enumerate(ref.sequences):
             ids = torch.tensor([seq], device=device)
             extra = image_inputs(ids, ref.images(i), ref.image_token_id, model.dtype)
-            top = model(input_ids=ids, use_cache=False, **extra).logits[0].float().topk(2, dim=-1).values
+            logits = allowed(model(input_ids=ids, use_cache=False, **extra).logits[0].float(), ref.never)
+            top = logits.topk(2, dim=-1).values
             ref.margins.append((top[:, 0] - top[:, 1]).tolist())
     return ref
 
@@ -180,7 +187,7 @@ def _generate_with_images(model, prompts, stops, config, device, images, image_t
     import torch
 
     config = copy.deepcopy(config)
-    config.suppress_tokens = [image_token_id]
+    config.suppress_tokens = [image_token_id, *(config.suppress_tokens or ())]
     sequences = []
     with torch.no_grad():
         for prompt, pixels in zip(prompts, images):
@@ -195,13 +202,13 @@ def _generate_with_images(model, prompts, stops, config, device, images, image_t
                     break
             sequences.append(list(prompt) + new)
     return with_margins(model, Reference(sequences, [len(p) for p in prompts], list(images), image_token_id,
-                                         image_files))
+                                         image_files, never=config.suppress_tokens))
 
 
 def greedy_reference_unbatched(model, prompts: list[list[int]], stops: set[int],
-                               max_new_tokens: int = MAX_NEW_TOKENS) -> Reference:
+                               max_new_tokens: int = MAX_NEW_TOKENS, never: list[int] | None = None) -> Reference:
     """The reference by definition: one full forward pass per new token per prompt, no cache, no padding.
-    Kept as the yardstick the batched one is tested against."""
+    Kept as the yardstick the batched one is tested against. `never`: tokens not generated (as suppress_tokens)."""
     import torch
 
     model.eval()
@@ -211,12 +218,12 @@ def greedy_reference_unbatched(model, prompts: list[list[int]], stops: set[int],
         for prompt in prompts:
             ids = list(prompt)
             for _ in range(max_new_tokens):
-                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits
-                ids.append(int(logits[0, -1].argmax()))
+                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1]
+                ids.append(int(allowed(logits, never).argmax()))
                 if ids[-1] in stops:
                     break
             sequences.append(ids)
-    return with_margins(model, Reference(sequences, [len(p) for p in prompts]))
+    return with_margins(model, Reference(sequences, [len(p) for p in prompts], never=list(never or [])))
 
 
 @dataclass
@@ -236,6 +243,14 @@ class Agreement:
         if self.decided * 4 > total:
             return round(self.same / self.decided, 4)
         return round((self.same + self.near_ties - self.flipped_ties) / total, 4) if total else 1.0
+
+
+def allowed(logits, never):
+    """Logits (the last axis the vocabulary; a torch tensor or a numpy array, changed in place) with the tokens in
+    `never` made impossible."""
+    if len(never):
+        logits[..., list(never)] = float("-inf")
+    return logits
 
 
 def agreement(ref: Reference, predict: Predict) -> Agreement:
@@ -262,18 +277,19 @@ def transformers_predict(model, ref: Reference) -> Predict:
         with torch.no_grad():
             tensor = torch.tensor([ids], device=device)
             extra = image_inputs(tensor, ref.images(i), ref.image_token_id, model.dtype)
-            return model(input_ids=tensor, use_cache=False, **extra).logits[0].argmax(-1).tolist()
+            logits = model(input_ids=tensor, use_cache=False, **extra).logits[0]
+            return allowed(logits, ref.never).argmax(-1).tolist()
 
     return predict
 
 
-def llama_predict(llm) -> Predict:
+def llama_predict(llm, never: list[int] = ()) -> Predict:
     import numpy as np
 
     def predict(ids: list[int], i: int) -> list[int]:  # token ids only: prompts with pictures go to check_gguf_images
         llm.reset()
         llm.eval(ids)
-        return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
+        return np.argmax(allowed(llm.scores[:len(ids)].copy(), never), axis=-1).tolist()
 
     return predict
 
@@ -289,7 +305,7 @@ def load_llama(gguf: Path, n_ctx: int):
 def check_gguf(ref: Reference, gguf: Path) -> Agreement:
     llm = load_llama(gguf, max(len(s) for s in ref.sequences) + 8)
     try:
-        return agreement(ref, llama_predict(llm))
+        return agreement(ref, llama_predict(llm, ref.never))
     finally:
         llm.close()
 
@@ -463,7 +479,7 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> Agreement:
             llm.input_ids[llm.n_tokens:past.value] = ids[i:i + n]
             llm.n_tokens, i = past.value, i + n
         llm.eval(pending)
-        return np.argmax(llm.scores[:len(ids)], axis=-1).tolist()
+        return np.argmax(allowed(llm.scores[:len(ids)].copy(), ref.never), axis=-1).tolist()
 
     try:
         return agreement(ref, predict)

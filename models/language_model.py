@@ -29,6 +29,17 @@ def trains_alone(config) -> bool:
     return getattr(config, "model_type", None) in TEXT_ONLY
 
 
+def unreadable_tokens(config) -> list[int]:
+    """Tokens a model can emit but not read back: Gemma 3n's language model alone (a text job's, or its config) has
+    per-layer embeddings for its first vocab_size_per_layer_input tokens only; the rest are the towers' media tokens
+    (images, audio), which only the whole model embeds. Generating one would end the next forward pass ("index out
+    of range"), so the job's generation suppresses them. None for any other model."""
+    text = config if getattr(config, "model_type", None) == "gemma3n_text" else \
+        config.get_text_config() if trains_alone(config) else None
+    per_layer = getattr(text, "vocab_size_per_layer_input", None)
+    return list(range(per_layer, text.vocab_size)) if per_layer and per_layer < text.vocab_size else []
+
+
 def causal_class(config):
     """The class a text job loads this base (or an export of it) with."""
     import transformers

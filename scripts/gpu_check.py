@@ -9,7 +9,7 @@ is imported first there as in production.
 A job is provider:method[:trainer_type[:model]] (sft when left out; model, one of MODELS: mm, the tiny model
 in Gemma 3's image+text architecture, Gemma3ForConditionalGeneration as at 4B and up, instead of the
 text-only one; vision: that model trained on the image+text dataset tiny-shapes with modality 'vision', no
-GGUF; g4, g4-e2b, g4-moe, g4-unified: the tiny Gemma 4 architectures; g3n: the tiny Gemma 3n).
+GGUF; g4, g4-e2b, g4-moe, g4-unified: the tiny Gemma 4 architectures; g3n: the tiny Gemma 3n, g3n-vision on its images).
 Each exports `merged` (bf16) and, where llama-cpp-python is installed, a q4_k_m GGUF beside it, so
 Unsloth's merge and the shared GGUF exporter are both checked by the job's verification before
 completion.
@@ -41,11 +41,14 @@ sys.path.insert(0, str(ROOT))
 JOBS = ["huggingface:LoRA", "huggingface:QLoRA", "unsloth:LoRA", "unsloth:QLoRA", "huggingface:QLoRA:sft:mm",
         "unsloth:LoRA:sft:mm", "unsloth:QLoRA:sft:mm", "huggingface:LoRA:sft:vision", "huggingface:QLoRA:sft:vision",
         "huggingface:QLoRA:sft:g4-moe", "huggingface:QLoRA:sft:g4-e2b", "huggingface:QLoRA:sft:g3n",
+        "huggingface:QLoRA:sft:g3n-vision",
         "unsloth:LoRA:sft:g4-e2b", "unsloth:QLoRA:sft:g4"]
 # The tiny models besides the text-only Gemma 3 (scripts/make_tiny.py): mm, Gemma 3's image+text architecture
-# (4B and up) trained on text, vision the same on images; g4*, Gemma 4's architectures; g3n, Gemma 3n.
+# (4B and up) trained on text, vision the same on images; g4*, Gemma 4's architectures; g3n, Gemma 3n (g3n-vision on
+# its images).
 MODELS = {"mm": "tiny-gemma3-mm", "vision": "tiny-gemma3-mm", "g4": "tiny-gemma4", "g4-e2b": "tiny-gemma4-e2b",
-          "g4-moe": "tiny-gemma4-moe", "g4-unified": "tiny-gemma4-unified", "g3n": "tiny-gemma3n"}
+          "g4-moe": "tiny-gemma4-moe", "g4-unified": "tiny-gemma4-unified", "g3n": "tiny-gemma3n",
+          "g3n-vision": "tiny-gemma3n"}
 CANDIDATES = ["unsloth:Full", "unsloth:LoRA:dpo", "unsloth:LoRA:orpo", "unsloth:QLoRA:grpo"]
 DATASETS = {"sft": "tiny-animals", "dpo": "tiny-animals-pref", "orpo": "tiny-animals-pref",
             "grpo": "tiny-animals-prompts"}
@@ -101,8 +104,9 @@ def run_job(root: Path, job: str, epochs: int, gguf: bool, job_timeout: float | 
     if model in MODELS:  # another tiny architecture than the text-only Gemma 3
         base = Path(request["training_config"]["base_model_id"])
         request["training_config"]["base_model_id"] = str(base.with_name(MODELS[model]))
-    request["processed_dataset_id"] = "tiny-shapes" if model == "vision" else DATASETS[trainer_type]
-    if model == "vision":
+    images = model.endswith("vision")
+    request["processed_dataset_id"] = "tiny-shapes" if images else DATASETS[trainer_type]
+    if images:
         request["training_config"]["modality"] = "vision"
         gguf = False  # the image projector's GGUF is not built: refused
     tc = request["training_config"]

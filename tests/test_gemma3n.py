@@ -143,3 +143,31 @@ def test_the_exports_read_in_the_inference_services_pinned_versions(trained):
     with torch.no_grad():
         ours = Gemma3nForCausalLM.from_pretrained(str(merged), dtype=torch.float32)(torch.tensor([ids])).logits[0]
     assert torch.allclose(torch.tensor(found["logits"]), ours, atol=1e-3)
+
+
+def test_the_language_model_alone_never_generates_a_token_it_cannot_read_back(tiny_root):
+    """Gemma 3n's language model alone has per-layer embeddings for its text tokens only: a media token generated
+    (the tiny model's own greedy choice after a few steps, here forced by raising one's logit) would end the next
+    forward pass ("index out of range"). The job's generation never picks one, and the same model compared with
+    that reference agrees fully: the tokens left out of the reference are left out of every model's choice."""
+    from transformers import Gemma3nForCausalLM
+
+    from exporting.verification import agreement, greedy_reference, transformers_predict
+    from models.language_model import unreadable_tokens
+
+    model = Gemma3nForCausalLM.from_pretrained(str(tiny_root / "models" / "tiny-gemma3n"), dtype=torch.float32)
+    never = unreadable_tokens(model.config)
+    config = model.config
+    assert never == list(range(config.vocab_size_per_layer_input, config.vocab_size)) and len(never) == 256
+    media = never[100]
+
+    def favour_a_media_token(module, args, output):
+        output[..., media] += 100.0
+        return output
+
+    model.lm_head.register_forward_hook(favour_a_media_token)
+    prompts = [[2, 5, 40, 71, 100], [2, 5, 13]]
+    ref = greedy_reference(model, prompts, {1, 6}, 0, max_new_tokens=6)
+    continuations = [seq[start:] for seq, start in zip(ref.sequences, ref.starts)]
+    assert all(continuations) and not any(t in never for c in continuations for t in c)
+    assert agreement(ref, transformers_predict(model, ref)).share == 1.0

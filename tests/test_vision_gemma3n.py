@@ -24,11 +24,11 @@ def processor_of(tiny_root):
 
 def test_the_expansion_and_the_tensors_are_the_processors_own(tiny_root):
     """Two pictures in one turn: the job's rendering, tokenized, is Gemma 3n's processor's own call's input_ids
-    (each <image_soft_token> become start, the fixed count of soft tokens, end), and the pixels and the image
+    (each <image_soft_token> becomes start, the fixed count of soft tokens, end), and the pixels and the image
     tokens' marks beside them are its tensors."""
     import torch
-
     from test_vision_gemma4 import picture
+
     from training.vision import image_counts, image_token_id, pixel_values, render
     from training.vision_rows import decode
 
