@@ -240,6 +240,7 @@ class BaseTrainingJob:
             raise Interrupted(f"{reason}: the export stopped before its step {name}; the next attempt exports "
                               "again from training's last checkpoint")
         self.tracker.write({"export_step": name})
+        self.tracker.event("export_step", step=name)
         return self.timed(name, fn, *args)
 
     def preflight(self) -> Prepared:

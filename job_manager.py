@@ -1,8 +1,11 @@
-"""Job state in the document `training_jobs/{job_id}` that the training service and the frontend read.
+"""Job state in the document `training_jobs/{job_id}` that the training service and the frontend read, and the
+job's events beside it.
 
 `JobStore` is the small interface (Firestore in the cloud, JSON files locally); `JobTracker` owns
 what goes into the document: the status values and field types of DESIGN.md, throttled progress,
-and the failure record written before the process exits.
+and the failure record written before the process exits. Events (`training_jobs/{job_id}/events`, a folder of
+JSON files locally; `gemma-job events JOB`) are append-only: queued, started, each phase, evaluation, checkpoint,
+export step and warning, and the end, each once, ordered by id (time, attempt, sequence).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 COLLECTION = "training_jobs"
 DATASETS = "processed_datasets"  # the preprocessing service's metadata: splits[{split_name, num_rows, path}]
+EVENTS = "events"  # the subcollection of a job's document that holds its events
+ENDS = ("completed", "failed", "cancelled")  # the events that end an attempt for good
 
 
 class JobStatus(StrEnum):
@@ -43,6 +48,10 @@ class JobStore(Protocol):
         """Write the document only if it does not exist; True if written."""
     def merge(self, job_id: str, fields: dict[str, Any]) -> None:
         """set(fields, merge=True): nested maps merge, other fields are replaced."""
+    def append_event(self, job_id: str, event_id: str, fields: dict[str, Any]) -> bool:
+        """Add one event; False if one with that id exists (never overwritten)."""
+    def events(self, job_id: str, after: str = "") -> list[dict[str, Any]]:
+        """The job's events with an id after `after`, in order, each with its `id`."""
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
         """The document processed_datasets/{dataset_id}, if the preprocessing service wrote one."""
 
@@ -98,6 +107,24 @@ class LocalJobStore:
         with self._locked(job_id):
             self._write(job_id, _deep_merge(self.get(job_id) or {}, fields))
 
+    def append_event(self, job_id: str, event_id: str, fields: dict[str, Any]) -> bool:
+        folder = self.dir / job_id / EVENTS
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(fields, f, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+            os.link(tmp, folder / f"{event_id}.json")  # whole, and only if no event has the id
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def events(self, job_id: str, after: str = "") -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) | {"id": p.stem} for p in sorted((self.dir / job_id / EVENTS).glob("*.json"))
+                if p.stem > after]
+
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recently updated documents, newest first."""
         docs = [json.loads(p.read_text()) for p in self.dir.glob("*.json")]
@@ -147,6 +174,19 @@ class FirestoreJobStore:
 
     def merge(self, job_id: str, fields: dict[str, Any]) -> None:
         self._ref(job_id).set(fields, merge=True, **self.call)
+
+    def append_event(self, job_id: str, event_id: str, fields: dict[str, Any]) -> bool:
+        from google.api_core.exceptions import AlreadyExists, Conflict
+
+        try:
+            self._ref(job_id).collection(EVENTS).document(event_id).create(fields, **self.call)
+            return True
+        except (AlreadyExists, Conflict):
+            return False
+
+    def events(self, job_id: str, after: str = "") -> list[dict[str, Any]]:
+        snaps = self._ref(job_id).collection(EVENTS).stream(**self.call)  # by document id
+        return [snap.to_dict() | {"id": snap.id} for snap in snaps if snap.id > after]
 
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The most recently updated documents, newest first."""
@@ -200,6 +240,9 @@ class JobTracker:
         self._behind = False
         self._retry_at = -math.inf
         self.finished = False
+        self._events: list[tuple[str, dict[str, Any]]] = []  # not yet written (the store was unreachable)
+        self._sequence = 0
+        self.last_eval: dict[str, Any] | None = None  # the newest evaluation, which a checkpoint's event carries
 
     def write(self, fields: dict[str, Any], final: bool = False) -> bool:
         """Merge fields into the document. If the store is unreachable, training goes on: the fields are
@@ -239,6 +282,33 @@ class JobTracker:
         self.writes += 1
         return True
 
+    def event(self, kind: str, final: bool = False, **fields: Any) -> None:
+        """Append an event to the job's events. Never costs the run: one the store does not take (an outage) is
+        kept and goes with the next; in an outage only a final one (the end) waits for the store's own retries."""
+        if getattr(self.store, "read_only", False) or not hasattr(self.store, "append_event"):
+            return
+        stamp, self._sequence = now(), self._sequence + 1
+        event_id = f"{stamp:%Y%m%dT%H%M%S.%f}Z-{self.attempt:02d}-{self._sequence:04d}"
+        self._events.append((event_id, {"kind": kind, "at": stamp, "attempt": self.attempt, **fields}))
+        if not final and time.monotonic() < self._retry_at:
+            return
+        while self._events:
+            event_id, fields = self._events[0]
+            try:
+                self.store.append_event(self.job_id, event_id, fields)
+            except Exception as e:  # noqa: BLE001 - the events are a record, the run goes on
+                logger.warning("event %s not written (%s: %s); it goes with the next", fields["kind"],
+                               type(e).__name__, e)
+                return
+            self._events.pop(0)
+
+    def evaluated(self, step: int, epoch: float | None, metrics: dict[str, Any]) -> None:
+        """An evaluation: the document's `last_eval` (carried by the next progress write, not a write of its own:
+        a sweep's pruner reads it) and an event."""
+        self.last_eval = {"step": step, "epoch": epoch, **metrics}
+        self.defer({"last_eval": self.last_eval})
+        self.event("evaluation", step=step, epoch=epoch, metrics=metrics)
+
     def read(self) -> dict[str, Any] | None:
         """The document as it is now. If it has lost what this job wrote (a store restored from an
         older state, or a document deleted by hand), the next write puts all of it back."""
@@ -261,6 +331,8 @@ class JobTracker:
             self.writes += 1
             logger.info("created job document training_jobs/%s", self.job_id)
         doc = self.store.get(self.job_id) or {}
+        if self.attempt == 0:  # when the job was queued (by the training service, or just now by this process)
+            self.event("queued", queued_at=doc.get("created_at", stamp))
         # What readers require, as it is now: replayed (unchanged) if the document must be caught up.
         self._shadow = {k: doc[k] for k in ("job_id", "job_name", "user_id", "created_at", "status") if k in doc}
         return doc
@@ -274,10 +346,12 @@ class JobTracker:
         if job_name and existing.get("job_name") in (None, "", self.job_id):
             fields["job_name"] = job_name  # never overwrite a name the training service set
         self.write(fields)
+        self.event("started", **{k: v for k, v in fields.items() if k != "job_name"})
 
     def phase(self, phase: str, status: JobStatus | None = None, **fields: Any) -> None:
         logger.info("phase: %s", phase)
         self.write({"phase": phase, **({"status": status.value} if status else {}), **fields})
+        self.event("phase", phase=phase, **({"status": status.value} if status else {}))
 
     def progress(self, step: int, total_steps: int, epoch: float | None, loss: float | None,
                  force: bool = False) -> bool:
@@ -304,6 +378,8 @@ class JobTracker:
                     "metrics": metrics, **artifacts, "error": None, "error_type": None, "completed_at": now()},
                    final=True)
         self.finished = True
+        self.event("completed", final=True, metrics=metrics,
+                   **{k: artifacts[k] for k in ("adapter_path", "gguf_path") if artifacts.get(k)})
 
     def fail(self, exc: BaseException) -> None:
         cancelled = isinstance(exc, Cancelled)
@@ -318,6 +394,7 @@ class JobTracker:
             fields["cancelled"] = True
         self.write(fields, final=True)
         self.finished = True
+        self.event("cancelled" if cancelled else "failed", final=True, error=fields["error"], error_type=kind)
         logger.error("job failed (%s): %s", kind, message)
         if kind == "retryable":
             logger.debug("".join(traceback.format_exception(exc)))

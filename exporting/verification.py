@@ -248,7 +248,7 @@ class Agreement:
 def allowed(logits, never):
     """Logits (the last axis the vocabulary; a torch tensor or a numpy array, changed in place) with the tokens in
     `never` made impossible."""
-    if len(never):
+    if never:
         logits[..., list(never)] = float("-inf")
     return logits
 
@@ -283,7 +283,7 @@ def transformers_predict(model, ref: Reference) -> Predict:
     return predict
 
 
-def llama_predict(llm, never: list[int] = ()) -> Predict:
+def llama_predict(llm, never: list[int] | None = None) -> Predict:
     import numpy as np
 
     def predict(ids: list[int], i: int) -> list[int]:  # token ids only: prompts with pictures go to check_gguf_images

@@ -58,5 +58,6 @@ def make_services(settings: Settings, request: TrainRequest, tracker, blobs, gua
                               Path(settings.local_dir) / "wandb", settings.wandb_mode, key_name,
                               settings.wandb_init_timeout_s)
         runs.check()  # a malformed key: exit 2 now, not after the model has loaded
+    runs.listener = lambda message: tracker.event("warning", message=message)
     tensorboard = TensorBoardLog(settings.workdir / "tensorboard") if "tensorboard" in trackers else None
     return Services(blobs, hub, tracker, runs, guard, tensorboard, tuple(t for t in trackers if t in INTEGRATIONS))

@@ -12,6 +12,7 @@ jobs without the upstream training service.
     gemma-job download JOB_ID [--what adapter|merged|gguf] [--to DIR]   # an export folder, fetched
     gemma-job submit REQUEST.json --vertex --image IMAGE --gpus N [--nodes M] [--dry-run]   # Vertex AI
     gemma-job logs JOB_ID [--follow] [--local]           # its log lines: Cloud Logging, or the local file
+    gemma-job events JOB_ID [--follow] [--json]          # its events (operating/events.py), in order
     gemma-job sweep REQUEST.json [--space SPACE.yaml] --trials N --parallel P [--local]   # Optuna (operating/sweep.py)
     gemma-job sweep --resume SWEEP_ID                    # continue a stopped sweep
     gemma-job reference                                  # the request's reference page, from its models
@@ -364,6 +365,14 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("--follow", "-f", action="store_true", help="go on until the job ends")
     p.add_argument("--local", action="store_true", help="the local log file (LOCAL_DIR/logs/JOB_ID.log)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between reads with --follow")
+    p = commands.add_parser("events", help="a job's events in order (training_jobs/JOB_ID/events)")
+    p.add_argument("job_id")
+    p.add_argument("--follow", "-f", action="store_true", help="go on until an event ends the job")
+    p.add_argument("--json", action="store_true", help="each event as a line of JSON")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between reads with --follow")
+    p.add_argument("--timeout", type=float, help="with --follow: give up after this many seconds (exit 2)")
+    p.add_argument("--wait-start", type=float, default=60.0, help="with --follow: how long a job may take to "
+                   "write its first event")
     p = commands.add_parser("sweep", help="a hyperparameter sweep: Optuna, each trial a job",
                             epilog="SPACE.yaml maps a hyperparameter to {low: L, high: H[, log: true][, step: S]} or "
                             "{choices: [...]}; without --space: learning_rate, LoRA rank/alpha/dropout, epochs and "
@@ -397,6 +406,10 @@ def main(argv: list[str] | None = None, env=None) -> int:
             from operating.sweep import start
 
             return start(args, env)
+        if args.command == "events":
+            from operating.events import show
+
+            return show(open_store(settings_for(args.job_id, env)), args)
         return {"submit": submit, "status": status, "cancel": cancel, "list": recent, "watch": watch,
                 "download": download, "logs": logs}[args.command](args, env)
     except PermanentError as e:  # an invalid JOB_ID or environment

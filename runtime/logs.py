@@ -3,6 +3,7 @@ and every known secret value masked in every record (messages, arguments and tra
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -60,8 +61,8 @@ def setup_logging(job_id: str, json_lines: bool, level: int | str = logging.INFO
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         # and turned off in those already imported, which read that switch once (transformers copies hub's)
-        if "huggingface_hub" in sys.modules:
-            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "huggingface_hub" in sys.modules:  # its submodule imported by name: the package's lazy attributes lack it
+            importlib.import_module("huggingface_hub.utils").disable_progress_bars()
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
         if "transformers" in sys.modules:

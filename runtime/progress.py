@@ -37,10 +37,9 @@ def progress_callback(tracker: JobTracker, log_every_s: float = 30.0, clock=time
                      if k != "epoch" and not k.endswith(("_runtime", "_per_second"))}
             logger.info("eval at step %d/%d (epoch %.2f): %s", state.global_step, state.max_steps,
                         state.epoch or 0.0, describe(shown))
-            # The newest evaluation in the document, what a sweep's pruner reads while the job runs: carried by
-            # the next progress write (at most one per 5 s), not a write of its own
-            tracker.defer({"last_eval": {"step": state.global_step, "epoch": state.epoch,
-                                         **{k: v for k, v in shown.items() if isinstance(v, (int, float))}}})
+            # The newest evaluation in the document (what a sweep's pruner reads while the job runs), and an event
+            tracker.evaluated(state.global_step, state.epoch,
+                              {k: v for k, v in shown.items() if isinstance(v, (int, float))})
 
         def on_train_end(self, args, state, control, **kwargs):
             tracker.progress(state.global_step, state.max_steps, state.epoch, None, force=True)

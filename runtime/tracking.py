@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 class RunLogger(Protocol):
     report_to: list[str]
     warnings: list[str]
+    listener: Any  # called with each warning's message (the job's events), or None
 
     def start(self, job_id: str, config: dict[str, Any]) -> str | None:
         """Start the run; return its URL (None offline)."""
@@ -40,7 +41,8 @@ class RunLogger(Protocol):
     def finish(self, ok: bool) -> Path | None:
         """End the run; the run's folder if it ran offline (to upload for `wandb sync`), else None."""
     def warn(self, message: str) -> None:
-        """Record a tracking problem: logged, and written to the job document's `warnings`."""
+        """Record a tracking problem: logged, written to the job document's `warnings`, and handed to `listener`
+        (the job's events), where one is set."""
     def log_image(self, name: str, png: bytes) -> None:
         """Log a figure (PNG bytes) to the run, where there is one."""
 
@@ -49,10 +51,13 @@ class NullRunLogger:
     def __init__(self):
         self.report_to: list[str] = []
         self.warnings: list[str] = []
+        self.listener = None
 
     def warn(self, message: str) -> None:
         logger.warning("%s", message)
         self.warnings.append(message)
+        if self.listener is not None:
+            self.listener(message)
 
     def start(self, job_id: str, config: dict[str, Any]) -> str | None:
         return None
@@ -75,6 +80,7 @@ class WandbRunLogger:
         self.key_name, self.init_timeout_s = key_name, init_timeout_s
         self.run = None
         self.warnings: list[str] = []
+        self.listener = None
 
     @property
     def report_to(self) -> list[str]:
@@ -128,6 +134,8 @@ class WandbRunLogger:
     def warn(self, message: str) -> None:
         logger.warning("%s", message)
         self.warnings.append(message)
+        if self.listener is not None:
+            self.listener(message)
 
     def log_model(self, folder: Path, name: str, kind: str) -> None:
         if self.run is None or self.log_model_when != kind:

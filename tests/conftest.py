@@ -27,7 +27,8 @@ GEMMA_JOB = str(Path(sys.executable).with_name("gemma-job"))
 # worker a whole file at a time: pytest-xdist's --dist loadfile, with --no-loadscope-reorder, which keeps
 # this order instead of putting the files with the most tests first).
 LONGEST_FIRST = ("test_export", "test_gemma4_rl", "test_distributed", "test_gemma4", "test_reliability", "test_cli",
-                 "test_platform", "test_kill", "test_benchmarks", "test_vision_methods", "test_vision", "test_vision_gemma4", "test_lora_options", "test_gcp",
+                 "test_platform", "test_kill", "test_benchmarks", "test_vision_methods", "test_vision", "test_vision_gemma4", "test_vision_gemma3n",
+                 "test_lora_options", "test_gcp",
                  "test_rl", "test_best", "test_tracking", "test_sweep", "test_main", "test_generation",
                  "test_consumers", "test_train", "test_notify", "test_data_report", "test_prefork", "test_methods",
                  "test_logs", "test_lineage")

@@ -94,6 +94,18 @@ def test_as_the_training_service_starts_it(gcp, watched, tiny_root, capsys):
     logs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(logs) > 5 and all(e["severity"] and e["job_id"] == job_id and e["message"] for e in logs)
     assert any(e["message"].startswith("phase: training") for e in logs)
+    # The job's events in the subcollection training_jobs/{job_id}/events, through the real client: queued when
+    # the service queued it, then each phase, the end last; the command reads them from Firestore.
+    events = [snap.to_dict() | {"id": snap.id} for snap in
+              gcp.fs.collection("training_jobs").document(job_id).collection("events").stream()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "completed" and "phase" in kinds
+    assert events[0]["queued_at"] == created and events[-1]["adapter_path"] == uri
+    from operating.cli import main as cli
+
+    assert cli(["events", job_id], gcp.env) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(events)
+
     print(f"document writes: {len(watched)} in all, {during} during {end - start:.1f}s of training")
 
 

@@ -231,6 +231,8 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
             if run_logger is not None:  # log_model: checkpoint
                 run_logger.log_model(folder, f"checkpoint-{tracker.job_id}", "checkpoint")
             tracker.defer({"checkpoint": {"step": step, "uri": uri}})  # no write of its own
+            tracker.event("checkpoint", step=step, uri=uri, loss=tracker.latest.get("loss"),
+                          last_eval=tracker.last_eval)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_started = time.monotonic()
