@@ -452,8 +452,9 @@ class BaseTrainingJob:
                 **({"modules_to_save": list(hp.modules_to_save)} if hp.modules_to_save else {}),
                 **({"target_parameters": list(hp.lora_target_parameters)} if hp.lora_target_parameters else {})}
 
-    def trainer_kwargs(self, prep: Prepared) -> dict[str, Any]:
-        """The only mapping from the request to TRL's configuration, for every trainer type."""
+    def trainer_kwargs(self, prep: Prepared, model=None) -> dict[str, Any]:
+        """The only mapping from the request to TRL's configuration, for every trainer type (`model`: the one to
+        train, whose tokens GRPO's sampling must not produce, where it has any)."""
         import torch
 
         hp, ev, kind = self.cfg.hyperparameters, self.cfg.eval_config, self.cfg.trainer_type
@@ -465,6 +466,11 @@ class BaseTrainingJob:
         # the total steps (TrainingArguments.get_warmup_steps; tests/test_config_flow.py).
         warmup_fraction = optimizer.pop("warmup_ratio")
         evaluate_during = prep.eval is not None and ev.eval_strategy != "no"
+        # GRPO samples: an image token in a completion would ask the forward pass for a picture that does not exist
+        # ("Image features and image tokens do not match"); Gemma 3n's language model alone cannot read its media
+        # tokens back (unreadable_tokens)
+        never = [] if kind != "grpo" else image_token_ids(prep.processor) if prep.processor is not None else \
+            unreadable_tokens(model.config) if model is not None else []
         # GRPO scores each prompt's num_generations completions as one group, in evaluation too: its eval
         # batch is the smallest multiple of num_generations that holds batch_size rows.
         eval_batch = -(-hp.batch_size // hp.num_generations) * hp.num_generations if kind == "grpo" \
@@ -522,13 +528,7 @@ class BaseTrainingJob:
                          # TRL's own defaults (dapo, token) where the request names none
                          **{n: getattr(hp, n) for n in ("loss_type", "importance_sampling_level")
                             if getattr(hp, n) is not None},
-                         # an image token sampled into a completion would ask the forward pass for a picture
-                         # that does not exist ("Image features and image tokens do not match"); Gemma 3n's
-                         # language model alone cannot read its media tokens back (unreadable_tokens)
-                         **({"generation_kwargs": {"suppress_tokens": never}} if (never := (
-                             image_token_ids(prep.processor) if prep.processor is not None else
-                             unreadable_tokens(base_config(self.cfg.base_model_id, self.token(),
-                                                           self.cfg.trust_remote_code)))) else {})),
+                         **({"generation_kwargs": {"suppress_tokens": never}} if never else {})),
         }[kind]
         return common | specific
 
@@ -538,7 +538,7 @@ class BaseTrainingJob:
 
         kind = self.cfg.trainer_type
         config_cls, trainer_cls = trl_classes(kind)
-        args = config_cls(**(self.trainer_kwargs(prep) | self.sft_overrides()))
+        args = config_cls(**(self.trainer_kwargs(prep, model) | self.sft_overrides()))
         # The training service sends compute_eval_metrics false by default (its job then still reported eval
         # loss): an eval_strategy asks for evaluation whatever it says, and the Trainer refuses an eval_strategy
         # without an eval_dataset (exit 1, and every retry the same).

@@ -12,16 +12,20 @@ from test_rl import changed_params, rl_request, run_steps, says_dataset
 @pytest.mark.parametrize("trainer_type", ["dpo", "orpo"])
 def test_preference_training_on_gemma_4_prefers_chosen(trainer_type, local_dir, tiny_root):
     # Gemma 4's tiny model needs a lower learning rate than Gemma 3's (at 0.005 its rewards oscillate)
-    req = rl_request(tiny_root, trainer_type, "tiny-animals-pref", epochs=6, beta=1.0, learning_rate=0.002)
+    # ORPO at beta 2 (its odds-ratio term weighed up against its SFT term): at 1 the margin's rise and the ranking
+    # of held-out pairs hung on the CPU (Intel Xeon: +0.08 and 0.50; AMD EPYC: above +0.1 and 0.54-0.79); at 2 on
+    # the Xeon, +1.09 and 0.79
+    req = rl_request(tiny_root, trainer_type, "tiny-animals-pref", epochs=6, beta=1.0 if trainer_type == "dpo" else 2.0,
+                     learning_rate=0.002)
     req["training_config"]["base_model_id"] = str(tiny_root / "models" / "tiny-gemma4-e2b")
     job, prep, trainer, before, first, _ = run_steps(local_dir, req, trainer_type)
     changed = changed_params(trainer, before)
     assert changed and all("lora_" in n for n in changed)
     metrics = job.evaluate(trainer, prep, {})
-    assert metrics["reward_margin"] > first["eval_rewards/margins"] + 0.1 and metrics["eval_loss"] < first["eval_loss"]
-    # held-out pairs ranked right: DPO about 0.88 here; ORPO, whose SFT term dominates, 0.54-0.79 as the learning
-    # rate and epochs vary, so above chance only
-    assert metrics["reward_accuracy"] >= (0.65 if trainer_type == "dpo" else 0.55)
+    rise = metrics["reward_margin"] - first["eval_rewards/margins"]
+    assert rise > 0.1 and metrics["eval_loss"] < first["eval_loss"], rise
+    # held-out pairs ranked right: DPO about 0.88, ORPO 0.79 (Intel Xeon)
+    assert metrics["reward_accuracy"] >= (0.65 if trainer_type == "dpo" else 0.6), metrics["reward_accuracy"]
 
 
 def test_grpo_on_gemma_4_raises_an_easy_reward(local_dir, tiny_root):

@@ -115,7 +115,8 @@ def test_checkpoint_uploads_run_beside_training_one_at_a_time(tmp_path):
             events.append(("uploaded", local.name))
             return f"gs://b/c/{local.name}/"
 
-    tracker = SimpleNamespace(job_id="j", defer=lambda f: events.append(("recorded", f["checkpoint"]["step"])))
+    tracker = SimpleNamespace(job_id="j", defer=lambda f: events.append(("recorded", f["checkpoint"]["step"])),
+                              event=lambda kind, **f: None, latest={}, last_eval=None)
     cb = checkpoint_callback(SlowStore(), Guard(), tracker, minutes=1e9, save_strategy="steps")
     args, state = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(max_steps=10)
 

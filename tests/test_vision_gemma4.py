@@ -88,7 +88,7 @@ def merged_job(tiny_root, tmp_path_factory):
     root = new_root(tiny_root, tmp_path_factory.mktemp("vision-gemma4"))
     request = vision_request(tiny_root, base_model_id=str(tiny_root / "models" / E2B),
                              export_config={"format": "merged"})
-    request["training_config"]["hyperparameters"]["epochs"] = 4  # measured: every colour named from 4 on
+    request["training_config"]["hyperparameters"]["epochs"] = 6  # measured: every colour named from 4 on (AMD), 6 (Intel)
     return root, run_job(root, "g4-merged", request)
 
 
@@ -116,7 +116,7 @@ def test_gemma_4_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_pi
     with torch.no_grad():
         base_loss = base(**batch).loss.item()
     tuned = doc["metrics"]["eval_loss"]
-    assert tuned < base_loss - 2.0, (base_loss, tuned)  # measured: about 6.3 -> 1.8
+    assert tuned < base_loss - 2.0, (base_loss, tuned)  # measured: about 6.3 -> 1.6
     found = doc["generation"]
     assert found["exact_match"]["base"] == 0.0 and found["exact_match"]["tuned"] >= 0.9, found
     assert doc["verification"]["merged"]["passed"] is True
@@ -206,7 +206,7 @@ def test_a_gemma_4_vision_job_without_its_processor_exits_2(tiny_root, tmp_path)
     put_request(root, "g4-noproc", vision_request(tiny_root, base_model_id=str(base)))
     assert main.main([], env_for(root, "g4-noproc")) == 2
     doc = read_doc(root, "g4-noproc")
-    assert doc["status"] == "failed" and "Gemma 4's image+text processor" in doc["error"]
+    assert doc["status"] == "failed" and "needs the base's own image+text processor" in doc["error"]
 
 
 def test_the_reference_never_generates_an_image_token(tiny_root):

@@ -40,7 +40,7 @@ def load_processor(model_id: str, token: str | None, trust_remote_code: bool):
         if "Can't load" not in str(e):
             raise
         raise PermanentError(f"training_config.base_model_id: {model_id!r} lacks its image processor's files "
-                             f"({str(e)[:160]}); an image+text job needs its Gemma's image+text processor "
+                             f"({str(e)[:160]}); an image+text job needs the base's own image+text processor "
                              "saved with the model (as Google's repos have it): use the published repo, or save "
                              "the processor into the folder.") from None
     if not hasattr(processor, "image_processor") or not (fixed(processor) or sized(processor)):
