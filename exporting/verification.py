@@ -399,8 +399,10 @@ def verify_merged(folder: Path, ref: Reference, form: str, method: str, vision: 
     """The merged model in transformers, as saved (form: the request's merged_dtype)."""
     from models.artifacts import weight_bytes
 
-    if form == "q4" and not vision:  # Gemma 3n's 4-bit whole checkpoint reads only as the whole model (its text
-        from models.base_models import base_config  # class mistakes the packed 4-bit shapes for the weights')
+    if form == "q4" and not vision:
+        # Gemma 3n's 4-bit checkpoint is the whole model's, and reads only as that: its text class takes the packed
+        # 4-bit tensors' shapes for the weights' ("size mismatch")
+        from models.base_models import base_config
         from models.language_model import trains_alone
 
         vision = trains_alone(base_config(str(folder), None, False))
