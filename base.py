@@ -208,7 +208,7 @@ class BaseTrainingJob:
                 fields["wandb_offline_path"] = uri
                 logger.info("W&B offline run uploaded to %s: replay it with `wandb sync`", uri)
             except Exception as e:
-                runs.warnings.append(f"the W&B offline run could not be uploaded ({type(e).__name__}: {e})")
+                runs.warn(f"the W&B offline run could not be uploaded ({type(e).__name__}: {e})")
         if runs.warnings:
             fields["warnings"] = list(runs.warnings)
         if fields:

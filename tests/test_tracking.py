@@ -72,6 +72,10 @@ def test_wandb_unreachable_at_start_trains_offline_with_a_warning(local_dir, tin
     doc = read_doc(local_dir, "wb-down")
     assert doc["status"] == "completed" and doc["step"] == 3
     assert len(doc["warnings"]) == 1 and "W&B could not start online" in doc["warnings"][0]
+    from job_manager import LocalJobStore  # each warning is an event too, as it happens (tests/test_events.py)
+
+    assert [e["message"] for e in LocalJobStore(local_dir).events("wb-down") if e["kind"] == "warning"] == \
+        doc["warnings"]
     assert doc["wandb_offline_path"].startswith(f"gs://{EXPORT}/wandb/wb-down/")
     assert any(name.endswith(".wandb") for name in offline_run(local_dir, "wb-down"))
     print(f"\nW&B unreachable: whole job {took:.1f} s")
