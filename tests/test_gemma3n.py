@@ -149,7 +149,8 @@ def test_the_language_model_alone_never_generates_a_token_it_cannot_read_back(ti
     """Gemma 3n's language model alone has per-layer embeddings for its text tokens only: a media token generated
     (the tiny model's own greedy choice after a few steps, here forced by raising one's logit) would end the next
     forward pass ("index out of range"). The job's generation never picks one, and the same model compared with
-    that reference agrees fully: the tokens left out of the reference are left out of every model's choice."""
+    that reference agrees on every decided position: the tokens left out of the reference are left out of every
+    model's choice."""
     from transformers import Gemma3nForCausalLM
 
     from exporting.verification import agreement, greedy_reference, transformers_predict
@@ -170,4 +171,6 @@ def test_the_language_model_alone_never_generates_a_token_it_cannot_read_back(ti
     ref = greedy_reference(model, prompts, {1, 6}, 0, max_new_tokens=6)
     continuations = [seq[start:] for seq, start in zip(ref.sequences, ref.starts)]
     assert all(continuations) and not any(t in never for c in continuations for t in c)
-    assert agreement(ref, transformers_predict(model, ref)).share == 1.0
+    # the cached, batched generate and the full forward pass may part on a near tie; every decided position agrees
+    found = agreement(ref, transformers_predict(model, ref))
+    assert found.decided > 0 and found.same == found.decided, found
