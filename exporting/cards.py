@@ -144,9 +144,16 @@ def how_to_load(facts: CardFacts, artifacts: dict[str, str], gguf_file: str | No
                   f'model = AutoModelForCausalLM.from_pretrained("{source}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{source}")', "```", ""]
     if "gguf" in artifacts and facts.mmproj:
+        budget = (facts.verification.get("gguf") or {}).get("image_max_tokens")
+        # Gemma 4: the processor's budget of image tokens, which llama.cpp otherwise sets between 70 and 1120
+        tokens = f" --image-min-tokens {budget} --image-max-tokens {budget}" if budget else ""
         lines += ["llama.cpp, with the image projector beside it:", "", "```sh",
-                  f"llama-mtmd-cli -m {gguf_file} --mmproj {facts.mmproj} --image picture.png -p \"Describe it.\"",
-                  "```", ""]
+                  f"llama-mtmd-cli -m {gguf_file} --mmproj {facts.mmproj}{tokens} --image picture.png "
+                  "-p \"Describe it.\"", "```", ""]
+        if budget:
+            lines += [f"The image-token bounds give each picture the {budget} tokens at most that the model was "
+                      "trained with (its processor's `max_soft_tokens`); a picture smaller than that budget is "
+                      "scaled up a little differently by llama.cpp than by transformers.", ""]
     if "gguf" in artifacts:
         lines += ["llama.cpp:", "", "```sh", f"llama-cli -m {gguf_file} -cnv", "```", "",
                   "Ollama (in the folder with the `Modelfile`):", "", "```sh",

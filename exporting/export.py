@@ -50,6 +50,11 @@ K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY
             "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
+class ConversionFailed(PermanentError):
+    """llama.cpp's converter refused the trained model (a tensor it has no name for, an architecture it lacks):
+    the same model fails the same way on a retry, so the GGUF alone is lost and the job keeps the rest."""
+
+
 @dataclass(frozen=True)
 class ExportJob:
     """What the export step needs from the job, passed down by `BaseTrainingJob.export`."""
@@ -91,6 +96,7 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         MAX_NEW_TOKENS,
         greedy_reference,
         pad_id,
+        picture_budget,
         stop_ids,
         verify_adapter,
         verify_gguf,
@@ -165,15 +171,22 @@ def export_artifacts(job: ExportJob, trainer, tokenizer, metrics: dict[str, Any]
         if job.settings.disk_is_memory:  # nothing reads the base again; its cached files are memory here
             drop_cached(job.cfg.base_model_id)
         if ex.wants_gguf:
-            # an image+text model's projector first: the language model's conversion may delete the merge
-            mmproj = job.timed("mmproj_convert", export_mmproj, merged16, root / "gguf") \
-                if job.cfg.vision else None
-            made = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
-                             fmt != "merged")
-            if check("gguf", verify_gguf, made, ref, ex.gguf_quantization, job.cfg.method, mmproj):
+            made = None
+            try:  # an image+text model's projector first: the language model's conversion may delete the merge
+                mmproj = job.timed("mmproj_convert", export_mmproj, merged16, root / "gguf") \
+                    if job.cfg.vision else None
+                budget = picture_budget(merged16) if mmproj else None
+                made = job.timed("gguf_convert", export_gguf, merged16, root / "gguf", ex.gguf_quantization,
+                                 fmt != "merged")
+            except ConversionFailed as e:  # llama.cpp refused this model: the GGUF alone is lost, never the training
+                logger.error("gguf not exported: %s", e)
+                verified["gguf"], failed["gguf"] = {"passed": False, "error": str(e)[:1000]}, str(e)
+            if made is not None and check("gguf", verify_gguf, made, ref, ex.gguf_quantization, job.cfg.method,
+                                          mmproj, budget):
                 gguf = made
             else:
-                shutil.rmtree(made.parent, ignore_errors=True)
+                mmproj = None
+                shutil.rmtree(root / "gguf", ignore_errors=True)
         if fmt == "merged":
             out = merged16
             if ex.merged_dtype == "q4":
@@ -342,8 +355,14 @@ def convert(merged_dir: Path, out: Path, outtype: str, mmproj: bool = False) -> 
     cmd = [sys.executable, str(converter()), str(merged_dir), "--outtype", outtype, "--outfile", str(out)] + \
         (["--mmproj"] if mmproj else [])
     run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode < 0:  # killed (the host's memory): not this model's fault, a retry may fit
+        raise RuntimeError(f"convert_hf_to_gguf.py was killed by signal {-run.returncode}: {run.stderr[-1000:]}")
     if run.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf.py failed ({run.returncode}): {run.stderr[-2000:]}")
+        last = [line for line in run.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise ConversionFailed(f"export_config: llama.cpp's converter (convert_hf_to_gguf.py{' --mmproj' * mmproj}) "
+                               f"could not convert the trained model, so no GGUF was uploaded: {last[0][:300]}. "
+                               "The other artifacts are kept; export 'adapter' or 'merged' without include_gguf to "
+                               f"skip it. Converter output: {run.stderr[-1500:]}")
     return out
 
 

@@ -414,17 +414,52 @@ def verify_merged(folder: Path, ref: Reference, form: str, method: str, vision: 
     return record("merged model", form, "transformers", found, ref, required(form, method))
 
 
-def verify_gguf(gguf: Path, ref: Reference, form: str, method: str, mmproj: Path | None = None) -> dict:
+def verify_gguf(gguf: Path, ref: Reference, form: str, method: str, mmproj: Path | None = None,
+                budget: dict[str, int] | None = None) -> dict:
     """The GGUF file in llama.cpp (form: its quantization); an image+text model's with its mmproj file, the
-    prompts' pictures read by llama.cpp's own multimodal library (mtmd) from their encoded bytes."""
+    prompts' pictures read by llama.cpp's own multimodal library (mtmd) from their encoded bytes (budget: a
+    Gemma 4 processor's, picture_budget)."""
     if mmproj is None:
         return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(form, method))
-    entry = record("gguf", form, "llama.cpp + mtmd (mmproj)", check_gguf_images(ref, gguf, mmproj), ref,
+    entry = record("gguf", form, "llama.cpp + mtmd (mmproj)", check_gguf_images(ref, gguf, mmproj, budget), ref,
                    required(form, method))
-    return entry | {"mmproj": mmproj.name, "images": sum(map(len, ref.image_files or []))}
+    return entry | {"mmproj": mmproj.name, "images": sum(map(len, ref.image_files or []))} | \
+        ({"image_max_tokens": budget["max_soft_tokens"]} if budget else {})
 
 
-def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> Agreement:
+def picture_budget(folder: Path) -> dict[str, int] | None:
+    """A saved Gemma 4 processor's picture budget: its image processor scales each picture, keeping its shape,
+    to the most patches that fit max_soft_tokens after pooling (patch_size, pooling_kernel_size); None for the
+    processors with a fixed count (Gemma 3's 256 tokens, Gemma 3n's)."""
+    import json
+
+    path = folder / "processor_config.json"
+    found = (json.loads(path.read_text()).get("image_processor") or {}) if path.is_file() else {}
+    keys = ("max_soft_tokens", "patch_size", "pooling_kernel_size")
+    return {k: int(found[k]) for k in keys} if all(k in found for k in keys) else None
+
+
+def fit_picture(data: bytes, budget: dict[str, int]) -> bytes:
+    """The picture at the size Gemma 4's processor gives it (transformers' own sizing), as PNG. llama.cpp's mtmd
+    sizes a picture otherwise: to between 70 and 1120 tokens, rounding a small picture's sides up where
+    transformers rounds them down (its --image-min-tokens/--image-max-tokens move the bounds, not the
+    rounding). Given the picture at transformers' size and the budget as its most tokens, it reads the same
+    patches, so the check measures the weights and the projector rather than two resizing rules."""
+    import io
+
+    from PIL import Image
+    from transformers.models.gemma4.image_processing_gemma4 import get_aspect_ratio_preserving_size
+
+    picture = Image.open(io.BytesIO(data)).convert("RGB")
+    pool = budget["pooling_kernel_size"]
+    height, width = get_aspect_ratio_preserving_size(picture.height, picture.width, budget["patch_size"],
+                                                     budget["max_soft_tokens"] * pool ** 2, pool)
+    out = io.BytesIO()
+    picture.resize((width, height), Image.Resampling.BICUBIC).save(out, "PNG")
+    return out.getvalue()
+
+
+def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path, budget: dict[str, int] | None = None) -> Agreement:
     """Agreement of the language-model GGUF fed, in place of each run of image tokens, the embeddings that
     llama.cpp's mtmd makes from the picture with the mmproj file: the prompt's own tokens around them, so
     that positions line up with the trained model's."""
@@ -437,6 +472,8 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> Agreement:
     llm = load_llama(gguf, max(len(s) for s in ref.sequences) + 8)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.print_timings, params.n_threads = False, False, cpu_threads()
+    if budget:  # no scaling of its own: each picture comes at transformers' size (fit_picture)
+        params.image_min_tokens, params.image_max_tokens = 1, budget["max_soft_tokens"]
     ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
     if not ctx:
         llm.close()
@@ -469,7 +506,8 @@ def check_gguf_images(ref: Reference, gguf: Path, mmproj: Path) -> Agreement:
                 pending = []
             chunks = mtmd.mtmd_input_chunks_init()
             try:
-                chunk = image_chunk(files.pop(0), chunks)
+                picture = files.pop(0)
+                chunk = image_chunk(fit_picture(picture, budget) if budget else picture, chunks)
                 n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 past = llama_cpp.llama_pos(0)
                 if mtmd.mtmd_helper_eval_chunk_single(ctx, llm._ctx.ctx, chunk, llama_cpp.llama_pos(llm.n_tokens),

@@ -147,12 +147,12 @@ def check_base_model(model_id: str, token: str | None, trust_remote_code: bool, 
                              "(MobileNetV5) is convolutional, and this job's LoRA adapts the linear layers of Gemma 3's "
                              "and Gemma 4's transformer towers; set finetune_vision_layers false (the language model "
                              "learns to read the tower's pictures), or choose Gemma 4 or Gemma 3 to adapt the tower.")
-    if gguf and config.model_type in ("gemma4", "gemma3n"):
-        raise PermanentError(f"export_config.format: a GGUF of {model_id!r} ({family.name}) trained on images: the "
-                             f"pinned llama.cpp's {family.name} image path (its mmproj and mtmd) has not been shown to "
-                             "read pictures as transformers does (docs/request.md), so the GGUF would fail its check "
-                             f"after training; export 'adapter' or 'merged', or train {family.name} on text for a "
-                             "GGUF.")
+    if gguf and config.model_type == "gemma3n":
+        raise PermanentError(f"export_config.include_gguf: a GGUF of {model_id!r} (Gemma 3n) trained on images: the "
+                             "pinned llama.cpp's converter cannot write Gemma 3n's projector file (mmproj): it has no "
+                             "name for the audio tower's subsampling norms (audio_tower.subsample_conv_projection."
+                             "conv_0.norm), so the GGUF could not see pictures; export 'adapter' or 'merged', or train "
+                             "Gemma 3n on text, or Gemma 4 or Gemma 3 on images, for a GGUF.")
     return family
 
 

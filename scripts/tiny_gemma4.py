@@ -121,8 +121,11 @@ def make_gemma4_models(models: Path, tokenizer_dir: Path) -> list[Path]:
     shipped = templates()
     vision = Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                 num_key_value_heads=2, head_dim=32).to_dict()
+    # the first subsampling conv keeps Gemma 4's 128 channels: transformers sizes the input projection as
+    # channels[0] // 4 * channels[1], which is the flattened (mel bins / 4) * channels[1] only when channels[0]
+    # equals the 128 mel bins; llama.cpp's audio graph (and audio itself) needs the two to agree
     audio = Gemma4AudioConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64,
-                              subsampling_conv_channels=[16, 8]).to_dict()
+                              subsampling_conv_channels=[128, 8]).to_dict()
     kinds = {
         "tiny-gemma4": ("thought", dict(attention_k_eq_v=True, num_global_key_value_heads=1,
                                         hidden_size_per_layer_input=0), dict(vision_config=vision)),

@@ -1,9 +1,9 @@
 """Image+text fine-tuning of Gemma 4 (modality 'vision'): its processor gives each picture as many image tokens as
 its size does, with each patch's position, and the model reads the image tokens' marks as mm_token_type_ids. The
 job's expansion and tensors are the processor's own; the tiny E2B-like model learns to name the colour it is shown
-from the platform's vision dataset unchanged, and its merged export is an image+text model whose answer follows the
-picture; the 31B-like template trains every answer token beside the pictures; LoRA on the tower adapts the linear
-inside each Gemma4ClippableLinear; the 12B's embedder, and Gemma 4 images without torchvision, are refused."""
+from the platform's vision dataset unchanged, its merged export is an image+text model whose answer follows the
+picture, and its GGUF with Gemma 4's projector reads the pictures in llama.cpp; the 31B-like template trains every
+answer token beside the pictures; LoRA on the tower adapts the linear inside each Gemma4ClippableLinear; the 12B's embedder, and Gemma 4 images without torchvision, are refused."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_the_31b_template_trains_every_answer_token_beside_the_pictures(tiny_roo
 def merged_job(tiny_root, tmp_path_factory):
     root = new_root(tiny_root, tmp_path_factory.mktemp("vision-gemma4"))
     request = vision_request(tiny_root, base_model_id=str(tiny_root / "models" / E2B),
-                             export_config={"format": "merged"})
+                             export_config={"format": "merged", "include_gguf": True, "gguf_quantization": "q8_0"})
     request["training_config"]["hyperparameters"]["epochs"] = 6  # measured: every colour named from 4 on (AMD), 6 (Intel)
     return root, run_job(root, "g4-merged", request)
 
@@ -144,6 +144,55 @@ def test_gemma_4_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_pi
     assert colour_of(a) in answer(model, processor, b, a["images"][0]["bytes"])
 
 
+def test_its_gguf_and_projector_read_the_pictures_in_llama_cpp(merged_job, tiny_root):
+    """include_gguf on the Gemma 4 image job: the language model's GGUF and Gemma 4's projector (the pinned
+    converter's --mmproj, vision and audio towers) beside it; llama.cpp's mtmd, given each picture at the size
+    Gemma 4's processor gives it and the processor's budget as its most tokens, predicts the trained model's
+    continuations, and given each other's pictures it no longer does. The card gives llama.cpp the budget."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from exporting.verification import check_gguf_images, fit_picture, greedy_reference, picture_budget, stop_ids
+    from training.vision import image_counts, image_token_id, pixel_values, render
+
+    root, doc = merged_job
+    check = doc["verification"]["gguf"]
+    assert check["passed"] is True and check["consumer"] == "llama.cpp + mtmd (mmproj)"
+    assert check["images"] == 12 and check["image_max_tokens"] == 70
+    assert check["top1_agreement"] >= check["required"] == 0.95
+    assert doc["artifacts"]["file"]["mmproj"] == "gs://gemma-export-bucket/gguf_models/g4-merged/mmproj-f16.gguf"
+    folder = root / EXPORT / "gguf_models" / "g4-merged"
+    gguf, mmproj = folder / "model-q8_0.gguf", folder / "mmproj-f16.gguf"
+    assert "--mmproj mmproj-f16.gguf --image-min-tokens 70 --image-max-tokens 70" in (folder / "README.md").read_text()
+    merged = root / EXPORT / "merged_models" / "g4-merged"
+    budget = picture_budget(merged)
+    assert budget == {"max_soft_tokens": 70, "patch_size": 16, "pooling_kernel_size": 3}
+    from PIL import Image
+
+    # the processor's own sizes: 40x40 up to 8x8 pooled patches (64 tokens), 900x300 down to 14x4 (56), both <= 70
+    for size, fitted in (((40, 40), (384, 384)), ((900, 300), (672, 192))):
+        assert Image.open(io.BytesIO(fit_picture(picture(*size), budget))).size == fitted
+        assert processor_of(tiny_root, E2B).image_processor([Image.new("RGB", size)])[
+            "num_soft_tokens_per_image"] == [fitted[0] * fitted[1] // 48 ** 2]
+    processor = AutoProcessor.from_pretrained(merged)
+    model = AutoModelForImageTextToText.from_pretrained(str(merged), dtype=torch.float32).eval()
+    rows, seen = [], set()
+    for r in eval_rows(tiny_root):
+        if colour_of(r) not in seen and len(rows) < 4:
+            rows.append(r)
+            seen.add(colour_of(r))
+    files = [[r["images"][0]["bytes"]] for r in rows]
+    prompts = [processor.tokenizer(render(processor, r["messages"][:2], True, image_counts(processor, f)),
+                                   add_special_tokens=False)["input_ids"] for r, f in zip(rows, files)]
+    ref = greedy_reference(model, prompts, stop_ids(model, processor.tokenizer), 0,
+                           images=[pixel_values(processor, f) for f in files],
+                           image_token_id=image_token_id(processor.tokenizer), image_files=files)
+    own = check_gguf_images(ref, gguf, mmproj, budget).share
+    ref.image_files = files[1:] + files[:1]
+    rotated = check_gguf_images(ref, gguf, mmproj, budget).share
+    assert own >= 0.95 and rotated < 0.9, (own, rotated)
+
+
 def test_lora_on_the_tower_adapts_the_linear_inside_each_clippable_wrapper(tiny_root):
     """finetune_vision_layers on Gemma 4: the tower's attention and MLP linears (inside Gemma4ClippableLinear,
     which PEFT cannot wrap) beside the language model's, the image embedder trained whole; the audio tower, its
@@ -180,9 +229,9 @@ def test_lora_on_the_tower_adapts_the_linear_inside_each_clippable_wrapper(tiny_
 
 
 def test_gemma_4_images_are_refused_where_the_job_has_not_shown_them(tiny_root, monkeypatch):
-    """From the config alone: the 12B's linear embedder, a GGUF of Gemma 4 trained on images (the pinned llama.cpp
-    reads its pictures otherwise), and any Gemma 4 where torchvision cannot be imported (its processor's video
-    processor needs it), each naming what to do; text is unaffected."""
+    """From the config alone: the 12B's linear embedder, and any Gemma 4 where torchvision cannot be imported (its
+    processor's video processor needs it), each naming what to do; text is unaffected. A GGUF of a Gemma 4 image
+    job is no longer refused (test_its_gguf_and_projector_read_the_pictures_in_llama_cpp)."""
     import sys
 
     from models.base_models import check_base_model
@@ -191,8 +240,7 @@ def test_gemma_4_images_are_refused_where_the_job_has_not_shown_them(tiny_root, 
     with pytest.raises(PermanentError, match=r"modality: 'vision' with .*gemma4_unified.*modality 'text'"):
         check_base_model(str(tiny_root / "models" / "tiny-gemma4-unified"), None, False, True)
     assert check_base_model(str(tiny_root / "models" / E2B), None, False, True).name == "Gemma 4"
-    with pytest.raises(PermanentError, match=r"export_config.format: a GGUF of .* trained on images.*'adapter'"):
-        check_base_model(str(tiny_root / "models" / E2B), None, False, True, gguf=True)
+    assert check_base_model(str(tiny_root / "models" / E2B), None, False, True, gguf=True).name == "Gemma 4"
     assert check_base_model(str(tiny_root / "models" / E2B), None, False, False, gguf=True).name == "Gemma 4"
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as where it is not installed
     with pytest.raises(PermanentError, match=r"needs torchvision, which cannot be imported here.*modality 'text'"):
