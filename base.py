@@ -37,6 +37,7 @@ from training.checkpoints import CheckpointStore, Guard, checkpoint_callback, ch
 from training.curves import curve_png, history_json
 from training.data import DatasetError, Tokenized, check_dropped, fit_prompts, load_splits, load_tokenizer, tokenize
 from training.data_report import lengths_png, train_report
+from training.divergence import divergence_watch, heal, trainable_snapshot
 from training.evaluation import eval_token_accuracy, reader_metrics
 from training.generation import answers, compare
 from training.generation import cases as generation_cases
@@ -124,6 +125,7 @@ class BaseTrainingJob:
         # one of several processes (runtime/distributed.py): rank 0 alone compares, exports and records
         self.place = settings.place
         self.strategy: str | None = None  # DDP or FSDP with several processes, chosen at pre-flight
+        self.divergence: Any = None  # training/divergence.py's watch, made with the trainer
 
     # ---- provider hooks -------------------------------------------------------------------
     def check_environment(self) -> None:
@@ -493,6 +495,9 @@ class BaseTrainingJob:
             # On a CPU, bf16 autocast and gradient checkpointing make training 10-30x slower: off there.
             bf16=bf16, fp16=gpu and not bf16, use_cpu=not gpu, gradient_checkpointing=gpu,
             dataloader_pin_memory=gpu, disable_tqdm=True, logging_first_step=True,
+            # a NaN or infinite loss is logged as it is, for the divergence watch (training/divergence.py), not
+            # replaced by the mean of the earlier ones while the weights go NaN
+            logging_nan_inf_filter=False,
         )
         if ev.picks_best and evaluate_during:  # the schema made saves and evaluations coincide
             metric = ev.metric_for_best_model
@@ -539,6 +544,9 @@ class BaseTrainingJob:
         kind = self.cfg.trainer_type
         config_cls, trainer_cls = trl_classes(kind)
         args = config_cls(**(self.trainer_kwargs(prep, model) | self.sft_overrides()))
+        hp = self.cfg.hyperparameters
+        self.divergence = divergence_watch(hp.divergence_spike_factor if kind != "grpo" else None,
+                                           hp.divergence_lr_factor)
         # The training service sends compute_eval_metrics false by default (its job then still reported eval
         # loss): an eval_strategy asks for evaluation whatever it says, and the Trainer refuses an eval_strategy
         # without an eval_dataset (exit 1, and every retry the same).
@@ -551,7 +559,7 @@ class BaseTrainingJob:
             train_dataset=table(prep.train.rows), eval_dataset=table(prep.eval.rows) if with_eval else None,
             callbacks=[progress_callback(self.tracker), checkpoint_callback(
                 self.checkpoints, self.guard, self.tracker, self.cfg.hyperparameters.checkpoint_minutes,
-                self.cfg.hyperparameters.save_strategy, self.services.run_logger, self.place)])
+                self.cfg.hyperparameters.save_strategy, self.services.run_logger, self.place), self.divergence])
         if kind == "grpo":
             kwargs["reward_funcs"] = [build_reward(g) for g in self.cfg.reward_config]
         if prep.processor is not None and kind == "sft":
@@ -591,9 +599,20 @@ class BaseTrainingJob:
             start = trainer.evaluate()
             self.tracker.write({"init_eval_loss": start["eval_loss"]})
             logger.info("starting from the parent adapter at eval_loss %.4f", start["eval_loss"])
+        # where a divergence finds no checkpoint saved before it, training goes back to these weights
+        snapshot = trainable_snapshot(trainer.model) if not last else None
         self.guard.training = True
         try:
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+            while self.divergence.tripped is not None and not self.guard.reason:
+                if self.place.distributed:
+                    raise PermanentError(f"hyperparameters.learning_rate: training diverged at step "
+                                         f"{self.divergence.tripped.step} ({self.divergence.tripped.why}); under "
+                                         "several processes the job does not roll back: lower learning_rate and "
+                                         "run it again.")
+                last = heal(trainer, self.divergence, self.checkpoints, snapshot, self.tracker,
+                            self.services.run_logger.warn)
+                result = trainer.train(resume_from_checkpoint=str(last) if last else None)
         finally:
             self.guard.training = False
         step = trainer.state.global_step

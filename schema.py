@@ -107,6 +107,14 @@ class Hyperparameters(StrictModel):
                                "about half the 16-bit weights' memory; provider huggingface.")
     neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise of this strength "
                                               "on the input embeddings while training (5 in the paper); SFT only.")
+    divergence_spike_factor: float | None = Field(
+        4.0, ge=1.5, description="A logged training loss this many times the mean of the last 10 (and at least 1 "
+        "above it) is a divergence, as a NaN or infinite loss or gradient norm always is: training rolls back to "
+        "the last checkpoint saved before it, lowers the learning rate once by divergence_lr_factor and goes on; a "
+        "second divergence fails the job (exit 2). null: only NaN and infinity count. GRPO's loss, which sits near "
+        "0 and may be negative, is never judged by its ratio.")
+    divergence_lr_factor: float = Field(0.5, gt=0, lt=1, description="What the learning rate is multiplied by, once, "
+                                        "when training rolls back from a divergence.")
     # Read by some trainer types only (the platform's training service sends them with every request):
     # None means "this trainer type's default" (RL_DEFAULTS / TRL_DEFAULTS below), never a value for all.
     max_prompt_length: int | None = Field(None, ge=1, description="GRPO, DPO, ORPO: tokens kept of each prompt "

@@ -127,6 +127,17 @@ class CheckpointStore:
             self._download(best, dest)
         return local
 
+    def drop_after(self, step: int) -> None:
+        """Delete every checkpoint newer than step (a divergence's: they may hold its weights)."""
+        held = {int(m[1]) for uri in self.blobs.list(self.prefix)
+                if (m := re.match(r"checkpoint-(\d+)/", uri[len(self.prefix):]))}
+        for newer in sorted(s for s in held if s > step):
+            self.blobs.delete_prefix(f"{self.prefix}checkpoint-{newer}/")
+            logger.info("checkpoint-%d deleted from %s", newer, self.prefix)
+
+    def download(self, step: int, dest: Path) -> Path:
+        return self._download(step, dest)
+
     @staticmethod
     def local_newest(dest: Path) -> Path | None:
         """The newest checkpoint folder in dest, as the node's first process restored it there (the others'
@@ -233,6 +244,9 @@ def checkpoint_callback(store: CheckpointStore, guard: Guard, tracker, minutes: 
             tracker.defer({"checkpoint": {"step": step, "uri": uri}})  # no write of its own
             tracker.event("checkpoint", step=step, uri=uri, loss=tracker.latest.get("loss"),
                           last_eval=tracker.last_eval)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.uploaded = None  # training may start again at an earlier step (training/divergence.py)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.step_started = time.monotonic()
