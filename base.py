@@ -601,6 +601,8 @@ class BaseTrainingJob:
             logger.info("starting from the parent adapter at eval_loss %.4f", start["eval_loss"])
         # where a divergence finds no checkpoint saved before it, training goes back to these weights
         snapshot = trainable_snapshot(trainer.model) if not last else None
+        if last:  # an earlier attempt's divergence counts: a second one fails this attempt
+            self.divergence.resume((self.tracker.read() or {}).get("divergences") or [], checkpoint_step(str(last)))
         self.guard.training = True
         try:
             result = trainer.train(resume_from_checkpoint=str(last) if last else None)

@@ -134,3 +134,21 @@ def test_bad_divergence_settings_exit_2_naming_the_field(field, value, local_dir
     assert main.main([], env_for(local_dir, "bad")) == 2
     doc = read_doc(local_dir, "bad")
     assert doc["status"] == "failed" and field in doc["error"]
+
+
+def test_an_earlier_attempts_divergence_counts_after_a_resume():
+    """A retry resuming from a checkpoint: the document's healed divergence is the first, so the next one fails the
+    job; the lowered rate comes from the checkpoint's own optimizer and schedule where it was saved after the roll-
+    back, and is applied again where the checkpoint is older."""
+    from training.divergence import divergence_watch
+
+    recorded = [{"step": 10, "why": "loss nan", "clean_step": 9, "rolled_back_to": 8, "learning_rate": 0.0025}]
+    after = divergence_watch(4.0, 0.5)
+    after.resume(recorded, 12)
+    assert [d.step for d in after.healed] == [10] and after.scale == 1.0
+    before = divergence_watch(4.0, 0.5)
+    before.resume(recorded, 8)
+    assert before.scale == 0.5
+    fresh = divergence_watch(4.0, 0.5)
+    fresh.resume([], 12)
+    assert fresh.healed == [] and fresh.scale == 1.0

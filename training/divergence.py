@@ -69,6 +69,15 @@ def divergence_watch(spike_factor: float | None, lr_factor: float):
             self.healed: list[Divergence] = []
             self.scale = 1.0  # applied to the learning rate at each (re)start of training
 
+        def resume(self, recorded: list[dict[str, Any]], step: int) -> None:
+            """An earlier attempt's healed divergence (the document's `divergences`), where this attempt resumes
+            from the checkpoint at `step`: it counts as the first, and where no checkpoint was saved after its roll-
+            back (whose optimizer and schedule would carry the lowered rate), the rate is lowered again here."""
+            healed = [Divergence(**d) for d in recorded if d.get("rolled_back_to") is not None]
+            if healed:
+                self.healed = healed[:1]
+                self.scale = self.lr_factor if step <= healed[0].rolled_back_to else 1.0
+
         def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
             self.tripped, self.clean_step = None, state.global_step
             self.recent.clear()
