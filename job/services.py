@@ -27,7 +27,8 @@ def open_store(settings: Settings, dry_run: bool = False):
         return LocalJobStore(tempfile.mkdtemp())  # --validate leaves no state behind
     if settings.backend == "local":
         return LocalJobStore(settings.local_dir)
-    return FirestoreJobStore(settings.project_id, settings.firestore_db)
+    # a call waits 10 s at most (training goes on, the tracker catches up), and never past the give-up
+    return FirestoreJobStore(settings.project_id, settings.firestore_db, min(10.0, settings.give_up_s))
 
 
 def make_blobs(settings: Settings):
