@@ -23,7 +23,7 @@ from job_manager import JobStatus, JobTracker
 from models.base_models import base_config, check_base_model
 from models.chat_templates import ensure_chat_template
 from models.language_model import unreadable_tokens
-from models.memory import check_memory
+from models.memory import check_memory, choose_batch
 from runtime.distributed import DDP, FSDP, first_on_node, strategy_for
 from runtime.distributed import trainer_args as strategy_args
 from runtime.errors import Cancelled, Interrupted, PermanentError
@@ -280,6 +280,12 @@ class BaseTrainingJob:
         per_row = max((len(r["images"]) for r in splits["train"].rows), default=0) if processor else 0
         hp = self.cfg.hyperparameters
         world = self.place.world_size
+        if hp.auto_batch:  # 'auto': the job chooses the micro-batch and the accumulation (models/memory.py)
+            choice = self.timed("choose_batch", choose_batch, self.cfg, self.settings, self.token(), per_row)
+            logger.info("batch chosen: %s", choice)
+            self.tracker.write({"batch_choice": choice})
+            hp = hp.model_copy(update={k: choice[k] for k in ("batch_size", "gradient_accumulation_steps")})
+            self.cfg = self.cfg.model_copy(update={"hyperparameters": hp})
         if hp.batch_size % world:
             raise PermanentError(f"hyperparameters.batch_size: {hp.batch_size} is the batch of one optimizer step (before "
                                  f"gradient accumulation), split over the {world} processes; make it a multiple of "

@@ -11,7 +11,7 @@ requests through `request.parse_request`, whose errors name the field, the value
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -20,7 +20,9 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     ValidationInfo,
+    WrapValidator,
     field_validator,
     model_validator,
 )
@@ -48,12 +50,29 @@ class StrictModel(BaseModel):
         return {k: v for k, v in data.items() if not unset(k, v)}
 
 
+def _count_or_auto(value: Any, handler) -> Any:
+    """One message for a field taking a count or 'auto', not one per branch of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError("an integer from 1 to 1024, or 'auto'") from None
+
+
+CountOrAuto = Annotated[Annotated[int, Field(ge=1, le=1024)] | Literal["auto"], WrapValidator(_count_or_auto)]
+
+
 class Hyperparameters(StrictModel):
     learning_rate: float = Field(2e-4, gt=0, le=1e-2, description="Peak learning rate.")
-    batch_size: int = Field(2, ge=1, le=1024, description="Per-device train and eval batch size.")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=1024, description="Batches whose gradients are summed "
-                                             "before each optimizer step: the effective batch is batch_size times "
-                                             "this.")
+    batch_size: CountOrAuto = Field(
+        2, description="Train and eval batch of one step before gradient accumulation (split over the processes); "
+        "'auto': the largest that the memory model fits on the GPU, keeping the effective batch (effective_batch_size).")
+    gradient_accumulation_steps: CountOrAuto = Field(
+        4, description="Batches whose gradients are summed before each optimizer step: the effective batch is "
+        "batch_size times this; 'auto': as for batch_size (either 'auto' lets the job choose both).")
+    effective_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="With batch_size or gradient_accumulation_steps 'auto': the examples of one "
+        "optimizer step, kept while the job chooses the two; default: batch_size x gradient_accumulation_steps with "
+        "today's defaults (2 and 4) in place of 'auto' (8 with both 'auto'). Refused without an 'auto'.")
     epochs: float = Field(3, gt=0, le=100, description="Training epochs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1: off.")
     packing: bool = Field(False, description="SFT: pack several rows into one sequence; rows never attend "
@@ -168,6 +187,26 @@ class Hyperparameters(StrictModel):
         defaults = RL_DEFAULTS if trainer_type == "grpo" else TRL_DEFAULTS
         return {name: default if getattr(self, name) is None else getattr(self, name)
                 for name, default in defaults.items()}
+
+    @property
+    def auto_batch(self) -> bool:
+        return "auto" in (self.batch_size, self.gradient_accumulation_steps)
+
+    @property
+    def effective_batch(self) -> int:
+        """The examples of one optimizer step: batch_size x gradient_accumulation_steps, or what 'auto' keeps."""
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size
+        return (2 if self.batch_size == "auto" else self.batch_size) * \
+            (4 if self.gradient_accumulation_steps == "auto" else self.gradient_accumulation_steps)
+
+    @model_validator(mode="after")
+    def _effective_batch_with_auto(self) -> Hyperparameters:
+        if self.effective_batch_size is not None and not self.auto_batch:
+            raise ValueError("effective_batch_size is read only where batch_size or gradient_accumulation_steps is "
+                             "'auto' (the job then chooses the two); set one of them to 'auto', or remove "
+                             "effective_batch_size.")
+        return self
 
     @property
     def prompt_length(self) -> int:
@@ -452,7 +491,7 @@ class TrainingConfig(StrictModel):
         if self.trainer_type == "grpo":
             if not self.reward_config:
                 raise ValueError("trainer_type 'grpo' needs reward_config (a list of graders) to score completions.")
-            batch = hp.batch_size * hp.gradient_accumulation_steps
+            batch = hp.effective_batch
             if batch % hp.num_generations:
                 raise ValueError(f"trainer_type 'grpo': batch_size x gradient_accumulation_steps ({batch}) must be "
                                  f"divisible by num_generations ({hp.num_generations}), because each prompt's "

@@ -168,6 +168,75 @@ def fit_message(estimate: dict[str, float], gpu_bytes: float, method: str, model
             "hyperparameters.batch_size / max_length.")
 
 
+def gpu_bytes(settings) -> float | None:
+    """The GPU memory a job is checked against: settings.gpu_memory_gib, else the visible GPU's, else None."""
+    import torch
+
+    return settings.gpu_memory_gib * GIB if settings.gpu_memory_gib else \
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def choose_batch(cfg, settings, token: str | None, images_per_row: int = 0) -> dict[str, Any]:
+    """batch_size / gradient_accumulation_steps 'auto': the largest micro-batch (a divisor of the effective batch,
+    a multiple of the processes) whose estimate fits the GPU, and the accumulation that keeps the effective batch.
+    A PermanentError where even one row per process does not fit, naming what would."""
+    hp, world = cfg.hyperparameters, settings.world_size
+    effective = hp.effective_batch
+    sizes = [m for m in range(effective, 0, -1) if effective % m == 0 and m % world == 0]
+    if not sizes:
+        raise PermanentError(f"hyperparameters.effective_batch_size: {effective} examples per step cannot be split "
+                             f"over {world} processes; make it a multiple of {world}.")
+    gpu = gpu_bytes(settings)
+    choice = {"effective_batch_size": effective, "gpu_gib": round(gpu / GIB, 1) if gpu else None}
+    if gpu is None:
+        return choice | {"batch_size": sizes[0], "gradient_accumulation_steps": 1,
+                         "why": "no GPU here and no GPU_MEMORY_GIB: nothing to fit, the whole effective batch in "
+                                "one step"}
+    per_process = estimator(meta_model(cfg.base_model_id, token, cfg.trust_remote_code, cfg.vision), cfg,
+                            images_per_row, world)
+
+    def estimate(micro: int, length: int) -> dict[str, float]:
+        return per_process(micro // world, length)
+
+    for micro in sizes:
+        found = estimate(micro, hp.max_length)
+        if found["total"] <= HEADROOM * gpu:
+            return choice | {"batch_size": micro, "gradient_accumulation_steps": effective // micro,
+                             "estimate_gib": round(found["total"] / GIB, 1),
+                             "why": f"the largest micro-batch dividing {effective} whose estimate fits "
+                                    f"{HEADROOM:.0%} of the GPU" + ("" if micro == effective else
+                                                                    f"; {sizes[sizes.index(micro) - 1]} did not")}
+    low, high = 0, hp.max_length // 16  # the longest max_length (a multiple of 16) that fits one row per process
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if estimate(world, 16 * mid)["total"] <= HEADROOM * gpu else (low, mid - 1)
+    shorter = f"max_length {16 * low} (of {hp.max_length}) would fit at one row per process" if low else \
+        "no max_length fits at one row per process"
+    advice = {"Full": "method 'LoRA' or 'QLoRA'", "LoRA": "method 'QLoRA'", "QLoRA": "a smaller model"}[cfg.method]
+    raise PermanentError(
+        f"hyperparameters.batch_size: 'auto' found no micro-batch that fits: even {world} row(s) of "
+        f"{hp.max_length} tokens need about {estimate(world, hp.max_length)['total'] / GIB:.1f} GiB of the GPU's "
+        f"{gpu / GIB:.1f} GiB with method {cfg.method}; {shorter}. Use {advice}, a shorter max_length, or more GPUs "
+        "(gemma-job submit --vertex --gpus N); gradient checkpointing is already on for GPUs.")
+
+
+def estimator(model, cfg, images_per_row: int, world: int):
+    """(batch, length) -> one process's GPU bytes for `batch` rows of `length` tokens (sharded where Full runs on
+    several processes), the model's counts taken once."""
+    config, hp = model.config, cfg.hyperparameters
+    total, _ = count_params(config, model)
+    tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
+    unquantized, saved = sixteen_bit_params(model), saved_params(model, hp.modules_to_save)
+
+    def estimate(batch: int, length: int) -> dict[str, float]:
+        extra = vision_bytes(config, batch * images_per_row, tower, cfg.method,
+                             cfg.method == "Full" or hp.finetune_vision_layers)
+        found = estimate_bytes(total, unquantized, cfg.method, batch, length, config, hp.load_in_8bit, saved, extra)
+        return sharded(found, world, cfg.method, total) if world > 1 and cfg.method == "Full" else found
+
+    return estimate
+
+
 def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> bool:
     """Refuse (exit 2), before anything big is loaded, a job that cannot fit the GPU (one of
     `settings.gpu_memory_gib`, else the visible one) or the container's memory where its disk is memory
@@ -177,10 +246,7 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> b
     With several processes (settings.world_size) each takes its share of the batch. True if one GPU holds
     the whole model and its training state (DDP); False if only a sharded one fits (FSDP: weights, gradients
     and optimizer state split over the processes), which a LoRA job then uses; Full is always sharded."""
-    import torch
-
-    gpu = settings.gpu_memory_gib * GIB if settings.gpu_memory_gib else \
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    gpu = gpu_bytes(settings)
     host = settings.host_memory_gib * GIB if settings.host_memory_gib else \
         container_limit() if settings.disk_is_memory else None
     if gpu is None and host is None:
