@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LOCAL_DIR ?= .local
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
 
-.PHONY: setup setup-gguf consumer fixtures demo demo-vision test test-fresh validate lint
+.PHONY: setup setup-gguf consumer fixtures demo demo-vision test test-all test-fresh validate lint
 
 # Wheels only: nothing here compiles, so a fresh machine is set up in about a minute. The project itself is
 # installed editable (pyproject.toml), which puts `gemma-job` in $(BIN); its dependencies are requirements.txt's.
@@ -56,8 +56,14 @@ validate: fixtures
 # TEST_WORKERS processes, each with one thread (the tiny model's ops are too small to split: two threads
 # in each worker would only contend), a test file to each at a time, the longest files first (conftest.py).
 TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# `make test`: every test but the slow ones (whole jobs over about 10 s: tests/conftest.py's `slow` marker), the
+# edit-and-test loop; `make test-all`: every test, as CI runs them.
 test: setup setup-gguf consumer
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PYTEST) -m "not slow" tests
+
+test-all: setup setup-gguf consumer
+	$(PYTEST) tests
 
 # The tests about the process itself (JSON log lines from the first byte, SIGTERM and its checkpoint, kill -9 and
 # a rerun, exit codes) with every job in a fresh interpreter, as production starts it, not forked from

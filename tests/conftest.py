@@ -26,12 +26,18 @@ GEMMA_JOB = str(Path(sys.executable).with_name("gemma-job"))
 # The longest files, started first so that none is left to run alone at the end (`make test` hands each
 # worker a whole file at a time: pytest-xdist's --dist loadfile, with --no-loadscope-reorder, which keeps
 # this order instead of putting the files with the most tests first).
-LONGEST_FIRST = ("test_export", "test_gemma4_rl", "test_distributed", "test_gemma4", "test_reliability", "test_cli",
-                 "test_platform", "test_kill", "test_benchmarks", "test_vision_methods", "test_vision", "test_vision_gemma4", "test_vision_gemma3n",
-                 "test_lora_options", "test_gcp",
-                 "test_rl", "test_best", "test_tracking", "test_sweep", "test_main", "test_generation",
-                 "test_consumers", "test_train", "test_notify", "test_data_report", "test_prefork", "test_methods",
-                 "test_logs", "test_lineage")
+LONGEST_FIRST = ("test_vision_gemma3n", "test_reliability", "test_export", "test_rl", "test_gemma4_rl", "test_platform",
+                 "test_distributed", "test_gemma4", "test_vision_gemma4", "test_gcp", "test_tracking",
+                 "test_vision_methods", "test_vision", "test_gemma3n", "test_kill", "test_divergence", "test_benchmarks",
+                 "test_sweep", "test_hub_base", "test_cli", "test_auto_batch", "test_main", "test_lora_options",
+                 "test_generation", "test_train", "test_consumers", "test_best", "test_notify", "test_data_report",
+                 "test_prefork", "test_methods", "test_logs", "test_lineage")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: a whole job of more than about 10 s (learning on a second family, fault "
+                            "injection with fresh processes, the GPU check script): `make test` leaves them out of the "
+                            "edit-and-test loop; `make test-all`, which CI runs, runs every test")
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -32,6 +34,7 @@ def test_gpu_benchmark_runs_its_small_shape_on_cpu(tmp_path):
     assert rows[("LoRA", "unsloth")]["skipped"] == "Unsloth needs an NVIDIA GPU"
 
 
+@pytest.mark.slow
 def test_gpu_check_script_runs_the_whole_job_where_it_can(tmp_path):
     """On CPU: the Hugging Face job completes with its exports verified and DESIGN.md's metrics; Unsloth is
     refused with exit 2, and so is a candidate (GRPO) once its gate is open: by the GPU check, not the gate."""

@@ -59,6 +59,7 @@ def checkpoints(local_dir: Path, job_id: str) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/_COMPLETE.json"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_dir, tiny_root):
     # a save by the clock as well as each epoch's: each process reads its own clock, and the ranks must agree
     req = request(tiny_root, checkpoint_minutes=0.005, epochs=4)
@@ -102,6 +103,7 @@ def test_two_processes_train_as_one_and_rank_0_alone_records_and_exports(local_d
     assert torch.allclose(torch.tensor(got["peft_logits"]), ours, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_training_fails_the_attempt_and_the_rerun_resumes(local_dir, tiny_root):
     put_request(local_dir, "kill", request(tiny_root, epochs=12, save_strategy="steps", save_steps=20))
     job = start(local_dir, "kill")

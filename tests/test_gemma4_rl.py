@@ -9,6 +9,7 @@ from conftest import make_job
 from test_rl import changed_params, rl_request, run_steps, says_dataset
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer_type", ["dpo", "orpo"])
 def test_preference_training_on_gemma_4_prefers_chosen(trainer_type, local_dir, tiny_root):
     # Gemma 4's tiny model needs a lower learning rate than Gemma 3's (at 0.005 its rewards oscillate)
@@ -28,6 +29,7 @@ def test_preference_training_on_gemma_4_prefers_chosen(trainer_type, local_dir, 
     assert metrics["reward_accuracy"] >= (0.65 if trainer_type == "dpo" else 0.6), metrics["reward_accuracy"]
 
 
+@pytest.mark.slow
 def test_grpo_on_gemma_4_raises_an_easy_reward(local_dir, tiny_root):
     req = rl_request(tiny_root, "grpo", says_dataset(local_dir), epochs=1, max_steps=60, max_length=80,
                      batch_size=8, num_generations=4, learning_rate=0.01, warmup_ratio=0.0)

@@ -49,6 +49,7 @@ def weight_downloads(hub: HubStub) -> int:
     return sum(1 for method, path, _ in hub.requests if method == "GET" and path.endswith("/model.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_hub_base_is_downloaded_with_the_token_and_a_retry_uses_the_cache(hub_gcp, tmp_path):
     cache = tmp_path / "hf-home"
     with HubStub(TOKEN) as hub:

@@ -15,6 +15,7 @@ from conftest import ROOT, put_request, read_doc
 from test_reliability import RESUMED, Job, checkpoint_store, problems_local, short_request, wait_for_checkpoint
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_rerun(local_dir, tiny_root):
     """Three trials, each killed twice (fixed seeds): first at a random moment, start-up included, then at
     a random moment just after the next checkpoint; then run to the end. Every trial completes with the

@@ -221,6 +221,7 @@ def test_platform_sft_request_runs_end_to_end(model, local_dir, tiny_root):
     assert doc["dataset"]["dropped_rows"] == 0 and doc["dataset"]["trained_tokens"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["text", "vision"])
 def test_platform_flat_request_evaluating_each_epoch_runs_end_to_end(modality, tmp_path, tiny_root):
     """The flat generation's request, nulls and duplicates as it writes them, with an eval_strategy and the

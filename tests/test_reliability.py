@@ -252,6 +252,7 @@ def test_cancel_stops_training_and_is_not_retried(local_dir, tiny_root):
     assert read_doc(local_dir, "cancel")["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_emulators_stopped_and_restarted_mid_run(gcp, tiny_root, firestore_emulator, gcs_emulator):
     """Firestore and GCS go away for a while during training (the Firestore emulator comes back
     empty): training goes on, uploads are retried, and the document catches up."""
@@ -291,6 +292,7 @@ def test_emulators_stopped_and_restarted_mid_run(gcp, tiny_root, firestore_emula
     assert "adapter_model.safetensors" in files and "manifest.json" in files
 
 
+@pytest.mark.slow
 def test_an_outage_longer_than_the_give_up_fails_the_attempt_and_the_next_resumes(gcp, tiny_root, firestore_emulator,
                                                                                   gcs_emulator):
     """Firestore and GCS go away after the first checkpoints and stay away past STORE_GIVE_UP_SECONDS: the attempt

@@ -122,6 +122,7 @@ def test_grpo_raises_an_easy_reward(local_dir, tiny_root, capfd):
         print(f"\ngrpo: reward {early:.2f} (steps 1-10) -> {late:.2f} (steps 21-30); whole job {took:.1f}s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type,level", [("grpo", "sequence"), ("dr_grpo", "token"), ("bnpo", "sequence")])
 def test_each_grpo_loss_raises_the_easy_reward(loss_type, level, local_dir, tiny_root):
     """GRPO's loss variants as TRL names them, each with the policy ratio per token or per completion (GSPO),

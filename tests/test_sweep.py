@@ -38,6 +38,7 @@ def trial_docs(local_dir: Path, sweep_id: str) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob(f"{sweep_id}-*.json"))}
 
 
+@pytest.mark.slow
 def test_local_sweep_of_six_trials_killed_midway_resumes_without_rerunning_finished_trials(local_dir, tiny_root,
                                                                                         tmp_path):
     env = {k: v for k, v in env_for(local_dir, "unused", OMP_NUM_THREADS="1").items() if k != "JOB_ID"}

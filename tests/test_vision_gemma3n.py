@@ -48,6 +48,7 @@ def merged_job(tiny_root, tmp_path_factory):
     return root, run_job(root, "g3n-merged", request)  # the demo's 12 epochs
 
 
+@pytest.mark.slow
 def test_gemma_3n_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_picture(merged_job, tiny_root):
     """The demo's vision request on the tiny Gemma 3n: eval loss falls clearly from the base's (measured with the
     job's own encoding and collator), the base/tuned comparison names colours the base never does, LoRA adapted
@@ -166,6 +167,7 @@ def test_the_memory_estimate_counts_the_whole_model_and_the_towers_activations_p
         8 * (pixels + GEMMA3N_TOWER_FROZEN) + 1.48 * tower)
 
 
+@pytest.mark.slow
 def test_a_gemma_3n_image_gguf_exits_2_at_pre_flight_because_llama_cpp_cannot_write_its_projector(
         tiny_root, tmp_path, monkeypatch):
     """include_gguf on a Gemma 3n image job: exit 2 before any data is read, naming the field and why. The why is

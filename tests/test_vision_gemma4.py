@@ -101,6 +101,7 @@ def merged_job(tiny_root, tmp_path_factory):
     return root, run_job(root, "g4-merged", request)
 
 
+@pytest.mark.slow
 def test_gemma_4_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_picture(merged_job, tiny_root):
     """The demo's vision request on the E2B-like model: eval loss falls clearly from the base's (measured with
     the job's own encoding and collator), the base/tuned comparison names every colour, the merged export
@@ -144,6 +145,7 @@ def test_gemma_4_learns_the_colour_it_is_shown_and_its_merge_answers_from_the_pi
     assert colour_of(a) in answer(model, processor, b, a["images"][0]["bytes"])
 
 
+@pytest.mark.slow
 def test_its_gguf_and_projector_read_the_pictures_in_llama_cpp(merged_job, tiny_root):
     """include_gguf on the Gemma 4 image job: the language model's GGUF and Gemma 4's projector (the pinned
     converter's --mmproj, vision and audio towers) beside it; llama.cpp's mtmd, given each picture at the size
