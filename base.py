@@ -22,8 +22,9 @@ from exporting.verification import pad_id, probe_prompts
 from job_manager import JobStatus, JobTracker
 from models.base_models import base_config, check_base_model
 from models.chat_templates import ensure_chat_template
+from models.estimate import estimate, model_shape
 from models.language_model import unreadable_tokens
-from models.memory import check_memory, choose_batch
+from models.memory import check_memory, choose_batch, meta_model
 from runtime.distributed import DDP, FSDP, first_on_node, strategy_for
 from runtime.distributed import trainer_args as strategy_args
 from runtime.errors import Cancelled, Interrupted, PermanentError
@@ -105,6 +106,7 @@ class Prepared:
     processor: Any = None  # image+text jobs: the base's processor (training/vision.py)
     report: dict[str, Any] | None = None  # the data report (training/data_report.py)
     report_lengths: tuple[list[int], list[int]] = ([], [])  # its (prompt, answer) token counts, drawn at export
+    estimate: dict[str, Any] | None = None  # time and cost of training on the GPU (models/estimate.py)
 
 
 class BaseTrainingJob:
@@ -347,10 +349,15 @@ class BaseTrainingJob:
         report, lengths = train_report(self.cfg, train, tokenizer, images)
         spread = {"distributed": {"world_size": world, "strategy": self.strategy,
                                   "per_device_batch_size": hp.batch_size // world}} if world > 1 else {}
-        self.tracker.phase("validated", dataset=stats, data_report=report, total_steps=total, **spread,
+        cost = self.timed("estimate", estimate, self.cfg, stats, model_shape(
+            meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code, self.cfg.vision),
+            self.cfg.method), self.settings.gpu_price_per_hour)
+        if self.settings.gpu_price_per_hour is not None or self.settings.execution:  # stated, or on Cloud Run
+            self.tracker.price_per_hour = cost["price_per_hour_usd"]
+        self.tracker.phase("validated", dataset=stats, data_report=report, total_steps=total, estimate=cost, **spread,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
-                        found if found and found.prompts else None, processor, report, lengths)
+                        found if found and found.prompts else None, processor, report, lengths, cost)
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id

@@ -243,6 +243,10 @@ class JobTracker:
         self._events: list[tuple[str, dict[str, Any]]] = []  # not yet written (the store was unreachable)
         self._sequence = 0
         self.last_eval: dict[str, Any] | None = None  # the newest evaluation, which a checkpoint's event carries
+        # US dollars an hour of this machine (models/estimate.py): the progress then carries the attempt's cost so
+        # far and training's cost to finish
+        self.price_per_hour: float | None = None
+        self.born = clock()
 
     def write(self, fields: dict[str, Any], final: bool = False) -> bool:
         """Merge fields into the document. If the store is unreachable, training goes on: the fields are
@@ -366,6 +370,9 @@ class JobTracker:
                   else 0.0, "epoch": epoch, "eta_seconds": round(eta, 1) if eta is not None else None}
         if self._loss is not None:
             fields["loss"] = self._loss
+        if self.price_per_hour is not None:
+            fields["cost"] = {"elapsed_usd": round((t - self.born) / 3600 * self.price_per_hour, 4),
+                              "to_finish_usd": round(eta / 3600 * self.price_per_hour, 4) if eta is not None else None}
         self.latest = fields
         if not force and t - self._last_progress < self.min_interval:
             return False

@@ -39,6 +39,7 @@ ENV = {"job_id": "JOB_ID", "backend": "BACKEND", "project_id": "PROJECT_ID", "fi
        "wandb_init_timeout_s": "WANDB_INIT_TIMEOUT", "local_dir": "LOCAL_DIR", "work_dir": "WORK_DIR",
        "attempt": "CLOUD_RUN_TASK_ATTEMPT", "task_timeout_s": "TASK_TIMEOUT_SECONDS",
        "deadline_reserve_s": "DEADLINE_RESERVE_SECONDS", "gpu_memory_gib": "GPU_MEMORY_GIB",
+       "gpu_price_per_hour": "GPU_PRICE_PER_HOUR",
        "host_memory_gib": "HOST_MEMORY_GIB", "task_count": "CLOUD_RUN_TASK_COUNT",
        "execution": "CLOUD_RUN_EXECUTION", "max_retries": "MAX_RETRIES",
        "give_up_s": "STORE_GIVE_UP_SECONDS"}

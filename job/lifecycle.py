@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from job_manager import JobStatus, JobTracker
+from models.estimate import estimate_text
 from runtime.errors import Cancelled, PermanentError
 from runtime.request import parse_request, strip_secrets
 from runtime.settings import Settings
@@ -67,7 +68,7 @@ def run_attempt(settings: Settings, tracker: JobTracker, blobs: BlobStore, reque
             if validate:
                 prep = job.preflight()
                 shutil.rmtree(job.workdir, ignore_errors=True)
-                return {"valid": True, "data_report": prep.report}
+                return {"valid": True, "data_report": prep.report, "estimate": prep.estimate}
             result = job.run()
             if settings.local_rank == 0:  # the node's other processes have finished with it (after evaluation)
                 shutil.rmtree(job.workdir, ignore_errors=True)  # its files are uploaded; checkpoints are cleared
@@ -128,8 +129,9 @@ def summary(settings: Settings, result: dict[str, Any], blobs, store) -> str:
     if result.get("valid"):
         from training.data_report import as_text
 
-        report = result.get("data_report")
-        return "request and dataset are valid" + (f"\n{as_text(report)}" if report else "")
+        report, cost = result.get("data_report"), result.get("estimate")
+        return "request and dataset are valid" + (f"\n{as_text(report)}" if report else "") + \
+            (f"\n{estimate_text(cost)}" if cost else "")
     text = json.dumps({"job_id": settings.job_id, "status": "completed", **result}, default=str)
     if settings.backend == "local" and str(result["adapter_path"]).startswith("gs://"):
         text += f"\nadapter:      {blobs.path(result['adapter_path'])}\njob document: {store.path(settings.job_id)}"

@@ -5,6 +5,7 @@ jobs without the upstream training service.
     gemma-job submit REQUEST.json [--job-id ID]          # validate, store the request, create the
                                                          # document `queued`, start the Cloud Run job
     gemma-job submit REQUEST.json --local [--job-id ID]  # the same, the job run here instead
+    gemma-job submit REQUEST.json --estimate             # pre-flight only: data report, training time and cost
     gemma-job status JOB_ID [--json]                     # one readable block, or the document as JSON
     gemma-job cancel JOB_ID                              # cancel_requested: the job stops at its next step
     gemma-job watch JOB_ID [--interval S]                # follow it until it ends (a bar on a terminal)
@@ -61,6 +62,10 @@ def submit(args, env) -> int:
         print(f"{args.request}: {e}", file=sys.stderr)
         return 2
     job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
+    if args.estimate:  # pre-flight alone (main.py --validate): the data report and the time and cost; nothing stored
+        import main as job
+
+        return job.main(["--config", args.request, "--validate"], {**env, "JOB_ID": job_id})
     if args.vertex:  # several GPUs on Vertex AI (operating/vertex.py)
         from operating import vertex
         if not args.image:
@@ -332,6 +337,8 @@ def main(argv: list[str] | None = None, env=None) -> int:
     p.add_argument("request", help="the request JSON file")
     p.add_argument("--local", action="store_true", help="run the job in a subprocess here")
     p.add_argument("--job-id", help="the job's id (default: a new one)")
+    p.add_argument("--estimate", action="store_true", help="print the pre-flight's data report and the training time "
+                   "and cost on the GPU (models/estimate.py), and stop: nothing is queued or started")
     p.add_argument("--region", help="the Cloud Run job's or Vertex AI's region (default CLOUD_RUN_REGION, else "
                    "us-central1)")
     p.add_argument("--cloud-run-job", default="training-job", help="the Cloud Run job's name")

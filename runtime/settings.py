@@ -45,6 +45,10 @@ class Settings(StrictModel):
     task_timeout_s: float | None = Field(None, gt=0, description="The Cloud Run task timeout (TASK_TIMEOUT_SECONDS).")
     gpu_memory_gib: float | None = Field(None, gt=0, description="Check the memory estimate against this GPU "
                                          "size instead of the visible GPU's (GPU_MEMORY_GIB).")
+    gpu_price_per_hour: float | None = Field(None, ge=0, description="GPU_PRICE_PER_HOUR: the US dollars an hour of "
+                                             "the job's machine costs, for the estimate and the elapsed cost (default "
+                                             "models/estimate.py's Cloud Run L4 list price; on Cloud Run only, for "
+                                             "the elapsed cost).")
     deadline_reserve_s: float = Field(60.0, ge=0, description="Stop this long before the task timeout, plus "
                                       "the time of one step and one checkpoint.")
     give_up_s: float = Field(300.0, gt=0, description="STORE_GIVE_UP_SECONDS: how long an outage of the bucket or "

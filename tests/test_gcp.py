@@ -69,6 +69,7 @@ def test_as_the_training_service_starts_it(gcp, watched, tiny_root, capsys):
     uri = f"gs://{gcp.export_bucket}/trained_adapters/{job_id}/"
     assert doc["adapter_path"] == doc["artifacts"]["raw"]["adapter"] == uri
     assert doc["step"] == doc["total_steps"] > 0 and doc["progress"] == 1.0 and doc["attempt"] == 0
+    assert doc["estimate"]["gpu"] == "NVIDIA L4" and doc["estimate"]["steps"] == doc["total_steps"]  # issue 37
 
     # The artifacts, at DESIGN.md's paths, byte-identical to what was written locally.
     files = gcp.blobs(gcp.export_bucket, f"trained_adapters/{job_id}/")
