@@ -22,7 +22,7 @@ from exporting.verification import pad_id, probe_prompts
 from job_manager import JobStatus, JobTracker
 from models.base_models import base_config, check_base_model
 from models.chat_templates import ensure_chat_template
-from models.estimate import estimate, model_shape
+from models.estimate import DEFAULT_PRICE_PER_HOUR, estimate, model_shape
 from models.language_model import unreadable_tokens
 from models.memory import check_memory, choose_batch, meta_model
 from runtime.distributed import DDP, FSDP, first_on_node, strategy_for
@@ -349,15 +349,28 @@ class BaseTrainingJob:
         report, lengths = train_report(self.cfg, train, tokenizer, images)
         spread = {"distributed": {"world_size": world, "strategy": self.strategy,
                                   "per_device_batch_size": hp.batch_size // world}} if world > 1 else {}
-        cost = self.timed("estimate", estimate, self.cfg, stats, model_shape(
-            meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code, self.cfg.vision),
-            self.cfg.method), self.settings.gpu_price_per_hour)
+        cost = self.timed("estimate", self.estimate, stats)
         if self.settings.gpu_price_per_hour is not None or self.settings.execution:  # stated, or on Cloud Run
             self.tracker.price_per_hour = cost["price_per_hour_usd"]
         self.tracker.phase("validated", dataset=stats, data_report=report, total_steps=total, estimate=cost, **spread,
                            **({"init_from": self.parent.lineage} if self.parent else {}))
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
                         found if found and found.prompts else None, processor, report, lengths, cost)
+
+    def estimate(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Training's time and cost on the GPU (models/estimate.py): advisory, so a model it cannot read costs the
+        estimate alone, with a warning."""
+        try:
+            shape = model_shape(meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code,
+                                           self.cfg.vision), self.cfg.method)
+            return estimate(self.cfg, stats, shape, self.settings.gpu_price_per_hour)
+        except Exception as e:  # noqa: BLE001 - any failure of an estimate is the estimate's alone
+            why = f"not estimated ({type(e).__name__}: {str(e)[:200]})"
+            self.services.run_logger.warn(f"estimate: {why}; training goes on")
+            price = self.settings.gpu_price_per_hour
+            return {"gpu": "NVIDIA L4", "seconds": None, "cost_usd": None, "why": why,
+                    "price_per_hour_usd": DEFAULT_PRICE_PER_HOUR if price is None else price,
+                    "price_source": "GPU_PRICE_PER_HOUR" if price is not None else "default"}
 
     def load_data(self) -> dict[str, list]:
         dataset_id = self.request.processed_dataset_id

@@ -84,3 +84,17 @@ def test_a_bad_price_exits_2_naming_it(local_dir, tiny_root, capsys):
     put_request(local_dir, "price", sample_request(tiny_root))
     assert main.main(["--validate"], env_for(local_dir, "price", GPU_PRICE_PER_HOUR="-1")) == 2
     assert "GPU_PRICE_PER_HOUR='-1'" in capsys.readouterr().err
+
+
+def test_an_estimate_that_fails_costs_the_estimate_alone(local_dir, tiny_root, capsys, monkeypatch):
+    import base
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("no such architecture")
+
+    monkeypatch.setattr(base, "meta_model", unreadable)
+    put_request(local_dir, "noest", sample_request(tiny_root))
+    assert main.main(["--validate"], env_for(local_dir, "noest")) == 0
+    out = capsys.readouterr().out
+    assert "request and dataset are valid" in out
+    assert "estimate on NVIDIA L4 at $1.42/h (default): not estimated (RuntimeError: no such architecture)" in out

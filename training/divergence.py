@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SPIKE_WINDOW = 10  # logged losses whose mean a spike is judged against
 SPIKE_MIN = 5  # logged losses before any spike is judged (the first steps' loss moves fast)
 SPIKE_MARGIN = 1.0  # and a spike is at least this far above the mean: a loss near 0 is not judged by its ratio alone
-SNAPSHOT_MAX_BYTES = 2 << 30  # trainable weights kept in host memory to roll back to the start (LoRA: MBs)
+SNAPSHOT_MAX_BYTES = 512 << 20  # trainable weights kept in host memory to roll back to the start (LoRA: MBs)
 
 
 @dataclass
