@@ -86,8 +86,11 @@ def model_shape(model, method: str) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     # LoRA at rank r on every linear layer of a block trains about 2 r (d_in + d_out) per layer: small next to N
     trained = total if method == "Full" else total // 100
-    heads = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    return {"total": total, "trained": trained, "layers": config.num_hidden_layers, "d_attn": heads}
+    # the attention's width from the first query projection of the language model: Gemma 4's head_dim differs
+    # between its sliding and full layers, and its config refuses a global value
+    d_attn = next((m.out_features for n, m in model.named_modules() if n.endswith("self_attn.q_proj")
+                   and not any(t in n for t in ("vision", "audio"))), config.hidden_size)
+    return {"total": total, "trained": trained, "layers": config.num_hidden_layers, "d_attn": d_attn}
 
 
 def estimate_text(found: dict[str, Any]) -> str:

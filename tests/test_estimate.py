@@ -98,3 +98,18 @@ def test_an_estimate_that_fails_costs_the_estimate_alone(local_dir, tiny_root, c
     out = capsys.readouterr().out
     assert "request and dataset are valid" in out
     assert "estimate on NVIDIA L4 at $1.42/h (default): not estimated (RuntimeError: no such architecture)" in out
+
+
+@pytest.mark.parametrize("model", ["tiny-gemma3", "tiny-gemma3-mm", "tiny-gemma3n", "tiny-gemma4", "tiny-gemma4-e2b",
+                                   "tiny-gemma4-moe", "tiny-gemma4-unified"])
+def test_every_family_is_estimated(model, tiny_root):
+    """Gemma 4's config refuses a global head_dim (its sliding and full layers differ): the estimate reads the
+    attention's width from the model itself, for every family the job trains."""
+    from models.estimate import estimate, model_shape
+    from models.memory import meta_model
+
+    folder = tiny_root / "models" / model
+    shape = model_shape(meta_model(str(folder), None, False), "LoRA")
+    assert shape["d_attn"] > 0 and shape["layers"] >= 2
+    found = estimate(config_for(folder, "LoRA"), stats(90, 3088, 36), shape, None)
+    assert found["seconds"] is not None and found["tokens"] == 3 * 3088
