@@ -420,11 +420,29 @@ def verify_gguf(gguf: Path, ref: Reference, form: str, method: str, mmproj: Path
     prompts' pictures read by llama.cpp's own multimodal library (mtmd) from their encoded bytes (budget: a
     Gemma 4 processor's, picture_budget)."""
     if mmproj is None:
-        return record("gguf", form, "llama.cpp", check_gguf(ref, gguf), ref, required(form, method))
-    entry = record("gguf", form, "llama.cpp + mtmd (mmproj)", check_gguf_images(ref, gguf, mmproj, budget), ref,
-                   required(form, method))
+        return record("gguf", form, "llama.cpp", in_child(check_gguf, ref, gguf), ref, required(form, method))
+    entry = record("gguf", form, "llama.cpp + mtmd (mmproj)", in_child(check_gguf_images, ref, gguf, mmproj, budget),
+                   ref, required(form, method))
     return entry | {"mmproj": mmproj.name, "images": sum(map(len, ref.image_files or []))} | \
         ({"image_max_tokens": budget["max_soft_tokens"]} if budget else {})
+
+
+def in_child(check: Callable[..., Agreement], ref: Reference, gguf: Path, *args) -> Agreement:
+    """A llama.cpp check in a process of its own (spawned: nothing of this one's threads or locks): llama.cpp
+    aborts the whole process on a file it cannot use (GGML_ASSERT), and that costs this artifact's check, not the
+    job and its training (a CheckFailed, which exporting/export.py records for this artifact alone)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(check, ref, gguf, *args).result()
+        except BrokenProcessPool:
+            raise CheckFailed(f"export_config: llama.cpp stopped its process while reading the exported "
+                              f"{gguf.name}{' with ' + Path(args[0]).name if args else ''} (an abort: a file it "
+                              "cannot use; the log holds its message); the GGUF was not uploaded, the other "
+                              "artifacts are kept.") from None
 
 
 def picture_budget(folder: Path) -> dict[str, int] | None:

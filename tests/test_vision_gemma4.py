@@ -295,3 +295,41 @@ def test_the_reference_never_generates_an_image_token(tiny_root):
                            images=[pixel_values(processor, [shown])], image_token_id=image_id)
     continuation = ref.sequences[0][ref.starts[0]:]
     assert continuation and image_id not in continuation
+
+
+@pytest.mark.slow
+def test_a_projector_llama_cpp_aborts_on_costs_the_gguf_alone(tiny_root, tmp_path):
+    """llama.cpp aborts its whole process on a projector it cannot use (GGML_ASSERT). Here: an E2B whose audio tower's
+    first subsampling conv has 16 channels, for which transformers sizes the input projection for 16 / 4 x 8 = 32
+    features where llama.cpp's graph hands it 256 (the fixture had it so, and the job's process died in the check,
+    training lost). The check runs in a process of its own: the abort costs the GGUF alone; the adapter passes its
+    check and is uploaded, the GGUF's failure is recorded, exit 2, and nothing trains again."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, Gemma4ForConditionalGeneration
+
+    import main
+    from conftest import env_for, put_request
+
+    folder = tmp_path / "bad-audio"
+    shutil.copytree(tiny_root / "models" / E2B, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.audio_config.subsampling_conv_channels = [16, 8]
+    torch.manual_seed(0)
+    Gemma4ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
+    root = new_root(tiny_root, tmp_path / "root")
+    request = vision_request(tiny_root, base_model_id=str(folder),
+                             export_config={"format": "adapter", "include_gguf": True, "gguf_quantization": "q8_0"})
+    request["training_config"]["hyperparameters"].update(max_steps=2, save_strategy="no")
+    request["training_config"]["eval_config"] = {"eval_strategy": "no", "generation_rows": 0}
+    put_request(root, "abort", request)
+    assert main.main([], env_for(root, "abort")) == 2
+    doc = read_doc(root, "abort")
+    assert doc["status"] == "failed" and doc["error_type"] == "permanent" and doc["step"] == 2
+    assert doc["verification"]["adapter"]["passed"] is True
+    assert doc["verification"]["gguf"]["passed"] is False
+    assert doc["export_failures"]["gguf"].startswith("export_config: llama.cpp stopped its process while reading the "
+                                                     "exported model-q8_0.gguf with mmproj-f16.gguf (an abort")
+    assert doc["adapter_path"] == f"gs://{EXPORT}/trained_adapters/abort/" and doc["gguf_path"] is None
+    assert not (root / EXPORT / "gguf_models").exists()
