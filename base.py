@@ -571,8 +571,8 @@ class BaseTrainingJob:
         config_cls, trainer_cls = trl_classes(kind)
         args = config_cls(**(self.trainer_kwargs(prep, model) | self.sft_overrides()))
         hp = self.cfg.hyperparameters
-        self.divergence = divergence_watch(hp.divergence_spike_factor if kind != "grpo" else None,
-                                           hp.divergence_lr_factor)
+        self.divergence = divergence_watch(hp.divergence_spike_factor if kind != "grpo" and hp.divergence_spike_factor
+                                           else None, hp.divergence_lr_factor)
         # The training service sends compute_eval_metrics false by default (its job then still reported eval
         # loss): an eval_strategy asks for evaluation whatever it says, and the Trainer refuses an eval_strategy
         # without an eval_dataset (exit 1, and every retry the same).

@@ -126,12 +126,13 @@ class Hyperparameters(StrictModel):
                                "about half the 16-bit weights' memory; provider huggingface.")
     neftune_noise_alpha: float | None = Field(None, gt=0, le=100, description="NEFTune: noise of this strength "
                                               "on the input embeddings while training (5 in the paper); SFT only.")
-    divergence_spike_factor: float | None = Field(
-        4.0, ge=1.5, description="A logged training loss this many times the mean of the last 10 (and at least 1 "
+    divergence_spike_factor: float = Field(
+        4.0, ge=0, description="A logged training loss this many times the mean of the last 10 (and at least 1 "
         "above it) is a divergence, as a NaN or infinite loss or gradient norm always is: training rolls back to "
         "the last checkpoint saved before it, lowers the learning rate once by divergence_lr_factor and goes on; a "
-        "second divergence fails the job (exit 2). null: only NaN and infinity count. GRPO's loss, which sits near "
-        "0 and may be negative, is never judged by its ratio.")
+        "second divergence fails the job (exit 2). 0: only NaN and infinity count (null, as the platform sends an "
+        "unset field, keeps the default); else at least 1.5. GRPO's loss, which sits near 0 and may be negative, "
+        "is never judged by its ratio.")
     divergence_lr_factor: float = Field(0.5, gt=0, lt=1, description="What the learning rate is multiplied by, once, "
                                         "when training rolls back from a divergence.")
     # Read by some trainer types only (the platform's training service sends them with every request):
@@ -199,6 +200,14 @@ class Hyperparameters(StrictModel):
             return self.effective_batch_size
         return (2 if self.batch_size == "auto" else self.batch_size) * \
             (4 if self.gradient_accumulation_steps == "auto" else self.gradient_accumulation_steps)
+
+    @field_validator("divergence_spike_factor")
+    @classmethod
+    def _spike_factor(cls, v: float) -> float:
+        if 0 < v < 1.5:
+            raise ValueError("a factor below 1.5 would call ordinary noise a divergence: set at least 1.5, or 0 to "
+                             "judge only NaN and infinite losses")
+        return v
 
     @model_validator(mode="after")
     def _effective_batch_with_auto(self) -> Hyperparameters:

@@ -128,7 +128,8 @@ def test_a_spike_is_judged_against_the_recent_mean_and_a_loss_near_zero_not_by_i
     assert judge({"loss": math.nan}, recent, None) == "loss nan"
 
 
-@pytest.mark.parametrize("field,value", [("divergence_lr_factor", 1.0), ("divergence_spike_factor", 1.0)])
+@pytest.mark.parametrize("field,value", [("divergence_lr_factor", 1.0), ("divergence_spike_factor", 1.0),
+                                         ("divergence_spike_factor", -2)])
 def test_bad_divergence_settings_exit_2_naming_the_field(field, value, local_dir, tiny_root):
     put_request(local_dir, "bad", request(tiny_root, **{field: value}))
     assert main.main([], env_for(local_dir, "bad")) == 2
@@ -152,3 +153,11 @@ def test_an_earlier_attempts_divergence_counts_after_a_resume():
     fresh = divergence_watch(4.0, 0.5)
     fresh.resume([], 12)
     assert fresh.healed == [] and fresh.scale == 1.0
+
+
+def test_the_platforms_null_keeps_the_spike_factor_and_0_turns_it_off():
+    """The training service writes an unset field as null: that keeps the default; 0 is how to judge NaN alone."""
+    from schema import Hyperparameters
+
+    assert Hyperparameters.model_validate({"divergence_spike_factor": None}).divergence_spike_factor == 4.0
+    assert Hyperparameters.model_validate({"divergence_spike_factor": 0}).divergence_spike_factor == 0
