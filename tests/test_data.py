@@ -46,6 +46,19 @@ def test_invalid_conversations_are_named(messages, match):
         check_rows([{"messages": CONV}, {"messages": messages}], ("messages",), "train")
 
 
+def test_tool_calling_rows_are_refused_not_trained_without_their_tools():
+    """Rows with tool definitions or calls: the job would train them as plain turns, so it refuses them by row."""
+    call = {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]}
+    with pytest.raises(DatasetError, match=r"1 of 2 train rows.*row 1: tool_calls in a turn: this job does not train "
+                                           r"tool-calling conversations yet"):
+        check_rows([{"messages": CONV}, {"messages": [CONV[0], call]}], ("messages",), "train")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    with pytest.raises(DatasetError, match=r"row 0: a tools column: this job does not train tool-calling"):
+        check_rows([{"messages": CONV, "tools": tools}, {"messages": CONV, "tools": None}], ("messages",), "train")
+    assert check_rows([{"messages": CONV, "tools": None}, {"messages": CONV, "tools": []}], ("messages",), "train")
+
+
 def test_empty_split():
     with pytest.raises(DatasetError, match="the test split is empty"):
         check_rows([], ("messages",), "test")

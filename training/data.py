@@ -140,9 +140,17 @@ def text_of(content: Any) -> str:
     raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
 
 
+# Tool-calling conversations are not trained yet: a row with tool definitions or calls would train without them, so
+# it is refused rather than quietly trained as something else.
+NO_TOOLS = ("this job does not train tool-calling conversations yet, and would train the row without them; remove "
+            "them in preprocessing, or train on plain user and assistant turns")
+
+
 def as_messages(value: Any, default_role: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
+    if any(m.get("tool_calls") for m in value):
+        raise ValueError(f"tool_calls in a turn: {NO_TOOLS}")
     return [{"role": m["role"], "content": text_of(m.get("content"))} for m in value]
 
 
@@ -351,6 +359,8 @@ def check_rows(rows: list[dict[str, Any]], form: tuple[str, ...], split: str, tr
     good, bad = [], []
     for i, row in enumerate(rows):
         try:
+            if row.get("tools"):
+                raise ValueError(f"a tools column: {NO_TOOLS}")
             good.append(to_conversation(row, form) if trainer_type == "sft" else to_rl_row(row, form, extra))
         except (ValueError, KeyError, TypeError) as e:
             bad.append(f"row {i}: {e}")
