@@ -99,5 +99,7 @@ def estimate_text(found: dict[str, Any]) -> str:
     if found.get("seconds") is None:
         return head + found["why"]
     minutes, seconds = divmod(found["seconds"], 60)
-    return head + (f"training about {minutes}m{seconds:02d}s, about ${found['cost_usd']:.2f}; {found['why']}; "
+    hours, minutes = divmod(minutes, 60)
+    took = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return head + (f"training about {took}, about ${found['cost_usd']:.2f}; {found['why']}; "
                    f"table entry: {found['table_entry']['source']}")

@@ -35,7 +35,7 @@ def stats(rows: int, tokens: int, steps: int) -> dict:
 
 
 def test_a_1b_request_is_priced_from_its_table_entry(tmp_path):
-    from models.estimate import DEFAULT_PRICE_PER_HOUR, estimate, model_shape, table
+    from models.estimate import DEFAULT_PRICE_PER_HOUR, estimate, estimate_text, model_shape, table
     from models.memory import meta_model
 
     folder = shaped(tmp_path, "gemma-3-1b")
@@ -52,6 +52,10 @@ def test_a_1b_request_is_priced_from_its_table_entry(tmp_path):
     dpo = estimate(config_for(folder, "LoRA", epochs=2, max_length=1024).model_copy(update={"trainer_type": "dpo"}),
                    stats(1000, 512_000, 250), shape, 2.0)
     assert dpo["seconds"] == pytest.approx(1.5 * found["seconds"], rel=0.01) and dpo["price_per_hour_usd"] == 2.0
+    assert estimate_text(found).startswith(f"estimate on NVIDIA L4 at $1.42/h (default: Cloud Run, 1 L4 + 8 vCPU + "
+                                           f"32 GiB, list price (models/estimate.py)): training about "
+                                           f"{found['seconds'] // 60}m")
+    assert "training about 2h46m" in estimate_text(found | {"seconds": 9960})
     grpo = estimate(cfg.model_copy(update={"trainer_type": "grpo"}), stats(1000, 512_000, 250), shape, None)
     assert grpo["seconds"] is None and "sampling" in grpo["why"]
 
