@@ -167,33 +167,43 @@ def test_the_memory_estimate_counts_the_whole_model_and_the_towers_activations_p
         8 * (pixels + GEMMA3N_TOWER_FROZEN) + 1.48 * tower)
 
 
-@pytest.mark.slow
-def test_a_gemma_3n_image_gguf_exits_2_at_pre_flight_because_llama_cpp_cannot_write_its_projector(
-        tiny_root, tmp_path, monkeypatch):
-    """include_gguf on a Gemma 3n image job: exit 2 before any data is read, naming the field and why. The why is
-    real: with the pre-flight refusal lifted, the job trains, the pinned converter's --mmproj fails on Gemma 3n's
-    audio tower, and that costs the GGUF alone: the adapter passes its check and is uploaded, the converter's
-    failure is recorded per artifact, the job fails with exit 2 and its retry does not train again. (When the
-    pinned llama.cpp learns the tensor, this test fails: lift the refusal then.)"""
-    import base
+def test_a_gemma_3n_image_gguf_exits_2_at_pre_flight(tiny_root, tmp_path):
+    """include_gguf on a Gemma 3n image job: exit 2 before any data is read, naming the field and why (the next test
+    shows the why)."""
     import main
     from conftest import env_for, put_request
 
     root = new_root(tiny_root, tmp_path)
-    request = vision_request(tiny_root, base_model_id=str(tiny_root / "models" / G3N),
-                             export_config={"format": "adapter", "include_gguf": True, "gguf_quantization": "q8_0"})
-    request["training_config"]["hyperparameters"].update(max_steps=2, save_strategy="no")
-    request["training_config"]["eval_config"] = {"eval_strategy": "no", "generation_rows": 0}
-    put_request(root, "g3n-gguf", request)
+    put_request(root, "g3n-gguf", gguf_request(tiny_root))
     assert main.main([], env_for(root, "g3n-gguf")) == 2
     doc = read_doc(root, "g3n-gguf")
     assert doc["status"] == "failed" and "export_config.include_gguf" in doc["error"]
     assert "cannot write Gemma 3n's projector file (mmproj)" in doc["error"] and "export 'adapter'" in doc["error"]
     assert "dataset" not in doc and not (root / EXPORT).exists()
 
+
+def gguf_request(tiny_root) -> dict:
+    request = vision_request(tiny_root, base_model_id=str(tiny_root / "models" / G3N),
+                             export_config={"format": "adapter", "include_gguf": True, "gguf_quantization": "q8_0"})
+    request["training_config"]["hyperparameters"].update(max_steps=2, save_strategy="no")
+    request["training_config"]["eval_config"] = {"eval_strategy": "no", "generation_rows": 0}
+    return request
+
+
+@pytest.mark.slow
+def test_llama_cpp_cannot_write_gemma_3ns_projector_and_that_costs_the_gguf_alone(tiny_root, tmp_path, monkeypatch):
+    """Why the refusal: with it lifted, the job trains, the pinned converter's --mmproj fails on Gemma 3n's audio
+    tower, and that costs the GGUF alone: the adapter passes its check and is uploaded, the converter's failure is
+    recorded per artifact, the job fails with exit 2 and its retry does not train again. (When the pinned llama.cpp
+    learns the tensor, this test fails: lift the refusal then.)"""
+    import base
+    import main
+    from conftest import env_for, put_request
+
+    root = new_root(tiny_root, tmp_path)
     real = base.check_base_model
     monkeypatch.setattr(base, "check_base_model", lambda *a: real(*a[:6], False, *a[7:]))  # gguf: not refused
-    put_request(root, "g3n-gguf2", request)
+    put_request(root, "g3n-gguf2", gguf_request(tiny_root))
     assert main.main([], env_for(root, "g3n-gguf2")) == 2
     doc = read_doc(root, "g3n-gguf2")
     assert doc["status"] == "failed" and doc["error_type"] == "permanent" and doc["step"] == 2
