@@ -349,7 +349,7 @@ class BaseTrainingJob:
         report, lengths = train_report(self.cfg, train, tokenizer, images)
         spread = {"distributed": {"world_size": world, "strategy": self.strategy,
                                   "per_device_batch_size": hp.batch_size // world}} if world > 1 else {}
-        cost = self.timed("estimate", self.estimate, stats)
+        cost = self.timed("estimate", self.cost_estimate, stats)
         if self.settings.gpu_price_per_hour is not None or self.settings.execution:  # stated, or on Cloud Run
             self.tracker.price_per_hour = cost["price_per_hour_usd"]
         self.tracker.phase("validated", dataset=stats, data_report=report, total_steps=total, estimate=cost, **spread,
@@ -357,7 +357,7 @@ class BaseTrainingJob:
         return Prepared(tokenizer, train, evald if evald and evald.rows else None, total,
                         found if found and found.prompts else None, processor, report, lengths, cost)
 
-    def estimate(self, stats: dict[str, Any]) -> dict[str, Any]:
+    def cost_estimate(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Training's time and cost on the GPU (models/estimate.py): advisory, so a model it cannot read costs the
         estimate alone, with a warning."""
         try:
@@ -433,8 +433,6 @@ class BaseTrainingJob:
         named = {field: names for field, names in named.items() if isinstance(names, list)}
         if self.cfg.method == "Full" or not (named or hp.lora_target_parameters):
             return
-        from models.memory import meta_model
-
         model = meta_model(self.cfg.base_model_id, self.token(), self.cfg.trust_remote_code, self.cfg.vision)
         modules = [n for n, _ in model.named_modules() if n and not re.fullmatch(NOT_LANGUAGE, n)]
         base = self.cfg.base_model_id

@@ -222,7 +222,8 @@ def choose_batch(cfg, settings, token: str | None, images_per_row: int = 0) -> d
 
 def estimator(model, cfg, images_per_row: int, world: int):
     """(batch, length) -> one process's GPU bytes for `batch` rows of `length` tokens (sharded where Full runs on
-    several processes), the model's counts taken once."""
+    several processes), the model's counts taken once: the weights as they train (sixteen_bit_params: on Gemma 4 the
+    MoE experts and per-layer embeddings stay in 16 bits under QLoRA), the tower's pictures, modules_to_save."""
     config, hp = model.config, cfg.hyperparameters
     total, _ = count_params(config, model)
     tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
@@ -252,18 +253,13 @@ def check_memory(cfg, settings, token: str | None, images_per_row: int = 0) -> b
     if gpu is None and host is None:
         return True
     model = meta_model(cfg.base_model_id, token, cfg.trust_remote_code, cfg.vision)
-    config = model.config
-    total, embeddings = count_params(config, model)
+    total, embeddings = count_params(model.config, model)
     tower = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" in n)
-    unquantized = sixteen_bit_params(model)  # on Gemma 4 also the MoE experts and the per-layer embeddings
     fits_one = True
     if gpu:
         hp, world = cfg.hyperparameters, settings.world_size
         batch = max(1, hp.batch_size // world)
-        extra = vision_bytes(config, batch * images_per_row, tower, cfg.method,
-                             cfg.method == "Full" or hp.finetune_vision_layers)
-        estimate = estimate_bytes(total, unquantized, cfg.method, batch, hp.max_length, config,
-                                  hp.load_in_8bit, saved_params(model, hp.modules_to_save), extra)
+        estimate = estimator(model, cfg, images_per_row, 1)(batch, hp.max_length)  # the whole model on each GPU
         fits_one = fit_message(estimate, gpu, cfg.method, cfg.base_model_id, batch, hp.max_length) is None
         if world > 1 and (cfg.method == "Full" or not fits_one):
             estimate = sharded(estimate, world, cfg.method, total)

@@ -105,7 +105,7 @@ def test_auto_bad_inputs_exit_2_naming_the_field(local_dir, tiny_root):
     assert main.main([], env_for(local_dir, "nofit", GPU_MEMORY_GIB="1")) == 2  # below the 1.5 GiB overhead
     doc = read_doc(local_dir, "nofit")
     assert doc["status"] == "failed" and doc["error"].startswith("hyperparameters.batch_size: 'auto' found no")
-    assert "dataset" not in doc or "total_steps" not in doc  # refused at pre-flight, nothing trained
+    assert "total_steps" not in doc and "step" not in doc  # refused at pre-flight, before any step
     req["training_config"]["hyperparameters"] = {"effective_batch_size": 8}
     put_request(local_dir, "noauto", req)
     assert main.main([], env_for(local_dir, "noauto")) == 2

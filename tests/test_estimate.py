@@ -96,7 +96,7 @@ def test_an_estimate_that_fails_costs_the_estimate_alone(local_dir, tiny_root, c
     def unreadable(*args, **kwargs):
         raise RuntimeError("no such architecture")
 
-    monkeypatch.setattr(base, "meta_model", unreadable)
+    monkeypatch.setattr(base, "model_shape", unreadable)  # the model the estimate reads, and only it
     put_request(local_dir, "noest", sample_request(tiny_root))
     assert main.main(["--validate"], env_for(local_dir, "noest")) == 0
     out = capsys.readouterr().out

@@ -60,6 +60,15 @@ def eval_rows(tiny_root: Path) -> list[dict]:
                          "test.parquet").to_pylist()
 
 
+def distinct_colours(tiny_root: Path, n: int) -> list[dict]:
+    """The first n eval rows whose pictures have different colours."""
+    rows: list[dict] = []
+    for row in eval_rows(tiny_root):
+        if len(rows) < n and colour_of(row) not in map(colour_of, rows):
+            rows.append(row)
+    return rows
+
+
 def colour_of(row: dict) -> str:
     return row["messages"][-1]["content"][0]["text"].split()[-1].rstrip(".")
 

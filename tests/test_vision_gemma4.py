@@ -13,7 +13,7 @@ import json
 import pytest
 
 from conftest import read_doc
-from test_vision import EXPORT, colour_of, eval_rows, new_root, run_job, vision_request
+from test_vision import EXPORT, colour_of, distinct_colours, eval_rows, new_root, run_job, vision_request
 
 E2B, DENSE = "tiny-gemma4-e2b", "tiny-gemma4"
 
@@ -178,11 +178,7 @@ def test_its_gguf_and_projector_read_the_pictures_in_llama_cpp(merged_job, tiny_
             "num_soft_tokens_per_image"] == [fitted[0] * fitted[1] // 48 ** 2]
     processor = AutoProcessor.from_pretrained(merged)
     model = AutoModelForImageTextToText.from_pretrained(str(merged), dtype=torch.float32).eval()
-    rows, seen = [], set()
-    for r in eval_rows(tiny_root):
-        if colour_of(r) not in seen and len(rows) < 4:
-            rows.append(r)
-            seen.add(colour_of(r))
+    rows = distinct_colours(tiny_root, 4)
     files = [[r["images"][0]["bytes"]] for r in rows]
     prompts = [processor.tokenizer(render(processor, r["messages"][:2], True, image_counts(processor, f)),
                                    add_special_tokens=False)["input_ids"] for r, f in zip(rows, files)]

@@ -9,7 +9,17 @@ import json
 import pytest
 
 from reader import export_job_problems
-from test_vision import COLOURS, EXPORT, colour_of, eval_rows, new_root, prompt_inputs, run_job, vision_request
+from test_vision import (
+    COLOURS,
+    EXPORT,
+    colour_of,
+    distinct_colours,
+    eval_rows,
+    new_root,
+    prompt_inputs,
+    run_job,
+    vision_request,
+)
 
 
 @pytest.mark.parametrize("method,export", [("QLoRA", "adapter"), ("Full", "merged")])
@@ -90,11 +100,7 @@ def test_gguf_with_its_projector_sees_the_pictures_in_llama_cpp(tmp_path, tiny_r
     base = AutoModelForImageTextToText.from_pretrained(str(tiny_root / "models" / "tiny-gemma3-mm"),
                                                        dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    rows, seen = [], set()
-    for r in eval_rows(tiny_root):
-        if colour_of(r) not in seen and len(rows) < 4:
-            rows.append(r)
-            seen.add(colour_of(r))
+    rows = distinct_colours(tiny_root, 4)
     files_of = [[r["images"][0]["bytes"]] for r in rows]
     inputs = [prompt_inputs(processor, r, f[0]) for r, f in zip(rows, files_of)]
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)

@@ -108,9 +108,7 @@ class CheckpointStore:
         drop older ones and incomplete leftovers below them."""
         complete = self.complete()
         keep = set(complete[-self.keep:]) | {newest} | ({best} if best is not None else set())
-        held = {int(m[1]) for uri in self.blobs.list(self.prefix)
-                if (m := re.match(r"checkpoint-(\d+)/", uri[len(self.prefix):]))}
-        for step in held:
+        for step in self.held():
             if step not in keep and step < newest:
                 self.blobs.delete_prefix(f"{self.prefix}checkpoint-{step}/")
 
@@ -121,22 +119,22 @@ class CheckpointStore:
         if not complete:
             return None
         step = complete[-1]
-        local = self._download(step, dest)
+        local = self.download(step, dest)
         best = best_step(local)
         if best is not None and best != step and best in complete:  # the Trainer loads it at the end
-            self._download(best, dest)
+            self.download(best, dest)
         return local
+
+    def held(self) -> set[int]:
+        """The steps of every checkpoint folder in the bucket, complete or not."""
+        return {int(m[1]) for uri in self.blobs.list(self.prefix)
+                if (m := re.match(r"checkpoint-(\d+)/", uri[len(self.prefix):]))}
 
     def drop_after(self, step: int) -> None:
         """Delete every checkpoint newer than step (a divergence's: they may hold its weights)."""
-        held = {int(m[1]) for uri in self.blobs.list(self.prefix)
-                if (m := re.match(r"checkpoint-(\d+)/", uri[len(self.prefix):]))}
-        for newer in sorted(s for s in held if s > step):
+        for newer in sorted(s for s in self.held() if s > step):
             self.blobs.delete_prefix(f"{self.prefix}checkpoint-{newer}/")
             logger.info("checkpoint-%d deleted from %s", newer, self.prefix)
-
-    def download(self, step: int, dest: Path) -> Path:
-        return self._download(step, dest)
 
     @staticmethod
     def local_newest(dest: Path) -> Path | None:
@@ -145,7 +143,7 @@ class CheckpointStore:
         found = [p for p in Path(dest).glob("checkpoint-*") if checkpoint_step(str(p)) is not None]
         return max(found, key=lambda p: checkpoint_step(str(p)), default=None)
 
-    def _download(self, step: int, dest: Path) -> Path:
+    def download(self, step: int, dest: Path) -> Path:
         uri = f"{self.prefix}checkpoint-{step}/"
         local = dest / f"checkpoint-{step}"
         names = [n for n in (blob[len(uri):] for blob in self.blobs.list(uri)) if n != MARKER]
